@@ -1,0 +1,81 @@
+"""Backend registry: which implementation serves `backend=` for a tensor's device.
+
+Every backend module exposes `token_stats_forward(...)` and `token_stats_backward(...)`
+with the contract documented in `lpreg.kernels.token_stats`. Imports are lazy, so that
+`import lpreg` needs neither Triton nor a GPU nor the compiled extension.
+"""
+
+import importlib
+import os
+import warnings
+
+_MODULES = {
+    "triton": "lpreg.kernels.token_stats",
+    "torch": "lpreg._torch_backend",
+    "cpu": "lpreg._native",
+    "cuda": "lpreg._native",
+}
+_warned = set()
+
+
+def implementation(backend):
+    return importlib.import_module(_MODULES[backend])
+
+
+def triton_available():
+    try:
+        importlib.import_module("triton")
+        return True
+    except Exception:
+        return False
+
+
+def triton_interpreted():
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def native_available(device_type):
+    try:
+        native = importlib.import_module("lpreg._native")
+    except Exception:
+        return False
+    return native.available(device_type)
+
+
+def _warn_once(key, message):
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+
+def resolve(backend, device):
+    """Turn backend="auto" into a concrete backend for `device`, and check explicit ones."""
+    kind = device.type
+    if backend == "auto":
+        if kind == "cuda":
+            # Triton is the measured default on CUDA; the CUDA extension is the fallback.
+            if triton_available():
+                return "triton"
+            if native_available("cuda"):
+                return "cuda"
+            _warn_once("cuda", "lpreg: neither Triton nor lpreg._C (CUDA) is available; using backend='torch'")
+            return "torch"
+        if kind == "cpu":
+            if native_available("cpu"):
+                return "cpu"
+            _warn_once("cpu", "lpreg: the compiled extension lpreg._C is not available; using backend='torch'")
+            return "torch"
+        return "torch"
+    if backend == "triton":
+        if not triton_available():
+            raise ValueError("backend='triton' needs the triton package, which is not importable")
+        if kind != "cuda" and not triton_interpreted():
+            raise ValueError(
+                f"backend='triton' on a {kind} tensor needs TRITON_INTERPRET=1 set before lpreg.kernels is imported"
+            )
+    elif backend in ("cpu", "cuda"):
+        if kind != backend:
+            raise ValueError(f"backend={backend!r} needs {backend} tensors, got a tensor on {device}")
+        if not native_available(backend):
+            raise ValueError(f"backend={backend!r} needs the compiled extension lpreg._C built with {backend} support")
+    return backend

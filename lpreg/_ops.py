@@ -1,0 +1,93 @@
+"""torch.library glue: the `lpreg::token_stats` op, its backward op, fake kernels, autograd.
+
+Both ops take 2-D (N, V) logits with unit-stride rows and a resolved backend name
+("triton" | "torch" | "cpu" | "cuda"); the public functions in `lpreg.token_stats` reshape,
+validate and resolve "auto" before calling them. Registering them as custom ops (with fake
+implementations) lets `torch.compile(fullgraph=True)` trace a caller without graph breaks,
+and the autograd registration routes the backward through a second op, so the compiled
+graph holds the fused backward too.
+"""
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import _backends
+
+
+@torch.library.custom_op("lpreg::token_stats", mutates_args=())
+def token_stats_op(
+    logits: Tensor,
+    labels: Optional[Tensor],
+    proxy: Optional[Tensor],
+    inv_temperature: float,
+    fixed: bool,
+    log_threshold: float,
+    ignore_index: int,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    impl = _backends.implementation(backend)
+    return impl.token_stats_forward(logits, labels, proxy, inv_temperature, fixed, log_threshold, ignore_index)
+
+
+@token_stats_op.register_fake
+def _(logits, labels, proxy, inv_temperature, fixed, log_threshold, ignore_index, backend):
+    N = logits.shape[0]
+    vec = [logits.new_empty((N,), dtype=torch.float32) for _ in range(4)]
+    return (*vec, logits.new_empty((N, 5), dtype=torch.float32))
+
+
+@torch.library.custom_op("lpreg::token_stats_backward", mutates_args=())
+def token_stats_backward_op(
+    logits: Tensor,
+    labels: Optional[Tensor],
+    proxy: Optional[Tensor],
+    row_stats: Tensor,
+    g_logp: Optional[Tensor],
+    g_kl: Optional[Tensor],
+    g_entropy: Optional[Tensor],
+    inv_temperature: float,
+    ignore_index: int,
+    backend: str,
+) -> Tensor:
+    impl = _backends.implementation(backend)
+    return impl.token_stats_backward(
+        logits, labels, proxy, row_stats, g_logp, g_kl, g_entropy, inv_temperature, ignore_index
+    )
+
+
+@token_stats_backward_op.register_fake
+def _(logits, labels, proxy, row_stats, g_logp, g_kl, g_entropy, inv_temperature, ignore_index, backend):
+    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
+def _setup_context(ctx, inputs, output):
+    logits, labels, proxy, inv_temperature, fixed, log_threshold, ignore_index, backend = inputs
+    ctx.save_for_backward(logits, labels, proxy, output[4])
+    ctx.inv_temperature = inv_temperature
+    ctx.ignore_index = ignore_index
+    ctx.backend = backend
+    ctx.mark_non_differentiable(output[1], output[4])
+
+
+def _as_upstream(g):
+    # fp32 and contiguous for the kernels; None when the output took no part in the loss
+    return None if g is None else g.float().contiguous()
+
+
+def _backward(ctx, g_logp, g_proxy_logp, g_kl, g_entropy, g_row_stats):
+    logits, labels, proxy, row_stats = ctx.saved_tensors
+    if labels is None:
+        g_logp = None
+    grad = None
+    if ctx.needs_input_grad[0]:
+        grad = token_stats_backward_op(
+            logits, labels, proxy, row_stats,
+            _as_upstream(g_logp), _as_upstream(g_kl), _as_upstream(g_entropy),
+            ctx.inv_temperature, ctx.ignore_index, ctx.backend,
+        )
+    return grad, None, None, None, None, None, None, None
+
+
+token_stats_op.register_autograd(_backward, setup_context=_setup_context)

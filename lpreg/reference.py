@@ -1,0 +1,99 @@
+"""Readable pure-PyTorch Lp-Reg statistics: the oracle the kernels are tested against.
+
+Same signatures as `lpreg.lpreg_token_stats` / `lpreg.lpreg_kl`, any device, autograd
+through ordinary PyTorch ops. Rows are processed in chunks and each chunk runs under
+activation checkpointing, so at most one chunk of fp32 probabilities is alive at a time,
+in the forward and in the backward.
+"""
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from . import _validate
+from .token_stats import TokenStats
+
+_CHUNK_ELEMENTS = 1 << 22
+
+
+def kept_set(y, mode, threshold):
+    """SPEC section 1: boolean mask of K for scaled proxy logits y = proxy / T, (N, V)."""
+    ymax = y.amax(-1, keepdim=True)
+    if mode == "min_p":
+        return y >= ymax + torch.log(torch.tensor(threshold, dtype=y.dtype))
+    lse = torch.logsumexp(y, -1, keepdim=True)
+    kept = y >= lse + torch.log(torch.tensor(threshold, dtype=y.dtype))
+    first_argmax = torch.zeros_like(kept).scatter_(-1, y.argmax(-1, keepdim=True), True)
+    return torch.where(kept.any(-1, keepdim=True), kept, first_argmax)
+
+
+def _chunk_stats(x_raw, y_raw, labels, temperature, mode, threshold, ignore_index):
+    x = x_raw.float() / temperature
+    y = x.detach() if y_raw is None else y_raw.float() / temperature
+    logp_all = torch.log_softmax(x, -1)
+    p = logp_all.exp()
+    # p log p with the 0 log 0 = 0 convention for -inf logits (masking log p, not the
+    # product, keeps the gradient finite there)
+    entropy = -(p * torch.where(p > 0, logp_all, torch.zeros_like(logp_all))).sum(-1)
+    kept = kept_set(y, mode, threshold)
+    logq_all = torch.where(kept, y, torch.full_like(y, float("-inf"))).log_softmax(-1)
+    q = logq_all.exp()
+    kl = torch.where(kept, q * (logq_all - logp_all), torch.zeros_like(q)).sum(-1)
+    bad = torch.isnan(x).any(-1) | torch.isnan(y).any(-1) | torch.isneginf(x).all(-1) | torch.isneginf(y).all(-1)
+    nan = torch.full_like(kl, float("nan"))
+    if labels is None:
+        valid = torch.ones_like(bad)
+        logp = proxy_logp = torch.zeros_like(kl)
+    else:
+        valid = labels != ignore_index
+        safe = torch.where(valid, labels, torch.zeros_like(labels))[:, None]
+        logp = logp_all.gather(-1, safe)[:, 0]
+        proxy_logp = logq_all.gather(-1, safe)[:, 0].detach()
+    outs = []
+    for v in (logp, proxy_logp, kl, entropy):
+        v = torch.where(bad, nan, v)
+        outs.append(torch.where(valid, v, torch.zeros_like(v)))
+    return tuple(outs)
+
+
+def _stats(logits, labels, temperature, mode, threshold, proxy_logits, ignore_index):
+    _validate.check_logits(logits)
+    temperature = _validate.check_temperature(temperature)
+    threshold = _validate.check_mode_threshold(mode, threshold)
+    _validate.check_proxy(proxy_logits, logits)
+    V = logits.shape[-1]
+    x = logits.reshape(-1, V)
+    y = None if proxy_logits is None else proxy_logits.detach().reshape(-1, V)
+    lab = None
+    if labels is not None:
+        _validate.check_labels(labels, logits, ignore_index)
+        lab = labels.reshape(-1).long()
+    step = max(1, _CHUNK_ELEMENTS // V)
+    parts = []
+    for a in range(0, x.shape[0], step):
+        args = (x[a:a + step], None if y is None else y[a:a + step], None if lab is None else lab[a:a + step],
+                temperature, mode, threshold, ignore_index)
+        if torch.is_grad_enabled() and logits.requires_grad:
+            parts.append(checkpoint(_chunk_stats, *args, use_reentrant=False))
+        else:
+            parts.append(_chunk_stats(*args))
+    shape = logits.shape[:-1]
+    if not parts:
+        empty = logits.new_zeros(shape, dtype=torch.float32)
+        return empty, empty.clone(), empty.clone(), empty.clone()
+    return tuple(torch.cat([p[i] for p in parts]).reshape(shape) for i in range(4))
+
+
+def lpreg_token_stats(logits, labels, *, temperature=1.0, mode="min_p", threshold=0.02,
+                      proxy_logits=None, ignore_index=-100, backend="auto"):
+    """Reference for `lpreg.lpreg_token_stats` (backend is accepted and ignored)."""
+    _validate.check_backend(backend)
+    return TokenStats(*_stats(logits, labels, temperature, mode, threshold, proxy_logits, ignore_index))
+
+
+def lpreg_kl(logits, *, temperature=1.0, mode="min_p", threshold=0.02, proxy_logits=None,
+             reduction="none", backend="auto"):
+    """Reference for `lpreg.lpreg_kl` (backend is accepted and ignored)."""
+    _validate.check_backend(backend)
+    _validate.check_reduction(reduction)
+    kl = _stats(logits, None, temperature, mode, threshold, proxy_logits, -100)[2]
+    return kl.mean() if reduction == "mean" else kl.sum() if reduction == "sum" else kl

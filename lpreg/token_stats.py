@@ -1,0 +1,100 @@
+"""Public API: `lpreg_token_stats` and `lpreg_kl` (SPEC sections 1, 2 and 4).
+
+Both read the logits once per pass, never materialise a probability tensor, and return fp32
+per-token statistics whose gradients (SPEC section 2) come from one fused backward pass.
+"""
+
+import math
+from typing import NamedTuple, Optional
+
+import torch
+from torch import Tensor
+
+from . import _backends, _validate
+from ._ops import token_stats_op
+
+
+class TokenStats(NamedTuple):
+    """Per-token statistics, each (...) fp32."""
+
+    logp: Tensor  # log p(label); differentiable
+    proxy_logp: Tensor  # log q(label), -inf when the label was filtered out; a target, no gradient
+    kl: Tensor  # D_KL(q || p) over the full vocabulary; differentiable
+    entropy: Tensor  # H(p); differentiable
+
+
+def _rows(t):
+    """(..., V) -> (N, V) with unit-stride rows (a view whenever possible)."""
+    t2 = t.reshape(-1, t.shape[-1])
+    return t2 if t2.stride(-1) == 1 else t2.contiguous()
+
+
+def _run(logits, labels, temperature, mode, threshold, proxy_logits, ignore_index, backend):
+    _validate.check_logits(logits)
+    temperature = _validate.check_temperature(temperature)
+    threshold = _validate.check_mode_threshold(mode, threshold)
+    _validate.check_backend(backend)
+    _validate.check_proxy(proxy_logits, logits)
+    if labels is not None:
+        _validate.check_labels(labels, logits, ignore_index)
+    backend = _backends.resolve(backend, logits.device)
+    x = _rows(logits)
+    proxy = None if proxy_logits is None else _rows(proxy_logits.detach())
+    lab = None if labels is None else labels.reshape(-1).long()
+    return token_stats_op(
+        x, lab, proxy, 1.0 / temperature, mode == "fixed", math.log(threshold), int(ignore_index), backend
+    )
+
+
+def lpreg_token_stats(
+    logits: Tensor,
+    labels: Tensor,
+    *,
+    temperature: float = 1.0,
+    mode: str = "min_p",
+    threshold: float = 0.02,
+    proxy_logits: Optional[Tensor] = None,
+    ignore_index: int = -100,
+    backend: str = "auto",
+) -> TokenStats:
+    """Fused Lp-Reg statistics of the sampled tokens.
+
+    logits: (..., V) float32 / bfloat16 / float16, may require grad.
+    labels: (...) integer sampled tokens; `ignore_index` rows give zeros and no gradient.
+    temperature: T > 0; every probability is of logits / T.
+    mode, threshold: the proxy's noise filter: "min_p" keeps p_i >= threshold * max p
+        (threshold in (0, 1]); "fixed" keeps p_i >= threshold (in (0, 1)), or the argmax alone.
+    proxy_logits: (..., V) dense logits of the data-generating policy (off-policy); default:
+        the current logits, detached. The proxy is a target and carries no gradient.
+    backend: "auto" | "triton" | "torch" | "cpu" | "cuda".
+
+    Returns TokenStats(logp, proxy_logp, kl, entropy), each (...) fp32.
+    """
+    out = _run(logits, labels, temperature, mode, threshold, proxy_logits, ignore_index, backend)
+    shape = logits.shape[:-1]
+    return TokenStats(*(o.reshape(shape) for o in out[:4]))
+
+
+def lpreg_kl(
+    logits: Tensor,
+    *,
+    temperature: float = 1.0,
+    mode: str = "min_p",
+    threshold: float = 0.02,
+    proxy_logits: Optional[Tensor] = None,
+    reduction: str = "none",
+    backend: str = "auto",
+) -> Tensor:
+    """Full-vocabulary D_KL(proxy || policy) per position.
+
+    logits: (..., V); returns (...) fp32 for reduction="none", a scalar for "mean" / "sum".
+    Gradient w.r.t. logits: (p - q) / T per row.
+    """
+    _validate.check_reduction(reduction)
+    out = _run(logits, None, temperature, mode, threshold, proxy_logits, -100, backend)
+    kl = out[2].reshape(logits.shape[:-1])
+    if reduction == "mean":
+        return kl.mean()
+    if reduction == "sum":
+        return kl.sum()
+    return kl
