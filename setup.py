@@ -10,10 +10,14 @@ The C++ extension is built against the torch that is already installed, so insta
   LPREG_SKIP_CUDA=1        build the CPU extension only, even where CUDA is available
   TORCH_CUDA_ARCH_LIST     CUDA architectures (default "8.0;9.0": A100 and H100/H200)
   MAX_JOBS                 parallel compile jobs (ninja is used when it is installed)
+  LPREG_CPU_ISA            vector ISA of the CPU kernels: "auto" (default: AVX2 on an x86-64
+                           build machine that has it), "avx2", or "default" (portable SSE2
+                           build, for binaries that must run on pre-2013 x86 CPUs)
 """
 
 import glob
 import os
+import platform
 
 from setuptools import find_packages, setup
 
@@ -48,7 +52,7 @@ def _extensions():
         and torch.version.cuda is not None
         and cpp_extension.CUDA_HOME is not None
     )
-    cxx_flags = ["-O3", "-std=c++17", "-fopenmp"]
+    cxx_flags = ["-O3", "-std=c++17", "-fopenmp"] + _cpu_isa_flags(torch)
     common = dict(
         name="lpreg._C",
         include_dirs=[os.path.join(HERE, "csrc")],
@@ -72,6 +76,25 @@ def _extensions():
         )
     build_ext = cpp_extension.BuildExtension.with_options(use_ninja=_has_ninja())
     return [ext], {"build_ext": build_ext}
+
+
+def _cpu_isa_flags(torch):
+    """Flags that select at::vec::Vectorized's AVX2 implementation (Sleef exp, 8 lanes).
+
+    ATen's own kernels are compiled once per ISA and dispatched at run time; an extension is
+    one translation unit set, so it is compiled for one ISA: AVX2 where the build machine has
+    it (every x86-64 server CPU since 2013), the portable default otherwise or on request.
+    """
+    isa = os.environ.get("LPREG_CPU_ISA", "auto").strip().lower()
+    if isa not in ("auto", "avx2", "default"):
+        raise RuntimeError(f"LPREG_CPU_ISA must be 'auto', 'avx2' or 'default', got {isa!r}")
+    if isa == "auto":
+        x86 = platform.machine().lower() in ("x86_64", "amd64")
+        has_avx2 = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+        isa = "avx2" if (x86 and has_avx2) else "default"
+    if isa == "avx2":
+        return ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"]
+    return []
 
 
 def _has_ninja():

@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import _backends
+from . import _backends, _validate
 
 
 @torch.library.custom_op("lpreg::token_stats", mutates_args=())
@@ -27,6 +27,8 @@ def token_stats_op(
     ignore_index: int,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    if labels is not None:
+        _validate.check_label_range(labels, logits.shape[-1], ignore_index)
     impl = _backends.implementation(backend)
     return impl.token_stats_forward(logits, labels, proxy, inv_temperature, fixed, log_threshold, ignore_index)
 

@@ -72,9 +72,13 @@ def check_labels(labels, logits, ignore_index):
         )
     if labels.device != logits.device:
         raise ValueError(f"labels must be on {logits.device}, got {labels.device}")
+
+
+def check_label_range(labels, V, ignore_index):
+    """Values in [0, V) or ignore_index. Called inside the custom op, which runs eagerly even
+    in a compiled graph, so the check holds under torch.compile too."""
     if labels.numel() == 0:
         return
-    V = logits.shape[-1]
     bad = ((labels < 0) | (labels >= V)) & (labels != ignore_index)
     if bool(bad.any()):  # one host sync: the price of a clear error instead of a wild read
         value = labels[bad].flatten()[0].item()

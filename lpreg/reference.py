@@ -27,8 +27,10 @@ def kept_set(y, mode, threshold):
 
 
 def _chunk_stats(x_raw, y_raw, labels, temperature, mode, threshold, ignore_index):
-    x = x_raw.float() / temperature
-    y = x.detach() if y_raw is None else y_raw.float() / temperature
+    # fp32 accumulation for low-precision inputs; float64 stays float64 (for gradcheck)
+    acc = torch.promote_types(x_raw.dtype, torch.float32)
+    x = x_raw.to(acc) / temperature
+    y = x.detach() if y_raw is None else y_raw.to(acc) / temperature
     logp_all = torch.log_softmax(x, -1)
     p = logp_all.exp()
     # p log p with the 0 log 0 = 0 convention for -inf logits (masking log p, not the
@@ -66,6 +68,7 @@ def _stats(logits, labels, temperature, mode, threshold, proxy_logits, ignore_in
     lab = None
     if labels is not None:
         _validate.check_labels(labels, logits, ignore_index)
+        _validate.check_label_range(labels, V, ignore_index)
         lab = labels.reshape(-1).long()
     step = max(1, _CHUNK_ELEMENTS // V)
     parts = []
@@ -78,7 +81,7 @@ def _stats(logits, labels, temperature, mode, threshold, proxy_logits, ignore_in
             parts.append(_chunk_stats(*args))
     shape = logits.shape[:-1]
     if not parts:
-        empty = logits.new_zeros(shape, dtype=torch.float32)
+        empty = logits.new_zeros(shape, dtype=torch.promote_types(logits.dtype, torch.float32))
         return empty, empty.clone(), empty.clone(), empty.clone()
     return tuple(torch.cat([p[i] for p in parts]).reshape(shape) for i in range(4))
 

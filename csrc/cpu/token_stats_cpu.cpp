@@ -1,0 +1,373 @@
+// Fused Lp-Reg token statistics on the CPU (SPEC sections 1, 2 and 4).
+//
+// Per row, with x = z / T and the proxy source y = proxy / T (y = x on-policy):
+//
+//   lse = logsumexp(x)          H = log s - t / s,  s = sum e^(x-m), t = sum e^(x-m) (x-m)
+//   K   = {i : y_i >= cutoff} U {argmax y}
+//         cutoff = max y + log kappa (min_p) | lse_y + log tau (fixed; +inf when max y < cutoff)
+//   lse_K = logsumexp_K(y)      kl = log1p(dropped / kept) on-policy,
+//                               kl = E_q[y - x] + lse - lse_K with a proxy
+//   grad_z = (g_logp (e_label - p) + g_kl (p - q) - g_H p (log p + H)) / T
+//
+// The row-statistics contract (outputs, row_stats = [lse, H, lse_K, cutoff, argmax_y], ignored
+// and NaN rows) is the one documented in kernels/token_stats.py.
+//
+// Design: one thread owns a row (at::parallel_for over rows), so every sum is accumulated in
+// the same order whatever the thread count: results are bitwise independent of it. A row is
+// walked in blocks of kBlock elements converted to fp32 (times 1/T) into a stack buffer that
+// stays in L1; the block is then reduced with at::vec::Vectorized (Sleef exp, 1 ulp).
+// Memory traffic per row: forward reads the logits twice (pass 1: max / sum / entropy
+// moment with a per-block online rescale; pass 2: the kept-set sums, which need the final
+// max and cutoff), backward reads them once and writes the gradient once. Temporaries:
+// two or three 8 KiB buffers per thread; nothing of size N x V.
+// Limits: any V >= 1, fp32 / bf16 / fp16 / fp64 storage (fp64 is read as fp32, as the other
+// backends do), rows of unit stride, accumulation in fp32.
+
+#include "cpu/token_stats_cpu.h"
+
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <type_traits>
+
+namespace lpreg::cpu {
+namespace {
+
+using Vec = at::vec::Vectorized<float>;
+constexpr int64_t kW = Vec::size();
+constexpr int64_t kBlock = 2048;  // fp32 elements per block buffer (8 KiB)
+static_assert(kBlock % 64 == 0, "block must hold whole vectors of every width");
+constexpr float kInf = std::numeric_limits<float>::infinity();
+constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
+
+inline int64_t round_up(int64_t n) { return (n + kW - 1) / kW * kW; }
+
+// max that propagates NaN, like at::vec::maximum
+inline float nanmax(float a, float b) { return (a != a || b != b) ? kNaN : std::max(a, b); }
+
+inline float hsum(const Vec& v) {  // fixed left-to-right order
+  alignas(64) float buf[kW];
+  v.store(buf);
+  float acc = 0.f;
+  for (int64_t i = 0; i < kW; ++i) acc += buf[i];
+  return acc;
+}
+
+inline float hmax(const Vec& v) {
+  alignas(64) float buf[kW];
+  v.store(buf);
+  float acc = -kInf;
+  for (int64_t i = 0; i < kW; ++i) acc = nanmax(acc, buf[i]);
+  return acc;
+}
+
+// dst[0, n) = float(src[0, n)) * scale; dst[n, round_up(n)) = -inf (neutral for every sum below:
+// e^(-inf) = 0, never kept, never the max).
+template <typename T>
+void load_block(const T* src, int64_t n, float scale, float* dst) {
+  const Vec vs(scale);
+  int64_t i = 0;
+  if constexpr (std::is_same_v<T, float>) {
+    for (; i + kW <= n; i += kW) (Vec::loadu(src + i) * vs).store(dst + i);
+  } else if constexpr (std::is_same_v<T, c10::BFloat16> || std::is_same_v<T, c10::Half>) {
+    using VT = at::vec::Vectorized<T>;
+    for (; i + VT::size() <= n; i += VT::size()) {
+      auto [lo, hi] = at::vec::convert_to_float<T>(VT::loadu(src + i));
+      (lo * vs).store(dst + i);
+      (hi * vs).store(dst + i + kW);
+    }
+  }
+  for (; i < n; ++i) dst[i] = static_cast<float>(src[i]) * scale;
+  for (; i < round_up(n); ++i) dst[i] = -kInf;
+}
+
+// dst[0, n) = T(src[0, n)), rounding to nearest even.
+template <typename T>
+void store_block(const float* src, int64_t n, T* dst) {
+  int64_t i = 0;
+  if constexpr (std::is_same_v<T, float>) {
+    for (; i + kW <= n; i += kW) Vec::loadu(src + i).store(dst + i);
+  } else if constexpr (std::is_same_v<T, c10::BFloat16> || std::is_same_v<T, c10::Half>) {
+    using VT = at::vec::Vectorized<T>;
+    for (; i + VT::size() <= n; i += VT::size()) {
+      at::vec::convert_from_float<T>(Vec::loadu(src + i), Vec::loadu(src + i + kW)).store(dst + i);
+    }
+  }
+  for (; i < n; ++i) dst[i] = static_cast<T>(src[i]);
+}
+
+inline float block_max(const float* b, int64_t nv) {
+  Vec acc(-kInf);
+  for (int64_t i = 0; i < nv; i += kW) acc = at::vec::maximum(acc, Vec::loadu(b + i));
+  return hmax(acc);
+}
+
+// Online logsumexp over one block: (m, s[, t]) describe the elements seen so far relative to
+// m; the block moves the reference to m' = max(m, block max), rescaling
+//   s' = s e^(m-m'),   t' = e^(m-m') (t + s (m-m'))   [t = sum e^(x-m)(x-m), for the entropy]
+// then adds sum e^(x-m') and sum e^(x-m')(x-m') (0 where e = 0: x = -inf gives 0 * -inf).
+template <bool kWithT>
+void online_block(const float* b, int64_t nv, float bmax, float& m, float& s, float& t) {
+  const float m_new = nanmax(m, bmax);
+  const float m_ref = (m_new == -kInf) ? 0.f : m_new;
+  const float scale = std::exp(m - m_ref);
+  if (kWithT) t = scale * (t + (s > 0.f ? s * (m - m_ref) : 0.f));
+  s *= scale;
+  m = m_new;
+  const Vec vm(m_ref), zero(0.f);
+  Vec acc_s(0.f), acc_t(0.f);
+  for (int64_t i = 0; i < nv; i += kW) {
+    const Vec d = Vec::loadu(b + i) - vm;
+    const Vec e = d.exp();
+    acc_s = acc_s + e;
+    if (kWithT) acc_t = acc_t + Vec::blendv(zero, e * d, e > zero);
+  }
+  s += hsum(acc_s);
+  if (kWithT) t += hsum(acc_t);
+}
+
+template <typename TX, typename TY>
+void fwd_rows(const TokenStatsFwdArgs& a, int64_t begin, int64_t end) {
+  alignas(64) float xb[kBlock];
+  alignas(64) float yb[kBlock];
+  const bool has_proxy = a.proxy != nullptr;
+  const int64_t V = a.V;
+  const float inv_t = a.inv_temperature;
+  for (int64_t row = begin; row < end; ++row) {
+    float* stats = a.row_stats + row * kRowStatsWidth;
+    const int64_t label = a.labels ? a.labels[row] : 0;
+    if (a.labels && label == a.ignore_index) {  // ignored row: zeros, no gradient
+      a.logp[row] = a.proxy_logp[row] = a.kl[row] = a.entropy[row] = 0.f;
+      for (int k = 0; k < 4; ++k) stats[k] = 0.f;
+      stats[4] = -1.f;
+      continue;
+    }
+    const TX* xr = static_cast<const TX*>(a.logits) + row * a.logits_row_stride;
+    const TY* yr = has_proxy ? static_cast<const TY*>(a.proxy) + row * a.proxy_row_stride : nullptr;
+
+    // ---- pass 1: online max / sum / entropy moment of x; max / sum / first argmax of y
+    float m = -kInf, s = 0.f, t = 0.f, my = -kInf, sy = 0.f, unused = 0.f;
+    float best = -kInf;  // running max for the first-argmax search ("fixed" only)
+    int64_t argmax_y = -1;
+    for (int64_t start = 0; start < V; start += kBlock) {
+      const int64_t n = std::min(kBlock, V - start), nv = round_up(n);
+      load_block(xr + start, n, inv_t, xb);
+      const float bx = block_max(xb, nv);
+      online_block<true>(xb, nv, bx, m, s, t);
+      float by = bx;
+      const float* ysrc = xb;
+      if (has_proxy) {
+        load_block(yr + start, n, inv_t, yb);
+        by = block_max(yb, nv);
+        online_block<false>(yb, nv, by, my, sy, unused);
+        ysrc = yb;
+      }
+      if (a.fixed && by > best) {  // strict: an earlier block keeps a tie, as the first index
+        best = by;
+        int64_t j = 0;
+        while (ysrc[j] != by) ++j;
+        argmax_y = start + j;
+      }
+    }
+    if (!has_proxy) {
+      my = m;
+      sy = s;
+    }
+    // NaN anywhere propagates into m / my through the NaN-propagating max; all -inf: m = -inf
+    const bool bad = !(m > -kInf) || !(my > -kInf);
+    const float lse = m + std::log(s);
+    const float entropy = std::log(s) - t / s;
+    float cutoff;
+    if (a.fixed) {
+      cutoff = my + std::log(sy) + a.log_threshold;
+      if (my < cutoff) cutoff = kInf;  // no token reaches tau: K = {first argmax}
+    } else {
+      cutoff = my + a.log_threshold;
+    }
+    const float my_ref = bad ? 0.f : my;
+
+    // ---- pass 2: kept-set sums relative to max y. The argmax, when it is in K only as the
+    // argmax (cutoff = +inf), is taken out of the vector sums and added alone.
+    float kept_sum = 0.f, drop_sum = 0.f, cross = 0.f;
+    const Vec vcut(cutoff), vmy(my_ref), zero(0.f);
+    for (int64_t start = 0; start < V; start += kBlock) {
+      const int64_t n = std::min(kBlock, V - start), nv = round_up(n);
+      float* ybuf = xb;
+      if (has_proxy) {
+        load_block(xr + start, n, inv_t, xb);
+        load_block(yr + start, n, inv_t, yb);
+        ybuf = yb;
+      } else {
+        load_block(xr + start, n, inv_t, xb);
+      }
+      float lone_y = 0.f, lone_x = 0.f;
+      const bool lone = argmax_y >= start && argmax_y < start + n && !(ybuf[argmax_y - start] >= cutoff);
+      if (lone) {
+        lone_y = ybuf[argmax_y - start];
+        lone_x = xb[argmax_y - start];
+        ybuf[argmax_y - start] = -kInf;
+      }
+      Vec acc_k(0.f), acc_o(0.f);
+      for (int64_t i = 0; i < nv; i += kW) {
+        const Vec y = Vec::loadu(ybuf + i);
+        const Vec e = (y - vmy).exp();
+        const Vec kept = y >= vcut;
+        acc_k = acc_k + Vec::blendv(zero, e, kept);
+        if (has_proxy) {  // sum_K e^(y-my) (y - x)
+          acc_o = acc_o + Vec::blendv(zero, e * (y - Vec::loadu(xb + i)), kept);
+        } else {  // sum of the dropped e^(y-my)
+          acc_o = acc_o + Vec::blendv(e, zero, kept);
+        }
+      }
+      kept_sum += hsum(acc_k);
+      (has_proxy ? cross : drop_sum) += hsum(acc_o);
+      if (lone) {
+        const float e = std::exp(lone_y - my_ref);
+        kept_sum += e;
+        if (has_proxy) cross += e * (lone_y - lone_x);
+      }
+    }
+    const float lse_kept = my_ref + std::log(kept_sum);
+    const float kl = has_proxy ? cross / kept_sum + lse - lse_kept : std::log1p(drop_sum / kept_sum);
+
+    float logp = 0.f, proxy_logp = 0.f;
+    if (a.labels) {
+      const float x_lab = static_cast<float>(xr[label]) * inv_t;
+      const float y_lab = has_proxy ? static_cast<float>(yr[label]) * inv_t : x_lab;
+      logp = x_lab - lse;
+      const bool lab_kept = y_lab >= cutoff || label == argmax_y;
+      proxy_logp = lab_kept ? y_lab - lse_kept : -kInf;
+    }
+    a.logp[row] = bad ? kNaN : logp;
+    a.proxy_logp[row] = bad ? kNaN : proxy_logp;
+    a.kl[row] = bad ? kNaN : kl;
+    a.entropy[row] = bad ? kNaN : entropy;
+    stats[0] = bad ? kNaN : lse;  // a NaN lse makes the backward NaN for the whole row
+    stats[1] = bad ? kNaN : entropy;
+    stats[2] = lse_kept;
+    stats[3] = cutoff;
+    stats[4] = static_cast<float>(argmax_y);
+  }
+}
+
+template <typename TX, typename TY>
+void bwd_rows(const TokenStatsBwdArgs& a, int64_t begin, int64_t end) {
+  alignas(64) float xb[kBlock];
+  alignas(64) float yb[kBlock];
+  alignas(64) float gb[kBlock];
+  const bool has_proxy = a.proxy != nullptr;
+  const int64_t V = a.V;
+  const float inv_t = a.inv_temperature;
+  for (int64_t row = begin; row < end; ++row) {
+    TX* gr = static_cast<TX*>(a.grad) + row * a.grad_row_stride;
+    const int64_t label = a.labels ? a.labels[row] : -1;
+    if (a.labels && label == a.ignore_index) {
+      std::fill(gr, gr + V, static_cast<TX>(0.f));
+      continue;
+    }
+    const TX* xr = static_cast<const TX*>(a.logits) + row * a.logits_row_stride;
+    const TY* yr = has_proxy ? static_cast<const TY*>(a.proxy) + row * a.proxy_row_stride : nullptr;
+    const float* st = a.row_stats + row * kRowStatsWidth;
+    const float lse = st[0], entropy = st[1], lse_kept = st[2], cutoff = st[3];
+    const int64_t argmax_y = static_cast<int64_t>(st[4]);
+    // per-row coefficients, already divided by T
+    const float c_logp = (a.g_logp && a.labels) ? a.g_logp[row] * inv_t : 0.f;
+    const float c_kl = a.g_kl ? a.g_kl[row] * inv_t : 0.f;
+    const float c_h = a.g_entropy ? a.g_entropy[row] * inv_t : 0.f;
+    const bool use_kl = a.g_kl != nullptr, use_h = a.g_entropy != nullptr;
+    // on-policy q = e^(x - lse_K) = p e^(lse - lse_K): one exp per element instead of two
+    const float q_over_p = std::exp(lse - lse_kept);
+    const Vec vlse(lse), vh(entropy), vcut(cutoff), vlk(lse_kept), vqp(q_over_p), zero(0.f), ninf(-kInf);
+    const Vec vcl(c_logp), vck(c_kl), vch(c_h);
+    for (int64_t start = 0; start < V; start += kBlock) {
+      const int64_t n = std::min(kBlock, V - start), nv = round_up(n);
+      load_block(xr + start, n, inv_t, xb);
+      const bool proxy_kl = has_proxy && use_kl;
+      if (proxy_kl) load_block(yr + start, n, inv_t, yb);
+      for (int64_t i = 0; i < nv; i += kW) {
+        const Vec x = Vec::loadu(xb + i);
+        const Vec logp = x - vlse;
+        const Vec p = logp.exp();
+        Vec g = zero - vcl * p;  // g_logp (e_label - p); the e_label part is added below
+        if (use_kl) {
+          Vec q;
+          if (proxy_kl) {
+            const Vec y = Vec::loadu(yb + i);
+            q = Vec::blendv(zero, (y - vlk).exp(), y >= vcut);
+          } else {
+            q = Vec::blendv(zero, p * vqp, x >= vcut);
+          }
+          g = g + vck * (p - q);  // g_kl (p - q)
+        }
+        if (use_h) {  // - g_H p (log p + H), with p log p = 0 where x = -inf
+          g = g - vch * Vec::blendv(p * (logp + vh), zero, x == ninf);
+        }
+        g.store(gb + i);
+      }
+      if (label >= start && label < start + n) gb[label - start] += c_logp;
+      if (use_kl && argmax_y >= start && argmax_y < start + n) {  // argmax kept alone (cutoff = +inf)
+        const float y_a = proxy_kl ? yb[argmax_y - start] : xb[argmax_y - start];
+        if (!(y_a >= cutoff)) gb[argmax_y - start] -= c_kl * std::exp(y_a - lse_kept);
+      }
+      store_block(gb, n, gr + start);
+    }
+  }
+}
+
+template <typename F>
+void dispatch(Dtype d, F&& f) {
+  switch (d) {
+    case Dtype::kFloat32: f(static_cast<float*>(nullptr)); break;
+    case Dtype::kBFloat16: f(static_cast<c10::BFloat16*>(nullptr)); break;
+    case Dtype::kFloat16: f(static_cast<c10::Half*>(nullptr)); break;
+    case Dtype::kFloat64: f(static_cast<double*>(nullptr)); break;
+  }
+}
+
+// rows per task: enough elements (about 64K) to amortise a task, at least one row
+inline int64_t grain(int64_t V) { return std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(V, 1)); }
+
+}  // namespace
+
+void token_stats_fwd(const TokenStatsFwdArgs& args) {
+  if (args.N == 0) return;
+  dispatch(args.logits_dtype, [&](auto* tx) {
+    using TX = std::remove_pointer_t<decltype(tx)>;
+    // without a proxy, TY is never read: instantiate it as TX only
+    const Dtype dy = args.proxy ? args.proxy_dtype : args.logits_dtype;
+    dispatch(dy, [&](auto* ty) {
+      using TY = std::remove_pointer_t<decltype(ty)>;
+      at::parallel_for(0, args.N, grain(args.V), [&](int64_t b, int64_t e) { fwd_rows<TX, TY>(args, b, e); });
+    });
+  });
+}
+
+void token_stats_bwd(const TokenStatsBwdArgs& args) {
+  if (args.N == 0) return;
+  dispatch(args.logits_dtype, [&](auto* tx) {
+    using TX = std::remove_pointer_t<decltype(tx)>;
+    const Dtype dy = args.proxy ? args.proxy_dtype : args.logits_dtype;
+    dispatch(dy, [&](auto* ty) {
+      using TY = std::remove_pointer_t<decltype(ty)>;
+      at::parallel_for(0, args.N, grain(args.V), [&](int64_t b, int64_t e) { bwd_rows<TX, TY>(args, b, e); });
+    });
+  });
+}
+
+const char* compiled_isa() {
+#if defined(CPU_CAPABILITY_AVX512)
+  return "avx512";
+#elif defined(CPU_CAPABILITY_AVX2)
+  return "avx2";
+#else
+  return "default";
+#endif
+}
+
+}  // namespace lpreg::cpu

@@ -1,0 +1,214 @@
+// The only file of lpreg._C that touches at::Tensor: op schemas, argument checks, output
+// allocation, the CUDA device / stream, and dispatch to the torch-free kernels in csrc/cpu
+// and csrc/cuda.
+//
+// Ops (namespace lpreg_C; the Python package owns the namespace `lpreg` through
+// torch.library.custom_op, and both cannot define the same namespace):
+//   lpreg_C::token_stats_fwd(logits (N, V), labels (N,)?, proxy (N, V)?, inv_temperature,
+//       fixed, log_threshold, ignore_index) -> (logp, proxy_logp, kl, entropy (N,) fp32,
+//       row_stats (N, 5) fp32)
+//   lpreg_C::token_stats_bwd(logits, labels?, proxy?, row_stats, g_logp?, g_kl?, g_entropy?,
+//       inv_temperature, ignore_index) -> grad (N, V) in the logits' dtype
+// Fake (meta) implementations are registered in Python (lpreg/_native.py).
+
+#include <Python.h>
+#include <torch/library.h>
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <tuple>
+
+#include "cpu/token_stats_cpu.h"
+#include "token_stats_args.h"
+
+#ifdef LPREG_WITH_CUDA
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include "cuda/token_stats_cuda.h"
+#endif
+
+namespace lpreg {
+namespace {
+
+using at::Tensor;
+using OptTensor = std::optional<Tensor>;
+
+Dtype to_dtype(const Tensor& t, const char* name, bool allow_double) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return Dtype::kFloat32;
+    case at::kBFloat16: return Dtype::kBFloat16;
+    case at::kHalf: return Dtype::kFloat16;
+    case at::kDouble:
+      if (allow_double) return Dtype::kFloat64;
+      [[fallthrough]];
+    default:
+      TORCH_CHECK(false, "lpreg_C: ", name, " must be float32, bfloat16 or float16",
+                  allow_double ? " (or float64 on the CPU)" : "", ", got ", t.scalar_type(), " on ", t.device());
+  }
+  return Dtype::kFloat32;
+}
+
+void check_rows(const Tensor& logits, const OptTensor& labels, const OptTensor& proxy) {
+  TORCH_CHECK(logits.dim() == 2, "lpreg_C: logits must be 2-D (N, V), got ", logits.dim(), "-D shape ",
+              logits.sizes());
+  TORCH_CHECK(logits.size(1) >= 1, "lpreg_C: logits must have V >= 1, got shape ", logits.sizes());
+  TORCH_CHECK(logits.stride(1) == 1 || logits.size(1) == 1 || logits.size(0) == 0,
+              "lpreg_C: logits rows must have unit stride, got strides ", logits.strides());
+  if (labels) {
+    TORCH_CHECK(labels->scalar_type() == at::kLong, "lpreg_C: labels must be int64, got ", labels->scalar_type());
+    TORCH_CHECK(labels->dim() == 1 && labels->size(0) == logits.size(0), "lpreg_C: labels must have shape (",
+                logits.size(0), ",), got ", labels->sizes());
+    TORCH_CHECK(labels->device() == logits.device(), "lpreg_C: labels must be on ", logits.device(), ", got ",
+                labels->device());
+  }
+  if (proxy) {
+    TORCH_CHECK(proxy->sizes() == logits.sizes(), "lpreg_C: proxy must have the shape of logits ", logits.sizes(),
+                ", got ", proxy->sizes());
+    TORCH_CHECK(proxy->device() == logits.device(), "lpreg_C: proxy must be on ", logits.device(), ", got ",
+                proxy->device());
+    TORCH_CHECK(proxy->stride(1) == 1 || proxy->size(1) == 1 || proxy->size(0) == 0,
+                "lpreg_C: proxy rows must have unit stride, got strides ", proxy->strides());
+  }
+}
+
+// (N,) fp32 contiguous view of an optional per-row upstream gradient
+OptTensor per_row(const OptTensor& g, const Tensor& logits, const char* name) {
+  if (!g) return std::nullopt;
+  TORCH_CHECK(g->dim() == 1 && g->size(0) == logits.size(0), "lpreg_C: ", name, " must have shape (",
+              logits.size(0), ",), got ", g->sizes());
+  TORCH_CHECK(g->device() == logits.device(), "lpreg_C: ", name, " must be on ", logits.device(), ", got ",
+              g->device());
+  return g->to(at::kFloat).contiguous();
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> token_stats_fwd(
+    const Tensor& logits, const OptTensor& labels, const OptTensor& proxy, double inv_temperature, bool fixed,
+    double log_threshold, int64_t ignore_index) {
+  check_rows(logits, labels, proxy);
+  const bool on_cuda = logits.is_cuda();
+  const int64_t N = logits.size(0), V = logits.size(1);
+  auto opts = logits.options().dtype(at::kFloat);
+  Tensor logp = at::empty({N}, opts), proxy_logp = at::empty({N}, opts), kl = at::empty({N}, opts);
+  Tensor entropy = at::empty({N}, opts), row_stats = at::empty({N, kRowStatsWidth}, opts);
+  TokenStatsFwdArgs a{};
+  a.logp = logp.data_ptr<float>();
+  a.proxy_logp = proxy_logp.data_ptr<float>();
+  a.kl = kl.data_ptr<float>();
+  a.entropy = entropy.data_ptr<float>();
+  a.row_stats = row_stats.data_ptr<float>();
+  a.logits = logits.data_ptr();
+  a.proxy = proxy ? proxy->data_ptr() : nullptr;
+  a.labels = labels ? labels->data_ptr<int64_t>() : nullptr;
+  a.logits_dtype = to_dtype(logits, "logits", !on_cuda);
+  a.proxy_dtype = proxy ? to_dtype(*proxy, "proxy", !on_cuda) : a.logits_dtype;
+  a.N = N;
+  a.V = V;
+  a.logits_row_stride = logits.stride(0);
+  a.proxy_row_stride = proxy ? proxy->stride(0) : 0;
+  a.inv_temperature = static_cast<float>(inv_temperature);
+  a.log_threshold = static_cast<float>(log_threshold);
+  a.fixed = fixed;
+  a.ignore_index = ignore_index;
+  if (N == 0) return {logp, proxy_logp, kl, entropy, row_stats};
+#ifdef LPREG_WITH_CUDA
+  if (on_cuda) {
+    const c10::cuda::CUDAGuard guard(logits.device());
+    const cudaError_t err = cuda::token_stats_fwd(a, at::cuda::getCurrentCUDAStream());
+    TORCH_CHECK(err == cudaSuccess, "lpreg_C: token_stats_fwd CUDA launch failed: ", cudaGetErrorString(err));
+    return {logp, proxy_logp, kl, entropy, row_stats};
+  }
+#endif
+  TORCH_INTERNAL_ASSERT(logits.device().is_cpu(), "lpreg_C: no kernel for ", logits.device());
+  cpu::token_stats_fwd(a);
+  return {logp, proxy_logp, kl, entropy, row_stats};
+}
+
+Tensor token_stats_bwd(const Tensor& logits, const OptTensor& labels, const OptTensor& proxy, const Tensor& row_stats,
+                       const OptTensor& g_logp, const OptTensor& g_kl, const OptTensor& g_entropy,
+                       double inv_temperature, int64_t ignore_index) {
+  check_rows(logits, labels, proxy);
+  const bool on_cuda = logits.is_cuda();
+  const int64_t N = logits.size(0), V = logits.size(1);
+  TORCH_CHECK(row_stats.scalar_type() == at::kFloat && row_stats.dim() == 2 && row_stats.size(0) == N &&
+                  row_stats.size(1) == kRowStatsWidth,
+              "lpreg_C: row_stats must be float32 of shape (", N, ", ", kRowStatsWidth, "), got ",
+              row_stats.scalar_type(), " ", row_stats.sizes());
+  TORCH_CHECK(row_stats.device() == logits.device(), "lpreg_C: row_stats must be on ", logits.device(), ", got ",
+              row_stats.device());
+  TORCH_CHECK(!g_logp || labels, "lpreg_C: g_logp needs labels (logp is only defined for a sampled token)");
+  const Tensor stats = row_stats.contiguous();
+  const OptTensor gl = per_row(g_logp, logits, "g_logp"), gk = per_row(g_kl, logits, "g_kl"),
+                  gh = per_row(g_entropy, logits, "g_entropy");
+  Tensor grad = at::empty({N, V}, logits.options());
+  TokenStatsBwdArgs a{};
+  a.grad = grad.data_ptr();
+  a.logits = logits.data_ptr();
+  a.proxy = proxy ? proxy->data_ptr() : nullptr;
+  a.labels = labels ? labels->data_ptr<int64_t>() : nullptr;
+  a.row_stats = stats.data_ptr<float>();
+  a.g_logp = gl ? gl->data_ptr<float>() : nullptr;
+  a.g_kl = gk ? gk->data_ptr<float>() : nullptr;
+  a.g_entropy = gh ? gh->data_ptr<float>() : nullptr;
+  a.logits_dtype = to_dtype(logits, "logits", !on_cuda);
+  a.proxy_dtype = proxy ? to_dtype(*proxy, "proxy", !on_cuda) : a.logits_dtype;
+  a.N = N;
+  a.V = V;
+  a.logits_row_stride = logits.stride(0);
+  a.proxy_row_stride = proxy ? proxy->stride(0) : 0;
+  a.grad_row_stride = grad.stride(0);
+  a.inv_temperature = static_cast<float>(inv_temperature);
+  a.ignore_index = ignore_index;
+  if (N == 0) return grad;
+#ifdef LPREG_WITH_CUDA
+  if (on_cuda) {
+    const c10::cuda::CUDAGuard guard(logits.device());
+    const cudaError_t err = cuda::token_stats_bwd(a, at::cuda::getCurrentCUDAStream());
+    TORCH_CHECK(err == cudaSuccess, "lpreg_C: token_stats_bwd CUDA launch failed: ", cudaGetErrorString(err));
+    return grad;
+  }
+#endif
+  TORCH_INTERNAL_ASSERT(logits.device().is_cpu(), "lpreg_C: no kernel for ", logits.device());
+  cpu::token_stats_bwd(a);
+  return grad;
+}
+
+}  // namespace
+}  // namespace lpreg
+
+TORCH_LIBRARY(lpreg_C, m) {
+  m.def(
+      "token_stats_fwd(Tensor logits, Tensor? labels, Tensor? proxy, float inv_temperature, bool fixed, "
+      "float log_threshold, int ignore_index) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "token_stats_bwd(Tensor logits, Tensor? labels, Tensor? proxy, Tensor row_stats, Tensor? g_logp, "
+      "Tensor? g_kl, Tensor? g_entropy, float inv_temperature, int ignore_index) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(lpreg_C, CPU, m) {
+  m.impl("token_stats_fwd", &lpreg::token_stats_fwd);
+  m.impl("token_stats_bwd", &lpreg::token_stats_bwd);
+}
+
+#ifdef LPREG_WITH_CUDA
+TORCH_LIBRARY_IMPL(lpreg_C, CUDA, m) {
+  m.impl("token_stats_fwd", &lpreg::token_stats_fwd);
+  m.impl("token_stats_bwd", &lpreg::token_stats_bwd);
+}
+#endif
+
+// `import lpreg._C` loads this library (running the registrations above) and exposes how it
+// was built, so that lpreg._native can tell what it may dispatch to.
+PyMODINIT_FUNC PyInit__C(void) {
+  static PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "lpreg compiled kernels (ops in torch.ops.lpreg_C)",
+                                   -1, nullptr};
+  PyObject* mod = PyModule_Create(&module_def);
+  if (mod == nullptr) return nullptr;
+#ifdef LPREG_WITH_CUDA
+  PyModule_AddIntConstant(mod, "with_cuda", 1);
+#else
+  PyModule_AddIntConstant(mod, "with_cuda", 0);
+#endif
+  PyModule_AddStringConstant(mod, "cpu_isa", lpreg::cpu::compiled_isa());
+  return mod;
+}

@@ -1,0 +1,227 @@
+"""Token statistics against a sparse (top-k) proxy, Triton.
+
+The proxy is recorded at rollout time as k (index, log q) pairs per row (`lpreg.build_proxy`);
+padding entries have log q = -inf. Per row, with x = z/T:
+
+    lse  = logsumexp(x)                      logp       = x[label] - lse
+    H    = log s - t/s,  s = sum e^(x-m), t = sum e^(x-m)(x-m), m = max x       (entropy)
+    kl   = sum_j q_j (log q_j - (x[idx_j] - lse))        (only q_j > 0 terms; k gathered logits)
+    proxy_logp = log q_j where idx_j == label, else -inf
+
+Backward, for upstream (g_logp, g_kl, g_H) per row:
+
+    grad_z = (g_logp (e_label - p) + g_kl (p - q_sparse) - g_H p (log p + H)) / T
+
+written as one dense pass (everything but the -g_kl q term) and then a k-entry
+read-modify-write at idx_j. Indices must be unique within a row (top-k gives that).
+
+Row-statistics contract (shared with the torch fallback in lpreg.sparse_proxy): the forward
+returns `row_stats` (N, 2) fp32 = [lse, H]; the backward needs nothing else but the logits,
+labels and the proxy. Rows whose label is `ignore_index` give zeros and a zero gradient; a
+row holding a NaN, or only -inf, gives NaN outputs.
+
+Limits: any V (tail masked, int64 offsets), k <= 4096, fp32/bf16/fp16 logits with fp32
+accumulation, unit-stride rows. A bf16/fp16 gradient is rounded twice at the k proxy entries
+(dense store, then the sparse update).
+Memory traffic: forward reads each row once plus k gathered logits; backward reads each row
+once, writes the gradient once, and touches k entries again.
+"""
+
+import triton
+import triton.language as tl
+
+ROW_STATS_WIDTH = 2  # [lse, entropy]
+
+
+@triton.jit
+def _sparse_proxy_fwd_kernel(
+    logp_ptr, proxy_logp_ptr, kl_ptr, entropy_ptr, row_stats_ptr,  # outputs: (N,) x4, (N, 2)
+    logits_ptr, labels_ptr, idx_ptr, logq_ptr,  # inputs: (N, V), (N,) or dummy, (N, k) int64, (N, k) fp32
+    V, K, logits_row_stride, idx_row_stride, logq_row_stride,  # shapes / strides
+    inv_temperature, ignore_index,  # scalars: fp32, int
+    HAS_LABELS: tl.constexpr,  # features
+    BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,  # tiles
+):
+    row = tl.program_id(0).to(tl.int64)
+    x_row = logits_ptr + row * logits_row_stride
+    label = 0
+    if HAS_LABELS:
+        label = tl.load(labels_ptr + row)
+        valid = label != ignore_index
+    else:
+        valid = row >= 0
+    neg_inf = float("-inf")
+    logp = 0.0
+    proxy_logp = 0.0
+    kl = 0.0
+    entropy = 0.0
+    lse = 0.0
+    if valid:
+        # ---- one pass: online max, sum e^(x-m) and the entropy moment t, NaN count
+        cols0 = tl.arange(0, BLOCK_V)
+        m = tl.full((), neg_inf, tl.float32)
+        s = tl.zeros((), tl.float32)
+        t = tl.zeros((), tl.float32)
+        n_nan = tl.zeros((), tl.int32)
+        for start in range(0, V, BLOCK_V):
+            cols = start + cols0
+            x = tl.load(x_row + cols, mask=cols < V, other=neg_inf).to(tl.float32) * inv_temperature
+            n_nan += tl.sum((x != x).to(tl.int32), 0)
+            m_new = tl.maximum(m, tl.max(x, 0))
+            m_ref = tl.where(m_new == neg_inf, 0.0, m_new)
+            d = x - m_ref
+            e = tl.exp(d)
+            scale = tl.exp(m - m_ref)  # t' = e^(m-m')(t + s(m-m'))
+            t = scale * (t + tl.where(s > 0, s * (m - m_ref), 0.0)) + tl.sum(tl.where(e > 0, e * d, 0.0), 0)
+            s = s * scale + tl.sum(e, 0)
+            m = m_new
+        bad = (n_nan > 0) | (m == neg_inf)
+        lse = m + tl.log(s)
+        entropy = tl.log(s) - t / s
+
+        # ---- the k proxy entries: KL = sum_j q_j (log q_j - log p_idx_j)
+        ks = tl.arange(0, BLOCK_K)
+        in_k = ks < K
+        idx = tl.load(idx_ptr + row * idx_row_stride + ks, mask=in_k, other=0)
+        logq = tl.load(logq_ptr + row * logq_row_stride + ks, mask=in_k, other=neg_inf).to(tl.float32)
+        x_idx = tl.load(x_row + idx, mask=in_k, other=0.0).to(tl.float32) * inv_temperature
+        q = tl.exp(logq)
+        kl = tl.sum(tl.where(q > 0, q * (logq - (x_idx - lse)), 0.0), 0)
+        if HAS_LABELS:
+            logp = tl.load(x_row + label).to(tl.float32) * inv_temperature - lse
+            proxy_logp = tl.max(tl.where((idx == label) & in_k, logq, neg_inf), 0)
+        nan = float("nan")
+        logp = tl.where(bad, nan, logp)
+        proxy_logp = tl.where(bad, nan, proxy_logp)
+        kl = tl.where(bad, nan, kl)
+        entropy = tl.where(bad, nan, entropy)
+        lse = tl.where(bad, nan, lse)
+    tl.store(logp_ptr + row, logp)
+    tl.store(proxy_logp_ptr + row, proxy_logp)
+    tl.store(kl_ptr + row, kl)
+    tl.store(entropy_ptr + row, entropy)
+    tl.store(row_stats_ptr + row * 2 + 0, lse)
+    tl.store(row_stats_ptr + row * 2 + 1, entropy)
+
+
+@triton.jit
+def _sparse_proxy_bwd_kernel(
+    grad_ptr,  # output: (N, V), the logits' dtype
+    logits_ptr, labels_ptr, idx_ptr, logq_ptr, row_stats_ptr,  # inputs
+    g_logp_ptr, g_kl_ptr, g_entropy_ptr,  # upstream gradients: (N,) fp32 each, or dummies
+    V, K, logits_row_stride, idx_row_stride, logq_row_stride, grad_row_stride,  # shapes / strides
+    inv_temperature, ignore_index,  # scalars
+    HAS_LABELS: tl.constexpr, HAS_G_LOGP: tl.constexpr, HAS_G_KL: tl.constexpr,  # features
+    HAS_G_ENTROPY: tl.constexpr,
+    BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,  # tiles
+):
+    row = tl.program_id(0).to(tl.int64)
+    x_row = logits_ptr + row * logits_row_stride
+    g_row = grad_ptr + row * grad_row_stride
+    label = -1
+    if HAS_LABELS:
+        label = tl.load(labels_ptr + row)
+        valid = label != ignore_index
+    else:
+        valid = row >= 0
+    lse = tl.load(row_stats_ptr + row * 2 + 0)
+    entropy = tl.load(row_stats_ptr + row * 2 + 1)
+    g_logp = 0.0
+    g_kl = 0.0
+    g_entropy = 0.0
+    if HAS_G_LOGP:
+        g_logp = tl.load(g_logp_ptr + row)
+    if HAS_G_KL:
+        g_kl = tl.load(g_kl_ptr + row)
+    if HAS_G_ENTROPY:
+        g_entropy = tl.load(g_entropy_ptr + row)
+    g_logp = tl.where(valid, g_logp, 0.0) * inv_temperature
+    g_kl = tl.where(valid, g_kl, 0.0) * inv_temperature
+    g_entropy = tl.where(valid, g_entropy, 0.0) * inv_temperature
+    lse = tl.where(valid, lse, 0.0)
+    # ---- dense pass: g_logp (e_y - p) + g_kl p - g_H p (log p + H)
+    cols0 = tl.arange(0, BLOCK_V)
+    for start in range(0, V, BLOCK_V):
+        cols = start + cols0
+        in_row = cols < V
+        x = tl.load(x_row + cols, mask=in_row, other=float("-inf")).to(tl.float32) * inv_temperature
+        logp = x - lse
+        p = tl.exp(logp)
+        grad = (g_kl - g_logp) * p + tl.where(cols == label, g_logp, 0.0)
+        if HAS_G_ENTROPY:
+            grad -= g_entropy * tl.where(x == float("-inf"), 0.0, p * (logp + entropy))
+        tl.store(g_row + cols, grad.to(grad_ptr.dtype.element_ty), mask=in_row)
+    if HAS_G_KL:
+        # ---- sparse pass: - g_kl q_j at idx_j (after the dense stores of this row are visible)
+        tl.debug_barrier()
+        ks = tl.arange(0, BLOCK_K)
+        in_k = ks < K
+        idx = tl.load(idx_ptr + row * idx_row_stride + ks, mask=in_k, other=0)
+        q = tl.exp(tl.load(logq_ptr + row * logq_row_stride + ks, mask=in_k, other=float("-inf")).to(tl.float32))
+        upd = in_k & (q > 0) & valid
+        cur = tl.load(g_row + idx, mask=upd, other=0.0).to(tl.float32)
+        tl.store(g_row + idx, (cur - g_kl * q).to(grad_ptr.dtype.element_ty), mask=upd)
+
+
+def _blocks(V, K, on_gpu):
+    block_v = min(4096 if on_gpu else 1024, triton.next_power_of_2(max(V, 16)))
+    block_k = triton.next_power_of_2(max(K, 16))
+    assert block_k <= 4096, "sparse proxy supports k <= 4096"
+    return block_v, block_k
+
+
+def sparse_proxy_forward(logits, labels, indices, logq, inv_temperature, ignore_index):
+    """logits (N, V), labels (N,) int64 or None, indices (N, k) int64, logq (N, k) fp32.
+
+    Returns (logp, proxy_logp, kl, entropy, row_stats): (N,) fp32 x4 and (N, 2) fp32.
+    """
+    import torch
+
+    assert logits.dim() == 2 and logits.stride(-1) == 1
+    assert indices.shape == logq.shape and indices.shape[0] == logits.shape[0]
+    assert indices.dtype == torch.int64 and indices.stride(-1) == 1 and logq.stride(-1) == 1
+    N, V = logits.shape
+    K = indices.shape[1]
+    out = [torch.empty((N,), dtype=torch.float32, device=logits.device) for _ in range(4)]
+    row_stats = torch.empty((N, ROW_STATS_WIDTH), dtype=torch.float32, device=logits.device)
+    if N == 0:
+        return out[0], out[1], out[2], out[3], row_stats
+    block_v, block_k = _blocks(V, K, logits.is_cuda)
+    _sparse_proxy_fwd_kernel[(N,)](
+        out[0], out[1], out[2], out[3], row_stats,
+        logits, labels if labels is not None else logits, indices, logq,
+        V, K, logits.stride(0), indices.stride(0), logq.stride(0),
+        float(inv_temperature), int(ignore_index),
+        HAS_LABELS=labels is not None,
+        BLOCK_V=block_v, BLOCK_K=block_k,
+        num_warps=8 if block_v >= 2048 else 4,
+    )
+    return out[0], out[1], out[2], out[3], row_stats
+
+
+def sparse_proxy_backward(logits, labels, indices, logq, row_stats, g_logp, g_kl, g_entropy,
+                          inv_temperature, ignore_index):
+    """g_*: (N,) fp32 or None. Returns grad_logits (N, V) in logits.dtype."""
+    import torch
+
+    assert logits.dim() == 2 and logits.stride(-1) == 1
+    N, V = logits.shape
+    K = indices.shape[1]
+    grad = torch.empty((N, V), dtype=logits.dtype, device=logits.device)
+    if N == 0:
+        return grad
+    block_v, block_k = _blocks(V, K, logits.is_cuda)
+    dummy = row_stats
+    _sparse_proxy_bwd_kernel[(N,)](
+        grad,
+        logits, labels if labels is not None else logits, indices, logq, row_stats,
+        g_logp if g_logp is not None else dummy, g_kl if g_kl is not None else dummy,
+        g_entropy if g_entropy is not None else dummy,
+        V, K, logits.stride(0), indices.stride(0), logq.stride(0), grad.stride(0),
+        float(inv_temperature), int(ignore_index),
+        HAS_LABELS=labels is not None, HAS_G_LOGP=g_logp is not None, HAS_G_KL=g_kl is not None,
+        HAS_G_ENTROPY=g_entropy is not None,
+        BLOCK_V=block_v, BLOCK_K=block_k,
+        num_warps=8 if block_v >= 2048 else 4,
+    )
+    return grad

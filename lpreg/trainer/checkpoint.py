@@ -1,0 +1,149 @@
+"""Atomic checkpoints: a step's full training state, written so a crash never leaves half of one.
+
+Layout: `<output_dir>/checkpoints/step_000040/` holding
+    model/            save_pretrained of the (unwrapped) policy, plus its tokenizer
+    trainer_state.pt  optimizer, scheduler, RNG states (python, numpy, torch, cuda), step,
+                      data position, config
+    COMPLETE          marker written last
+
+Atomicity: everything is written into `step_000040.tmp-<pid>/`, each file is fsync'ed, the
+marker is written, then the directory is renamed into place with `os.replace` (atomic on one
+filesystem) and the parent directory is fsync'ed. A directory without the marker, or a
+leftover `.tmp-*`, is never loaded; `latest_checkpoint` ignores it and the next save cleans it.
+"""
+
+import dataclasses
+import os
+import random
+import re
+import shutil
+
+import numpy as np
+import torch
+
+__all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "capture_rng", "restore_rng"]
+
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+MARKER = "COMPLETE"
+
+
+def capture_rng():
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state):
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _fsync_tree(path):
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(root)
+
+
+def _fsync_dir(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def checkpoint_root(output_dir):
+    return os.path.join(output_dir, "checkpoints")
+
+
+def save_checkpoint(output_dir, step, *, model, tokenizer, optimizer, scheduler, data_position, config, keep=2,
+                    state_dict=None):
+    """Write the state after `step` completed steps; returns the checkpoint directory.
+
+    Call on the main process only; under FSDP pass the gathered full `state_dict`
+    (`accelerator.get_state_dict(model)`, which every rank must call)."""
+    root = checkpoint_root(output_dir)
+    os.makedirs(root, exist_ok=True)
+    final = os.path.join(root, f"step_{step:06d}")
+    tmp = f"{final}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    model.save_pretrained(os.path.join(tmp, "model"), state_dict=state_dict)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(os.path.join(tmp, "model"))
+    state = {
+        "step": int(step),
+        "data_position": data_position,
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "rng": capture_rng(),
+        "config": dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config),
+    }
+    torch.save(state, os.path.join(tmp, "trainer_state.pt"))
+    with open(os.path.join(tmp, MARKER), "w") as fh:
+        fh.write(f"{step}\n")
+    _fsync_tree(tmp)
+    if os.path.exists(final):  # a stale checkpoint of the same step (e.g. from a resumed run)
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(root)
+    _prune(root, keep)
+    return final
+
+
+def _complete_steps(root):
+    out = []
+    if not os.path.isdir(root):
+        return out
+    for name in os.listdir(root):
+        m = _STEP_DIR.match(name)
+        if m and os.path.isfile(os.path.join(root, name, MARKER)):
+            out.append((int(m.group(1)), os.path.join(root, name)))
+    return sorted(out)
+
+
+def _prune(root, keep):
+    # leftovers of interrupted saves, then all but the newest `keep` complete checkpoints
+    for name in os.listdir(root):
+        if ".tmp-" in name:
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+    if keep and keep > 0:
+        for _step, path in _complete_steps(root)[:-keep]:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def latest_checkpoint(output_dir):
+    """The newest complete checkpoint directory under output_dir, or None."""
+    steps = _complete_steps(checkpoint_root(output_dir))
+    return steps[-1][1] if steps else None
+
+
+def resolve_resume(resume, output_dir):
+    """--resume auto | PATH | none -> a checkpoint directory or None."""
+    if resume in (None, "", "none"):
+        return None
+    if resume == "auto":
+        return latest_checkpoint(output_dir)
+    path = resume
+    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, MARKER)):
+        inner = latest_checkpoint(path)  # a run directory was given
+        path = inner or path
+    if not os.path.isfile(os.path.join(path, MARKER)):
+        raise ValueError(f"--resume must be 'auto', 'none' or a complete checkpoint directory, got {resume!r}")
+    return path
+
+
+def load_checkpoint(path, *, map_location="cpu"):
+    """Returns (model directory, trainer state dict). RNG states are restored by the caller
+    (after everything that consumes randomness at start-up, e.g. model construction)."""
+    state = torch.load(os.path.join(path, "trainer_state.pt"), map_location=map_location, weights_only=False)
+    return os.path.join(path, "model"), state

@@ -1,0 +1,219 @@
+"""The trainer's one config dataclass, its presets, and the command line / YAML that override it.
+
+Precedence, lowest first: dataclass defaults < preset < YAML file (`--config`) < command-line
+flags. Every field is a flag (`--prompts-per-step 8` or `--prompts_per_step 8`).
+"""
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field, fields
+from typing import Optional
+
+LOSSES = ("lpreg", "grpo", "clip_higher", "entropy_bonus", "80_20", "kl_cov", "clip_cov")
+STD_SCALINGS = ("group", "batch", "none")
+
+
+@dataclass
+class TrainConfig:
+    # --- run -------------------------------------------------------------------------------
+    preset: str = "cpu-tiny"  # the preset this config started from (see PRESETS)
+    output_dir: str = "runs/lpreg"  # metrics.jsonl, samples.jsonl, plots, checkpoints/
+    steps: int = 60  # RL steps; one step = one rollout = one optimizer update (on-policy)
+    seed: int = 0  # seeds model init, data order and every rollout (with step, prompt index)
+    resume: str = "auto"  # "auto" (last complete checkpoint in output_dir), a checkpoint path, or "none"
+    save_every: int = 20  # checkpoint every N steps (and at the end); 0 = only at the end
+    keep_checkpoints: int = 2  # complete checkpoints kept on disk
+    sample_every: int = 10  # write a few completions to samples.jsonl every N steps
+    plot: bool = True  # PNG plots of reward, entropy and lpreg_frac at the end of a run
+    progress: bool = True  # tqdm progress bar with ETA
+
+    # --- model -----------------------------------------------------------------------------
+    model: Optional[str] = None  # local Hugging Face causal LM directory; None = build a tiny one
+    dtype: str = "float32"  # parameter dtype: float32 | bfloat16
+    hidden_size: int = 64  # tiny model only
+    num_layers: int = 2  # tiny model only
+    num_heads: int = 4  # tiny model only
+    gradient_checkpointing: bool = False  # trade compute for activation memory (large models)
+
+    # --- warm start (supervised fine-tuning on the task before RL) ----------------------------
+    warmup_steps: int = 0  # SFT steps before RL; 0 = none (a pretrained model needs none)
+    warmup_lr: float = 3e-3
+    warmup_batch_size: int = 32
+
+    # --- data ------------------------------------------------------------------------------
+    data: Optional[str] = None  # jsonl / parquet of problems; None = the built-in arithmetic task
+    n_problems: int = 2000  # built-in task: training problems generated from `seed`
+
+    # --- rollout ---------------------------------------------------------------------------
+    prompts_per_step: int = 16  # global (all ranks) prompts per step
+    samples_per_prompt: int = 8  # group size n of GRPO
+    max_new_tokens: int = 8
+    temperature: float = 1.0  # sampling temperature; the losses use the same T
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    reward_timeout_s: float = 5.0
+
+    # --- advantage -------------------------------------------------------------------------
+    std_scaling: str = "group"  # divide (R - group mean) by the std of: group | batch | none
+    adv_eps: float = 1e-6
+
+    # --- loss ------------------------------------------------------------------------------
+    loss: str = "lpreg"  # one of LOSSES
+    loss_agg_mode: str = "token-mean"  # token-mean over every valid token of the step (all ranks)
+    clip_low: float = 0.2  # PPO ratio clip [1 - clip_low, 1 + clip_high] of the baselines
+    clip_high: float = 0.2
+    clip_high_dapo: float = 0.28  # Clip-Higher (DAPO) epsilon_high; also used by 80_20 (built on DAPO)
+    lpreg_compat: str = "paper"  # "paper" | "released" (released code's variant, SPEC section 3)
+    lpreg_mode: str = "min_p"
+    lpreg_threshold: float = 0.02  # kappa (min_p) or tau (fixed)
+    lpreg_rho: float = 0.01  # fraction of lowest-probability tokens eligible for the penalty
+    lpreg_beta: float = 1.0
+    lpreg_clip_low: float = 1.0  # ratio clip [1 - clip_low, 1 + clip_high]: [0, 10] as in SPEC
+    lpreg_clip_high: float = 9.0
+    entropy_coef: float = 0.001  # entropy_bonus: loss -= coef * entropy (verl's entropy_coeff)
+    top_entropy_frac: float = 0.2  # 80_20: only this fraction of highest-entropy tokens get gradient
+    kl_cov_ratio: float = 0.002  # KL-Cov: fraction of top-covariance tokens penalised (7B setting)
+    kl_cov_coef: float = 1.0  # KL-Cov: coefficient of |logp - old_logp|
+    clip_cov_ratio: float = 0.0002  # Clip-Cov: fraction of tokens whose gradient is detached
+    clip_cov_lb: float = 1.0  # Clip-Cov: covariance band (lb, ub) the detached tokens come from
+    clip_cov_ub: float = 5.0
+    token_stats_backend: str = "auto"
+
+    # --- optimisation ----------------------------------------------------------------------
+    lr: float = 1e-3
+    lr_warmup_steps: int = 0  # linear ramp, then constant (the paper uses a constant lr)
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    micro_batch_size: int = 64  # sequences per forward/backward on one rank (gradient accumulation)
+    mini_batches: int = 1  # optimizer steps per rollout; > 1 makes later ones off-policy (PPO-style)
+
+    extra: dict = field(default_factory=dict)  # free-form notes recorded with the run
+
+    def validate(self):
+        if self.loss not in LOSSES:
+            raise ValueError(f"--loss must be one of {LOSSES}, got {self.loss!r}")
+        if self.std_scaling not in STD_SCALINGS:
+            raise ValueError(f"--std-scaling must be one of {STD_SCALINGS}, got {self.std_scaling!r}")
+        if self.lpreg_compat not in ("paper", "released"):
+            raise ValueError(f"--lpreg-compat must be 'paper' or 'released', got {self.lpreg_compat!r}")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"--dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        for name in ("steps", "prompts_per_step", "samples_per_prompt", "max_new_tokens", "micro_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)!r}")
+        if self.samples_per_prompt < 2 and self.std_scaling == "group":
+            raise ValueError(f"--samples-per-prompt must be >= 2 for group advantages, got {self.samples_per_prompt}")
+        if self.mini_batches < 1 or (self.prompts_per_step % self.mini_batches):
+            raise ValueError(
+                f"--mini-batches must divide --prompts-per-step ({self.prompts_per_step}), got {self.mini_batches}"
+            )
+        return self
+
+
+PRESETS = {
+    # The README's main job: a 2-core CPU, no network, < 10 minutes including warm start.
+    "cpu-tiny": dict(
+        steps=60, hidden_size=64, num_layers=2, num_heads=4, warmup_steps=300, warmup_lr=3e-3,
+        warmup_batch_size=32, n_problems=2000, prompts_per_step=16, samples_per_prompt=8,
+        max_new_tokens=8, lr=1e-3, micro_batch_size=128, save_every=20, sample_every=10,
+    ),
+    # The unit/integration tests: seconds per run.
+    "test-micro": dict(
+        steps=3, hidden_size=32, num_layers=2, num_heads=2, warmup_steps=5, warmup_lr=3e-3,
+        warmup_batch_size=8, n_problems=64, prompts_per_step=2, samples_per_prompt=2,
+        max_new_tokens=4, lr=1e-3, micro_batch_size=4, save_every=1, sample_every=1, plot=False,
+        progress=False, keep_checkpoints=3,
+    ),
+    # The paper's recipe (SPEC section 3) on a real GPU; pass --model and --data.
+    "qwen2.5-math-1.5b": dict(
+        steps=500, dtype="bfloat16", gradient_checkpointing=True, warmup_steps=0,
+        prompts_per_step=256, samples_per_prompt=8, max_new_tokens=3072, temperature=1.0,
+        lr=1e-6, lr_warmup_steps=0, weight_decay=0.0, grad_clip=1.0, micro_batch_size=8,
+        mini_batches=1, save_every=25, sample_every=10, lpreg_rho=0.01, lpreg_beta=1.0,
+    ),
+}
+
+
+def _parse_bool(text):
+    if isinstance(text, bool):
+        return text
+    low = str(text).lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean, got {text!r}")
+
+
+def _field_type(f):
+    """The parser for a field from its default (annotations are strings under some Pythons)."""
+    default = f.default if f.default is not dataclasses.MISSING else None
+    if f.name in ("model", "data"):
+        return lambda s: None if s in ("", "none", "None") else s
+    if isinstance(default, bool):
+        return _parse_bool
+    if isinstance(default, int):
+        return int
+    if isinstance(default, float):
+        return float
+    return str
+
+
+def _coerce(cfg_fields, values, source):
+    out = {}
+    for key, value in values.items():
+        key = key.replace("-", "_")
+        if key not in cfg_fields:
+            raise ValueError(f"unknown config key {key!r} in {source}")
+        f = cfg_fields[key]
+        out[key] = value if (value is None or f.name == "extra") else _field_type(f)(value)
+    return out
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog="lpreg-train",
+        description="On-policy RLVR (GRPO + Lp-Reg and entropy-control baselines). "
+        "Precedence: preset < --config YAML < flags.",
+    )
+    parser.add_argument("--config", default=None, help="YAML file of config fields")
+    for f in fields(TrainConfig):
+        if f.name == "extra":
+            continue
+        flags = [f"--{f.name.replace('_', '-')}"]
+        if "_" in f.name:
+            flags.append(f"--{f.name}")
+        kwargs = dict(dest=f.name, default=argparse.SUPPRESS, type=_field_type(f))
+        if f.name == "loss":
+            kwargs["help"] = f"one of {', '.join(LOSSES)}"
+        elif f.name == "preset":
+            kwargs["help"] = f"one of {', '.join(PRESETS)}"
+        parser.add_argument(*flags, **kwargs)
+    return parser
+
+
+def load_config(argv=None):
+    """Command line (and YAML) -> a validated TrainConfig."""
+    args = vars(build_parser().parse_args(argv))
+    yaml_values = {}
+    if args.get("config"):
+        import yaml
+
+        with open(args["config"]) as fh:
+            yaml_values = yaml.safe_load(fh) or {}
+        if not isinstance(yaml_values, dict):
+            raise ValueError(f"--config {args['config']!r} must hold a mapping of config fields")
+    cfg_fields = {f.name: f for f in fields(TrainConfig)}
+    flag_values = {k: v for k, v in args.items() if k != "config"}
+    yaml_values = _coerce(cfg_fields, yaml_values, args.get("config"))
+    merged = {**yaml_values, **flag_values}
+    preset = merged.pop("preset", TrainConfig.preset)
+    return make_config(preset, **merged)
+
+
+def make_config(preset="cpu-tiny", **overrides):
+    """A TrainConfig from a preset plus overrides (the Python-side equivalent of the CLI)."""
+    if preset not in PRESETS:
+        raise ValueError(f"--preset must be one of {tuple(PRESETS)}, got {preset!r}")
+    values = {**PRESETS[preset], **overrides, "preset": preset}
+    return TrainConfig(**values).validate()

@@ -1,0 +1,156 @@
+"""Run outputs: metrics.jsonl (one row per step), samples.jsonl, PNG plots, a progress bar.
+
+Resume safety: `MetricsLog(path, resume_step=s)` rewrites metrics.jsonl keeping only the rows
+with step <= s (the checkpoint's step), atomically, so after a crash and a resume every step
+appears exactly once. samples.jsonl is trimmed the same way.
+"""
+
+import json
+import math
+import os
+
+__all__ = ["MetricsLog", "read_metrics", "plot_metrics", "progress_bar", "format_row"]
+
+
+def read_metrics(path):
+    rows = []
+    if not os.path.exists(path):
+        return rows
+    with open(path) as fh:
+        for line in fh:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                break  # a torn last line from a killed run: ignore it and everything after
+    return rows
+
+
+def _truncate(path, resume_step):
+    """Keep rows with step <= resume_step; atomic replace so a crash here loses nothing."""
+    if not os.path.exists(path):
+        return
+    rows = [r for r in read_metrics(path) if int(r.get("step", 0)) <= resume_step]
+    tmp = path + ".tmp"
+    with open(tmp, "w") as fh:
+        for r in rows:
+            fh.write(json.dumps(r) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+class MetricsLog:
+    """Appends one JSON row per call; flushed and fsync'ed so a killed run keeps what it logged."""
+
+    def __init__(self, path, *, resume_step=None):
+        self.path = path
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        if resume_step is None:
+            if os.path.exists(path):
+                os.remove(path)  # a fresh run in a reused directory starts a fresh log
+        else:
+            _truncate(path, resume_step)
+        self._fh = open(path, "a")
+
+    def write(self, row):
+        self._fh.write(json.dumps(_jsonable(row)) + "\n")
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+
+    def close(self):
+        self._fh.close()
+
+
+def _jsonable(row):
+    out = {}
+    for k, v in row.items():
+        if hasattr(v, "item"):
+            v = v.item()
+        if isinstance(v, float) and not math.isfinite(v):
+            v = None if math.isnan(v) else (1e308 if v > 0 else -1e308)
+        out[k] = v
+    return out
+
+
+def format_row(row, keys=("critic/score/mean", "actor/entropy", "actor/pg_loss", "actor/lpreg_frac",
+                          "response_length/mean", "timing/step_s")):
+    parts = [f"step {row['step']}"]
+    for k in keys:
+        if k in row and row[k] is not None:
+            parts.append(f"{k.split('/', 1)[-1]} {row[k]:.4g}")
+    return " | ".join(parts)
+
+
+def progress_bar(total, initial, enabled):
+    """A tqdm bar with ETA over RL steps (a no-op object when disabled or tqdm is missing)."""
+    if enabled:
+        try:
+            from tqdm.auto import tqdm
+
+            return tqdm(total=total, initial=initial, desc="rl", unit="step", dynamic_ncols=True)
+        except ImportError:
+            pass
+
+    class _Null:
+        def update(self, n=1):
+            pass
+
+        def set_postfix(self, *a, **k):
+            pass
+
+        def write(self, s):
+            print(s, flush=True)
+
+        def close(self):
+            pass
+
+    return _Null()
+
+
+def _smooth(values, window):
+    out, acc = [], []
+    for v in values:
+        acc.append(v)
+        if len(acc) > window:
+            acc.pop(0)
+        out.append(sum(acc) / len(acc))
+    return out
+
+
+PLOT_KEYS = (("critic/score/mean", "reward (mean score)"), ("actor/entropy", "policy entropy (nats/token)"),
+             ("actor/lpreg_frac", "Lp-Reg selected fraction"))
+
+
+def plot_metrics(runs, path, *, keys=PLOT_KEYS, title=None, smooth=5):
+    """runs: {label: list of metric rows}. One panel per key, one line per run (raw, faint, and
+    a moving average). Writes a small PNG at `path`; returns the path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.2), dpi=90)
+    axes = axes if len(keys) > 1 else [axes]
+    for ax, (key, label) in zip(axes, keys):
+        for i, (name, rows) in enumerate(runs.items()):
+            pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
+            if not pts:
+                continue
+            xs, ys = zip(*pts)
+            color = f"C{i}"
+            ax.plot(xs, ys, color=color, alpha=0.25, linewidth=1)
+            ax.plot(xs, _smooth(ys, smooth), color=color, linewidth=2, label=name)
+        ax.set_xlabel("RL step")
+        ax.set_title(label, fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path

@@ -1,0 +1,320 @@
+"""The policy: a tiny Qwen2-style model or a local Hugging Face checkpoint, prompts, SFT.
+
+- `build_tiny_model`: a randomly initialised Qwen2 causal LM sized for CPU runs
+  (128 wide, 4 layers, ~0.8M parameters with the character vocabulary), tied embeddings.
+- `load_policy`: `None` gives the tiny model and the character tokenizer; a path loads a
+  local checkpoint (no download is ever attempted: `local_files_only=True`).
+- `format_prompt`: the tokenizer's chat template when it has one, else the plain template
+  "Q: {question}\nA: ", after which the model writes the bare answer ("19") and eos. The
+  reward reads that bare number through its last-number fallback (see reward.py).
+- `generate_completions`: batched HF generation with explicit sampling settings, shared
+  by `warm_start` and `lpreg.evaluate`.
+- `warm_start`: supervised fine-tuning on `prompt + answer + eos` (loss on the answer and
+  eos tokens only). The cpu-tiny preset uses it to bring the random tiny model to partial
+  competence before RL; measured figures are in the report of `python -m lpreg.trainer.sft`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+import random
+import time
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GenerationConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+from .tasks import Problem
+from .tokenizer import build_char_tokenizer
+
+PLAIN_TEMPLATE = "Q: {question}\nA: "
+
+
+def _attn_implementation(device: str | torch.device, dtype: torch.dtype) -> str:
+    # flash-attn kernels exist only for CUDA and half precision; everything else uses SDPA.
+    on_cuda = torch.device(device).type == "cuda" and torch.cuda.is_available()
+    has_flash = importlib.util.find_spec("flash_attn") is not None
+    if on_cuda and has_flash and dtype in (torch.float16, torch.bfloat16):
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def build_tiny_model(
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    hidden_size: int = 128,
+    num_layers: int = 4,
+    num_heads: int = 4,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+) -> PreTrainedModel:
+    """A randomly initialised Qwen2 causal LM over `tokenizer`'s vocabulary.
+
+    Special-token ids come from the tokenizer; input and output embeddings are tied.
+    Initialisation is deterministic in `seed` and leaves the global RNG state untouched.
+    """
+    if hidden_size % num_heads != 0:
+        raise ValueError(
+            f"hidden_size must be divisible by num_heads, got hidden_size={hidden_size}, "
+            f"num_heads={num_heads}"
+        )
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=3 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_heads,
+        max_position_embeddings=max(512, tokenizer.model_max_length if tokenizer.model_max_length < 1e6 else 512),
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    config._attn_implementation = _attn_implementation(device, dtype)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Qwen2ForCausalLM(config)
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return model.to(device=device, dtype=dtype)
+
+
+def load_policy(
+    model_path: str | None,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Return `(model, tokenizer)`: the tiny model for `None`, else a local HF checkpoint.
+
+    The tokenizer pads on the left (generation) and gets pad = eos when it has no pad token.
+    Raises ValueError when `model_path` is missing or not a Hugging Face model directory.
+    """
+    if model_path is None:
+        tokenizer = build_char_tokenizer()
+        return build_tiny_model(tokenizer, dtype=dtype, device=device), tokenizer
+    if not os.path.isdir(model_path) or not os.path.isfile(os.path.join(model_path, "config.json")):
+        raise ValueError(
+            f"model path does not exist / is not a Hugging Face model directory "
+            f"(no config.json): {model_path!r}"
+        )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(
+            model_path,
+            local_files_only=True,
+            dtype=dtype,
+            attn_implementation=_attn_implementation(device, dtype),
+        )
+    except (OSError, ValueError, KeyError) as err:
+        raise ValueError(
+            f"model path does not exist / is not a Hugging Face model directory: "
+            f"{model_path!r} ({type(err).__name__}: {err})"
+        ) from err
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return model.to(device), tokenizer
+
+
+def format_prompt(tokenizer: PreTrainedTokenizerBase, question: str) -> str:
+    """The prompt text for `question`: chat template if the tokenizer has one, else plain."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": question}], add_generation_prompt=True, tokenize=False
+        )
+    return PLAIN_TEMPLATE.format(question=question)
+
+
+def eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """Every id that ends a completion: the tokenizer's eos and the model's own eos list
+    (instruct models often stop on a turn-end token that is not the tokenizer's eos)."""
+    ids: list[int] = []
+    for source in (tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None)):
+        for i in source if isinstance(source, (list, tuple)) else [source]:
+            if i is not None and i not in ids:
+                ids.append(int(i))
+    return ids
+
+
+@torch.no_grad()
+def generate_completions(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str],
+    *,
+    num_samples: int = 1,
+    greedy: bool = True,
+    temperature: float = 1.0,
+    max_new_tokens: int = 8,
+    batch_size: int = 64,
+    seed: int = 0,
+) -> list[list[str]]:
+    """Generate `num_samples` completions per prompt; returns one list of strings per prompt.
+
+    A fresh GenerationConfig is passed so that nothing from the checkpoint's own
+    generation_config (its temperature, top-k, top-p, repetition penalty) leaks in:
+    sampling is plain softmax(z / temperature), top_p=1.0, top_k=0. Greedy ignores
+    `num_samples` > 1 only in that every sample is identical. Special tokens are removed.
+    """
+    if not greedy and not temperature > 0:
+        raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
+    eos = eos_token_ids(model, tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+    if greedy:
+        gen = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens)
+    else:
+        gen = GenerationConfig(
+            do_sample=True, temperature=float(temperature), top_p=1.0, top_k=0,
+            max_new_tokens=max_new_tokens,
+        )
+    gen.eos_token_id, gen.pad_token_id = eos, pad
+    gen.bos_token_id = tokenizer.bos_token_id
+    # Greedy samples are identical, so generate once and repeat.
+    per_call = 1 if greedy else num_samples
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    out: list[list[str]] = []
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            step = max(1, batch_size // per_call)
+            for start in range(0, len(prompts), step):
+                chunk = prompts[start : start + step]
+                enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False)
+                enc = {k: v.to(device) for k, v in enc.items()}
+                gen.num_return_sequences = per_call
+                seqs = model.generate(**enc, generation_config=gen)
+                texts = tokenizer.batch_decode(
+                    seqs[:, enc["input_ids"].shape[1] :], skip_special_tokens=True
+                )
+                for i in range(len(chunk)):
+                    group = texts[i * per_call : (i + 1) * per_call]
+                    out.append(group * num_samples if greedy else group)
+    finally:
+        tokenizer.padding_side = padding_side
+        model.train(was_training)
+    return out
+
+
+def _sft_batch(tokenizer, problems: list[Problem], device) -> tuple[torch.Tensor, ...]:
+    # Right-padded prompt + answer + eos; labels are -100 except on answer and eos tokens,
+    # so the model is taught to answer, not to predict the question.
+    rows, labels = [], []
+    for p in problems:
+        prompt = tokenizer.encode(format_prompt(tokenizer, p.question), add_special_tokens=False)
+        target = tokenizer.encode(p.answer, add_special_tokens=False) + [tokenizer.eos_token_id]
+        rows.append(prompt + target)
+        labels.append([-100] * len(prompt) + target)
+    width = max(len(r) for r in rows)
+    pad = tokenizer.pad_token_id
+    ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=device)
+    lab = torch.tensor([r + [-100] * (width - len(r)) for r in labels], device=device)
+    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=device)
+    return ids, mask, lab
+
+
+def answer_accuracy(completions: list[str], problems: list[Problem]) -> float:
+    """Exact-match accuracy of completions (first line, stripped) against gold answers.
+
+    Cheap and exact for the built-in integer task; RL and evaluation use the math-verify
+    reward instead."""
+    if not problems:
+        return 0.0
+    hits = sum(c.strip().split("\n")[0].strip() == p.answer.strip() for c, p in zip(completions, problems))
+    return hits / len(problems)
+
+
+def warm_start(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    problems: list[Problem],
+    *,
+    steps: int,
+    lr: float,
+    batch_size: int,
+    seed: int,
+    log: Callable[[str], None] = print,
+    eval_problems: list[Problem] | None = None,
+    log_every: int = 100,
+) -> dict:
+    """Supervised fine-tuning on `prompt + answer + eos`; returns the final metrics.
+
+    AdamW with linear warm-up (5% of steps) and cosine decay to 10% of `lr`, grad-norm
+    clip 1.0. Evaluation uses `eval_problems`, or else holds out the last
+    min(64, len//10) of `problems` (never trained on). Returns
+    {"loss", "token_accuracy", "greedy_accuracy", "sampled_accuracy", "steps", "seconds"};
+    sampled accuracy is one sample per problem at temperature 1.0.
+    """
+    if steps < 0 or batch_size < 1 or not lr > 0:
+        raise ValueError(f"need steps >= 0, batch_size >= 1, lr > 0; got {steps}, {batch_size}, {lr}")
+    if eval_problems is None:
+        held = min(64, len(problems) // 10)
+        problems, eval_problems = problems[: len(problems) - held], problems[len(problems) - held :]
+    if not problems:
+        raise ValueError("warm_start needs at least one training problem, got none")
+    device = next(model.parameters()).device
+    rng = random.Random(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
+    warmup = max(1, steps // 20)
+
+    def schedule(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, steps - warmup)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+    model.train()
+    start = time.perf_counter()
+    loss_value, tok_acc = float("nan"), float("nan")
+    for step in range(steps):
+        ids, mask, lab = _sft_batch(tokenizer, rng.choices(problems, k=batch_size), device)
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+        target = lab[:, 1:]
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        valid = target != -100
+        loss_value = loss.item()
+        tok_acc = ((logits.argmax(-1) == target) & valid).sum().item() / max(1, valid.sum().item())
+        if log_every and (step + 1) % log_every == 0:
+            log(f"warm_start step {step + 1}/{steps} loss {loss_value:.4f} token_acc {tok_acc:.3f}")
+    seconds = time.perf_counter() - start
+    prompts = [format_prompt(tokenizer, p.question) for p in eval_problems]
+    max_new = max((len(tokenizer.encode(p.answer, add_special_tokens=False)) for p in eval_problems), default=1) + 2
+    greedy = generate_completions(model, tokenizer, prompts, greedy=True, max_new_tokens=max_new, seed=seed)
+    sampled = generate_completions(
+        model, tokenizer, prompts, greedy=False, temperature=1.0, max_new_tokens=max_new, seed=seed
+    )
+    metrics = {
+        "loss": loss_value,
+        "token_accuracy": tok_acc,
+        "greedy_accuracy": answer_accuracy([g[0] for g in greedy], eval_problems),
+        "sampled_accuracy": answer_accuracy([s[0] for s in sampled], eval_problems),
+        "steps": steps,
+        "seconds": seconds,
+    }
+    log("warm_start done: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+    return metrics

@@ -1,0 +1,134 @@
+"""Rollout: sample n completions per prompt with HF `generate`, then pack them for the update.
+
+Determinism. Every prompt's group is generated in its own `generate` call under a torch RNG
+seeded from (seed, step, global prompt index), inside `torch.random.fork_rng` so the trainer's
+own RNG stream is untouched. The samples therefore do not depend on how the step's prompts are
+sharded across ranks, nor on what ran before: a 2-rank run and a 1-rank run at the same global
+batch see the same completions, and a resumed run sees the same ones as an uninterrupted run.
+(The price: one `generate` call per prompt instead of one per batch.)
+
+Sampling is explicit: temperature, top_p = 1, top_k = 0, nothing else. In transformers 5 any
+field left None in the GenerationConfig passed to `generate` is filled from the model's own
+`generation_config` (and then from library defaults, which include top_k = 50), so the model's
+config is swapped for a fresh one during the call and every sampling field is set here.
+
+Masks. A completion ends at its first EOS token (any of the tokenizer's / model's EOS ids),
+which belongs to the response (the policy chose to stop); everything after it is padding. Pad
+may equal EOS, so the mask comes from the first EOS position, never from `!= pad`.
+"""
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from transformers import GenerationConfig
+
+__all__ = ["Batch", "rollout_seed", "eos_ids_of", "response_lengths", "generate_group", "pack"]
+
+
+def rollout_seed(seed, step, prompt_index):
+    """A 63-bit seed from (run seed, step, global prompt index); distinct for distinct triples."""
+    x = (int(seed) * 1_000_003 + int(step)) * 1_000_033 + int(prompt_index)
+    # splitmix64 finaliser: nearby triples give unrelated streams
+    x = (x + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return (x ^ (x >> 31)) & 0x7FFFFFFFFFFFFFFF
+
+
+def eos_ids_of(model, tokenizer):
+    """Every EOS id the tokenizer or the model's generation config declares (sorted, unique)."""
+    ids = set()
+    for source in (tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None)):
+        if source is None:
+            continue
+        ids.update(source if isinstance(source, (list, tuple)) else [source])
+    if not ids:
+        raise ValueError("the tokenizer and model declare no eos_token_id; a completion could never end")
+    return sorted(int(i) for i in ids)
+
+
+def response_lengths(responses, eos_ids):
+    """responses: (B, R) generated ids (after the prompt). Returns (B,) long: tokens up to and
+    including the first EOS, or R when a row never emitted one (truncated)."""
+    is_eos = torch.isin(responses, torch.as_tensor(eos_ids, device=responses.device))
+    R = responses.shape[1]
+    pos = torch.arange(R, device=responses.device).expand_as(responses)
+    first = torch.where(is_eos, pos, torch.full_like(pos, R)).min(dim=1).values
+    return torch.where(first < R, first + 1, first)
+
+
+def _generation_config(cfg, eos_ids, pad_id):
+    return GenerationConfig(
+        do_sample=True, temperature=float(cfg.temperature), top_p=float(cfg.top_p), top_k=int(cfg.top_k),
+        min_p=None, typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0, repetition_penalty=1.0,
+        no_repeat_ngram_size=0, num_beams=1, max_new_tokens=int(cfg.max_new_tokens), min_new_tokens=0,
+        eos_token_id=list(eos_ids), pad_token_id=int(pad_id), use_cache=True,
+        return_dict_in_generate=False, output_scores=False,
+    )
+
+
+@contextlib.contextmanager
+def _fresh_generation_config(model):
+    saved = model.generation_config
+    model.generation_config = GenerationConfig()
+    try:
+        yield
+    finally:
+        model.generation_config = saved
+
+
+@torch.no_grad()
+def generate_group(model, prompt_ids, n, cfg, *, eos_ids, pad_id, seed):
+    """Sample n completions of one prompt. prompt_ids: list[int]. Returns a list of n lists
+    of response ids, each cut after its first EOS."""
+    device = next(model.parameters()).device
+    inp = torch.tensor([prompt_ids] * n, dtype=torch.long, device=device)
+    gen_cfg = _generation_config(cfg, eos_ids, pad_id)
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), _fresh_generation_config(model):
+        torch.manual_seed(seed)
+        out = model.generate(input_ids=inp, attention_mask=torch.ones_like(inp), generation_config=gen_cfg)
+    responses = out[:, inp.shape[1]:]
+    lengths = response_lengths(responses, eos_ids).tolist()
+    return [responses[i, : lengths[i]].tolist() for i in range(n)]
+
+
+@dataclass
+class Batch:
+    """Sequences packed for teacher-forced scoring, right-padded (prompts start at position 0).
+
+    input_ids (B, L); attention_mask (B, L); labels (B, L-1) = input_ids[:, 1:] with -100 off
+    the response; loss_mask (B, L-1) float, 1 on response tokens (up to and including EOS).
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+    loss_mask: torch.Tensor
+
+    def slice(self, idx):
+        return Batch(self.input_ids[idx], self.attention_mask[idx], self.labels[idx], self.loss_mask[idx])
+
+    def to(self, device):
+        return Batch(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.labels, self.loss_mask)))
+
+
+def pack(prompts, responses, pad_id):
+    """prompts, responses: lists (same length) of id lists. Returns a Batch."""
+    assert len(prompts) == len(responses) and prompts
+    total = [len(p) + len(r) for p, r in zip(prompts, responses)]
+    L = max(max(total), 2)
+    B = len(prompts)
+    input_ids = torch.full((B, L), int(pad_id), dtype=torch.long)
+    attention = torch.zeros((B, L), dtype=torch.long)
+    resp = torch.zeros((B, L), dtype=torch.bool)
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        seq = list(p) + list(r)
+        input_ids[i, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        attention[i, : len(seq)] = 1
+        resp[i, len(p): len(seq)] = True
+    # position t of the logits predicts token t + 1
+    target_is_resp = resp[:, 1:]
+    labels = torch.where(target_is_resp, input_ids[:, 1:], torch.full_like(input_ids[:, 1:], -100))
+    return Batch(input_ids, attention, labels, target_is_resp.float())

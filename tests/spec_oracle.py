@@ -1,0 +1,81 @@
+"""SPEC sections 1-2 evaluated literally in float64: the ground truth for every backend.
+
+Independent of lpreg's code on purpose: probabilities are materialised, the kept set is
+the table of SPEC section 1, and gradients are the closed forms of SPEC section 2.
+"""
+
+import math
+
+import torch
+
+
+def spec_token_stats(logits, labels, *, temperature=1.0, mode="min_p", threshold=0.02,
+                     proxy_logits=None, ignore_index=-100):
+    """Returns dict of float64 (N,) tensors plus p, q, log p for the gradient; rows flattened."""
+    V = logits.shape[-1]
+    x = logits.detach().reshape(-1, V).double() / temperature
+    y = x if proxy_logits is None else proxy_logits.detach().reshape(-1, V).double() / temperature
+    lse = torch.logsumexp(x, -1)
+    logp = x - lse[:, None]
+    p = logp.exp()
+    entropy = -torch.where(p > 0, p * logp, torch.zeros_like(p)).sum(-1)
+    ymax = y.amax(-1, keepdim=True)
+    if mode == "min_p":
+        kept = y >= ymax + math.log(threshold)
+    else:
+        kept = y >= torch.logsumexp(y, -1, keepdim=True) + math.log(threshold)
+        first_argmax = torch.zeros_like(kept).scatter_(-1, y.argmax(-1, keepdim=True), True)
+        kept = torch.where(kept.any(-1, keepdim=True), kept, first_argmax)
+    lse_kept = torch.logsumexp(torch.where(kept, y, torch.full_like(y, -math.inf)), -1)
+    logq = torch.where(kept, y - lse_kept[:, None], torch.full_like(y, -math.inf))
+    q = logq.exp()
+    kl = torch.where(kept, q * (logq - logp), torch.zeros_like(q)).sum(-1)
+    out = {"kl": kl, "entropy": entropy, "p": p, "q": q, "logp_all": logp, "kept": kept}
+    if labels is not None:
+        lab = labels.reshape(-1)
+        valid = lab != ignore_index
+        safe = torch.where(valid, lab, torch.zeros_like(lab)).long()[:, None]
+        out["logp"] = torch.where(valid, logp.gather(-1, safe)[:, 0], 0.0)
+        out["proxy_logp"] = torch.where(valid, logq.gather(-1, safe)[:, 0], 0.0)
+        for k in ("kl", "entropy"):
+            out[k] = torch.where(valid, out[k], 0.0)
+        out["valid"] = valid
+        out["onehot"] = torch.zeros_like(p).scatter_(-1, safe, 1.0)
+    return out
+
+
+def spec_grad(ref, g_logp=None, g_kl=None, g_entropy=None, *, temperature=1.0):
+    """SPEC section 2: grad_z = (g_logp (e_y - p) + g_kl (p - q) - g_H p (log p + H)) / T."""
+    p, q = ref["p"], ref["q"]
+    grad = torch.zeros_like(p)
+    if g_logp is not None:
+        grad += g_logp.reshape(-1, 1).double() * (ref["onehot"] - p)
+    if g_kl is not None:
+        grad += g_kl.reshape(-1, 1).double() * (p - q)
+    if g_entropy is not None:
+        plogp = torch.where(p > 0, p * (ref["logp_all"] + ref["entropy"][:, None]), torch.zeros_like(p))
+        grad -= g_entropy.reshape(-1, 1).double() * plogp
+    if "valid" in ref:
+        grad = torch.where(ref["valid"][:, None], grad, 0.0)
+    return grad / temperature
+
+
+def make_logits(rows, V, *, seed=0, neg_inf=True):
+    """Rows that exercise the filter: peaked (a few dominant tokens + a low tail), flat,
+    and plain random; with some -inf (masked vocabulary) entries when V allows."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, V, generator=g)
+    for r in range(rows):
+        kind = r % 3
+        if kind == 0:  # peaked: 1-4 tokens well above a noise floor
+            k = min(V, 1 + r % 4)
+            idx = torch.randperm(V, generator=g)[:k]
+            x[r, idx] += torch.linspace(8.0, 5.0, k)
+        elif kind == 1:  # flat: tiny spread, many tokens near the max
+            x[r] *= 0.05
+    if neg_inf and V >= 7:
+        mask = torch.rand(rows, V, generator=g) < 0.1
+        mask[:, 0] = False  # keep at least one finite entry per row
+        x = x.masked_fill(mask, -math.inf)
+        x[:, 0] = x[:, 0].clamp(min=-1.0)
+    return x

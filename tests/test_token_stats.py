@@ -1,0 +1,233 @@
+"""lpreg_token_stats / lpreg_kl against a float64 evaluation of SPEC, on every backend here.
+
+The Triton kernels run on CPU tensors through TRITON_INTERPRET=1 (set in conftest.py), on
+small shapes; the torch and compiled-CPU backends also take the large vocabularies.
+"""
+
+import math
+
+import pytest
+import torch
+
+import lpreg
+from lpreg import _backends
+from spec_oracle import make_logits, spec_grad, spec_token_stats
+
+BACKENDS = ["torch", "triton"] + (["cpu"] if _backends.native_available("cpu") else [])
+# The interpreter executes Triton programs in numpy: keep its rows short.
+TRITON_MAX_V = 1000
+OUTPUTS = ("logp", "proxy_logp", "kl", "entropy")
+
+
+def _upstream(shape, seed):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(shape, generator=g) * 2 + 0.5 for _ in range(3)]
+
+
+def _eager_in_dtype(logits, labels, temperature, mode, threshold):
+    """What a user writes today, evaluated in the input dtype: the error budget for low precision."""
+    x = logits / temperature
+    logp = torch.log_softmax(x, -1)
+    p = logp.exp()
+    if mode == "min_p":
+        kept = p >= threshold * p.amax(-1, keepdim=True)
+    else:
+        kept = p >= threshold
+    logq = torch.log_softmax(x.masked_fill(~kept, -math.inf), -1)
+    # masks go on the log terms (not the products) so -inf entries give finite gradients
+    kl = (logq.exp() * torch.where(kept, logq - logp, 0)).sum(-1)
+    entropy = -(p * torch.where(p > 0, logp, 0)).sum(-1)
+    return {"logp": logp.gather(-1, labels[..., None])[..., 0], "kl": kl, "entropy": entropy}
+
+
+def _check_against_spec(backend, V, dtype, mode, temperature, rows=5, seed=0, proxy=False, threshold=None):
+    threshold = threshold or (0.02 if mode == "min_p" else 0.01)
+    x32 = make_logits(rows, V, seed=seed)
+    logits = x32.to(dtype).reshape(1, rows, V).requires_grad_()
+    g = torch.Generator().manual_seed(seed + 1)
+    labels = torch.randint(0, V, (1, rows), generator=g)
+    if rows > 1:
+        labels[0, 1] = -100  # an ignored position
+    proxy_logits = make_logits(rows, V, seed=seed + 7).to(dtype).reshape(1, rows, V) if proxy else None
+    kw = dict(temperature=temperature, mode=mode, threshold=threshold, proxy_logits=proxy_logits)
+
+    out = lpreg.lpreg_token_stats(logits, labels, backend=backend, **kw)
+    ref = spec_token_stats(logits, labels, **kw)
+    for name in OUTPUTS:
+        got = getattr(out, name)
+        assert got.dtype == torch.float32 and got.shape == labels.shape, name
+        torch.testing.assert_close(got.reshape(-1).double(), ref[name], rtol=1e-5, atol=1e-5, msg=name)
+
+    g_logp, g_kl, g_h = _upstream(labels.shape, seed + 2)
+    (grad,) = torch.autograd.grad((out.logp * g_logp + out.kl * g_kl + out.entropy * g_h).sum(), logits)
+    want = spec_grad(ref, g_logp, g_kl, g_h, temperature=temperature)
+    assert grad.dtype == dtype
+    err = (grad.reshape(-1, V).double() - want).abs().max().item()
+    if dtype == torch.float32:
+        assert err <= 1e-6 + 1e-5 * want.abs().max().item(), err
+    else:
+        # The kernels read the low-precision logits exactly and round only the gradient;
+        # eager PyTorch in the same dtype rounds every intermediate. Allow twice its error.
+        xe = logits.detach().reshape(-1, V).clone().requires_grad_()
+        eager = _eager_in_dtype(xe, labels.reshape(-1).clamp(min=0), temperature, mode, threshold)
+        valid = (labels.reshape(-1) != -100).to(dtype)
+        loss = (eager["logp"] * g_logp.reshape(-1).to(dtype) + eager["kl"] * g_kl.reshape(-1).to(dtype)
+                + eager["entropy"] * g_h.reshape(-1).to(dtype)) * valid
+        (eager_grad,) = torch.autograd.grad(loss.sum(), xe)
+        eager_err = (eager_grad.double() - want).abs().max().item()
+        assert err <= 2 * eager_err, (err, eager_err)
+
+
+def _cases(vocabularies):
+    """backend x V, without interpreted Triton on long rows (those run on GPU machines)."""
+    return [(b, V) for b in BACKENDS for V in vocabularies if not (b == "triton" and V > TRITON_MAX_V)]
+
+
+@pytest.mark.parametrize("backend,V", _cases([1, 7, 1000, 32000, 50257, 151936]))
+@pytest.mark.parametrize("mode,temperature", [("min_p", 0.7), ("fixed", 1.3), ("min_p", 1.0)])
+def test_fp32_matches_spec(backend, V, mode, temperature):
+    rows = 5 if V <= 50257 else 2
+    _check_against_spec(backend, V, torch.float32, mode, temperature, rows=rows, seed=V)
+
+
+@pytest.mark.parametrize("backend,V", _cases([7, 1000, 32000]))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("mode", ["min_p", "fixed"])
+def test_low_precision_within_twice_eager_error(backend, dtype, V, mode):
+    _check_against_spec(backend, V, dtype, mode, 0.9, rows=4, seed=3 * V)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", ["min_p", "fixed"])
+def test_dense_proxy_logits_match_spec(backend, mode):
+    _check_against_spec(backend, 300, torch.float32, mode, 0.8, rows=6, seed=11, proxy=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ties_at_the_threshold_are_kept(backend):
+    # log(kappa) = -1.5 exactly in float32 and float64, so z = zmax - 1.5 sits exactly on
+    # the min-p cut: SPEC's ">=" keeps it.
+    kappa = math.exp(-1.5)
+    assert math.log(kappa) == -1.5
+    x = torch.full((3, 8), -6.0)
+    x[:, 0] = 2.0
+    x[:, 1] = 0.5  # exactly at the cut
+    x[:, 2] = 0.49  # just below
+    labels = torch.tensor([1, 2, 0])
+    out = lpreg.lpreg_token_stats(x, labels, mode="min_p", threshold=kappa, backend=backend)
+    ref = spec_token_stats(x, labels, mode="min_p", threshold=kappa)
+    assert ref["kept"][0, 1] and not ref["kept"][0, 2]
+    assert torch.isfinite(out.proxy_logp[0]) and out.proxy_logp[1] == -math.inf
+    for name in OUTPUTS:
+        torch.testing.assert_close(getattr(out, name).double(), ref[name], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_kappa_one_keeps_only_the_maxima(backend):
+    x = torch.tensor([[3.0, 3.0, 1.0, -2.0], [0.0, 5.0, 4.999, 1.0]]).requires_grad_()
+    labels = torch.tensor([1, 2])
+    out = lpreg.lpreg_token_stats(x, labels, mode="min_p", threshold=1.0, backend=backend)
+    ref = spec_token_stats(x, labels, mode="min_p", threshold=1.0)
+    assert ref["kept"].sum().item() == 3  # two tied maxima, then one
+    for name in OUTPUTS:
+        torch.testing.assert_close(getattr(out, name).double(), ref[name], rtol=1e-5, atol=1e-6)
+    assert out.proxy_logp[1] == -math.inf
+    (grad,) = torch.autograd.grad(out.kl.sum(), x)
+    torch.testing.assert_close(grad.double(), spec_grad(ref, g_kl=torch.ones(2)), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fixed_mode_with_no_token_reaching_tau_keeps_the_first_argmax(backend):
+    x = torch.zeros(2, 100)  # every p = 0.01 < tau = 0.05; ties everywhere
+    x[1, 7] = x[1, 9] = 0.01  # two tied maxima: the first one (7) alone is kept
+    labels = torch.tensor([0, 9])
+    out = lpreg.lpreg_token_stats(x, labels, mode="fixed", threshold=0.05, backend=backend)
+    assert out.proxy_logp[0].item() == 0.0  # q = one-hot at index 0
+    assert out.proxy_logp[1].item() == -math.inf
+    torch.testing.assert_close(out.kl[0], torch.tensor(math.log(100.0)), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_row_is_nan_and_other_rows_are_untouched(backend):
+    x = make_logits(4, 50, seed=5)
+    x[1, 17] = float("nan")
+    x[2] = -math.inf
+    labels = torch.tensor([3, 4, 5, 6])
+    out = lpreg.lpreg_token_stats(x.clone().requires_grad_(), labels, backend=backend)
+    ref = spec_token_stats(x, labels)
+    for name in ("logp", "kl", "entropy", "proxy_logp"):
+        v = getattr(out, name)
+        assert torch.isnan(v[1]) and torch.isnan(v[2]), name
+        torch.testing.assert_close(v[[0, 3]].double(), ref[name][[0, 3]], rtol=1e-5, atol=1e-6)
+    xg = x.clone().requires_grad_()
+    out = lpreg.lpreg_token_stats(xg, labels, backend=backend)
+    (grad,) = torch.autograd.grad(out.logp[[0, 3]].sum() + out.kl[1], xg)
+    assert torch.isnan(grad[1]).all() and torch.isfinite(grad[[0, 3]]).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ignored_rows_give_zeros_and_no_gradient(backend):
+    x = make_logits(3, 64, seed=2).requires_grad_()
+    labels = torch.tensor([-100, 5, -100])
+    out = lpreg.lpreg_token_stats(x, labels, backend=backend)
+    for name in OUTPUTS:
+        assert getattr(out, name)[[0, 2]].eq(0).all(), name
+    (grad,) = torch.autograd.grad((out.logp + out.kl + out.entropy).sum(), x)
+    assert grad[[0, 2]].eq(0).all() and grad[1].abs().sum() > 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_batch(backend):
+    x = torch.zeros(0, 3, 10, requires_grad=True)
+    labels = torch.zeros(0, 3, dtype=torch.long)
+    out = lpreg.lpreg_token_stats(x, labels, backend=backend)
+    assert all(getattr(out, n).shape == (0, 3) for n in OUTPUTS)
+    (grad,) = torch.autograd.grad(out.kl.sum() + out.logp.sum(), x)
+    assert grad.shape == x.shape
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_lpreg_kl_reductions_and_gradient(backend):
+    x = make_logits(6, 40, seed=9).reshape(2, 3, 40).requires_grad_()
+    ref = spec_token_stats(x, None, temperature=1.5)
+    kl = lpreg.lpreg_kl(x, temperature=1.5, backend=backend)
+    assert kl.shape == (2, 3)
+    torch.testing.assert_close(kl.reshape(-1).double(), ref["kl"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(lpreg.lpreg_kl(x, temperature=1.5, reduction="sum", backend=backend).double(),
+                               ref["kl"].sum(), rtol=1e-5, atol=1e-5)
+    mean = lpreg.lpreg_kl(x, temperature=1.5, reduction="mean", backend=backend)
+    torch.testing.assert_close(mean.double(), ref["kl"].mean(), rtol=1e-5, atol=1e-6)
+    (grad,) = torch.autograd.grad(mean, x)
+    want = spec_grad(ref, g_kl=torch.full((6,), 1 / 6), temperature=1.5)
+    torch.testing.assert_close(grad.reshape(-1, 40).double(), want, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_logits(backend):
+    base = make_logits(40, 6, seed=4).t()  # (6, 40) with a non-unit vocabulary stride
+    labels = torch.arange(6)
+    out = lpreg.lpreg_token_stats(base, labels, backend=backend)
+    ref = spec_token_stats(base, labels)
+    torch.testing.assert_close(out.logp.double(), ref["logp"], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("which", ["logp", "kl", "entropy"])
+def test_each_upstream_gradient_alone(backend, which):
+    x = make_logits(4, 33, seed=8).requires_grad_()
+    labels = torch.tensor([0, 5, 32, 9])
+    out = lpreg.lpreg_token_stats(x, labels, temperature=0.6, backend=backend)
+    g = torch.tensor([0.3, -2.0, 1.7, 0.0])
+    (grad,) = torch.autograd.grad((getattr(out, which) * g).sum(), x)
+    ref = spec_token_stats(x, labels, temperature=0.6)
+    want = spec_grad(ref, **{f"g_{which}": g}, temperature=0.6)
+    torch.testing.assert_close(grad.double(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_backends_agree_with_each_other():
+    x = make_logits(7, 500, seed=21)
+    labels = torch.randint(0, 500, (7,))
+    outs = [lpreg.lpreg_token_stats(x, labels, mode="fixed", threshold=0.003, backend=b) for b in BACKENDS]
+    for other in outs[1:]:
+        for name in OUTPUTS:
+            torch.testing.assert_close(getattr(other, name), getattr(outs[0], name), rtol=1e-5, atol=1e-6)
