@@ -158,7 +158,7 @@ def _sparse_proxy_bwd_kernel(
         in_k = ks < K
         idx = tl.load(idx_ptr + row * idx_row_stride + ks, mask=in_k, other=0)
         q = tl.exp(tl.load(logq_ptr + row * logq_row_stride + ks, mask=in_k, other=float("-inf")).to(tl.float32))
-        upd = in_k & (q > 0) & valid
+        upd = in_k & (q > 0)  # ignored rows have g_kl = 0: the rewrite leaves them at 0
         cur = tl.load(g_row + idx, mask=upd, other=0.0).to(tl.float32)
         tl.store(g_row + idx, (cur - g_kl * q).to(grad_ptr.dtype.element_ty), mask=upd)
 

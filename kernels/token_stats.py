@@ -24,9 +24,11 @@ only -inf, gives NaN outputs and a NaN gradient.
 
 Limits: any V >= 1 (the loop masks the tail; offsets are int64), fp32/bf16/fp16 logits with
 fp32 accumulation, rows of unit stride in the vocabulary dimension.
-Memory traffic: forward reads each row twice (pass 1: max/lse/entropy; pass 2: the kept-set
-sums, which need the final max), and the second read is served from L2 for rows of ordinary
-size; backward reads each row once and writes the gradient once.
+Memory traffic: forward reads each row once (pass 1: max/lse/entropy and every block's max),
+then re-reads only the blocks that can hold a kept token (pass 2: the kept-set sums, which
+need the final max and cutoff): one block or two for a peaked row, all of them only for a
+row that is flat within log(1/kappa). Backward reads each row once and writes the gradient
+once. Compulsory traffic is therefore about 3 N V elements for forward + backward.
 """
 
 import triton
@@ -42,7 +44,7 @@ def _token_stats_fwd_kernel(
     V, logits_row_stride, proxy_row_stride,  # shapes / strides
     inv_temperature, log_threshold, ignore_index,  # scalars: fp32, fp32, int
     HAS_PROXY: tl.constexpr, HAS_LABELS: tl.constexpr, FIXED: tl.constexpr,  # features
-    BLOCK_V: tl.constexpr,  # tile
+    BLOCK_V: tl.constexpr, MAX_BLOCKS: tl.constexpr,  # tiles (MAX_BLOCKS >= cdiv(V, BLOCK_V))
 ):
     row = tl.program_id(0).to(tl.int64)
     x_row = logits_ptr + row * logits_row_stride
@@ -68,22 +70,26 @@ def _token_stats_fwd_kernel(
     cutoff = 0.0
     argmax_y = -1  # only "fixed" mode needs it; in "min_p" the argmax is always kept anyway
     if valid:
-        # ---- pass 1: online max, sum e^(x-m), entropy moment t, NaN count; proxy max/sum/argmax
+        # ---- pass 1: online max m, s = sum e^(x-m), entropy moment t = sum e^(x-m)(x-m);
+        # the proxy's max (and, for "fixed", its sum and first argmax); every block's proxy max
         m = tl.full((), neg_inf, tl.float32)
         s = tl.zeros((), tl.float32)
         t = tl.zeros((), tl.float32)
-        n_nan = tl.zeros((), tl.int32)
         my = tl.full((), neg_inf, tl.float32)
         sy = tl.zeros((), tl.float32)
-        for start in range(0, V, BLOCK_V):
-            cols = start + cols0
+        y_nan = tl.zeros((), tl.int32)
+        block_ids = tl.arange(0, MAX_BLOCKS)
+        block_ymax = tl.full((MAX_BLOCKS,), neg_inf, tl.float32)
+        n_blocks = tl.cdiv(V, BLOCK_V)
+        for b in range(0, n_blocks):
+            cols = b * BLOCK_V + cols0
             in_row = cols < V
             x = tl.load(x_row + cols, mask=in_row, other=neg_inf).to(tl.float32) * inv_temperature
-            n_nan += tl.sum((x != x).to(tl.int32), 0)
-            m_new = tl.maximum(m, tl.max(x, 0))
+            bx = tl.max(x, 0)
+            m_new = tl.maximum(m, bx)
             m_ref = tl.where(m_new == neg_inf, 0.0, m_new)
             d = x - m_ref
-            e = tl.exp(d)
+            e = tl.exp(d)  # a NaN anywhere in the row makes s NaN: that is the NaN test
             # rescale the running sums to the new max: t' = e^(m-m')(t + s(m-m'))
             scale = tl.exp(m - m_ref)
             t = scale * (t + tl.where(s > 0, s * (m - m_ref), 0.0)) + tl.sum(tl.where(e > 0, e * d, 0.0), 0)
@@ -91,57 +97,57 @@ def _token_stats_fwd_kernel(
             m = m_new
             if HAS_PROXY:
                 y = tl.load(y_row + cols, mask=in_row, other=neg_inf).to(tl.float32) * inv_temperature
-                n_nan += tl.sum((y != y).to(tl.int32), 0)
-                block_max = tl.max(y, 0)
-                if FIXED:
-                    block_arg = tl.argmax(y, 0, tie_break_left=True) + start
-                    argmax_y = tl.where(block_max > my, block_arg, argmax_y)
-                my_new = tl.maximum(my, block_max)
-                my_ref = tl.where(my_new == neg_inf, 0.0, my_new)
-                sy = sy * tl.exp(my - my_ref) + tl.sum(tl.exp(y - my_ref), 0)
-                my = my_new
+                y_nan += tl.sum((y != y).to(tl.int32), 0)
+                by = tl.max(y, 0)
             else:
-                if FIXED:
-                    block_max = tl.max(x, 0)
-                    block_arg = tl.argmax(x, 0, tie_break_left=True) + start
-                    argmax_y = tl.where(block_max > my, block_arg, argmax_y)
-                    my = tl.maximum(my, block_max)
+                y = x
+                by = bx
+            if FIXED:
+                block_arg = tl.argmax(y, 0, tie_break_left=True) + b * BLOCK_V
+                argmax_y = tl.where(by > my, block_arg, argmax_y)
+                if HAS_PROXY:
+                    my_ref = tl.where(tl.maximum(my, by) == neg_inf, 0.0, tl.maximum(my, by))
+                    sy = sy * tl.exp(my - my_ref) + tl.sum(tl.exp(y - my_ref), 0)
+            my = tl.maximum(my, by)
+            block_ymax = tl.where(block_ids == b, by, block_ymax)
         if not HAS_PROXY:
-            my = m
             sy = s
-        bad = (n_nan > 0) | (m == neg_inf) | (my == neg_inf)
+        bad = (s != s) | (y_nan > 0) | (m == neg_inf) | (my == neg_inf)
         lse = m + tl.log(s)
         entropy = tl.log(s) - t / s
-        lse_y = my + tl.log(sy)
         if FIXED:
-            cutoff = lse_y + log_threshold
+            cutoff = my + tl.log(sy) + log_threshold
             # no token reaches tau: K = {first argmax} alone
             cutoff = tl.where(my < cutoff, float("inf"), cutoff)
         else:
             cutoff = my + log_threshold
         my_ref = tl.where(bad, 0.0, my)
 
-        # ---- pass 2: kept-set sums relative to the proxy max
+        # ---- pass 2: kept-set sums relative to the proxy max, re-reading only the blocks
+        # that can hold a kept token (block max >= cutoff, or the argmax's block): a peaked
+        # row re-reads one or two blocks, so the forward costs about one read of the logits.
+        argmax_block = tl.where(argmax_y >= 0, argmax_y // BLOCK_V, -1)
         kept_sum = tl.zeros((), tl.float32)
-        drop_sum = tl.zeros((), tl.float32)
         cross = tl.zeros((), tl.float32)  # sum_K e^(y-my) (y - x), only with a separate proxy
-        for start in range(0, V, BLOCK_V):
-            cols = start + cols0
-            in_row = cols < V
-            y = tl.load(y_row + cols, mask=in_row, other=neg_inf).to(tl.float32) * inv_temperature
-            kept = ((y >= cutoff) | (cols == argmax_y)) & in_row
-            e = tl.exp(y - my_ref)
-            kept_sum += tl.sum(tl.where(kept, e, 0.0), 0)
-            if HAS_PROXY:
-                x = tl.load(x_row + cols, mask=in_row, other=neg_inf).to(tl.float32) * inv_temperature
-                cross += tl.sum(tl.where(kept, e * (y - x), 0.0), 0)
-            else:
-                drop_sum += tl.sum(tl.where(kept, 0.0, e), 0)
+        for b in range(0, n_blocks):
+            block_max = tl.max(tl.where(block_ids == b, block_ymax, neg_inf), 0)
+            if (block_max >= cutoff) | (b == argmax_block):
+                cols = b * BLOCK_V + cols0
+                in_row = cols < V
+                y = tl.load(y_row + cols, mask=in_row, other=neg_inf).to(tl.float32) * inv_temperature
+                kept = ((y >= cutoff) | (cols == argmax_y)) & in_row
+                e = tl.exp(y - my_ref)
+                kept_sum += tl.sum(tl.where(kept, e, 0.0), 0)
+                if HAS_PROXY:
+                    x = tl.load(x_row + cols, mask=in_row, other=neg_inf).to(tl.float32) * inv_temperature
+                    cross += tl.sum(tl.where(kept, e * (y - x), 0.0), 0)
         lse_kept = my + tl.log(kept_sum)
         if HAS_PROXY:
             kl = cross / kept_sum + lse - lse_kept
         else:
-            kl = tl.log(1.0 + drop_sum / kept_sum)
+            # -log(kept mass) = log(s / kept_sum), both relative to the same max; K within
+            # the row, so it is >= 0 up to rounding
+            kl = tl.maximum(tl.log(s / kept_sum), 0.0)
 
         # ---- the sampled token
         if HAS_LABELS:
@@ -210,6 +216,7 @@ def _token_stats_bwd_kernel(
     g_kl = tl.where(valid, g_kl, 0.0) * inv_temperature
     g_entropy = tl.where(valid, g_entropy, 0.0) * inv_temperature
     lse = tl.where(valid, lse, 0.0)
+    inv_kept_mass = tl.exp(lse - tl.where(valid, lse_kept, 0.0))
     cols0 = tl.arange(0, BLOCK_V)
     for start in range(0, V, BLOCK_V):
         cols = start + cols0
@@ -224,10 +231,10 @@ def _token_stats_bwd_kernel(
             if HAS_PROXY:
                 y = tl.load(proxy_ptr + row * proxy_row_stride + cols, mask=in_row, other=float("-inf"))
                 y = y.to(tl.float32) * inv_temperature
+                q = tl.where((y >= cutoff) | (cols == argmax_y), tl.exp(y - lse_kept), 0.0)
             else:
-                y = x
-            kept = (y >= cutoff) | (cols == argmax_y)
-            q = tl.where(kept, tl.exp(y - lse_kept), 0.0)
+                # on-policy q = p / m on K, with 1/m = e^(lse - lse_K): no second exp
+                q = tl.where((x >= cutoff) | (cols == argmax_y), p * inv_kept_mass, 0.0)
             grad += g_kl * (p - q)
         if HAS_G_ENTROPY:
             # p log p -> 0 where p = 0 (x = -inf); NaN rows stay NaN through H
@@ -261,7 +268,7 @@ def token_stats_forward(logits, labels, proxy, inv_temperature, fixed, log_thres
         V, logits.stride(0), proxy.stride(0) if proxy is not None else 0,
         float(inv_temperature), float(log_threshold), int(ignore_index),
         HAS_PROXY=proxy is not None, HAS_LABELS=labels is not None, FIXED=bool(fixed),
-        BLOCK_V=block_v,
+        BLOCK_V=block_v, MAX_BLOCKS=max(16, triton.next_power_of_2(triton.cdiv(V, block_v))),
         num_warps=8 if block_v >= 2048 else 4,
     )
     return out[0], out[1], out[2], out[3], row_stats

@@ -40,7 +40,8 @@ def _eager_in_dtype(logits, labels, temperature, mode, threshold):
     return {"logp": logp.gather(-1, labels[..., None])[..., 0], "kl": kl, "entropy": entropy}
 
 
-def _check_against_spec(backend, V, dtype, mode, temperature, rows=5, seed=0, proxy=False, threshold=None):
+def _check_against_spec(backend, V, dtype, mode, temperature, rows=5, seed=0, proxy=False, threshold=None,
+                        device="cpu"):
     threshold = threshold or (0.02 if mode == "min_p" else 0.01)
     x32 = make_logits(rows, V, seed=seed)
     logits = x32.to(dtype).reshape(1, rows, V).requires_grad_()
@@ -51,7 +52,9 @@ def _check_against_spec(backend, V, dtype, mode, temperature, rows=5, seed=0, pr
     proxy_logits = make_logits(rows, V, seed=seed + 7).to(dtype).reshape(1, rows, V) if proxy else None
     kw = dict(temperature=temperature, mode=mode, threshold=threshold, proxy_logits=proxy_logits)
 
-    out = lpreg.lpreg_token_stats(logits, labels, backend=backend, **kw)
+    dev_kw = dict(kw, proxy_logits=None if proxy_logits is None else proxy_logits.to(device))
+    out = lpreg.lpreg_token_stats(logits.to(device), labels.to(device), backend=backend, **dev_kw)
+    out = type(out)(*(o.cpu() for o in out))
     ref = spec_token_stats(logits, labels, **kw)
     for name in OUTPUTS:
         got = getattr(out, name)
@@ -95,6 +98,17 @@ def test_fp32_matches_spec(backend, V, mode, temperature):
 @pytest.mark.parametrize("mode", ["min_p", "fixed"])
 def test_low_precision_within_twice_eager_error(backend, dtype, V, mode):
     _check_against_spec(backend, V, dtype, mode, 0.9, rows=4, seed=3 * V)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("V", [7, 32000, 151936])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("mode,proxy", [("min_p", False), ("fixed", False), ("min_p", True)])
+def test_cuda_backends_match_spec(backend, V, dtype, mode, proxy):
+    if not _backends.native_available("cuda") and backend == "cuda":
+        pytest.fail("the CUDA extension was not built on this CUDA machine")
+    _check_against_spec(backend, V, dtype, mode, 0.9, rows=7, seed=V, proxy=proxy, device="cuda")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -231,3 +245,30 @@ def test_backends_agree_with_each_other():
     for other in outs[1:]:
         for name in OUTPUTS:
             torch.testing.assert_close(getattr(other, name), getattr(outs[0], name), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode,threshold", [("min_p", 0.02), ("fixed", 0.01), ("fixed", 0.5)])
+@pytest.mark.parametrize("proxy", [False, True])
+def test_rows_spanning_several_blocks(backend, mode, threshold, proxy):
+    # V > the CPU block (1024): the kept set sits in some blocks and not others, so the
+    # forward's block skipping in pass 2 and the tail mask are both exercised.
+    V, rows = 2500, 6
+    x = make_logits(rows, V, seed=31)
+    x[0, 2400] += 12.0  # dominant token in the last (partial) block
+    x[3, 1100] += 9.0
+    x[3, 10] += 8.5  # kept tokens in two different blocks
+    x[4] = 0.0
+    x[4, 1500] = 0.001  # flat row: every block is kept ("fixed" 0.5 keeps only the argmax)
+    logits = x.requires_grad_()
+    labels = torch.tensor([2400, 1100, 7, 10, 1500, 2499])
+    kw = dict(mode=mode, threshold=threshold, temperature=1.1,
+              proxy_logits=make_logits(rows, V, seed=32) if proxy else None)
+    out = lpreg.lpreg_token_stats(logits, labels, backend=backend, **kw)
+    ref = spec_token_stats(logits, labels, **kw)
+    for name in OUTPUTS:
+        torch.testing.assert_close(getattr(out, name).double(), ref[name], rtol=1e-5, atol=1e-5, msg=name)
+    g = torch.randn(3, rows)
+    (grad,) = torch.autograd.grad((out.logp * g[0] + out.kl * g[1] + out.entropy * g[2]).sum(), logits)
+    want = spec_grad(ref, g[0], g[1], g[2], temperature=1.1)
+    torch.testing.assert_close(grad.double(), want, rtol=1e-5, atol=1e-6)
