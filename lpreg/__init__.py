@@ -14,12 +14,10 @@ __version__ = "0.1.0"
 
 __all__ = ["TokenStats", "lpreg_kl", "lpreg_token_stats", "reference", "__version__"]
 
+from .fused_linear import fused_linear_policy_loss
 from .policy_loss import lpreg_policy_loss
 from .selection import SelectionThreshold, selection_threshold
 from .sparse_proxy import SparseProxy, build_proxy, sparse_proxy_stats
 
-__all__ += ["lpreg_policy_loss", "SelectionThreshold", "selection_threshold", "SparseProxy", "build_proxy",
-            "sparse_proxy_stats"]
-from .fused_linear import fused_linear_policy_loss
-
-__all__ += ["fused_linear_policy_loss"]
+__all__ += ["lpreg_policy_loss", "fused_linear_policy_loss", "SelectionThreshold", "selection_threshold",
+            "SparseProxy", "build_proxy", "sparse_proxy_stats"]

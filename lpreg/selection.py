@@ -55,7 +55,7 @@ class SelectionThreshold(NamedTuple):
     v < logp, or v == logp and g <= position (the first ties in position order).
     """
 
-    logp: Tensor  # 0-d fp32: the k-th smallest old log-prob of the step (+inf: nothing valid)
+    logp: Tensor  # 0-d fp32: the k-th smallest old log-prob of the step (-inf: nothing valid)
     position: Tensor  # 0-d int64: global position of that k-th token (-1: nothing valid)
     offset: int  # global position of this micro-batch's first token
     k: int  # size of the step-wide set, max(1, floor(rho * n_valid)); 0 when n_valid = 0
@@ -179,7 +179,7 @@ def selection_threshold(
         offsets.append(off)
         off += o.numel()
     if n_valid == 0:
-        empty = (torch.tensor(float("inf"), device=dev), torch.tensor(-1, device=dev))
+        empty = (torch.tensor(float("-inf"), device=dev), torch.tensor(-1, device=dev))  # selects nothing
         out = [SelectionThreshold(*empty, offset=o, k=0, n_valid=0) for o in offsets]
     else:
         k = bottom_k_count(n_valid, float(rho))

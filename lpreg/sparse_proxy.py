@@ -74,7 +74,8 @@ def build_proxy(logits: Tensor, *, temperature: float = 1.0, mode: str = "min_p"
         lse_cap = torch.logsumexp(vals, -1)
         logq[a:b, :kk] = vals - lse_cap[:, None]  # -inf stays -inf for non-kept entries
         idx[a:b, :kk] = top.to(torch.int32)
-        cov[a:b] = torch.exp(lse_cap - lse_kept)
+        # every kept entry captured: exactly 1 (the two sums differ only in summation order)
+        cov[a:b] = torch.where(kept.sum(-1) <= kk, torch.ones_like(lse_cap), torch.exp(lse_cap - lse_kept))
         bad = torch.isnan(y).any(-1) | torch.isneginf(y).all(-1)
         logq[a:b] = torch.where(bad[:, None], torch.full_like(logq[a:b], float("nan")), logq[a:b])
         cov[a:b] = torch.where(bad, torch.full_like(cov[a:b], float("nan")), cov[a:b])

@@ -40,6 +40,7 @@ import dataclasses
 import json
 import os
 import random
+import re
 import signal
 import sys
 import time
@@ -75,17 +76,32 @@ def build_policy(cfg, device):
     return load_policy(cfg.model, dtype=DTYPES[cfg.dtype], device=device)
 
 
+def _small(problem, max_operand):
+    # built-in questions read "a+b=?" / "a-b=?"
+    a, b = re.findall(r"\d+", problem.question)[:2]
+    return int(a) <= max_operand and int(b) <= max_operand
+
+
+def builtin_problems(n, seed, split, max_operand):
+    """`n` problems of the built-in task's split (fewer if the operand filter leaves fewer)."""
+    from lpreg.trainer.tasks import arithmetic_problems, split_size
+
+    pool = arithmetic_problems(split_size(split), seed, split)
+    return [p for p in pool if _small(p, max_operand)][:n]
+
+
 def load_task(cfg):
     """The training problems: --data (jsonl / parquet) or the built-in arithmetic task."""
     if cfg.data is None:
-        from lpreg.trainer.tasks import arithmetic_problems
-
-        return arithmetic_problems(cfg.n_problems, cfg.seed, "train"), 0
+        return builtin_problems(cfg.n_problems, cfg.seed, "train", cfg.max_operand), 0
     from lpreg.trainer.data import load_problems
 
     if not os.path.isfile(cfg.data):
         raise ValueError(f"--data must be a .jsonl or .parquet file; {cfg.data!r} does not exist")
-    problems, skipped = load_problems(cfg.data)
+    try:
+        problems, skipped = load_problems(cfg.data)
+    except ValueError as err:
+        raise ValueError(f"--data {cfg.data!r}: {err}") from err
     if not problems:
         raise ValueError(f"--data {cfg.data!r} has no usable rows ({skipped} rows skipped)")
     return problems, skipped
@@ -141,10 +157,15 @@ def train(cfg):
     from lpreg.trainer.model import format_prompt, warm_start
     from lpreg.trainer.reward import RewardWorker
 
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # save_pretrained's per-checkpoint bar would drown the log
     acc = Accelerator()
     world, rank = acc.num_processes, acc.process_index
     if cfg.prompts_per_step % world:
         raise ValueError(f"--prompts-per-step ({cfg.prompts_per_step}) must be divisible by the {world} processes")
+    if cfg.torch_threads > 0:
+        torch.set_num_threads(cfg.torch_threads)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
@@ -152,8 +173,8 @@ def train(cfg):
     log = acc.print
 
     # --- set-up: policy, task, warm start or resume -------------------------------------------
-    model, tok = build_policy(cfg, acc.device)
     problems, n_skipped = load_task(cfg)
+    model, tok = build_policy(cfg, acc.device)
     log(f"lpreg-train: {len(problems)} problems ({n_skipped} rows skipped), loss={cfg.loss}, "
         f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {world} process(es)")
     resume_dir = ckpt.resolve_resume(cfg.resume, cfg.output_dir)
@@ -163,9 +184,9 @@ def train(cfg):
         load_weights(model, model_dir)
         log(f"resumed from {resume_dir} (step {state['step']})")
     elif cfg.warmup_steps > 0:
-        from lpreg.trainer.tasks import arithmetic_problems
-
-        held_out = arithmetic_problems(64, cfg.seed + 1, "test") if cfg.data is None else None
+        n_eval = cfg.warmup_eval_problems
+        held_out = builtin_problems(n_eval, cfg.seed + 1, "test", cfg.max_operand) if cfg.data is None \
+            else problems[-n_eval:]
         ws = warm_start(model, tok, problems, steps=cfg.warmup_steps, lr=cfg.warmup_lr,
                         batch_size=cfg.warmup_batch_size, seed=cfg.seed, log=log, eval_problems=held_out)
         if acc.is_main_process:
@@ -198,7 +219,7 @@ def train(cfg):
     P, n = cfg.prompts_per_step, cfg.samples_per_prompt
     per_rank = P // world
     bar = progress_bar(cfg.steps, start_step, cfg.progress and acc.is_main_process)
-    reward_worker = RewardWorker(timeout_s=cfg.reward_timeout_s)
+    reward_worker = RewardWorker(timeout_s=cfg.reward_timeout_s)  # closed in the finally below
 
     try:
         for step in range(start_step, cfg.steps):

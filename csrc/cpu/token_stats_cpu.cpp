@@ -18,8 +18,10 @@
 // stays in L1; the block is then reduced with at::vec::Vectorized (Sleef exp, 1 ulp).
 // Memory traffic per row: forward reads the logits twice (pass 1: max / sum / entropy
 // moment with a per-block online rescale; pass 2: the kept-set sums, which need the final
-// max and cutoff), backward reads them once and writes the gradient once. Temporaries:
-// two or three 8 KiB buffers per thread; nothing of size N x V.
+// max and cutoff), backward reads them once and writes the gradient once. Work: one exp per
+// element in pass 1 (two with a proxy); pass 2 exponentiates only the candidates that pass 1
+// could not rule out of K (see online_block), a few percent of a peaked row. Temporaries:
+// two or three 8 KiB buffers and V / 2048 floats per thread; nothing of size N x V.
 // Limits: any V >= 1, fp32 / bf16 / fp16 / fp64 storage (fp64 is read as fp32, as the other
 // backends do), rows of unit stride, accumulation in fp32.
 
@@ -35,6 +37,7 @@
 #include <cmath>
 #include <limits>
 #include <type_traits>
+#include <vector>
 
 namespace lpreg::cpu {
 namespace {
@@ -108,34 +111,46 @@ inline float block_max(const float* b, int64_t nv) {
   return hmax(acc);
 }
 
-// Online logsumexp over one block: (m, s[, t]) describe the elements seen so far relative to
-// m; the block moves the reference to m' = max(m, block max), rescaling
+// Online logsumexp over one block: (m, s[, t, d]) describe the elements seen so far relative
+// to m; the block moves the reference to m' = max(m, block max), rescaling
 //   s' = s e^(m-m'),   t' = e^(m-m') (t + s (m-m'))   [t = sum e^(x-m)(x-m), for the entropy]
 // then adds sum e^(x-m') and sum e^(x-m')(x-m') (0 where e = 0: x = -inf gives 0 * -inf).
-template <bool kWithT>
-void online_block(const float* b, int64_t nv, float bmax, float& m, float& s, float& t) {
+// With kDrop it also sums d = sum e^(x-m') over the block's elements below thr = m' + log k.
+// Every later cutoff (max + log kappa, or lse + log tau with lse >= max) is >= thr, so these
+// elements are surely dropped from K, and pass 2 needs an exp only for the candidates >= thr.
+// Returns thr, which pass 2 recomputes nothing of: it reads it back per block.
+template <bool kWithT, bool kDrop>
+float online_block(const float* b, int64_t nv, float bmax, float log_threshold, float& m, float& s, float& t,
+                   float& d) {
   const float m_new = nanmax(m, bmax);
   const float m_ref = (m_new == -kInf) ? 0.f : m_new;
   const float scale = std::exp(m - m_ref);
   if (kWithT) t = scale * (t + (s > 0.f ? s * (m - m_ref) : 0.f));
   s *= scale;
+  if (kDrop) d *= scale;
   m = m_new;
-  const Vec vm(m_ref), zero(0.f);
-  Vec acc_s(0.f), acc_t(0.f);
+  const float thr = m_ref + log_threshold;
+  const Vec vm(m_ref), vthr(thr), zero(0.f);
+  Vec acc_s(0.f), acc_t(0.f), acc_d(0.f);
   for (int64_t i = 0; i < nv; i += kW) {
-    const Vec d = Vec::loadu(b + i) - vm;
-    const Vec e = d.exp();
+    const Vec x = Vec::loadu(b + i);
+    const Vec dx = x - vm;
+    const Vec e = dx.exp();
     acc_s = acc_s + e;
-    if (kWithT) acc_t = acc_t + Vec::blendv(zero, e * d, e > zero);
+    if (kWithT) acc_t = acc_t + Vec::blendv(zero, e * dx, e > zero);
+    if (kDrop) acc_d = acc_d + Vec::blendv(e, zero, x >= vthr);
   }
   s += hsum(acc_s);
   if (kWithT) t += hsum(acc_t);
+  if (kDrop) d += hsum(acc_d);
+  return thr;
 }
 
 template <typename TX, typename TY>
 void fwd_rows(const TokenStatsFwdArgs& a, int64_t begin, int64_t end) {
   alignas(64) float xb[kBlock];
   alignas(64) float yb[kBlock];
+  std::vector<float> thr((a.V + kBlock - 1) / kBlock);  // per block: candidate threshold of pass 2
   const bool has_proxy = a.proxy != nullptr;
   const int64_t V = a.V;
   const float inv_t = a.inv_temperature;
@@ -151,22 +166,25 @@ void fwd_rows(const TokenStatsFwdArgs& a, int64_t begin, int64_t end) {
     const TX* xr = static_cast<const TX*>(a.logits) + row * a.logits_row_stride;
     const TY* yr = has_proxy ? static_cast<const TY*>(a.proxy) + row * a.proxy_row_stride : nullptr;
 
-    // ---- pass 1: online max / sum / entropy moment of x; max / sum / first argmax of y
-    float m = -kInf, s = 0.f, t = 0.f, my = -kInf, sy = 0.f, unused = 0.f;
+    // ---- pass 1: online max / sum / entropy moment of x (and, on-policy, the sum of surely
+    // dropped elements); max / sum of y; first argmax of y; per block the candidate threshold
+    float m = -kInf, s = 0.f, t = 0.f, d = 0.f, my = -kInf, sy = 0.f, unused = 0.f;
     float best = -kInf;  // running max for the first-argmax search ("fixed" only)
     int64_t argmax_y = -1;
-    for (int64_t start = 0; start < V; start += kBlock) {
+    for (int64_t start = 0, blk = 0; start < V; start += kBlock, ++blk) {
       const int64_t n = std::min(kBlock, V - start), nv = round_up(n);
       load_block(xr + start, n, inv_t, xb);
       const float bx = block_max(xb, nv);
-      online_block<true>(xb, nv, bx, m, s, t);
       float by = bx;
       const float* ysrc = xb;
       if (has_proxy) {
+        online_block<true, false>(xb, nv, bx, 0.f, m, s, t, unused);
         load_block(yr + start, n, inv_t, yb);
         by = block_max(yb, nv);
-        online_block<false>(yb, nv, by, my, sy, unused);
+        thr[blk] = online_block<false, false>(yb, nv, by, a.log_threshold, my, sy, unused, unused);
         ysrc = yb;
+      } else {
+        thr[blk] = online_block<true, true>(xb, nv, bx, a.log_threshold, m, s, t, d);
       }
       if (a.fixed && by > best) {  // strict: an earlier block keeps a tie, as the first index
         best = by;
@@ -183,7 +201,7 @@ void fwd_rows(const TokenStatsFwdArgs& a, int64_t begin, int64_t end) {
     const bool bad = !(m > -kInf) || !(my > -kInf);
     const float lse = m + std::log(s);
     const float entropy = std::log(s) - t / s;
-    float cutoff;
+    float cutoff;  // >= every block's thr (fp32 addition is monotone)
     if (a.fixed) {
       cutoff = my + std::log(sy) + a.log_threshold;
       if (my < cutoff) cutoff = kInf;  // no token reaches tau: K = {first argmax}
@@ -192,19 +210,20 @@ void fwd_rows(const TokenStatsFwdArgs& a, int64_t begin, int64_t end) {
     }
     const float my_ref = bad ? 0.f : my;
 
-    // ---- pass 2: kept-set sums relative to max y. The argmax, when it is in K only as the
-    // argmax (cutoff = +inf), is taken out of the vector sums and added alone.
-    float kept_sum = 0.f, drop_sum = 0.f, cross = 0.f;
+    // ---- pass 2: kept-set sums relative to max y, over the candidates y >= thr only (a vector
+    // without one costs a compare). kept = sum_K e^(y-my); with a proxy, cross = sum_K e^(y-my)
+    // (y-x); on-policy, drop = d (pass 1) + the candidates below the cutoff. The argmax, when it
+    // is in K only as the argmax (cutoff = +inf), is taken out of the vector sums and added alone.
+    float kept_sum = 0.f, drop_sum = d, cross = 0.f;
     const Vec vcut(cutoff), vmy(my_ref), zero(0.f);
-    for (int64_t start = 0; start < V; start += kBlock) {
+    constexpr int kNoLane = (1 << kW) - 1;  // zero_mask() of an all-false comparison
+    for (int64_t start = 0, blk = 0; start < V; start += kBlock, ++blk) {
       const int64_t n = std::min(kBlock, V - start), nv = round_up(n);
       float* ybuf = xb;
+      load_block(xr + start, n, inv_t, xb);
       if (has_proxy) {
-        load_block(xr + start, n, inv_t, xb);
         load_block(yr + start, n, inv_t, yb);
         ybuf = yb;
-      } else {
-        load_block(xr + start, n, inv_t, xb);
       }
       float lone_y = 0.f, lone_x = 0.f;
       const bool lone = argmax_y >= start && argmax_y < start + n && !(ybuf[argmax_y - start] >= cutoff);
@@ -213,16 +232,19 @@ void fwd_rows(const TokenStatsFwdArgs& a, int64_t begin, int64_t end) {
         lone_x = xb[argmax_y - start];
         ybuf[argmax_y - start] = -kInf;
       }
+      const Vec vthr(thr[blk]);
       Vec acc_k(0.f), acc_o(0.f);
       for (int64_t i = 0; i < nv; i += kW) {
         const Vec y = Vec::loadu(ybuf + i);
+        const Vec cand = y >= vthr;
+        if (cand.zero_mask() == kNoLane) continue;
         const Vec e = (y - vmy).exp();
-        const Vec kept = y >= vcut;
+        const Vec kept = y >= vcut;  // a subset of cand
         acc_k = acc_k + Vec::blendv(zero, e, kept);
-        if (has_proxy) {  // sum_K e^(y-my) (y - x)
+        if (has_proxy) {
           acc_o = acc_o + Vec::blendv(zero, e * (y - Vec::loadu(xb + i)), kept);
-        } else {  // sum of the dropped e^(y-my)
-          acc_o = acc_o + Vec::blendv(e, zero, kept);
+        } else {
+          acc_o = acc_o + Vec::blendv(Vec::blendv(zero, e, cand), zero, kept);
         }
       }
       kept_sum += hsum(acc_k);

@@ -72,6 +72,9 @@ def select_tokens(name, logp, entropy, adv, cfg, *, generator=None):
 
 def scatter_selection(flat_sel, masks):
     """(n,) bool over valid tokens in order -> list of (B, T) bool, one per mask in `masks`."""
+    total = sum(int((m > 0).sum()) for m in masks)
+    if flat_sel.numel() != total:
+        raise ValueError(f"flat_sel must hold one entry per valid token ({total}), got {flat_sel.numel()}")
     out, start = [], 0
     for m in masks:
         valid = m > 0
@@ -80,7 +83,6 @@ def scatter_selection(flat_sel, masks):
         sel[valid] = flat_sel[start : start + cnt].to(sel.device)
         out.append(sel)
         start += cnt
-    assert start == flat_sel.numel(), (start, flat_sel.numel())
     return out
 
 

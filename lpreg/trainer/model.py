@@ -1,6 +1,6 @@
-"""The policy: a tiny Qwen2-style model or a local Hugging Face checkpoint, prompts, SFT.
+"""The policy: a tiny Llama-style model or a local Hugging Face checkpoint, prompts, SFT.
 
-- `build_tiny_model`: a randomly initialised Qwen2 causal LM sized for CPU runs
+- `build_tiny_model`: a randomly initialised Llama-style causal LM sized for CPU runs
   (128 wide, 4 layers, ~0.8M parameters with the character vocabulary), tied embeddings.
 - `load_policy`: `None` gives the tiny model and the character tokenizer; a path loads a
   local checkpoint (no download is ever attempted: `local_files_only=True`).
@@ -31,14 +31,18 @@ from transformers import (
     GenerationConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
-    Qwen2Config,
-    Qwen2ForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
 )
 
 from .tasks import Problem
 from .tokenizer import build_char_tokenizer
 
 PLAIN_TEMPLATE = "Q: {question}\nA: "
+# The cpu-tiny warm start (used by `python -m lpreg.trainer.sft` and the cpu-tiny preset):
+# measured figures are in the docstring of `warm_start`.
+TINY_MODEL_DEFAULTS = {"hidden_size": 128, "num_layers": 4, "num_heads": 4}
+WARM_START_DEFAULTS = {"steps": 600, "lr": 3e-3, "batch_size": 64}
 
 
 def _attn_implementation(device: str | torch.device, dtype: torch.dtype) -> str:
@@ -60,7 +64,12 @@ def build_tiny_model(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
 ) -> PreTrainedModel:
-    """A randomly initialised Qwen2 causal LM over `tokenizer`'s vocabulary.
+    """A randomly initialised Llama-style causal LM over `tokenizer`'s vocabulary.
+
+    Llama rather than Qwen2 on purpose: transformers 5 maps a "qwen2" checkpoint to its
+    Qwen2 (byte-level BPE) tokenizer class whatever tokenizer_config.json says, which
+    would silently replace the character tokenizer's pipeline on reload; "llama"
+    checkpoints keep the saved tokenizer.json as is.
 
     Special-token ids come from the tokenizer; input and output embeddings are tied.
     Initialisation is deterministic in `seed` and leaves the global RNG state untouched.
@@ -70,7 +79,7 @@ def build_tiny_model(
             f"hidden_size must be divisible by num_heads, got hidden_size={hidden_size}, "
             f"num_heads={num_heads}"
         )
-    config = Qwen2Config(
+    config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,
         intermediate_size=3 * hidden_size,
@@ -79,6 +88,8 @@ def build_tiny_model(
         num_key_value_heads=num_heads,
         max_position_embeddings=max(512, tokenizer.model_max_length if tokenizer.model_max_length < 1e6 else 512),
         tie_word_embeddings=True,
+        attention_bias=False,
+        mlp_bias=False,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
@@ -86,7 +97,7 @@ def build_tiny_model(
     config._attn_implementation = _attn_implementation(device, dtype)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = Qwen2ForCausalLM(config)
+        model = LlamaForCausalLM(config)
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
@@ -261,8 +272,10 @@ def warm_start(
     AdamW with linear warm-up (5% of steps) and cosine decay to 10% of `lr`, grad-norm
     clip 1.0. Evaluation uses `eval_problems`, or else holds out the last
     min(64, len//10) of `problems` (never trained on). Returns
-    {"loss", "token_accuracy", "greedy_accuracy", "sampled_accuracy", "steps", "seconds"};
-    sampled accuracy is one sample per problem at temperature 1.0.
+    {"loss", "token_accuracy", "greedy_accuracy", "sampled_accuracy", "steps", "seconds",
+    "cpu_seconds"} (the two times cover the training steps only; cpu_seconds is this
+    process's CPU time, a figure that other load on the machine does not inflate).
+    Sampled accuracy is one sample per problem at temperature 1.0.
     """
     if steps < 0 or batch_size < 1 or not lr > 0:
         raise ValueError(f"need steps >= 0, batch_size >= 1, lr > 0; got {steps}, {batch_size}, {lr}")
@@ -284,7 +297,7 @@ def warm_start(
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
     model.train()
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     loss_value, tok_acc = float("nan"), float("nan")
     for step in range(steps):
         ids, mask, lab = _sft_batch(tokenizer, rng.choices(problems, k=batch_size), device)
@@ -301,7 +314,7 @@ def warm_start(
         tok_acc = ((logits.argmax(-1) == target) & valid).sum().item() / max(1, valid.sum().item())
         if log_every and (step + 1) % log_every == 0:
             log(f"warm_start step {step + 1}/{steps} loss {loss_value:.4f} token_acc {tok_acc:.3f}")
-    seconds = time.perf_counter() - start
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     prompts = [format_prompt(tokenizer, p.question) for p in eval_problems]
     max_new = max((len(tokenizer.encode(p.answer, add_special_tokens=False)) for p in eval_problems), default=1) + 2
     greedy = generate_completions(model, tokenizer, prompts, greedy=True, max_new_tokens=max_new, seed=seed)
@@ -315,6 +328,7 @@ def warm_start(
         "sampled_accuracy": answer_accuracy([s[0] for s in sampled], eval_problems),
         "steps": steps,
         "seconds": seconds,
+        "cpu_seconds": cpu_seconds,
     }
     log("warm_start done: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
     return metrics

@@ -4,12 +4,20 @@ Problems are `a+b` and `a-b` with operands in 0..99 (so one- and two-digit opera
 answers from -99 to 198). The universe holds 2 * 100 * 100 = 20,000 problems; a fixed
 hash of the problem text (independent of any seed) puts 10% of them in the test split,
 so the train and test splits are disjoint and stable across runs, machines and seeds.
-`arithmetic_problems(n, seed, split)` then draws `n` distinct problems of that split
-with `random.Random(seed)`.
 
-Why this task: a 4-layer, 128-wide model learns it to partial competence in about a
-minute on two CPU cores (single-digit sums are easy, carries and borrows are hard), so
-RL starts with non-zero reward and has room to improve. The gold answer is the integer
+`arithmetic_problems(n, seed, split)` draws `n` distinct problems of that split with
+`random.Random(seed)`, stratified: the eight buckets (operator x one- or two-digit a x
+one- or two-digit b) are equally likely, although the two-digit-by-two-digit buckets
+hold 81 times as many problems as the one-by-one buckets. Uniform sampling would be 81%
+two-by-two problems; stratified, the task has easy (9+3), medium (47+5) and hard
+(47-85) problems in equal parts, which is what RL wants: groups of samples with mixed
+success. (Weighted sampling without replacement by Efraimidis-Spirakis keys, so `n`
+can go up to the whole split; once a small bucket is used up the rest come from the
+others.)
+
+Why this task: a tiny model learns it to partial competence in a minute or two on two
+CPU cores (one-digit sums are easy, carries, borrows and signs are hard), so RL starts
+with non-zero reward and has room to improve. The gold answer is the integer
 as a string ("19", "-3"), which math-verify parses and the reward's number fallback
 extracts.
 """
@@ -17,7 +25,9 @@ extracts.
 from __future__ import annotations
 
 import hashlib
+import math
 import random
+import re
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -70,7 +80,26 @@ def arithmetic_problems(n: int, seed: int, split: str = "train") -> list[Problem
     pool = _split_pool(split)
     if not isinstance(n, int) or n < 0 or n > len(pool):
         raise ValueError(f"n must be an int in [0, {len(pool)}] for split={split!r}, got {n!r}")
-    return random.Random(seed).sample(pool, n)
+    rng = random.Random(seed)
+    sizes = _bucket_sizes(split)
+    # Efraimidis-Spirakis: key = u ** (1 / w) with weight w = 1 / bucket size; the n largest
+    # keys are a weighted sample without replacement. log(key) = log(u) * bucket size.
+    keys = [math.log(1.0 - rng.random()) * sizes[_bucket(p)] for p in pool]
+    order = sorted(range(len(pool)), key=lambda i: keys[i], reverse=True)
+    return [pool[i] for i in order[:n]]
+
+
+def _bucket(problem: Problem) -> tuple[str, int, int]:
+    a, op, b = re.fullmatch(r"(\d+)([+-])(\d+)=\?", problem.question).groups()
+    return op, len(a), len(b)
+
+
+@lru_cache(maxsize=None)
+def _bucket_sizes(split: str) -> dict[tuple[str, int, int], int]:
+    sizes: dict[tuple[str, int, int], int] = {}
+    for p in _split_pool(split):
+        sizes[_bucket(p)] = sizes.get(_bucket(p), 0) + 1
+    return sizes
 
 
 def split_size(split: str) -> int:

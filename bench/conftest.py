@@ -1,0 +1,105 @@
+"""Benchmark-wide set-up and measurement helpers (pytest-benchmark).
+
+- Without a CUDA device, Triton runs under its interpreter: TRITON_INTERPRET must be set
+  before `lpreg.kernels` is first imported, so it is set here, at collection time.
+- Benchmarks marked `gpu` skip cleanly without a CUDA device.
+- CI runs `pytest tests bench --benchmark-disable`: every benchmark then runs once as a smoke
+  test; the `smoke` fixture tells a benchmark so, and it shrinks its sizes and checks its
+  result against the reference instead of timing.
+
+Peak memory (`peak_memory_mb`): the growth of memory over what was allocated before one
+forward + backward, the logits and their stale gradient excluded.
+- CUDA: torch.cuda.max_memory_allocated() after reset_peak_memory_stats(), minus
+  memory_allocated() before: exact for the caching allocator.
+- CPU: the process's peak resident set. Linux lets a process reset its high-water mark
+  (`echo 5 > /proc/self/clear_refs` sets VmHWM to the current VmRSS), so the delta
+  VmHWM(after) - VmRSS(before) is the true peak of pages touched during the step. Freed heap
+  memory that glibc kept (and could hand back without new pages) would hide allocations, so
+  malloc_trim(0) returns it to the kernel first. Tensors above glibc's mmap threshold (32 MiB
+  at most) are mmap'ed and counted exactly. tracemalloc would not see torch's allocations.
+"""
+
+import ctypes
+import os
+import re
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def smoke(request):
+    """True when benchmarks are disabled (CI): run once, small, and check the result.
+
+    pyproject's addopts hold --benchmark-disable; --benchmark-enable on the command line wins.
+    """
+    disabled = request.config.getoption("benchmark_disable", default=False)
+    return bool(disabled and not request.config.getoption("benchmark_enable", default=False))
+
+
+def _proc_status_kb(field):
+    with open("/proc/self/status") as f:
+        m = re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.M)
+    return int(m.group(1)) if m else None
+
+
+def _reset_rss_peak():
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_memory_mb(step, device):
+    """Run step() once; return its peak memory growth in MiB (None where it cannot be measured)."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        step()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    if not _reset_rss_peak() or _proc_status_kb("VmHWM") is None:
+        step()
+        return None
+    base = _proc_status_kb("VmRSS")
+    step()
+    return (_proc_status_kb("VmHWM") - base) / 1024
+
+
+def cuda_event_ms(step, reps=5):
+    """Median device time of step() in ms, timed with CUDA events (after one warm-up)."""
+    step()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        step()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+@pytest.fixture
+def measure():
+    """The helpers above, as a fixture (bench/ is not a package, so conftest is not importable)."""
+    return {"peak_memory_mb": peak_memory_mb, "cuda_event_ms": cuda_event_ms}

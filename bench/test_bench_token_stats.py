@@ -1,0 +1,177 @@
+"""Benchmark: Lp-Reg token statistics, forward + backward, every provider.
+
+One step = the four statistics of (N, V) logits under min-p (kappa = 0.02, on-policy proxy,
+T = 1) and the backward of  loss = sum_rows w1 logp + w2 kl + w3 H  with fixed random
+per-row weights. Providers:
+
+- eager:   what a user writes today in PyTorch (log_softmax, softmax, min-p mask, clone, a
+           second log_softmax of the masked logits, gather, kl = sum q (log q - log p), H);
+- compile: torch.compile of that eager function;
+- lpreg backends: "torch" (chunked PyTorch), "cpu" (compiled C++), and on CUDA "triton"
+           and "cuda" (compiled CUDA).
+
+extra_info of each benchmark: provider, N, V, dtype, ms, gbps (compulsory bytes 3 N V
+elem_size: the logits read in the forward, read again and the gradient written in the
+backward, over the measured time), peak_mem_mb (bench/conftest.py says how it is measured),
+logits_mb, and peak_over_logits = peak_mem_mb / logits_mb (the gradient alone is 1.0).
+CPU times come from pytest-benchmark's clock; CUDA times from CUDA events.
+
+Run:  pytest bench/test_bench_token_stats.py --benchmark-enable            (CPU sizes)
+      pytest -m gpu bench --benchmark-enable --benchmark-json=out.json     (see gpu_check.sh)
+With --benchmark-disable (CI) each case runs once on fewer rows and is checked against
+lpreg.reference instead.
+"""
+
+import math
+
+import pytest
+import torch
+
+import lpreg
+from lpreg import _backends, reference
+
+KAPPA = 0.02
+CPU_SIZES = [(1024, 32000, torch.float32), (256, 151936, torch.float32), (256, 151936, torch.bfloat16)]
+GPU_SIZES = [(8192, 151936, torch.bfloat16)]
+CPU_PROVIDERS = ["eager", "compile", "torch", "cpu"]
+GPU_PROVIDERS = ["eager", "compile", "torch", "triton", "cuda"]
+SMOKE_ROWS = 4  # rows per case when benchmarks are disabled
+
+
+def eager_stats(logits, labels):
+    """The eager PyTorch Lp-Reg statistics (min-p proxy of the detached logits)."""
+    x = logits.float()
+    logp_all = torch.log_softmax(x, -1)
+    p = torch.softmax(x, -1)
+    keep = p >= KAPPA * p.amax(-1, keepdim=True)
+    masked = x.detach().clone()
+    masked.masked_fill_(~keep, -math.inf)
+    logq = torch.log_softmax(masked, -1)
+    logp = logp_all.gather(-1, labels[:, None])[:, 0]
+    q = logq.exp()
+    kl = torch.where(keep, q * (logq - logp_all), torch.zeros_like(q)).sum(-1)
+    entropy = -(p * logp_all).sum(-1)
+    return logp, kl, entropy
+
+
+_compiled = {}
+
+
+def compiled_stats(logits, labels):
+    if "fn" not in _compiled:
+        _compiled["fn"] = torch.compile(eager_stats)
+    return _compiled["fn"](logits, labels)
+
+
+def lpreg_provider(backend):
+    def run(logits, labels):
+        st = lpreg.lpreg_token_stats(logits, labels, mode="min_p", threshold=KAPPA, backend=backend)
+        return st.logp, st.kl, st.entropy
+
+    return run
+
+
+PROVIDERS = {"eager": eager_stats, "compile": compiled_stats}
+PROVIDERS.update({b: lpreg_provider(b) for b in ("torch", "cpu", "triton", "cuda")})
+
+
+def _skip_unavailable(provider, device, smoke):
+    if provider in ("cpu", "cuda") and not _backends.native_available(provider):
+        pytest.skip(f"lpreg._C is not built with {provider} support")
+    if provider == "triton" and not _backends.triton_available():
+        pytest.skip("triton is not importable")
+    if provider == "compile" and device == "cpu" and smoke:
+        # inductor's C++ code generation takes about a minute on a small CI machine; a smoke
+        # run of it proves nothing about lpreg
+        pytest.skip("torch.compile on CPU is only run with --benchmark-enable")
+
+
+def _inputs(N, V, dtype, device):
+    gen = torch.Generator().manual_seed(N + V)
+    logits = (torch.randn(N, V, generator=gen) * 3.0).to(dtype).to(device)
+    labels = torch.randint(V, (N,), generator=gen).to(device)
+    weights = torch.randn(3, N, generator=gen).to(device)
+    return logits, labels, weights
+
+
+def _reference(logits, labels):
+    st = reference.lpreg_token_stats(logits, labels, mode="min_p", threshold=KAPPA)
+    return st.logp, st.kl, st.entropy
+
+
+def _check(fn, logits, labels, weights):
+    """The provider's statistics and gradient against lpreg.reference (fp32 math)."""
+    outs, grads = [], []
+    for f in (fn, _reference):
+        x = logits.detach().clone().requires_grad_(True)
+        logp, kl, ent = f(x, labels)
+        (weights[0] * logp + weights[1] * kl + weights[2] * ent).sum().backward()
+        outs.append((logp, kl, ent))
+        grads.append(x.grad)
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a.float(), b.float(), rtol=1e-4, atol=1e-4)
+    tol = 2e-4 if logits.dtype == torch.float32 else 1e-2  # a smoke check: tests/ holds the oracle
+    scale = float(grads[1].float().abs().max())
+    torch.testing.assert_close(grads[0].float(), grads[1].float(), rtol=tol, atol=tol * scale)
+
+
+def _run_case(benchmark, measure, smoke, provider, N, V, dtype, device):
+    _skip_unavailable(provider, device, smoke)
+    if smoke:
+        N = min(N, SMOKE_ROWS)
+    fn = PROVIDERS[provider]
+    logits, labels, weights = _inputs(N, V, dtype, device)
+    x = logits.detach().clone().requires_grad_(True)
+
+    def step():
+        x.grad = None
+        logp, kl, ent = fn(x, labels)
+        (weights[0] * logp + weights[1] * kl + weights[2] * ent).sum().backward()
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    elem = logits.element_size()
+    logits_mb = N * V * elem / 2**20
+    info = dict(provider=provider, N=N, V=V, dtype=str(dtype).replace("torch.", ""), logits_mb=logits_mb,
+                compulsory_bytes=3 * N * V * elem)
+    benchmark.extra_info.update(info)
+    if smoke:
+        _check(fn, logits, labels, weights)
+        benchmark(step)
+        return
+    try:
+        step()  # warm-up (and torch.compile's compilation)
+        x.grad = None
+        peak = measure["peak_memory_mb"](step, device)
+        ms = measure["cuda_event_ms"](step) if device == "cuda" else None
+        benchmark.pedantic(step, rounds=3 if device == "cpu" else 10, iterations=1, warmup_rounds=0)
+    except torch.cuda.OutOfMemoryError:
+        x.grad = None
+        torch.cuda.empty_cache()
+        pytest.skip(f"{provider}: out of GPU memory at N={N}, V={V}")
+    if ms is None and benchmark.stats is not None:
+        ms = benchmark.stats.stats.mean * 1e3
+    benchmark.extra_info.update(
+        ms=ms, gbps=(3 * N * V * elem / (ms * 1e-3) / 1e9) if ms else None, peak_mem_mb=peak,
+        peak_over_logits=(peak / logits_mb) if peak is not None else None,
+    )
+
+
+def _size_id(size):
+    N, V, dtype = size
+    return f"N{N}-V{V}-{str(dtype).replace('torch.', '')}"
+
+
+@pytest.mark.parametrize("provider", CPU_PROVIDERS)
+@pytest.mark.parametrize("size", CPU_SIZES, ids=_size_id)
+def test_token_stats_cpu(benchmark, measure, smoke, provider, size):
+    benchmark.group = f"token_stats cpu {_size_id(size)}"
+    _run_case(benchmark, measure, smoke, provider, *size, device="cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("provider", GPU_PROVIDERS)
+@pytest.mark.parametrize("size", GPU_SIZES, ids=_size_id)
+def test_token_stats_gpu(benchmark, measure, smoke, provider, size):
+    benchmark.group = f"token_stats cuda {_size_id(size)}"
+    _run_case(benchmark, measure, smoke, provider, *size, device="cuda")

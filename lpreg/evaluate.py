@@ -1,0 +1,190 @@
+"""Evaluate a policy on a problem set: avg@k, unbiased pass@k and maj@k.
+
+    lpreg-eval --model runs/sft --data builtin --k 8 --temperature 1.0 --output eval.json
+    lpreg-eval --model runs/sft --data gsm8k_test.jsonl --greedy --max-new-tokens 512
+
+For each problem, `n` completions are generated (n = k when sampling; n = 1 with
+--greedy, since greedy samples are identical) and scored 1/0 by `RewardWorker`
+(math-verify in a worker process). With c correct out of n:
+
+  - avg@n:  mean reward over all samples;
+  - pass@j: the unbiased estimator of Chen et al. (2021), 1 - C(n-c, j) / C(n, j),
+            averaged over problems, for j = 1, 2, 4, ... <= n;
+  - maj@n:  the majority answer (extracted as by the reward; samples without an answer
+            do not vote; ties go to the answer seen first) is scored, i.e. the reward of
+            a sample that gave that answer.
+
+Generation uses a fresh GenerationConfig: do_sample, temperature T, top_p = 1.0, top_k = 0,
+every eos id of tokenizer and model, left padding (see `lpreg.trainer.model`), so the
+checkpoint's own generation_config (its top-p, repetition penalty...) cannot leak in.
+`evaluate` is also what the trainer calls for periodic evaluation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from collections import Counter
+
+BUILTIN = "builtin"
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples with c correct: 1 - C(n-c, k) / C(n, k).
+
+    Exact (integer binomials, one correctly rounded division). Raises ValueError unless
+    0 <= c <= n and 1 <= k <= n.
+    """
+    if not (isinstance(n, int) and isinstance(c, int) and isinstance(k, int)):
+        raise ValueError(f"n, c, k must be ints, got n={n!r}, c={c!r}, k={k!r}")
+    if not 0 <= c <= n:
+        raise ValueError(f"c must be in [0, n={n}], got {c}")
+    if not 1 <= k <= n:
+        raise ValueError(f"k must be in [1, n={n}], got {k}")
+    if n - c < k:  # every k-subset holds a correct sample
+        return 1.0
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def majority_correct(completions: list[str], rewards: list[float]) -> float:
+    """maj@n for one problem: the reward of the most common extracted answer (0 if none)."""
+    from .trainer.reward import extract_answer
+
+    votes: Counter[str] = Counter()
+    reward_of: dict[str, float] = {}
+    for text, reward in zip(completions, rewards):
+        answer = extract_answer(text)
+        if answer is None:
+            continue
+        key = " ".join(answer.split())  # "1 + x" and "1+x " vote together only if equal after this
+        votes[key] += 1
+        reward_of.setdefault(key, reward)
+    if not votes:
+        return 0.0
+    # most_common is stable, so among tied answers the first one seen wins.
+    return reward_of[votes.most_common(1)[0][0]]
+
+
+def evaluate(model, tokenizer, problems, *, k: int, temperature: float, greedy: bool,
+             max_new_tokens: int, batch_size: int, seed: int, reward_worker=None,
+             timeout_s: float = 5.0, return_records: bool = False) -> dict:
+    """Generate, score and summarise; returns a flat dict of floats (plus "records").
+
+    Keys: "avg@n", "pass@j" for j = 1, 2, 4, ... <= n, "maj@n", "n_problems",
+    "n_samples" (= n), "timeouts", "parse_failures", "mean_response_chars", "seconds".
+    Pass a live `reward_worker` to reuse one across calls; otherwise one is started and
+    closed here. With `return_records`, "records" lists per problem the question, gold
+    answer, completions and rewards.
+    """
+    from .trainer.model import format_prompt, generate_completions
+    from .trainer.reward import RewardWorker
+
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    if not problems:
+        raise ValueError("problems must not be empty")
+    start = time.perf_counter()
+    n = 1 if greedy else k
+    prompts = [format_prompt(tokenizer, p.question) for p in problems]
+    completions = generate_completions(
+        model, tokenizer, prompts, num_samples=n, greedy=greedy, temperature=temperature,
+        max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed,
+    )
+    flat = [c for group in completions for c in group]
+    answers = [p.answer for p in problems for _ in range(n)]
+    owned = reward_worker is None
+    worker = RewardWorker(timeout_s=timeout_s) if owned else reward_worker
+    try:
+        flat_rewards, stats = worker.score(flat, answers)
+    finally:
+        if owned:
+            worker.close()
+    rewards = [flat_rewards[i * n : (i + 1) * n] for i in range(len(problems))]
+    correct = [int(sum(r)) for r in rewards]
+    metrics = {f"avg@{n}": sum(flat_rewards) / len(flat_rewards)}
+    j = 1
+    while j <= n:
+        metrics[f"pass@{j}"] = sum(pass_at_k(n, c, j) for c in correct) / len(problems)
+        j *= 2
+    metrics[f"maj@{n}"] = sum(majority_correct(c, r) for c, r in zip(completions, rewards)) / len(problems)
+    metrics.update(
+        n_problems=len(problems),
+        n_samples=n,
+        timeouts=stats["timeouts"],
+        parse_failures=stats["parse_failures"],
+        mean_response_chars=sum(len(c) for c in flat) / len(flat),
+        seconds=time.perf_counter() - start,
+    )
+    if return_records:
+        metrics["records"] = [
+            {"question": p.question, "answer": p.answer, "completions": c, "rewards": r}
+            for p, c, r in zip(problems, completions, rewards)
+        ]
+    return metrics
+
+
+def _parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="lpreg-eval", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", required=True, help="local Hugging Face model directory")
+    ap.add_argument("--data", default=BUILTIN, help="a .jsonl/.parquet file, or 'builtin' (arithmetic test split)")
+    ap.add_argument("--n-problems", type=int, default=None,
+                    help="evaluate on this many problems (builtin default 500; files: first N)")
+    ap.add_argument("--k", type=int, default=8, help="samples per problem when sampling")
+    mode = ap.add_mutually_exclusive_group()
+    mode.add_argument("--greedy", action="store_true", help="greedy decoding (one sample per problem)")
+    mode.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
+    ap.add_argument("--max-new-tokens", type=int, default=None,
+                    help="default 16 for builtin, 1024 for files")
+    ap.add_argument("--batch-size", type=int, default=64, help="sequences generated per forward batch")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--timeout", type=float, default=5.0, help="math-verify timeout per sample, seconds")
+    ap.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                    help="default: bfloat16 on cuda, float32 on cpu")
+    ap.add_argument("--output", default=None, help="write metrics, settings and per-problem records as JSON")
+    args = ap.parse_args(argv)
+    if args.k < 1:
+        ap.error(f"--k must be >= 1, got {args.k}")
+    if not args.greedy and not args.temperature > 0:
+        ap.error(f"--temperature must be > 0, got {args.temperature}")
+    return args
+
+
+def main(argv=None) -> dict:
+    args = _parse_args(argv)
+    import torch
+
+    from .trainer.data import load_problems
+    from .trainer.model import load_policy
+    from .trainer.tasks import arithmetic_problems, split_size
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device.startswith("cuda") else "float32"))
+    if args.data == BUILTIN:
+        n = args.n_problems if args.n_problems is not None else 500
+        problems = arithmetic_problems(min(n, split_size("test")), seed=args.seed, split="test")
+        skipped = 0
+    else:
+        problems, skipped = load_problems(args.data)
+        problems = problems[: args.n_problems] if args.n_problems is not None else problems
+    max_new = args.max_new_tokens or (16 if args.data == BUILTIN else 1024)
+    model, tokenizer = load_policy(args.model, dtype=dtype, device=device)
+    metrics = evaluate(
+        model, tokenizer, problems, k=args.k, temperature=args.temperature, greedy=args.greedy,
+        max_new_tokens=max_new, batch_size=args.batch_size, seed=args.seed,
+        timeout_s=args.timeout, return_records=args.output is not None,
+    )
+    records = metrics.pop("records", None)
+    metrics["skipped_rows"] = skipped
+    print(json.dumps(metrics, indent=2))
+    if args.output:
+        settings = {**vars(args), "max_new_tokens": max_new, "device": device, "dtype": str(dtype)}
+        with open(args.output, "w", encoding="utf-8") as f:
+            json.dump({"settings": settings, "metrics": metrics, "records": records}, f, indent=1)
+    return metrics
+
+
+if __name__ == "__main__":
+    main()

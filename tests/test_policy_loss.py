@@ -1,0 +1,291 @@
+"""lpreg_policy_loss against an independent float64 re-implementation of SPEC section 3.
+
+The oracle below is written from the SPEC text alone, token by token, in plain Python and
+float64 autograd: the paper's objective (batch-wide bottom-k among valid tokens, full KL) and
+the released code's selective loss (bottom-k among negative-advantage tokens, k3, unclipped
+surrogate for selected tokens). Batches mix peaked rows, flat rows with a noise tail and
+rows with kept low-probability candidates, and labels are drawn from kept and filtered
+tokens, so the bottom-k set holds tokens the filter keeps and tokens it drops.
+"""
+
+import math
+import os
+
+import pytest
+import torch
+
+import lpreg
+
+KAPPA = 0.02
+
+
+def make_batch(B=6, L=10, V=64, seed=0, adv_per_token=False):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.empty(B, L, V)
+    labels = torch.empty(B, L, dtype=torch.long)
+    for b in range(B):
+        for t in range(L):
+            kind = int(torch.randint(0, 3, (), generator=g))
+            perm = torch.randperm(V, generator=g)
+            u = float(torch.rand((), generator=g))
+            if kind == 0:  # peaked: one token, a tail far below the min-p cutoff
+                row = 0.5 * torch.randn(V, generator=g)
+                row[perm[0]] += 9.0
+                lab = perm[0] if u < 0.3 else perm[1 + int(u * 1000) % (V - 1)]
+            elif kind == 1:  # flat head of 8 candidates over a noise tail
+                row = -4.0 + 0.5 * torch.randn(V, generator=g)
+                row[perm[:8]] = 1.0 + 0.3 * torch.randn(8, generator=g)
+                lab = perm[int(u * 8)] if u < 0.6 else perm[8 + int(u * 1000) % (V - 8)]
+            else:  # a leader and three kept low-probability candidates (p ~ 0.05 p_max)
+                row = -5.0 + torch.randn(V, generator=g)
+                row[perm[0]] = 4.0
+                row[perm[1:4]] = 4.0 + math.log(0.05) + 0.3 * torch.randn(3, generator=g)
+                lab = perm[1 + int(u * 3)] if u < 0.5 else (perm[0] if u < 0.7 else perm[4 + int(u * 1000) % (V - 4)])
+            logits[b, t] = row
+            labels[b, t] = lab
+    logp = torch.log_softmax(logits, -1).gather(-1, labels[..., None])[..., 0]
+    old = logp + 0.2 * torch.randn(B, L, generator=g)
+    old[0, :3] -= 3.0  # ratio e^3 > 10: the upper clip binds for A > 0
+    old[1, :3] += 3.0  # ratio e^-3: the min picks the unclipped branch
+    adv = torch.randn((B, L) if adv_per_token else (B,), generator=g)
+    mask = torch.ones(B, L)
+    lengths = torch.randint(L // 2, L + 1, (B,), generator=g)
+    mask[torch.arange(L)[None, :] >= lengths[:, None]] = 0
+    return logits, labels, adv, old, mask
+
+
+def oracle(logits, labels, adv, old, mask, *, compat, rho, beta=1.0, clip_low=1.0, clip_high=9.0,
+           temperature=1.0, agg="token-mean", kl_estimator=None):
+    """(loss, grad wrt logits, number selected), all float64, token by token from SPEC."""
+    kl_estimator = kl_estimator or ("full" if compat == "paper" else "k3")
+    x = logits.double().clone().requires_grad_(True)
+    B, L, V = x.shape
+    adv = adv.double()
+    adv = adv[:, None].expand(B, L) if adv.dim() == 1 else adv
+    z = x / temperature
+    logp_all = torch.log_softmax(z, -1)
+    zd = z.detach()
+    kept = zd >= zd.max(-1, keepdim=True).values + math.log(KAPPA)
+    logq_all = torch.where(kept, zd, torch.tensor(-math.inf, dtype=torch.float64)).log_softmax(-1)
+    valid = [(b, t) for b in range(B) for t in range(L) if mask[b, t] > 0]
+
+    def logp(b, t):
+        return logp_all[b, t, labels[b, t]]
+
+    def key(bt):
+        return float(logp(*bt).detach())
+
+    def logq(b, t):
+        return logq_all[b, t, labels[b, t]]
+
+    if compat == "paper":
+        n = len(valid)
+        k = max(1, math.floor(rho * n))
+        bottom = sorted(valid, key=key)[:k]  # sorted() is stable: ties by position
+        selected = {bt for bt in bottom if adv[bt] < 0 and logq(*bt) > -math.inf}
+    else:
+        neg = [bt for bt in valid if adv[bt] < 0]
+        k = max(1, int(len(neg) * rho))
+        bottom = sorted(neg, key=key)[:k] if k > 1 else []
+        selected = {bt for bt in bottom if key(bt) < float(logq(*bt))}
+    per_token = {}
+    for bt in valid:
+        a = adv[bt]
+        r = torch.exp(logp(*bt) - old[bt].double())
+        pg = torch.maximum(-a * r, -a * r.clamp(1 - clip_low, 1 + clip_high))
+        if bt in selected:
+            if kl_estimator == "full":
+                q = logq_all[bt].exp()
+                d = torch.where(kept[bt], q * (logq_all[bt] - logp_all[bt]), torch.zeros_like(q)).sum()
+            else:
+                dd = (logq(*bt) - logp(*bt)).clamp(-20, 20)
+                d = (dd.exp() - dd - 1).clamp(-10, 10)
+            if compat == "released":
+                pg = -a * r
+            pg = pg + beta * d
+        per_token[bt] = pg
+    if agg == "token-mean":
+        loss = sum(per_token.values()) / max(len(valid), 1)
+    else:
+        seqs = []
+        for b in range(B):
+            toks = [per_token[bt] for bt in valid if bt[0] == b]
+            s = sum(toks) if toks else torch.zeros((), dtype=torch.float64)
+            seqs.append(s / max(len(toks), 1) if agg == "seq-mean-token-mean" else s)
+        loss = sum(seqs) / B
+    loss = loss if torch.is_tensor(loss) else torch.tensor(float(loss), dtype=torch.float64, requires_grad=True)
+    (grad,) = torch.autograd.grad(loss, x, allow_unused=True)
+    return loss.detach(), (torch.zeros_like(x) if grad is None else grad), len(selected), k
+
+
+def run(logits, labels, adv, old, mask, **kw):
+    x = logits.clone().requires_grad_(True)
+    loss, metrics = lpreg.lpreg_policy_loss(x, labels, adv, old, mask, backend=kw.pop("backend", "torch"), **kw)
+    (grad,) = torch.autograd.grad(loss, x)
+    n_valid = int((mask > 0).sum())
+    return loss, grad, round(metrics["actor/lpreg_frac"] * n_valid), metrics
+
+
+@pytest.mark.parametrize("compat", ["paper", "released"])
+@pytest.mark.parametrize("rho", [0.15, 0.6])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_conformance(compat, rho, seed):
+    batch = make_batch(seed=seed)
+    want, want_grad, want_n, k = oracle(*batch, compat=compat, rho=rho)
+    loss, grad, n_sel, metrics = run(*batch, compat=compat, rho=rho)
+    assert n_sel == want_n
+    torch.testing.assert_close(loss.double(), want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad.double(), want_grad, rtol=1e-4, atol=1e-6)
+    assert metrics["actor/pg_loss"] == pytest.approx(float(want), rel=1e-5, abs=1e-6)
+
+
+def test_batches_exercise_the_filter():
+    """The bottom-k set of the test batches holds kept and filtered low-probability tokens."""
+    logits, labels, adv, old, mask = make_batch(seed=0)
+    stats = lpreg.lpreg_token_stats(logits, labels, backend="torch")
+    valid = mask > 0
+    n = int(valid.sum())
+    k = max(1, math.floor(0.6 * n))
+    order = torch.sort(torch.where(valid, stats.logp, torch.tensor(math.inf)).reshape(-1), stable=True).indices[:k]
+    kept = torch.isfinite(stats.proxy_logp.reshape(-1)[order])
+    assert kept.any() and (~kept).any()
+    _, _, n_sel, _ = oracle(logits, labels, adv, old, mask, compat="paper", rho=0.6)
+    assert 0 < n_sel < k
+
+
+@pytest.mark.parametrize("agg", ["seq-mean-token-mean", "seq-mean-token-sum"])
+@pytest.mark.parametrize("compat", ["paper", "released"])
+def test_aggregation_modes_and_per_token_advantages(agg, compat):
+    batch = make_batch(seed=3, adv_per_token=True)
+    want, want_grad, want_n, _ = oracle(*batch, compat=compat, rho=0.5, agg=agg, beta=0.7)
+    loss, grad, n_sel, _ = run(*batch, compat=compat, rho=0.5, loss_agg_mode=agg, beta=0.7)
+    assert n_sel == want_n
+    torch.testing.assert_close(loss.double(), want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad.double(), want_grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("compat,est", [("paper", "k3"), ("released", "full")])
+def test_explicit_kl_estimator_temperature_and_clips(compat, est):
+    batch = make_batch(seed=4)
+    kw = dict(compat=compat, rho=0.5, kl_estimator=est, temperature=0.7, clip_low=0.2, clip_high=0.28)
+    want, want_grad, want_n, _ = oracle(*batch, **kw)
+    loss, grad, n_sel, metrics = run(*batch, **kw)
+    assert n_sel == want_n and metrics["actor/pg_clipfrac"] > 0
+    torch.testing.assert_close(loss.double(), want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad.double(), want_grad, rtol=1e-4, atol=1e-6)
+
+
+def test_ties_broken_by_position():
+    """Identical rows give identical p_y: the earlier positions are selected."""
+    logits, labels, adv, old, mask = make_batch(B=2, L=6, seed=5)
+    logits[:, :] = logits[0, 0]
+    labels[:, :] = labels[0, 0]
+    adv = -torch.ones(2)
+    mask = torch.ones(2, 6)
+    loss, grad, n_sel, metrics = run(logits, labels, adv, old, mask, compat="paper", rho=0.25, beta=1.0)
+    assert n_sel in (0, 3)
+    bottom, _ = lpreg.selection.bottom_k_mask(torch.zeros(12), torch.ones(12, dtype=torch.bool),
+                                              torch.tensor(3))
+    assert bottom.tolist() == [True] * 3 + [False] * 9
+    want, want_grad, want_n, _ = oracle(logits, labels, adv, old, mask, compat="paper", rho=0.25)
+    assert n_sel == want_n
+    torch.testing.assert_close(grad.double(), want_grad, rtol=1e-4, atol=1e-6)
+
+
+def test_metrics_are_the_documented_means():
+    logits, labels, adv, old, mask = make_batch(seed=6)
+    loss, grad, n_sel, m = run(logits, labels, adv, old, mask, compat="paper", rho=0.6)
+    valid = mask > 0
+    stats = lpreg.lpreg_token_stats(logits, labels, backend="torch")
+    assert m["actor/entropy"] == pytest.approx(float(stats.entropy[valid].mean()), rel=1e-5)
+    assert m["actor/ppo_kl"] == pytest.approx(float((old - stats.logp)[valid].mean()), rel=1e-4, abs=1e-6)
+    n = int(valid.sum())
+    k = max(1, math.floor(0.6 * n))
+    kth = torch.sort(stats.logp[valid]).values[k - 1]
+    assert m["actor/lpreg_threshold"] == pytest.approx(float(kth.exp()), rel=1e-5)
+    assert m["actor/lpreg_kl"] > 0 and m["actor/lpreg_frac"] == pytest.approx(n_sel / n)
+    _, tensors = lpreg.lpreg_policy_loss(logits, labels, adv, old, mask, rho=0.6, backend="torch",
+                                         return_tensors=True)
+    assert all(torch.is_tensor(v) and v.dim() == 0 for v in tensors.values())
+    assert float(tensors["actor/lpreg_frac"]) == pytest.approx(m["actor/lpreg_frac"])
+
+
+def test_all_masked_gives_zero_loss_and_zero_gradient():
+    logits, labels, adv, old, _ = make_batch(B=2, L=4, seed=7)
+    old[0, 0] = float("-inf")  # padding values in masked slots must not leak
+    for compat in ("paper", "released"):
+        loss, grad, n_sel, m = run(logits, labels, adv, old, torch.zeros(2, 4), compat=compat)
+        assert loss.item() == 0.0 and n_sel == 0
+        assert torch.equal(grad, torch.zeros_like(grad))
+        assert all(math.isfinite(v) for v in m.values())
+
+
+def test_nan_logits_give_nan_loss():
+    logits, labels, adv, old, mask = make_batch(B=2, L=4, seed=8)
+    mask[:] = 1
+    logits[1, 2, 5] = float("nan")
+    loss, _ = lpreg.lpreg_policy_loss(logits, labels, adv, old, mask, backend="torch")
+    assert math.isnan(loss.item())
+
+
+def test_triton_backend_matches_oracle():
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("Triton on CPU tensors needs TRITON_INTERPRET=1 (set by tests/conftest.py)")
+    batch = make_batch(B=3, L=5, V=40, seed=9)
+    for compat in ("paper", "released"):
+        want, want_grad, want_n, _ = oracle(*batch, compat=compat, rho=0.6)
+        loss, grad, n_sel, _ = run(*batch, compat=compat, rho=0.6, backend="triton")
+        assert n_sel == want_n
+        torch.testing.assert_close(loss.double(), want, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(grad.double(), want_grad, rtol=1e-4, atol=1e-6)
+
+
+def test_bf16_logits():
+    logits, labels, adv, old, mask = make_batch(seed=10)
+    lb = logits.bfloat16()
+    want, want_grad, want_n, _ = oracle(lb.float(), labels, adv, old, mask, compat="paper", rho=0.6)
+    loss, grad, n_sel, _ = run(lb, labels, adv, old, mask, compat="paper", rho=0.6)
+    assert loss.dtype == torch.float32 and grad.dtype == torch.bfloat16 and n_sel == want_n
+    torch.testing.assert_close(loss.double(), want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad.double(), want_grad, rtol=1e-2, atol=1e-4)
+
+
+BAD = [
+    (dict(compat="verl"), "compat"),
+    (dict(loss_agg_mode="token-sum"), "loss_agg_mode"),
+    (dict(kl_estimator="k2"), "kl_estimator"),
+    (dict(rho=0.0), "rho"),
+    (dict(rho=1.5), "rho"),
+    (dict(beta=-0.1), "beta"),
+    (dict(mode="top_p"), "mode"),
+    (dict(threshold=1.5), "threshold"),
+    (dict(temperature=0.0), "temperature"),
+    (dict(clip_low=1.5), "clip_low"),
+]
+
+
+@pytest.mark.parametrize("kw,name", BAD)
+def test_bad_keywords(kw, name):
+    logits, labels, adv, old, mask = make_batch(B=2, L=3, V=16, seed=11)
+    with pytest.raises(ValueError, match=name):
+        lpreg.lpreg_policy_loss(logits, labels, adv, old, mask, backend="torch", **kw)
+
+
+def test_bad_shapes():
+    logits, labels, adv, old, mask = make_batch(B=2, L=3, V=16, seed=12)
+    f = lambda *a, **k: lpreg.lpreg_policy_loss(*a, backend="torch", **k)  # noqa: E731
+    with pytest.raises(ValueError, match="advantages"):
+        f(logits, labels, torch.zeros(3), old, mask)
+    with pytest.raises(ValueError, match="labels"):
+        f(logits, labels[:, :2], adv, old, mask)
+    with pytest.raises(ValueError, match="old_logp"):
+        f(logits, labels, adv, old.T, mask)
+    with pytest.raises(ValueError, match="response_mask"):
+        f(logits, labels, adv, old, mask[0])
+    with pytest.raises(ValueError, match="logits"):
+        f(logits[0], labels, adv, old, mask)
+    with pytest.raises(ValueError, match="proxy"):
+        f(logits, labels, adv, old, mask, proxy=logits[:, :2])
+    with pytest.raises(ValueError, match="selection_threshold"):
+        sel = lpreg.selection_threshold(old, mask, rho=0.5)
+        f(logits, labels, adv, old, mask, compat="released", selection_threshold=sel)
