@@ -49,7 +49,7 @@ Dtype to_dtype(const Tensor& t, const char* name, bool allow_double) {
   return Dtype::kFloat32;
 }
 
-void check_rows(const Tensor& logits, const OptTensor& labels, const OptTensor& proxy) {
+void check_rows(const Tensor& logits, const OptTensor& labels, const OptTensor& proxy, int64_t ignore_index) {
   TORCH_CHECK(logits.dim() == 2, "lpreg_C: logits must be 2-D (N, V), got ", logits.dim(), "-D shape ",
               logits.sizes());
   TORCH_CHECK(logits.size(1) >= 1, "lpreg_C: logits must have V >= 1, got shape ", logits.sizes());
@@ -61,6 +61,15 @@ void check_rows(const Tensor& logits, const OptTensor& labels, const OptTensor& 
                 logits.size(0), ",), got ", labels->sizes());
     TORCH_CHECK(labels->device() == logits.device(), "lpreg_C: labels must be on ", logits.device(), ", got ",
                 labels->device());
+    if (labels->is_cpu() && labels->numel() > 0) {
+      // the C++ kernels read logits[row, label]: refuse a wild read (on CUDA the check would
+      // cost a device sync; the kernel writes NaN for such a row instead)
+      const Tensor bad = labels->lt(0).logical_or(labels->ge(logits.size(1))).logical_and(labels->ne(ignore_index));
+      if (bad.any().item<bool>()) {
+        TORCH_CHECK(false, "lpreg_C: labels must be in [0, ", logits.size(1), ") or ignore_index=", ignore_index,
+                    ", got ", labels->masked_select(bad)[0].item<int64_t>());
+      }
+    }
   }
   if (proxy) {
     TORCH_CHECK(proxy->sizes() == logits.sizes(), "lpreg_C: proxy must have the shape of logits ", logits.sizes(),
@@ -85,7 +94,7 @@ OptTensor per_row(const OptTensor& g, const Tensor& logits, const char* name) {
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> token_stats_fwd(
     const Tensor& logits, const OptTensor& labels, const OptTensor& proxy, double inv_temperature, bool fixed,
     double log_threshold, int64_t ignore_index) {
-  check_rows(logits, labels, proxy);
+  check_rows(logits, labels, proxy, ignore_index);
   const bool on_cuda = logits.is_cuda();
   const int64_t N = logits.size(0), V = logits.size(1);
   auto opts = logits.options().dtype(at::kFloat);
@@ -127,7 +136,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> token_stats_fwd(
 Tensor token_stats_bwd(const Tensor& logits, const OptTensor& labels, const OptTensor& proxy, const Tensor& row_stats,
                        const OptTensor& g_logp, const OptTensor& g_kl, const OptTensor& g_entropy,
                        double inv_temperature, int64_t ignore_index) {
-  check_rows(logits, labels, proxy);
+  check_rows(logits, labels, proxy, ignore_index);
   const bool on_cuda = logits.is_cuda();
   const int64_t N = logits.size(0), V = logits.size(1);
   TORCH_CHECK(row_stats.scalar_type() == at::kFloat && row_stats.dim() == 2 && row_stats.size(0) == N &&

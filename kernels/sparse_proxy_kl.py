@@ -12,8 +12,9 @@ Backward, for upstream (g_logp, g_kl, g_H) per row:
 
     grad_z = (g_logp (e_label - p) + g_kl (p - q_sparse) - g_H p (log p + H)) / T
 
-written as one dense pass (everything but the -g_kl q term) and then a k-entry
-read-modify-write at idx_j. Indices must be unique within a row (top-k gives that).
+written as one dense pass (everything but the -g_kl q term), then the k entries idx_j are
+recomputed in fp32 with the -g_kl q_j term and overwritten, so every gradient entry is
+rounded once. Indices must be unique within a row (top-k gives that).
 
 Row-statistics contract (shared with the torch fallback in lpreg.sparse_proxy): the forward
 returns `row_stats` (N, 2) fp32 = [lse, H]; the backward needs nothing else but the logits,
@@ -21,10 +22,9 @@ labels and the proxy. Rows whose label is `ignore_index` give zeros and a zero g
 row holding a NaN, or only -inf, gives NaN outputs.
 
 Limits: any V (tail masked, int64 offsets), k <= 4096, fp32/bf16/fp16 logits with fp32
-accumulation, unit-stride rows. A bf16/fp16 gradient is rounded twice at the k proxy entries
-(dense store, then the sparse update).
+accumulation, unit-stride rows.
 Memory traffic: forward reads each row once plus k gathered logits; backward reads each row
-once, writes the gradient once, and touches k entries again.
+once, writes the gradient once, and re-reads / re-writes k entries.
 """
 
 import triton
@@ -158,9 +158,16 @@ def _sparse_proxy_bwd_kernel(
         in_k = ks < K
         idx = tl.load(idx_ptr + row * idx_row_stride + ks, mask=in_k, other=0)
         q = tl.exp(tl.load(logq_ptr + row * logq_row_stride + ks, mask=in_k, other=float("-inf")).to(tl.float32))
-        upd = in_k & (q > 0)  # ignored rows have g_kl = 0: the rewrite leaves them at 0
-        cur = tl.load(g_row + idx, mask=upd, other=0.0).to(tl.float32)
-        tl.store(g_row + idx, (cur - g_kl * q).to(grad_ptr.dtype.element_ty), mask=upd)
+        upd = in_k & (q > 0)
+        # recompute the whole fp32 gradient at idx_j and overwrite: rounded once, like the
+        # dense entries (ignored rows have zero coefficients and stay exactly 0)
+        x = tl.load(x_row + idx, mask=upd, other=0.0).to(tl.float32) * inv_temperature
+        logp = x - lse
+        p = tl.exp(logp)
+        grad = (g_kl - g_logp) * p + tl.where(idx == label, g_logp, 0.0) - g_kl * q
+        if HAS_G_ENTROPY:
+            grad -= g_entropy * tl.where(x == float("-inf"), 0.0, p * (logp + entropy))
+        tl.store(g_row + idx, grad.to(grad_ptr.dtype.element_ty), mask=upd)
 
 
 def _blocks(V, K, on_gpu):

@@ -50,18 +50,23 @@ def _warn_once(key, message):
 
 def resolve(backend, device):
     """Turn backend="auto" into a concrete backend for `device`, and check explicit ones."""
+    # The compiled extension's availability comes from lpreg._native.available, which
+    # torch.compile treats as a constant (native_available's importlib call cannot be traced,
+    # and resolve() runs inside compiled callers).
+    from . import _native
+
     kind = device.type
     if backend == "auto":
         if kind == "cuda":
             # Triton is the measured default on CUDA; the CUDA extension is the fallback.
             if triton_available():
                 return "triton"
-            if native_available("cuda"):
+            if _native.available("cuda"):
                 return "cuda"
             _warn_once("cuda", "lpreg: neither Triton nor lpreg._C (CUDA) is available; using backend='torch'")
             return "torch"
         if kind == "cpu":
-            if native_available("cpu"):
+            if _native.available("cpu"):
                 return "cpu"
             _warn_once("cpu", "lpreg: the compiled extension lpreg._C is not available; using backend='torch'")
             return "torch"
@@ -76,6 +81,6 @@ def resolve(backend, device):
     elif backend in ("cpu", "cuda"):
         if kind != backend:
             raise ValueError(f"backend={backend!r} needs {backend} tensors, got a tensor on {device}")
-        if not native_available(backend):
+        if not _native.available(backend):
             raise ValueError(f"backend={backend!r} needs the compiled extension lpreg._C built with {backend} support")
     return backend

@@ -9,7 +9,6 @@ signatures of `lpreg._torch_backend`.
 """
 
 import functools
-import warnings
 
 import torch
 
@@ -18,15 +17,18 @@ ROW_STATS_WIDTH = 5
 
 @functools.lru_cache(maxsize=None)
 def _load():
-    """Import lpreg._C once; return the module, or None (with one warning) when it is missing."""
+    """Import lpreg._C once; return the module, or None when it is missing (the caller, the
+    backend registry, warns once and falls back)."""
     try:
         from . import _C
     except ImportError as exc:
-        warnings.warn(f"lpreg: the compiled extension lpreg._C could not be loaded ({exc})", RuntimeWarning,
-                      stacklevel=3)
+        _load_error.append(str(exc))
         return None
     _register_fakes()
     return _C
+
+
+_load_error = []
 
 
 def _register_fakes():
@@ -41,6 +43,8 @@ def _register_fakes():
         return logits.new_empty(logits.shape)
 
 
+# A constant for torch.compile: dynamo calls it once while tracing instead of tracing the import.
+@torch.compiler.assume_constant_result
 def available(device_type: str) -> bool:
     """cpu: the extension loads; cuda: it was built with CUDA and a CUDA device is present."""
     mod = _load()
@@ -55,7 +59,9 @@ def available(device_type: str) -> bool:
 
 def _ops():
     if _load() is None:
-        raise RuntimeError("lpreg: backend 'cpu'/'cuda' needs the compiled extension lpreg._C, which is not built")
+        raise RuntimeError(
+            f"lpreg: backend 'cpu'/'cuda' needs the compiled extension lpreg._C, which did not load: {_load_error}"
+        )
     return torch.ops.lpreg_C
 
 

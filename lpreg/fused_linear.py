@@ -46,13 +46,22 @@ def default_chunk_size(N: int, V: int, device: torch.device) -> int:
     return max(1, min(N, c))
 
 
+def _has_mm_out_dtype(w: Tensor) -> bool:
+    """Whether this torch offers mm(half, half, out_dtype=fp32) on w's device (torch >= 2.8)."""
+    try:
+        torch.mm(w[:1], w[:1].t(), out_dtype=torch.float32)
+        return True
+    except (TypeError, RuntimeError, NotImplementedError):
+        return False
+
+
 class _Matmuls:
     """The three chunk products with fp32 results, for the weight's dtype and device."""
 
     def __init__(self, weight: Tensor, bias: Optional[Tensor]):
         self.w = weight.detach()
         self.half = self.w.dtype != torch.float32
-        self.native = self.half and self.w.is_cuda
+        self.native = self.half and self.w.is_cuda and _has_mm_out_dtype(self.w)
         if self.half and not self.native:
             self.w = self.w.float()  # CPU has no mm(..., out_dtype=fp32) for half inputs
         self.b = None if bias is None else bias.detach().float()
@@ -69,8 +78,12 @@ class _Matmuls:
     def grad_hidden(self, g: Tensor) -> Tensor:
         return self._mm(g, self.w)
 
-    def grad_weight(self, g: Tensor, h: Tensor) -> Tensor:
-        return self._mm(g.t(), h.to(self.w.dtype) if self.native else h)
+    def add_grad_weight(self, acc: Tensor, g: Tensor, h: Tensor) -> None:
+        """acc (V, H) fp32 += g^T h."""
+        if self.native:
+            acc += torch.mm(g.t().to(self.w.dtype), h.to(self.w.dtype), out_dtype=torch.float32)
+        else:
+            acc.addmm_(g.t(), h.float())  # in place: no (V, H) temporary
 
 
 class _FusedLinearPolicyLoss(torch.autograd.Function):
@@ -119,7 +132,7 @@ class _FusedLinearPolicyLoss(torch.autograd.Function):
                 if need_h:
                     grad_h[sl] = mm.grad_hidden(g).to(h.dtype)
                 if need_w:
-                    grad_w += mm.grad_weight(g, h[sl])
+                    mm.add_grad_weight(grad_w, g, h[sl])
                 if need_b:
                     grad_b += g.sum(0)
             del logits, stats, loss_t, g

@@ -8,7 +8,8 @@ paper:    S_t = [p_y among the k = max(1, floor(rho n)) smallest of the n valid 
           by position] & [A < 0] & [y in K];  D_t = D_KL(q || p) over the vocabulary ("full").
 released: the k = max(1, int(rho n_neg)) smallest p_y among the call's A < 0 tokens, none
           when k <= 1; S_t also needs logp < proxy_logp; D_t = k3; and a selected token's
-          surrogate is the unclipped -A r.
+          surrogate is the unclipped -A r. (The released code's topk leaves ties unspecified;
+          here they are broken by position, as in the paper form.)
 
 Every per-token quantity comes from one fused pass over the logits (`lpreg_token_stats`, or
 the sparse-proxy op), so the loss and every metric cost one read of N x V forward and one

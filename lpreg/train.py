@@ -51,7 +51,9 @@ import torch
 from lpreg.trainer import checkpoint as ckpt
 from lpreg.trainer.advantage import group_advantages
 from lpreg.trainer.config import load_config
-from lpreg.trainer.logging_utils import MetricsLog, format_row, plot_metrics, progress_bar, read_metrics
+from lpreg.trainer.logging_utils import (
+    MetricsLog, format_row, plot_metrics, progress_bar, read_metrics, truncate_jsonl,
+)
 from lpreg.trainer.losses import NEEDS_SELECTION, finish_metrics, policy_loss, scatter_selection, select_tokens
 from lpreg.trainer.rollout import eos_ids_of, generate_group, pack, rollout_seed
 
@@ -91,9 +93,13 @@ def builtin_problems(n, seed, split, max_operand):
 
 
 def load_task(cfg):
-    """The training problems: --data (jsonl / parquet) or the built-in arithmetic task."""
+    """(RL problems, warm-start problems, rows skipped) from --data or the built-in task.
+
+    Built-in: the warm start sees the whole (operand-filtered) training split; RL uses its first
+    `n_problems`, a set small enough that each problem recurs during a short CPU run."""
     if cfg.data is None:
-        return builtin_problems(cfg.n_problems, cfg.seed, "train", cfg.max_operand), 0
+        pool = builtin_problems(10**9, cfg.seed, "train", cfg.max_operand)
+        return pool[: cfg.n_problems], pool, 0
     from lpreg.trainer.data import load_problems
 
     if not os.path.isfile(cfg.data):
@@ -104,19 +110,24 @@ def load_task(cfg):
         raise ValueError(f"--data {cfg.data!r}: {err}") from err
     if not problems:
         raise ValueError(f"--data {cfg.data!r} has no usable rows ({skipped} rows skipped)")
-    return problems, skipped
+    return problems, problems, skipped
 
 
 def load_weights(model, model_dir):
-    """Load a checkpoint's weights into the already-built model (keeps its tokenizer, config)."""
-    from transformers.modeling_utils import load_sharded_checkpoint
-
-    if os.path.exists(os.path.join(model_dir, "model.safetensors.index.json")):
-        load_sharded_checkpoint(model, model_dir, strict=False)
-        return
+    """Load a checkpoint's weights (one safetensors file or an indexed set of shards) into the
+    already-built model, which keeps its tokenizer and config."""
     from safetensors.torch import load_file
 
-    missing, unexpected = model.load_state_dict(load_file(os.path.join(model_dir, "model.safetensors")), strict=False)
+    index = os.path.join(model_dir, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as fh:
+            shards = sorted(set(json.load(fh)["weight_map"].values()))
+    else:
+        shards = ["model.safetensors"]
+    weights = {}
+    for shard in shards:
+        weights.update(load_file(os.path.join(model_dir, shard)))
+    missing, unexpected = model.load_state_dict(weights, strict=False)
     tied = {k for k in missing if "lm_head" in k and model.config.tie_word_embeddings}
     if unexpected or set(missing) - tied:
         raise ValueError(f"checkpoint {model_dir!r} does not match the model: missing {missing}, unexpected {unexpected}")
@@ -151,6 +162,7 @@ def gather_varlen(acc, t):
 
 
 def train(cfg):
+    """Run the whole job described by `cfg`; returns the trained (unwrapped) policy."""
     from accelerate import Accelerator
 
     from lpreg.selection import selection_threshold
@@ -173,9 +185,9 @@ def train(cfg):
     log = acc.print
 
     # --- set-up: policy, task, warm start or resume -------------------------------------------
-    problems, n_skipped = load_task(cfg)
+    problems, warm_problems, n_skipped = load_task(cfg)
     model, tok = build_policy(cfg, acc.device)
-    log(f"lpreg-train: {len(problems)} problems ({n_skipped} rows skipped), loss={cfg.loss}, "
+    log(f"lpreg-train: {len(problems)} RL problems ({n_skipped} rows skipped), loss={cfg.loss}, "
         f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {world} process(es)")
     resume_dir = ckpt.resolve_resume(cfg.resume, cfg.output_dir)
     state = None
@@ -186,8 +198,8 @@ def train(cfg):
     elif cfg.warmup_steps > 0:
         n_eval = cfg.warmup_eval_problems
         held_out = builtin_problems(n_eval, cfg.seed + 1, "test", cfg.max_operand) if cfg.data is None \
-            else problems[-n_eval:]
-        ws = warm_start(model, tok, problems, steps=cfg.warmup_steps, lr=cfg.warmup_lr,
+            else None
+        ws = warm_start(model, tok, warm_problems, steps=cfg.warmup_steps, lr=cfg.warmup_lr,
                         batch_size=cfg.warmup_batch_size, seed=cfg.seed, log=log, eval_problems=held_out)
         if acc.is_main_process:
             with open(os.path.join(cfg.output_dir, "warm_start.json"), "w") as fh:
@@ -215,6 +227,8 @@ def train(cfg):
     samples_path = os.path.join(cfg.output_dir, "samples.jsonl")
     if acc.is_main_process and state is None and os.path.exists(samples_path):
         os.remove(samples_path)
+    elif acc.is_main_process and state is not None:
+        truncate_jsonl(samples_path, start_step)
     kill_at = int(os.environ.get(KILL_ENV, "-1"))
     P, n = cfg.prompts_per_step, cfg.samples_per_prompt
     per_rank = P // world
@@ -381,7 +395,7 @@ def train(cfg):
         log(f"plots: {path}")
     acc.wait_for_everyone()
     acc.end_training()
-    return cfg.output_dir
+    return policy
 
 
 def main(argv=None):

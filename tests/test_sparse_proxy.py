@@ -95,10 +95,10 @@ def _op_case(seed=3, V=45, k=5, N=7, dtype=torch.float32):
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
                     reason="Triton needs CUDA or TRITON_INTERPRET=1")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_triton_kernel_matches_torch_path(dtype):
-    x, labels, idx, logq = _op_case(dtype=dtype)
-    g = torch.randn(3, x.shape[0])
+@pytest.mark.parametrize("dtype,V", [(torch.float32, 45), (torch.bfloat16, 45), (torch.float32, 2100)])
+def test_triton_kernel_matches_torch_path(dtype, V):
+    x, labels, idx, logq = _op_case(dtype=dtype, V=V)  # V = 2100: several vocabulary blocks
+    g = torch.randn(3, x.shape[0], generator=torch.Generator().manual_seed(0))
     res = {}
     for backend in ("torch", "triton"):
         xx = x.clone().requires_grad_(True)
@@ -109,7 +109,8 @@ def test_triton_kernel_matches_torch_path(dtype):
     (ot, gt), (ok, gk) = res["torch"], res["triton"]
     for a, b in zip(ot, ok):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, equal_nan=True)
-    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1.6e-2, atol=1e-3)
+    # both paths round each fp32 gradient entry once: at most one bf16 ulp apart
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=8e-3, atol=1e-5)
     torch.testing.assert_close(gt.float(), gk.float(), **tol)
     assert torch.all(gk[2] == 0)  # ignore_index row: zero gradient
 

@@ -212,6 +212,10 @@ def test_clear_errors():
         torch.ops.lpreg_C.token_stats_fwd(x, torch.zeros(2, dtype=torch.long), None, 1.0, False, -3.0, -100)
     with pytest.raises(RuntimeError, match="unit stride"):
         torch.ops.lpreg_C.token_stats_fwd(x.t().contiguous().t(), None, None, 1.0, False, -3.0, -100)
+    with pytest.raises(RuntimeError, match=r"labels must be in \[0, 10\) or ignore_index=-100, got 10"):
+        torch.ops.lpreg_C.token_stats_fwd(x, torch.tensor([0, 10, -100]), None, 1.0, False, -3.0, -100)
+    with pytest.raises(RuntimeError, match=r"g_logp needs labels"):
+        torch.ops.lpreg_C.token_stats_bwd(x, None, None, torch.zeros(3, 5), torch.ones(3), None, None, 1.0, -100)
     with pytest.raises(RuntimeError, match="float32, bfloat16 or float16"):
         torch.ops.lpreg_C.token_stats_fwd(x.int(), None, None, 1.0, False, -3.0, -100)
 

@@ -118,7 +118,7 @@ inline float block_max(const float* b, int64_t nv) {
 // With kDrop it also sums d = sum e^(x-m') over the block's elements below thr = m' + log k.
 // Every later cutoff (max + log kappa, or lse + log tau with lse >= max) is >= thr, so these
 // elements are surely dropped from K, and pass 2 needs an exp only for the candidates >= thr.
-// Returns thr, which pass 2 recomputes nothing of: it reads it back per block.
+// Returns thr, which pass 2 reads back per block (so both passes classify alike).
 template <bool kWithT, bool kDrop>
 float online_block(const float* b, int64_t nv, float bmax, float log_threshold, float& m, float& s, float& t,
                    float& d) {

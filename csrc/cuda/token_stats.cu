@@ -254,11 +254,13 @@ __global__ void token_stats_fwd_kernel(const TokenStatsFwdArgs a) {
     const float lse_kept = my_ref + logf(kept);
     const float kl = kHasProxy ? other / kept + lse - lse_kept : log1pf(other / kept);
     float logp = 0.f, proxy_logp = 0.f;
-    if (a.labels) {
+    if (a.labels && label >= 0 && label < a.V) {
       const float x_lab = to_f(xr[label]) * a.inv_temperature;
       const float y_lab = kHasProxy ? to_f(yr[label]) * a.inv_temperature : x_lab;
       logp = x_lab - lse;
       proxy_logp = (y_lab >= cutoff || label == argmax_y) ? y_lab - lse_kept : -INFINITY;
+    } else if (a.labels) {  // out of range (the public API rejects it first): NaN, no wild read
+      logp = proxy_logp = NAN;
     }
     a.logp[row] = bad ? NAN : logp;
     a.proxy_logp[row] = bad ? NAN : proxy_logp;

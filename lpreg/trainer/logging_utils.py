@@ -9,7 +9,7 @@ import json
 import math
 import os
 
-__all__ = ["MetricsLog", "read_metrics", "plot_metrics", "progress_bar", "format_row"]
+__all__ = ["MetricsLog", "read_metrics", "truncate_jsonl", "plot_metrics", "progress_bar", "format_row"]
 
 
 def read_metrics(path):
@@ -28,7 +28,7 @@ def read_metrics(path):
     return rows
 
 
-def _truncate(path, resume_step):
+def truncate_jsonl(path, resume_step):
     """Keep rows with step <= resume_step; atomic replace so a crash here loses nothing."""
     if not os.path.exists(path):
         return
@@ -52,7 +52,7 @@ class MetricsLog:
             if os.path.exists(path):
                 os.remove(path)  # a fresh run in a reused directory starts a fresh log
         else:
-            _truncate(path, resume_step)
+            truncate_jsonl(path, resume_step)
         self._fh = open(path, "a")
 
     def write(self, row):

@@ -28,7 +28,10 @@ def _parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--lr", type=float, default=WARM_START_DEFAULTS["lr"])
     ap.add_argument("--batch-size", type=int, default=WARM_START_DEFAULTS["batch_size"])
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--n-train", type=int, default=8000, help="train-split problems to draw")
+    ap.add_argument("--n-train", type=int, default=8000,
+                    help="train-split problems to draw (at most the split's size)")
+    ap.add_argument("--max-operand", type=int, default=99,
+                    help="operands in [0, N]; 19 matches the trainer's cpu-tiny preset")
     ap.add_argument("--n-eval", type=int, default=256, help="test-split problems for the final accuracy")
     ap.add_argument("--hidden-size", type=int, default=TINY_MODEL_DEFAULTS["hidden_size"])
     ap.add_argument("--num-layers", type=int, default=TINY_MODEL_DEFAULTS["num_layers"])
@@ -48,7 +51,7 @@ def main(argv=None) -> dict:
     import torch
 
     from .model import build_tiny_model, warm_start
-    from .tasks import arithmetic_problems
+    from .tasks import arithmetic_problems, split_size
     from .tokenizer import build_char_tokenizer
 
     torch.set_num_threads(args.threads or min(2, os.cpu_count() or 1))
@@ -57,10 +60,14 @@ def main(argv=None) -> dict:
         tokenizer, hidden_size=args.hidden_size, num_layers=args.num_layers,
         num_heads=args.num_heads, seed=args.seed, device=args.device,
     )
+    def draw(n: int, seed: int, split: str):
+        n = min(n, split_size(split, args.max_operand))
+        return arithmetic_problems(n, seed=seed, split=split, max_operand=args.max_operand)
+
     metrics = warm_start(
-        model, tokenizer, arithmetic_problems(args.n_train, seed=args.seed, split="train"),
+        model, tokenizer, draw(args.n_train, args.seed, "train"),
         steps=args.steps, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
-        eval_problems=arithmetic_problems(args.n_eval, seed=args.seed + 1, split="test"),
+        eval_problems=draw(args.n_eval, args.seed + 1, "test"),
     )
     os.makedirs(args.output_dir, exist_ok=True)
     model.save_pretrained(args.output_dir)

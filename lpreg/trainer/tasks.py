@@ -56,32 +56,41 @@ def _is_test(problem: Problem) -> bool:
 
 
 @lru_cache(maxsize=None)
-def _split_pool(split: str) -> tuple[Problem, ...]:
-    # Enumeration order is fixed (op, a, b), so the pool is identical everywhere.
+def _split_pool(split: str, max_operand: int = MAX_OPERAND) -> tuple[Problem, ...]:
+    # Enumeration order is fixed (op, a, b), so the pool is identical everywhere. A problem's
+    # split does not depend on max_operand: smaller pools are subsets of the full ones.
     pool = [
         _make(a, op, b)
         for op in ("+", "-")
-        for a in range(MAX_OPERAND + 1)
-        for b in range(MAX_OPERAND + 1)
+        for a in range(max_operand + 1)
+        for b in range(max_operand + 1)
     ]
     want_test = split == "test"
     return tuple(p for p in pool if _is_test(p) == want_test)
 
 
-def arithmetic_problems(n: int, seed: int, split: str = "train") -> list[Problem]:
-    """Draw `n` distinct problems of `split` ("train" or "test"), deterministic in `seed`.
-
-    Returns a list of `Problem`. The same (n, seed, split) always gives the same list, and
-    no question appears in both splits. Raises ValueError for an unknown split or an `n`
-    outside [0, size of the split] (18,000-odd for train, 2,000-odd for test).
-    """
+def _check(split: str, max_operand: int) -> None:
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    pool = _split_pool(split)
+    if not isinstance(max_operand, int) or not 0 <= max_operand <= MAX_OPERAND:
+        raise ValueError(f"max_operand must be an int in [0, {MAX_OPERAND}], got {max_operand!r}")
+
+
+def arithmetic_problems(n: int, seed: int, split: str = "train", *, max_operand: int = MAX_OPERAND) -> list[Problem]:
+    """Draw `n` distinct problems of `split` ("train" or "test"), deterministic in `seed`.
+
+    Returns a list of `Problem`. The same arguments always give the same list, and no
+    question appears in both splits. `max_operand` (default 99) restricts both operands
+    to [0, max_operand], an easier task (19 keeps 800 problems, 10% of them test).
+    Raises ValueError for an unknown split, a max_operand outside [0, 99], or an `n`
+    outside [0, split_size(split, max_operand)] (17,973 train and 2,027 test at 99).
+    """
+    _check(split, max_operand)
+    pool = _split_pool(split, max_operand)
     if not isinstance(n, int) or n < 0 or n > len(pool):
         raise ValueError(f"n must be an int in [0, {len(pool)}] for split={split!r}, got {n!r}")
     rng = random.Random(seed)
-    sizes = _bucket_sizes(split)
+    sizes = _bucket_sizes(split, max_operand)
     # Efraimidis-Spirakis: key = u ** (1 / w) with weight w = 1 / bucket size; the n largest
     # keys are a weighted sample without replacement. log(key) = log(u) * bucket size.
     keys = [math.log(1.0 - rng.random()) * sizes[_bucket(p)] for p in pool]
@@ -95,15 +104,14 @@ def _bucket(problem: Problem) -> tuple[str, int, int]:
 
 
 @lru_cache(maxsize=None)
-def _bucket_sizes(split: str) -> dict[tuple[str, int, int], int]:
+def _bucket_sizes(split: str, max_operand: int) -> dict[tuple[str, int, int], int]:
     sizes: dict[tuple[str, int, int], int] = {}
-    for p in _split_pool(split):
+    for p in _split_pool(split, max_operand):
         sizes[_bucket(p)] = sizes.get(_bucket(p), 0) + 1
     return sizes
 
 
-def split_size(split: str) -> int:
-    """Number of problems in `split`, for callers that want the whole split."""
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    return len(_split_pool(split))
+def split_size(split: str, max_operand: int = MAX_OPERAND) -> int:
+    """Number of problems in `split` (with operands <= max_operand)."""
+    _check(split, max_operand)
+    return len(_split_pool(split, max_operand))
