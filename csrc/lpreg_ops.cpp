@@ -22,7 +22,7 @@
 #include "token_stats_args.h"
 
 #ifdef LPREG_WITH_CUDA
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 
 #include "cuda/token_stats_cuda.h"
@@ -123,7 +123,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> token_stats_fwd(
 #ifdef LPREG_WITH_CUDA
   if (on_cuda) {
     const c10::cuda::CUDAGuard guard(logits.device());
-    const cudaError_t err = cuda::token_stats_fwd(a, at::cuda::getCurrentCUDAStream());
+    const cudaError_t err = cuda::token_stats_fwd(a, c10::cuda::getCurrentCUDAStream());
     TORCH_CHECK(err == cudaSuccess, "lpreg_C: token_stats_fwd CUDA launch failed: ", cudaGetErrorString(err));
     return {logp, proxy_logp, kl, entropy, row_stats};
   }
@@ -172,7 +172,7 @@ Tensor token_stats_bwd(const Tensor& logits, const OptTensor& labels, const OptT
 #ifdef LPREG_WITH_CUDA
   if (on_cuda) {
     const c10::cuda::CUDAGuard guard(logits.device());
-    const cudaError_t err = cuda::token_stats_bwd(a, at::cuda::getCurrentCUDAStream());
+    const cudaError_t err = cuda::token_stats_bwd(a, c10::cuda::getCurrentCUDAStream());
     TORCH_CHECK(err == cudaSuccess, "lpreg_C: token_stats_bwd CUDA launch failed: ", cudaGetErrorString(err));
     return grad;
   }

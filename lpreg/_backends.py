@@ -9,6 +9,7 @@ import importlib
 import os
 import warnings
 
+
 _MODULES = {
     "triton": "lpreg.kernels.token_stats",
     "torch": "lpreg._torch_backend",
@@ -22,12 +23,22 @@ def implementation(backend):
     return importlib.import_module(_MODULES[backend])
 
 
+# Availability is a fact of the installation: probed once (resolve() runs inside the custom
+# ops, never under torch.compile's tracing).
+_available = {}
+
+
+def _probe(key, check):
+    if key not in _available:
+        try:
+            _available[key] = bool(check())
+        except Exception:
+            _available[key] = False
+    return _available[key]
+
+
 def triton_available():
-    try:
-        importlib.import_module("triton")
-        return True
-    except Exception:
-        return False
+    return _probe("triton", lambda: importlib.import_module("triton") is not None)
 
 
 def triton_interpreted():
@@ -35,11 +46,7 @@ def triton_interpreted():
 
 
 def native_available(device_type):
-    try:
-        native = importlib.import_module("lpreg._native")
-    except Exception:
-        return False
-    return native.available(device_type)
+    return _probe(device_type, lambda: importlib.import_module("lpreg._native").available(device_type))
 
 
 def _warn_once(key, message):
@@ -50,23 +57,18 @@ def _warn_once(key, message):
 
 def resolve(backend, device):
     """Turn backend="auto" into a concrete backend for `device`, and check explicit ones."""
-    # The compiled extension's availability comes from lpreg._native.available, which
-    # torch.compile treats as a constant (native_available's importlib call cannot be traced,
-    # and resolve() runs inside compiled callers).
-    from . import _native
-
     kind = device.type
     if backend == "auto":
         if kind == "cuda":
             # Triton is the measured default on CUDA; the CUDA extension is the fallback.
             if triton_available():
                 return "triton"
-            if _native.available("cuda"):
+            if native_available("cuda"):
                 return "cuda"
             _warn_once("cuda", "lpreg: neither Triton nor lpreg._C (CUDA) is available; using backend='torch'")
             return "torch"
         if kind == "cpu":
-            if _native.available("cpu"):
+            if native_available("cpu"):
                 return "cpu"
             _warn_once("cpu", "lpreg: the compiled extension lpreg._C is not available; using backend='torch'")
             return "torch"
@@ -81,6 +83,6 @@ def resolve(backend, device):
     elif backend in ("cpu", "cuda"):
         if kind != backend:
             raise ValueError(f"backend={backend!r} needs {backend} tensors, got a tensor on {device}")
-        if not _native.available(backend):
+        if not native_available(backend):
             raise ValueError(f"backend={backend!r} needs the compiled extension lpreg._C built with {backend} support")
     return backend

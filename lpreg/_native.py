@@ -43,8 +43,6 @@ def _register_fakes():
         return logits.new_empty(logits.shape)
 
 
-# A constant for torch.compile: dynamo calls it once while tracing instead of tracing the import.
-@torch.compiler.assume_constant_result
 def available(device_type: str) -> bool:
     """cpu: the extension loads; cuda: it was built with CUDA and a CUDA device is present."""
     mod = _load()

@@ -1,8 +1,9 @@
 """torch.library glue: the `lpreg::token_stats` op, its backward op, fake kernels, autograd.
 
-Both ops take 2-D (N, V) logits with unit-stride rows and a resolved backend name
-("triton" | "torch" | "cpu" | "cuda"); the public functions in `lpreg.token_stats` reshape,
-validate and resolve "auto" before calling them. Registering them as custom ops (with fake
+Both ops take 2-D (N, V) logits with unit-stride rows and a backend name; the public
+functions in `lpreg.token_stats` reshape and validate before calling them. The backend
+("auto" included) is resolved inside the op bodies, which run eagerly even in a compiled
+graph: that keeps import probing of Triton and the extension out of what torch.compile traces. Registering them as custom ops (with fake
 implementations) lets `torch.compile(fullgraph=True)` trace a caller without graph breaks,
 and the autograd registration routes the backward through a second op, so the compiled
 graph holds the fused backward too.
@@ -29,7 +30,7 @@ def token_stats_op(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     if labels is not None:
         _validate.check_label_range(labels, logits.shape[-1], ignore_index)
-    impl = _backends.implementation(backend)
+    impl = _backends.implementation(_backends.resolve(backend, logits.device))
     return impl.token_stats_forward(logits, labels, proxy, inv_temperature, fixed, log_threshold, ignore_index)
 
 
@@ -53,7 +54,7 @@ def token_stats_backward_op(
     ignore_index: int,
     backend: str,
 ) -> Tensor:
-    impl = _backends.implementation(backend)
+    impl = _backends.implementation(_backends.resolve(backend, logits.device))
     return impl.token_stats_backward(
         logits, labels, proxy, row_stats, g_logp, g_kl, g_entropy, inv_temperature, ignore_index
     )

@@ -48,17 +48,22 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - math.comb(n - c, k) / math.comb(n, k)
 
 
-def majority_correct(completions: list[str], rewards: list[float]) -> float:
-    """maj@n for one problem: the reward of the most common extracted answer (0 if none)."""
+def majority_correct(completions: list[str], rewards: list[float], *, number_fallback: bool = True) -> float:
+    """maj@n for one problem: the reward of the most common extracted answer (0 if none).
+
+    Answers are extracted as the reward does (`number_fallback` as in `RewardWorker`)."""
     from .trainer.reward import extract_answer
 
     votes: Counter[str] = Counter()
     reward_of: dict[str, float] = {}
     for text, reward in zip(completions, rewards):
-        answer = extract_answer(text)
+        answer = extract_answer(text, number_fallback=number_fallback)
         if answer is None:
             continue
-        key = " ".join(answer.split())  # "1 + x" and "1+x " vote together only if equal after this
+        # Whitespace runs collapse ("1  + x" and "1 + x" are one vote), but answers are not
+        # grouped by mathematical equivalence ("1+x" is another vote): that would cost a
+        # math-verify call per pair of distinct answers.
+        key = " ".join(answer.split())
         votes[key] += 1
         reward_of.setdefault(key, reward)
     if not votes:
@@ -88,15 +93,17 @@ def evaluate(model, tokenizer, problems, *, k: int, temperature: float, greedy: 
     start = time.perf_counter()
     n = 1 if greedy else k
     prompts = [format_prompt(tokenizer, p.question) for p in problems]
-    completions = generate_completions(
-        model, tokenizer, prompts, num_samples=n, greedy=greedy, temperature=temperature,
-        max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed,
-    )
-    flat = [c for group in completions for c in group]
     answers = [p.answer for p in problems for _ in range(n)]
     owned = reward_worker is None
+    # Started before generating, so that its interpreter start and math-verify import
+    # overlap with generation.
     worker = RewardWorker(timeout_s=timeout_s) if owned else reward_worker
     try:
+        completions = generate_completions(
+            model, tokenizer, prompts, num_samples=n, greedy=greedy, temperature=temperature,
+            max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed,
+        )
+        flat = [c for group in completions for c in group]
         flat_rewards, stats = worker.score(flat, answers)
     finally:
         if owned:
@@ -108,7 +115,8 @@ def evaluate(model, tokenizer, problems, *, k: int, temperature: float, greedy: 
     while j <= n:
         metrics[f"pass@{j}"] = sum(pass_at_k(n, c, j) for c in correct) / len(problems)
         j *= 2
-    metrics[f"maj@{n}"] = sum(majority_correct(c, r) for c, r in zip(completions, rewards)) / len(problems)
+    vote = [majority_correct(c, r, number_fallback=worker.number_fallback) for c, r in zip(completions, rewards)]
+    metrics[f"maj@{n}"] = sum(vote) / len(problems)
     metrics.update(
         n_problems=len(problems),
         n_samples=n,
@@ -152,7 +160,8 @@ def _parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def main(argv=None) -> dict:
+def run(argv=None) -> dict:
+    """The command's work: parse `argv`, evaluate, print and optionally save; returns metrics."""
     args = _parse_args(argv)
     import torch
 
@@ -186,5 +195,11 @@ def main(argv=None) -> dict:
     return metrics
 
 
+def main(argv=None) -> int:
+    """Console entry point `lpreg-eval` (returns the exit status, 0)."""
+    run(argv)
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -168,7 +168,9 @@ def _impl(backend):
 def sparse_proxy_stats_op(logits: Tensor, labels: Optional[Tensor], indices: Tensor, logq: Tensor,
                           inv_temperature: float, ignore_index: int, backend: str
                           ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    return _impl(backend)[0](logits, labels, indices, logq, inv_temperature, ignore_index)
+    if labels is not None:
+        _validate.check_label_range(labels, logits.shape[-1], ignore_index)
+    return _impl(_resolve(backend, logits.device))[0](logits, labels, indices, logq, inv_temperature, ignore_index)
 
 
 @sparse_proxy_stats_op.register_fake
@@ -183,8 +185,8 @@ def sparse_proxy_stats_backward_op(logits: Tensor, labels: Optional[Tensor], ind
                                    row_stats: Tensor, g_logp: Optional[Tensor], g_kl: Optional[Tensor],
                                    g_entropy: Optional[Tensor], inv_temperature: float, ignore_index: int,
                                    backend: str) -> Tensor:
-    return _impl(backend)[1](logits, labels, indices, logq, row_stats, g_logp, g_kl, g_entropy,
-                             inv_temperature, ignore_index)
+    backward = _impl(_resolve(backend, logits.device))[1]
+    return backward(logits, labels, indices, logq, row_stats, g_logp, g_kl, g_entropy, inv_temperature, ignore_index)
 
 
 @sparse_proxy_stats_backward_op.register_fake
@@ -219,8 +221,8 @@ sparse_proxy_stats_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _resolve(backend, device):
-    """Triton where `backend` resolves to it; every other backend is served by the torch path."""
-    _validate.check_backend(backend)
+    """Triton where `backend` resolves to it; every other backend is served by the torch path.
+    Called inside the ops, so torch.compile never traces the availability probe."""
     if backend == "triton" or (backend == "auto" and device.type == "cuda" and _backends.triton_available()):
         return _backends.resolve("triton", device)
     return "torch"
@@ -245,7 +247,7 @@ def sparse_proxy_stats(logits: Tensor, labels: Optional[Tensor], proxy: SparsePr
                          f"{tuple(proxy.indices.shape)} and logq {tuple(proxy.logq.shape)}")
     if labels is not None:
         _validate.check_labels(labels, logits, ignore_index)
-    backend = _resolve(backend, logits.device)
+    _validate.check_backend(backend)
     x = logits.reshape(-1, V)
     x = x if x.stride(-1) == 1 else x.contiguous()
     k = proxy.indices.shape[-1]

@@ -10,7 +10,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from . import _backends, _validate
+from . import _validate
 from ._ops import token_stats_op
 
 
@@ -37,7 +37,6 @@ def _run(logits, labels, temperature, mode, threshold, proxy_logits, ignore_inde
     _validate.check_proxy(proxy_logits, logits)
     if labels is not None:
         _validate.check_labels(labels, logits, ignore_index)
-    backend = _backends.resolve(backend, logits.device)
     x = _rows(logits)
     proxy = None if proxy_logits is None else _rows(proxy_logits.detach())
     lab = None if labels is None else labels.reshape(-1).long()

@@ -31,7 +31,8 @@ Run:
     lpreg-train --preset cpu-tiny                       # the CPU demo, < 10 min on 2 cores
     lpreg-train --preset cpu-tiny --loss grpo --output-dir runs/grpo
     lpreg-train --preset qwen2.5-math-1.5b --model /models/Qwen2.5-Math-1.5B --data train.parquet
-    accelerate launch -m lpreg.train --preset ...      # DDP or FSDP, same script
+    accelerate launch --num_processes 8 -m lpreg.train --preset ...   # GPUs: DDP (or FSDP via config)
+    torchrun --nproc_per_node 2 -m lpreg.train --preset test-micro     # CPU processes (gloo)
 Flags mirror the fields of `lpreg.trainer.config.TrainConfig`; `--config FILE.yaml` sets many.
 """
 
@@ -161,6 +162,19 @@ def gather_varlen(acc, t):
     return torch.cat([allp[r, : sizes[r]] for r in range(len(sizes))])
 
 
+def full_params_for_generation(acc, model):
+    """Under FSDP (v1) every rank generates with its own full copy of the parameters (gathered
+    once per step, not written back); under DDP or a single process the module already is one."""
+    from accelerate.utils import DistributedType
+
+    if acc.distributed_type == DistributedType.FSDP:
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        if isinstance(model, FSDP):
+            return FSDP.summon_full_params(model, writeback=False, recurse=True)
+    return contextlib.nullcontext()
+
+
 def train(cfg):
     """Run the whole job described by `cfg`; returns the trained (unwrapped) policy."""
     from accelerate import Accelerator
@@ -172,7 +186,8 @@ def train(cfg):
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # save_pretrained's per-checkpoint bar would drown the log
-    acc = Accelerator()
+    # cpu=True without CUDA: accelerate only sets up a multi-process CPU (gloo) run when told
+    acc = Accelerator(cpu=not torch.cuda.is_available())
     world, rank = acc.num_processes, acc.process_index
     if cfg.prompts_per_step % world:
         raise ValueError(f"--prompts-per-step ({cfg.prompts_per_step}) must be divisible by the {world} processes")
@@ -243,13 +258,14 @@ def train(cfg):
             mine = [problem_at(problems, first + i, cfg.seed) for i in range(per_rank)]
             prompt_ids, responses, answers = [], [], []
             policy.eval()
-            for i, prob in enumerate(mine):
-                ids = tok.encode(format_prompt(tok, prob.question), add_special_tokens=False)
-                group = generate_group(policy, ids, n, cfg, eos_ids=eos_ids, pad_id=pad_id,
-                                       seed=rollout_seed(cfg.seed, step, first + i))
-                prompt_ids += [ids] * n
-                responses += group
-                answers += [prob.answer] * n
+            with full_params_for_generation(acc, model):
+                for i, prob in enumerate(mine):
+                    ids = tok.encode(format_prompt(tok, prob.question), add_special_tokens=False)
+                    group = generate_group(policy, ids, n, cfg, eos_ids=eos_ids, pad_id=pad_id,
+                                           seed=rollout_seed(cfg.seed, step, first + i))
+                    prompt_ids += [ids] * n
+                    responses += group
+                    answers += [prob.answer] * n
             policy.train()
             t_rollout = time.perf_counter() - t_step
 
@@ -300,10 +316,10 @@ def train(cfg):
                     gen = torch.Generator().manual_seed(rollout_seed(cfg.seed, step, -1))
                     sel = select_tokens(cfg.loss, flat(old_logp).cpu(), flat(ents).cpu(),
                                         flat([tok_adv[mb] for mb in flat_micro]).cpu(), cfg, generator=gen)
-                    n_before = int(sum(gather_floats(acc, [float(sum(int((m > 0).sum()) for m in masks))])[:rank]))
-                    chosen = scatter_selection(sel[n_before:], masks)
-                if cfg.mini_batches == 1:
-                    old_logp = [None] * len(flat_micro)  # on-policy: this pass's logp is the old one
+                    counts = gather_floats(acc, [float(sum(int((m > 0).sum()) for m in masks))])
+                    lo = int(sum(counts[:rank]))  # this rank's tokens in the gathered order
+                    chosen = scatter_selection(sel[lo:lo + int(counts[rank])], masks)
+                # old_logp stays this pass's values: Lp-Reg's threshold compares against exactly them
             sums, j = {}, 0
             grad_norms = []
             for mini in micro:

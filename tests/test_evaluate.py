@@ -8,7 +8,7 @@ import re
 import pytest
 import torch
 
-from lpreg.evaluate import evaluate, main, majority_correct, pass_at_k
+from lpreg.evaluate import evaluate, main, majority_correct, pass_at_k, run
 from lpreg.trainer.model import build_tiny_model
 from lpreg.trainer.reward import RewardWorker, extract_answer
 from lpreg.trainer.tasks import arithmetic_problems
@@ -104,12 +104,14 @@ def test_lpreg_eval_command(tmp_path, capsys):
     model.save_pretrained(tmp_path / "m")
     tok.save_pretrained(tmp_path / "m")
     out = tmp_path / "eval.json"
-    metrics = main(["--model", str(tmp_path / "m"), "--data", "builtin", "--n-problems", "5", "--k", "2",
+    metrics = run(["--model", str(tmp_path / "m"), "--data", "builtin", "--n-problems", "5", "--k", "2",
                     "--temperature", "0.7", "--max-new-tokens", "4", "--output", str(out)])
     saved = json.loads(out.read_text())
     assert saved["metrics"] == metrics and metrics["n_problems"] == 5 and metrics["n_samples"] == 2
     assert saved["settings"]["temperature"] == 0.7 and len(saved["records"]) == 5
     assert '"pass@2"' in capsys.readouterr().out
+    # The console script passes main()'s return value to sys.exit: it must be 0, not a dict.
+    assert main(["--model", str(tmp_path / "m"), "--n-problems", "2", "--greedy", "--max-new-tokens", "3"]) == 0
     with pytest.raises(ValueError, match="does not exist"):
         main(["--model", str(tmp_path / "nope"), "--data", "builtin", "--n-problems", "2"])
     with pytest.raises(SystemExit):

@@ -97,6 +97,16 @@ def test_unresponsive_worker_is_killed_and_replaced():
         w.score(["1"], ["1"])
 
 
+def test_worker_killed_while_idle_is_replaced():
+    with RewardWorker(timeout_s=2.0) as w:
+        assert w.score(["1"], ["1"])[0] == [1.0]
+        dead = w.pid
+        os.kill(dead, signal.SIGKILL)
+        time.sleep(0.2)
+        assert w.score(["2", "3"], ["2", "4"]) == ([1.0, 0.0], {"timeouts": 0, "parse_failures": 0})
+        assert w.pid != dead and w.restarts == 1
+
+
 def test_worker_process_exits_on_close():
     w = RewardWorker(timeout_s=1.0)
     pid = w.pid

@@ -1,5 +1,6 @@
 """Built-in task, character tokenizer, prompt format and tiny model of lpreg.trainer."""
 
+import json
 import re
 
 import pytest
@@ -12,7 +13,7 @@ from lpreg.trainer.model import (
     load_policy,
     warm_start,
 )
-from lpreg.trainer.tasks import Problem, arithmetic_problems, split_size
+from lpreg.trainer.tasks import arithmetic_problems, split_size
 from lpreg.trainer.tokenizer import build_char_tokenizer
 
 
@@ -145,6 +146,22 @@ def test_left_padded_generation_matches_one_by_one():
     assert sampled == generate_completions(model, tok, prompts, greedy=False, num_samples=3, max_new_tokens=6, seed=0)
 
 
+def test_checkpoint_generation_config_does_not_leak():
+    # transformers 5 fills unset GenerationConfig fields from model.generation_config;
+    # a checkpoint's penalties, top-k or min length must not change our decoding.
+    tok = build_char_tokenizer()
+    model = build_tiny_model(tok, hidden_size=32, num_layers=2, num_heads=2, seed=2)
+    prompts = [format_prompt(tok, q) for q in ("3+4=?", "50-61=?")]
+    greedy = generate_completions(model, tok, prompts, greedy=True, max_new_tokens=6)
+    sampled = generate_completions(model, tok, prompts, greedy=False, num_samples=4, max_new_tokens=6, seed=3)
+    own = model.generation_config
+    own.repetition_penalty, own.no_repeat_ngram_size, own.min_new_tokens = 50.0, 1, 6
+    own.top_k, own.top_p, own.min_p, own.temperature, own.do_sample = 1, 0.1, 0.9, 0.05, True
+    assert generate_completions(model, tok, prompts, greedy=True, max_new_tokens=6) == greedy
+    assert generate_completions(model, tok, prompts, greedy=False, num_samples=4, max_new_tokens=6, seed=3) == sampled
+    assert model.generation_config is own and own.repetition_penalty == 50.0  # restored
+
+
 def test_warm_start_learns_and_save_load_round_trip(tmp_path):
     # A short SFT run on a small model must bring the loss well below its start
     # (about log(101) = 4.6 for uniform predictions) and survive save/load unchanged.
@@ -167,3 +184,16 @@ def test_warm_start_learns_and_save_load_round_trip(tmp_path):
     assert generate_completions(loaded, loaded_tok, prompts, max_new_tokens=5) == generate_completions(
         model, tok, prompts, max_new_tokens=5
     )
+
+
+def test_sft_command_saves_a_loadable_checkpoint(tmp_path):
+    from lpreg.trainer import sft
+
+    out = tmp_path / "sft"
+    assert sft.main(["--output-dir", str(out), "--steps", "4", "--batch-size", "8", "--hidden-size", "32",
+                     "--num-layers", "1", "--num-heads", "2", "--n-train", "40", "--n-eval", "4",
+                     "--max-operand", "19"]) == 0
+    saved = json.loads((out / "warm_start_metrics.json").read_text())
+    assert saved["metrics"]["steps"] == 4 and saved["args"]["max_operand"] == 19
+    model, tok = load_policy(str(out))
+    assert model.config.hidden_size == 32 and tok.decode(tok.encode("Q: 1+2=?\nA: ")) == "Q: 1+2=?\nA: "

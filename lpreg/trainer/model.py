@@ -1,7 +1,8 @@
 """The policy: a tiny Llama-style model or a local Hugging Face checkpoint, prompts, SFT.
 
-- `build_tiny_model`: a randomly initialised Llama-style causal LM sized for CPU runs
-  (128 wide, 4 layers, ~0.8M parameters with the character vocabulary), tied embeddings.
+- `build_tiny_model`: a randomly initialised Llama-style causal LM sized for CPU runs,
+  tied embeddings (0.87M parameters at the default 128 x 4 layers; the SFT command's
+  measured default is 64 x 2, 0.1M).
 - `load_policy`: `None` gives the tiny model and the character tokenizer; a path loads a
   local checkpoint (no download is ever attempted: `local_files_only=True`).
 - `format_prompt`: the tokenizer's chat template when it has one, else the plain template
@@ -189,30 +190,37 @@ def generate_completions(
 ) -> list[list[str]]:
     """Generate `num_samples` completions per prompt; returns one list of strings per prompt.
 
-    A fresh GenerationConfig is passed so that nothing from the checkpoint's own
-    generation_config (its temperature, top-k, top-p, repetition penalty) leaks in:
-    sampling is plain softmax(z / temperature), top_p=1.0, top_k=0. Greedy ignores
-    `num_samples` > 1 only in that every sample is identical. Special tokens are removed.
+    Sampling is plain softmax(z / temperature): top_p=1.0, top_k=0, no penalties. Nothing
+    from the checkpoint's own generation_config (its temperature, top-k, top-p, min-p,
+    repetition penalty, min length) can leak in: transformers 5 fills every field left
+    None in the GenerationConfig passed to `generate` from `model.generation_config`, so
+    that is swapped for an empty one during the call (and restored). Generation stops
+    at every eos id of tokenizer and model. Special tokens are removed from the text.
+    Greedy generates once per prompt and repeats it `num_samples` times.
     """
     if not greedy and not temperature > 0:
         raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
     eos = eos_token_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+    neutral = dict(
+        num_beams=1, repetition_penalty=1.0, no_repeat_ngram_size=0, min_new_tokens=0,
+        max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad,
+        bos_token_id=tokenizer.bos_token_id, use_cache=True,
+    )
     if greedy:
-        gen = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens)
+        gen = GenerationConfig(do_sample=False, **neutral)
     else:
         gen = GenerationConfig(
-            do_sample=True, temperature=float(temperature), top_p=1.0, top_k=0,
-            max_new_tokens=max_new_tokens,
+            do_sample=True, temperature=float(temperature), top_p=1.0, top_k=0, min_p=None,
+            typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0, **neutral,
         )
-    gen.eos_token_id, gen.pad_token_id = eos, pad
-    gen.bos_token_id = tokenizer.bos_token_id
     # Greedy samples are identical, so generate once and repeat.
     per_call = 1 if greedy else num_samples
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    saved_config, model.generation_config = model.generation_config, GenerationConfig()
     out: list[list[str]] = []
     try:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
@@ -233,6 +241,7 @@ def generate_completions(
                     out.append(group * num_samples if greedy else group)
     finally:
         tokenizer.padding_side = padding_side
+        model.generation_config = saved_config
         model.train(was_training)
     return out
 

@@ -41,7 +41,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 from multiprocessing.connection import Connection
 
 MAX_ANSWER_CHARS = 1000  # longer extracted answers are parse failures, not parsed
@@ -131,7 +130,10 @@ class RewardWorker:
         if not self._recv.poll(self.startup_timeout_s):
             self._kill()
             raise RuntimeError(f"reward worker did not start within {self.startup_timeout_s} s")
-        message = self._recv.recv()
+        try:
+            message = self._recv.recv()
+        except EOFError:
+            message = "exited during start-up (see its stderr above)"
         if message != ("ready",):
             self._kill()
             raise RuntimeError(f"reward worker failed to start: {message!r}")
@@ -152,9 +154,15 @@ class RewardWorker:
         """Process id of the current worker (None after close)."""
         return None if self._proc is None else self._proc.pid
 
+    def _restart(self) -> None:
+        self._kill()
+        self.restarts += 1
+        self._start()
+
     def close(self) -> None:
         """Stop the worker. Safe to call twice."""
-        if self._proc is not None and self._proc.poll() is None:
+        # An idle worker exits on request; one still starting up (or busy) is killed.
+        if self._proc is not None and self._ready and self._proc.poll() is None:
             try:
                 self._send.send(("exit",))
                 self._proc.wait(timeout=2.0)
@@ -196,7 +204,11 @@ class RewardWorker:
         while pending:
             self._wait_ready()
             batch = [(i, str(completions[i]), str(answers[i])) for i in pending]
-            self._send.send(("score", batch, self.timeout_s, self.number_fallback))
+            try:
+                self._send.send(("score", batch, self.timeout_s, self.number_fallback))
+            except OSError:  # the worker died while idle (killed from outside): replace it
+                self._restart()
+                continue
             done = self._collect(pending, rewards, stats)
             pending = pending[done:]
         return rewards, stats
@@ -213,9 +225,7 @@ class RewardWorker:
                 message = None
             if message is None:
                 stats["timeouts"] += 1
-                self._kill()
-                self.restarts += 1
-                self._start()
+                self._restart()
                 return n + 1
             got, reward, kind = message
             assert got == index, f"reward worker answered sample {got}, expected {index}"

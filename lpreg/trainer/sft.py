@@ -1,7 +1,7 @@
 """Supervised warm start of the tiny policy, saved as a checkpoint usable as `--model DIR`.
 
     python -m lpreg.trainer.sft --output-dir runs/sft            # cpu-tiny defaults
-    python -m lpreg.trainer.sft --output-dir runs/sft --steps 2000 --threads 2
+    python -m lpreg.trainer.sft --output-dir runs/sft19 --max-operand 19 --steps 400
     lpreg-eval --model runs/sft --data builtin --k 8
 
 Builds the character tokenizer and the tiny Llama-style model, fine-tunes it on the
@@ -36,8 +36,9 @@ def _parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--hidden-size", type=int, default=TINY_MODEL_DEFAULTS["hidden_size"])
     ap.add_argument("--num-layers", type=int, default=TINY_MODEL_DEFAULTS["num_layers"])
     ap.add_argument("--num-heads", type=int, default=TINY_MODEL_DEFAULTS["num_heads"])
-    ap.add_argument("--threads", type=int, default=None,
-                    help="torch CPU threads (default: min(2, cores); 1 is faster on a busy machine)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch CPU threads (default 1: a tiny model is all per-op overhead, and a "
+                         "second thread made SFT steps 30x slower on a busy 2-core machine)")
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args(argv)
     for name in ("steps", "batch_size", "n_train", "n_eval"):
@@ -46,7 +47,8 @@ def _parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def main(argv=None) -> dict:
+def run(argv=None) -> dict:
+    """Parse `argv`, warm-start, save; returns the warm-start metrics."""
     args = _parse_args(argv)
     import torch
 
@@ -54,7 +56,7 @@ def main(argv=None) -> dict:
     from .tasks import arithmetic_problems, split_size
     from .tokenizer import build_char_tokenizer
 
-    torch.set_num_threads(args.threads or min(2, os.cpu_count() or 1))
+    torch.set_num_threads(max(1, args.threads))
     tokenizer = build_char_tokenizer()
     model = build_tiny_model(
         tokenizer, hidden_size=args.hidden_size, num_layers=args.num_layers,
@@ -78,5 +80,10 @@ def main(argv=None) -> dict:
     return metrics
 
 
+def main(argv=None) -> int:
+    run(argv)
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
