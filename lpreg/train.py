@@ -18,7 +18,9 @@ Lp-Reg (SPEC section 3, paper form by default): loss_t = -min(r A, clip(r, 0, 10
 
 Where this departs from the paper:
 - The policy is whatever `--model` gives; the embedded default is a tiny character-level model
-  warmed up by SFT on integer arithmetic, so RL has a non-zero reward on a CPU in minutes.
+  warmed up by SFT on integer arithmetic (operands <= 19), so RL has a non-zero reward on a CPU
+  in minutes. Its RL problem set is small (64 problems, each seen every 4 steps): a model this
+  size barely generalises across problems, so reward rises by learning the problems it meets.
 - On-policy, `old_logp` is this pass's own logp (detached; the ratio is exactly 1), so no extra
   forward runs. Only when a step is split into several micro-batches or ranks AND the loss
   needs a step-wide token choice (Lp-Reg's rho-percentile, 80/20, KL-Cov, Clip-Cov), or with

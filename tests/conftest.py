@@ -27,3 +27,9 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _seed_everything():
+    # Every test sees the same global RNG state whatever ran before it.
+    torch.manual_seed(0)

@@ -45,8 +45,8 @@ def test_torch_compile_fullgraph_traces_forward_and_backward(backend):
     torch._dynamo.reset()
     compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")
     x = make_logits(6, 50, seed=3).reshape(2, 3, 50)
-    labels = torch.randint(0, 50, (2, 3))
-    adv = torch.randn(2, 3)
+    labels = x.argmax(-1)  # finite logits: a -inf label would make the loss non-finite
+    adv = torch.linspace(-1.0, 1.0, 6).reshape(2, 3)
     xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
     la, lb = compiled(xa, labels, adv), loss_fn(xb, labels, adv)
     la.backward()

@@ -141,7 +141,9 @@ def test_left_padded_generation_matches_one_by_one():
     batched = generate_completions(model, tok, prompts, greedy=True, max_new_tokens=6)
     single = [generate_completions(model, tok, [p], greedy=True, max_new_tokens=6)[0] for p in prompts]
     assert batched == single
+    rng_before = torch.get_rng_state()
     sampled = generate_completions(model, tok, prompts, greedy=False, num_samples=3, max_new_tokens=6, seed=0)
+    assert torch.equal(rng_before, torch.get_rng_state())  # the caller's RNG stream is untouched
     assert [len(s) for s in sampled] == [3, 3, 3]
     assert sampled == generate_completions(model, tok, prompts, greedy=False, num_samples=3, max_new_tokens=6, seed=0)
 

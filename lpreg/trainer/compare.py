@@ -83,7 +83,8 @@ def main(argv=None):
     rows = {loss: read_metrics(os.path.join(d, "metrics.jsonl")) for loss, (d, _) in runs.items()}
     labels = {"lpreg": "Lp-Reg", "grpo": "GRPO"}
     path = plot_metrics({labels.get(k, k): v for k, v in rows.items()}, args.figure,
-                        title=f"{args.preset}: " + " vs ".join(labels.get(k, k) for k in rows))
+                        title=f"{args.preset}: " + " vs ".join(labels.get(k, k) for k in rows)
+                        + (f"  ({' '.join(extra)})" if extra else ""))
     summary = {}
     for loss, (run_dir, wall) in runs.items():
         summary[loss] = {**summarise(rows[loss]), "wall_s": wall, "run_dir": run_dir}

@@ -41,10 +41,10 @@ from .tokenizer import build_char_tokenizer
 
 PLAIN_TEMPLATE = "Q: {question}\nA: "
 # Defaults of `python -m lpreg.trainer.sft` (full task, operands 0..99), chosen by
-# measurement (figures in `warm_start`'s docstring): about 2 CPU-minutes on one thread
-# for partial competence, ~40% greedy and ~28% sampled accuracy on held-out problems.
+# measurement (figures in `warm_start`'s docstring): under 2 CPU-minutes on one thread
+# for partial competence, ~30-40% greedy and ~20-25% sampled accuracy on held-out problems.
 TINY_MODEL_DEFAULTS = {"hidden_size": 64, "num_layers": 2, "num_heads": 4}
-WARM_START_DEFAULTS = {"steps": 2000, "lr": 3e-3, "batch_size": 64}
+WARM_START_DEFAULTS = {"steps": 1800, "lr": 3e-3, "batch_size": 64}
 
 
 def _attn_implementation(device: str | torch.device, dtype: torch.dtype) -> str:
@@ -223,7 +223,10 @@ def generate_completions(
     saved_config, model.generation_config = model.generation_config, GenerationConfig()
     out: list[list[str]] = []
     try:
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        # fork_rng: the caller's RNG streams (training, rollouts) are left as they were.
+        cuda_ids = [device.index if device.index is not None else torch.cuda.current_device()] \
+            if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda_ids):
             torch.manual_seed(seed)
             step = max(1, batch_size // per_call)
             for start in range(0, len(prompts), step):
@@ -300,8 +303,10 @@ def warm_start(
 
     Measured (one torch thread, this repo's 2-core CPU box, under other load; held-out
     test problems; CPU-seconds of training):
-      - 64 wide x 2 layers, full task, bs 64, lr 3e-3: 2000 steps, 124 CPU-s:
-        greedy 39%, sampled 28% (at 1000 steps: 14% / 12%). The sft.py default.
+      - 64 wide x 2 layers, full task, bs 64, lr 3e-3 (the sft.py default): 1800 steps,
+        110 CPU-s: greedy 32%, sampled 21% (256 problems; lpreg-eval on 200: greedy 39%,
+        avg@8 26%, pass@8 84% at T=1). 2000 steps, 124-127 CPU-s: greedy 38-39%,
+        sampled 25-28%; halfway through a run (1000 of 2000 steps): 14% / 12%.
       - 128 x 2, operands <= 19 (706 train problems), bs 32, lr 3e-3: 400 steps, 30 CPU-s:
         greedy 16%, sampled 18%; 800 steps, 57 CPU-s: 14% / 16% (it memorises the
         small train set rather than generalising).
