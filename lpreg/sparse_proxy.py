@@ -170,6 +170,9 @@ def sparse_proxy_stats_op(logits: Tensor, labels: Optional[Tensor], indices: Ten
                           ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     if labels is not None:
         _validate.check_label_range(labels, logits.shape[-1], ignore_index)
+    if indices.numel() and bool(((indices < 0) | (indices >= logits.shape[-1])).any()):
+        bad = indices[(indices < 0) | (indices >= logits.shape[-1])][0].item()
+        raise ValueError(f"proxy.indices must be in [0, {logits.shape[-1]}), got {bad}")
     return _impl(_resolve(backend, logits.device))[0](logits, labels, indices, logq, inv_temperature, ignore_index)
 
 
@@ -251,7 +254,7 @@ def sparse_proxy_stats(logits: Tensor, labels: Optional[Tensor], proxy: SparsePr
     x = logits.reshape(-1, V)
     x = x if x.stride(-1) == 1 else x.contiguous()
     k = proxy.indices.shape[-1]
-    idx = proxy.indices.reshape(-1, k).long().clamp(0, V - 1).contiguous()
+    idx = proxy.indices.reshape(-1, k).long().contiguous()
     lq = proxy.logq.reshape(-1, k).float().contiguous()
     lab = None if labels is None else labels.reshape(-1).long()
     out = sparse_proxy_stats_op(x, lab, idx, lq, 1.0 / temperature, int(ignore_index), backend)

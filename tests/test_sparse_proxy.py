@@ -148,3 +148,9 @@ def test_bad_input():
         lpreg.sparse_proxy_stats(logits[:1], labels[:1, :2], p)
     wide = lpreg.build_proxy(logits, k=20)  # k > V pads with -inf
     assert wide.logq.shape[-1] == 20 and torch.isneginf(wide.logq[..., 16:]).all()
+    wide_stats = lpreg.sparse_proxy_stats(logits, labels, wide)  # its padding indices are in range
+    assert torch.isfinite(wide_stats.kl).all()
+    broken = lpreg.SparseProxy(p.indices.clone(), p.logq, p.coverage)
+    broken.indices[0, 1, 2] = 16  # out of the vocabulary: an error, never a silent clamp
+    with pytest.raises(ValueError, match=r"proxy.indices must be in \[0, 16\), got 16"):
+        lpreg.sparse_proxy_stats(logits, labels, broken)
