@@ -61,14 +61,16 @@ def _token_stats_fwd_kernel(
     cols0 = tl.arange(0, BLOCK_V)
     neg_inf = float("-inf")
 
-    logp = 0.0
-    proxy_logp = 0.0
-    kl = 0.0
-    entropy = 0.0
-    lse = 0.0
-    lse_kept = 0.0
-    cutoff = 0.0
-    argmax_y = -1  # only "fixed" mode needs it; in "min_p" the argmax is always kept anyway
+    # typed scalars: both sides of the runtime `if valid` below must agree on types
+    logp = tl.zeros((), tl.float32)
+    proxy_logp = tl.zeros((), tl.float32)
+    kl = tl.zeros((), tl.float32)
+    entropy = tl.zeros((), tl.float32)
+    lse = tl.zeros((), tl.float32)
+    lse_kept = tl.zeros((), tl.float32)
+    cutoff = tl.zeros((), tl.float32)
+    # only "fixed" mode needs the argmax; in "min_p" it is always kept anyway
+    argmax_y = tl.full((), -1, tl.int32)
     if valid:
         # ---- pass 1: online max m, s = sum e^(x-m), entropy moment t = sum e^(x-m)(x-m);
         # the proxy's max (and, for "fixed", its sum and first argmax); every block's proxy max

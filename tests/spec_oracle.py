@@ -8,6 +8,10 @@ import math
 
 import torch
 
+import lpreg
+
+OUTPUTS = ("logp", "proxy_logp", "kl", "entropy")
+
 
 def spec_token_stats(logits, labels, *, temperature=1.0, mode="min_p", threshold=0.02,
                      proxy_logits=None, ignore_index=-100):
@@ -79,3 +83,65 @@ def make_logits(rows, V, *, seed=0, neg_inf=True):
         x = x.masked_fill(mask, -math.inf)
         x[:, 0] = x[:, 0].clamp(min=-1.0)
     return x
+
+
+def eager_in_dtype(logits, labels, *, temperature, mode, threshold, proxy_logits=None):
+    """What a user writes today, evaluated in the input dtype: the error budget for low precision.
+    logits (N, V) requiring grad; labels (N,) in range. Returns logp, kl, entropy (N,)."""
+    x = logits / temperature
+    y = x.detach() if proxy_logits is None else proxy_logits.to(logits.dtype) / temperature
+    logp = torch.log_softmax(x, -1)
+    p = logp.exp()
+    py = torch.softmax(y, -1)
+    kept = py >= (threshold * py.amax(-1, keepdim=True) if mode == "min_p" else threshold)
+    kept |= torch.zeros_like(kept).scatter_(-1, y.argmax(-1, keepdim=True), True)
+    logq = torch.log_softmax(y.masked_fill(~kept, -math.inf), -1)
+    # masks go on the log terms (not the products) so -inf entries give finite gradients
+    kl = (logq.exp() * torch.where(kept, logq - logp, 0)).sum(-1)
+    entropy = -(p * torch.where(p > 0, logp, 0)).sum(-1)
+    return logp.gather(-1, labels[:, None])[:, 0], kl, entropy
+
+
+def assert_backend_matches_spec(backend, logits, labels, upstream, *, temperature, mode, threshold,
+                                proxy_logits=None, device="cpu", ignore_index=-100):
+    """Run lpreg on `backend` (forward + backward) and compare with SPEC in float64.
+
+    Outputs are fp32 computed from the exact input values, so they must agree to 1e-5 in
+    every input dtype. The gradient is rounded to the input dtype: fp32 within fp32 rounding;
+    bf16/fp16 within twice the error of eager PyTorch run in that dtype (house style).
+    """
+    V = logits.shape[-1]
+    dtype = logits.dtype
+    leaf = logits.detach().clone().requires_grad_()
+    kw = dict(temperature=temperature, mode=mode, threshold=threshold)
+    proxy_dev = None if proxy_logits is None else proxy_logits.to(device)
+    out = lpreg.lpreg_token_stats(leaf.to(device), labels.to(device), backend=backend, proxy_logits=proxy_dev,
+                                  ignore_index=ignore_index, **kw)
+    out = type(out)(*(o.cpu() for o in out))
+    ref = spec_token_stats(leaf, labels, proxy_logits=proxy_logits, ignore_index=ignore_index, **kw)
+    for name in OUTPUTS:
+        got = getattr(out, name)
+        assert got.dtype == torch.float32 and got.shape == labels.shape, name
+        torch.testing.assert_close(got.reshape(-1).double(), ref[name], rtol=1e-5, atol=1e-5, msg=name)
+
+    g_logp, g_kl, g_h = (g.reshape(labels.shape).float() for g in upstream)
+    (grad,) = torch.autograd.grad((out.logp * g_logp + out.kl * g_kl + out.entropy * g_h).sum(), leaf)
+    want = spec_grad(ref, g_logp, g_kl, g_h, temperature=temperature)
+    assert grad.dtype == dtype
+    err = (grad.reshape(-1, V).double() - want).abs().max().item()
+    if dtype == torch.float32:
+        assert err <= 1e-6 + 1e-5 * want.abs().max().item(), err
+        return
+    # The kernels read the low-precision logits exactly and round only the gradient; eager
+    # PyTorch in the same dtype rounds every intermediate. Allow twice its error.
+    flat_labels = labels.reshape(-1)
+    valid = flat_labels != ignore_index
+    xe = leaf.detach().reshape(-1, V).clone().requires_grad_()
+    e_logp, e_kl, e_h = eager_in_dtype(
+        xe, flat_labels.clamp(min=0), proxy_logits=None if proxy_logits is None else proxy_logits.reshape(-1, V),
+        **kw)
+    terms = (e_logp * g_logp.reshape(-1).to(dtype) + e_kl * g_kl.reshape(-1).to(dtype)
+             + e_h * g_h.reshape(-1).to(dtype))
+    (eager_grad,) = torch.autograd.grad(torch.where(valid, terms, 0).sum(), xe)
+    eager_err = (eager_grad.double() - want).abs().max().item()
+    assert err <= 2 * eager_err, (err, eager_err)
