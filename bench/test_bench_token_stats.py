@@ -75,15 +75,11 @@ PROVIDERS = {"eager": eager_stats, "compile": compiled_stats}
 PROVIDERS.update({b: lpreg_provider(b) for b in ("torch", "cpu", "triton", "cuda")})
 
 
-def _skip_unavailable(provider, device, smoke):
+def _skip_unavailable(provider):
     if provider in ("cpu", "cuda") and not _backends.native_available(provider):
         pytest.skip(f"lpreg._C is not built with {provider} support")
     if provider == "triton" and not _backends.triton_available():
         pytest.skip("triton is not importable")
-    if provider == "compile" and device == "cpu" and smoke:
-        # inductor's C++ code generation takes about a minute on a small CI machine; a smoke
-        # run of it proves nothing about lpreg
-        pytest.skip("torch.compile on CPU is only run with --benchmark-enable")
 
 
 def _inputs(N, V, dtype, device):
@@ -116,7 +112,7 @@ def _check(fn, logits, labels, weights):
 
 
 def _run_case(benchmark, measure, smoke, provider, N, V, dtype, device):
-    _skip_unavailable(provider, device, smoke)
+    _skip_unavailable(provider)
     if smoke:
         N = min(N, SMOKE_ROWS)
     fn = PROVIDERS[provider]
