@@ -1,8 +1,6 @@
 """Benchmark-wide set-up and measurement helpers (pytest-benchmark).
 
-- Without a CUDA device, Triton runs under its interpreter: TRITON_INTERPRET must be set
-  before `lpreg.kernels` is first imported, so it is set here, at collection time.
-- Benchmarks marked `gpu` skip cleanly without a CUDA device.
+- TRITON_INTERPRET (without CUDA) and the `gpu` skip come from the root conftest.py.
 - CI runs `pytest tests bench --benchmark-disable`: every benchmark then runs once as a smoke
   test; the `smoke` fixture tells a benchmark so, and it shrinks its sizes and checks its
   result against the reference instead of timing.
@@ -20,24 +18,10 @@ forward + backward, the logits and their stale gradient excluded.
 """
 
 import ctypes
-import os
 import re
 
 import pytest
 import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-
-def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA device")
-    for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
-
 
 @pytest.fixture
 def smoke(request):

@@ -12,10 +12,22 @@ import torch
 _CHUNK_ELEMENTS = 1 << 22
 
 
-def _row_chunks(N, V):
+def row_chunks(N, V):
     step = max(1, _CHUNK_ELEMENTS // max(V, 1))
     for start in range(0, N, step):
         yield start, min(N, start + step)
+
+
+def lse_and_entropy(x):
+    """Rows of x: (max, logsumexp, entropy), with H = log s - t/s, s = sum e^(x-m),
+    t = sum e^(x-m)(x-m); -inf entries contribute nothing (0 log 0 = 0)."""
+    m = x.amax(-1)
+    m_ref = torch.where(m == float("-inf"), torch.zeros_like(m), m)
+    d = x - m_ref[:, None]
+    e = d.exp()
+    s = e.sum(-1)
+    t = torch.where(e > 0, e * d, torch.zeros_like(e)).sum(-1)
+    return m, m_ref + s.log(), s.log() - t / s
 
 
 def _kept_mask(y, cutoff, argmax_y):
@@ -28,17 +40,10 @@ def token_stats_forward(logits, labels, proxy, inv_temperature, fixed, log_thres
     dev = logits.device
     out = [torch.zeros((N,), dtype=torch.float32, device=dev) for _ in range(4)]
     row_stats = torch.zeros((N, 5), dtype=torch.float32, device=dev)
-    for a, b in _row_chunks(N, V):
+    for a, b in row_chunks(N, V):
         x = logits[a:b].float() * inv_temperature
         y = x if proxy is None else proxy[a:b].float() * inv_temperature
-        m = x.amax(-1)
-        m_ref = torch.where(m == float("-inf"), torch.zeros_like(m), m)
-        d = x - m_ref[:, None]
-        e = d.exp()
-        s = e.sum(-1)
-        t = torch.where(e > 0, e * d, torch.zeros_like(e)).sum(-1)
-        lse = m_ref + s.log()
-        entropy = s.log() - t / s
+        m, lse, entropy = lse_and_entropy(x)
         my = y.amax(-1)
         my_ref = torch.where(my == float("-inf"), torch.zeros_like(my), my)
         ey = (y - my_ref[:, None]).exp()
@@ -58,7 +63,7 @@ def token_stats_forward(logits, labels, proxy, inv_temperature, fixed, log_thres
         else:
             cross = torch.where(kept, ey * (y - x), torch.zeros_like(ey)).sum(-1)
             kl = cross / kept_sum + lse - lse_kept
-        del e, d, ey, kept
+        del ey, kept
         bad = torch.isnan(x).any(-1) | torch.isnan(y).any(-1) | (m == float("-inf")) | (my == float("-inf"))
         nan = torch.full_like(lse, float("nan"))
         if labels is not None:
@@ -86,7 +91,7 @@ def token_stats_forward(logits, labels, proxy, inv_temperature, fixed, log_thres
 def token_stats_backward(logits, labels, proxy, row_stats, g_logp, g_kl, g_entropy, inv_temperature, ignore_index):
     N, V = logits.shape
     grad = torch.empty_like(logits)
-    for a, b in _row_chunks(N, V):
+    for a, b in row_chunks(N, V):
         x = logits[a:b].float() * inv_temperature
         lse, entropy, lse_kept, cutoff, argmax_y = row_stats[a:b].unbind(-1)
         valid = torch.ones_like(lse, dtype=torch.bool)

@@ -12,16 +12,15 @@ fallback below keeps the same row-statistics contract ([lse, H] per row) and run
 device in row chunks of at most 4M fp32 elements.
 """
 
-import math
 from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
 
 from . import _backends, _validate
+from ._torch_backend import lse_and_entropy, row_chunks
 from .reference import kept_set
 
-_CHUNK_ELEMENTS = 1 << 22
 
 
 class SparseProxy(NamedTuple):
@@ -38,12 +37,6 @@ class SparseProxy(NamedTuple):
     def rows(self, a: int, b: int) -> "SparseProxy":
         """Rows [a, b) of a flattened proxy."""
         return SparseProxy(self.indices[a:b], self.logq[a:b], self.coverage[a:b])
-
-
-def _row_chunks(N, V):
-    step = max(1, _CHUNK_ELEMENTS // max(V, 1))
-    for a in range(0, N, step):
-        yield a, min(N, a + step)
 
 
 @torch.no_grad()
@@ -65,7 +58,7 @@ def build_proxy(logits: Tensor, *, temperature: float = 1.0, mode: str = "min_p"
     idx = torch.zeros((N, k), dtype=torch.int32, device=logits.device)
     logq = torch.full((N, k), float("-inf"), dtype=torch.float32, device=logits.device)
     cov = torch.empty((N,), dtype=torch.float32, device=logits.device)
-    for a, b in _row_chunks(N, V):
+    for a, b in row_chunks(N, V):
         y = x[a:b].float() / temperature
         kept = kept_set(y, mode, threshold)
         yk = torch.where(kept, y, torch.full_like(y, float("-inf")))
@@ -90,16 +83,9 @@ def _torch_forward(logits, labels, indices, logq, inv_temperature, ignore_index)
     dev = logits.device
     out = [torch.zeros((N,), dtype=torch.float32, device=dev) for _ in range(4)]
     row_stats = torch.zeros((N, 2), dtype=torch.float32, device=dev)
-    for a, b in _row_chunks(N, V):
+    for a, b in row_chunks(N, V):
         x = logits[a:b].float() * inv_temperature
-        m = x.amax(-1)
-        m_ref = torch.where(m == float("-inf"), torch.zeros_like(m), m)
-        d = x - m_ref[:, None]
-        e = d.exp()
-        s = e.sum(-1)
-        t = torch.where(e > 0, e * d, torch.zeros_like(e)).sum(-1)
-        lse = m_ref + s.log()
-        entropy = s.log() - t / s
+        m, lse, entropy = lse_and_entropy(x)
         lq = logq[a:b].float()
         q = lq.exp()
         x_idx = x.gather(-1, indices[a:b])
@@ -128,7 +114,7 @@ def _torch_backward(logits, labels, indices, logq, row_stats, g_logp, g_kl, g_en
                     ignore_index):
     N, V = logits.shape
     grad = torch.empty_like(logits)
-    for a, b in _row_chunks(N, V):
+    for a, b in row_chunks(N, V):
         x = logits[a:b].float() * inv_temperature
         lse, entropy = row_stats[a:b].unbind(-1)
         valid = torch.ones_like(lse, dtype=torch.bool) if labels is None else labels[a:b] != ignore_index

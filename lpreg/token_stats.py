@@ -7,7 +7,6 @@ per-token statistics whose gradients (SPEC section 2) come from one fused backwa
 import math
 from typing import NamedTuple, Optional
 
-import torch
 from torch import Tensor
 
 from . import _validate
