@@ -59,7 +59,7 @@ def test_low_precision_within_twice_eager_error(backend, dtype, V, mode):
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize("V", [7, 32000, 151936])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("mode,proxy", [("min_p", False), ("fixed", False), ("min_p", True)])
+@pytest.mark.parametrize("mode,proxy", [("min_p", False), ("fixed", False), ("min_p", True), ("fixed", True)])
 def test_cuda_backends_match_spec(backend, V, dtype, mode, proxy):
     if not _backends.native_available("cuda") and backend == "cuda":
         pytest.fail("the CUDA extension was not built on this CUDA machine")
@@ -68,8 +68,9 @@ def test_cuda_backends_match_spec(backend, V, dtype, mode, proxy):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("mode", ["min_p", "fixed"])
-def test_dense_proxy_logits_match_spec(backend, mode):
-    _check_against_spec(backend, 300, torch.float32, mode, 0.8, rows=6, seed=11, proxy=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_dense_proxy_logits_match_spec(backend, mode, dtype):
+    _check_against_spec(backend, 300, dtype, mode, 0.8, rows=6, seed=11, proxy=True)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
