@@ -23,6 +23,7 @@ import re
 import pytest
 import torch
 
+
 @pytest.fixture
 def smoke(request):
     """True when benchmarks are disabled (CI): run once, small, and check the result.

@@ -3,20 +3,20 @@
 // on a machine without a GPU.
 //
 // The row-statistics contract is documented in kernels/token_stats.py: the forward writes
-// logp, proxy_logp, kl, entropy (N,) fp32 and row_stats (N, 5) fp32
-// [lse, H, lse_K, cutoff, argmax_y]; the backward reads row_stats back and writes the
-// gradient (N, V) in the logits' dtype.
+// logp, proxy_logp, kl, entropy (N,) fp32 and row_stats (N, kRowStatsWidth) fp32
+// [lse, H, lse_K, cutoff, argmax_y] (slots named in row_stats.h, with the ignored-row
+// invariant); the backward reads row_stats back and writes the gradient (N, V) in the
+// logits' dtype.
 #pragma once
 
 #include <cstdint>
+
+#include "row_stats.h"
 
 namespace lpreg {
 
 // Element type of a logits / proxy / gradient buffer. Computation is always fp32.
 enum class Dtype : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2, kFloat64 = 3 };
-
-// Width of a row of row_stats.
-constexpr int kRowStatsWidth = 5;
 
 struct TokenStatsFwdArgs {
   // outputs
@@ -24,7 +24,7 @@ struct TokenStatsFwdArgs {
   float* proxy_logp;  // (N,)
   float* kl;          // (N,)
   float* entropy;     // (N,)
-  float* row_stats;   // (N, 5), contiguous
+  float* row_stats;   // (N, kRowStatsWidth), contiguous
   // inputs
   const void* logits;     // (N, V), rows of unit stride
   const void* proxy;      // (N, V) or nullptr (on-policy: the proxy is the logits)
@@ -50,7 +50,7 @@ struct TokenStatsBwdArgs {
   const void* logits;
   const void* proxy;  // or nullptr
   const int64_t* labels;  // or nullptr
-  const float* row_stats;  // (N, 5), contiguous
+  const float* row_stats;  // (N, kRowStatsWidth), contiguous
   const float* g_logp;     // (N,) or nullptr (then no logp term)
   const float* g_kl;       // (N,) or nullptr
   const float* g_entropy;  // (N,) or nullptr

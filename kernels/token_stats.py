@@ -1,4 +1,4 @@
-"""Fused Lp-Reg token statistics (SPEC sections 1, 2 and 4), Triton.
+"""Fused Lp-Reg token statistics (docs/spec.md §1, §2 and §4), Triton.
 
 Per row (one token position) with x = z/T and proxy source y = proxy/T (y = x on-policy):
 
@@ -17,13 +17,18 @@ Backward, for upstream (g_logp, g_kl, g_H) per row, in one elementwise pass:
     grad_z = (g_logp (e_label - p) + g_kl (p - q) - g_H p (log p + H)) / T
 
 Row-statistics contract shared by every backend (Triton, torch, C++, CUDA): the forward
-returns `row_stats`, an (N, 5) fp32 tensor [lse, H, lse_K, cutoff, argmax_y], which is all the
-backward needs besides the logits (and the proxy logits when given): 20 bytes per row.
-Rows whose label is `ignore_index` give zeros and a zero gradient. A row holding a NaN, or
-only -inf, gives NaN outputs and a NaN gradient.
+returns `row_stats`, an (N, 5) fp32 tensor [lse, H, lse_K, cutoff, argmax_y] (the layout is
+defined once, in lpreg.kernels.row_stats), which is all the backward needs besides the logits
+(and the proxy logits when given): 20 bytes per row. A row holding a NaN or a +inf (in the
+logits or the proxy), or only -inf, gives NaN outputs and a NaN gradient, in that row alone.
+Ignored-row invariant: a row whose label is `ignore_index` gives zero outputs and zero
+row_stats, and its backward writes an exact zero gradient WITHOUT reading row_stats or
+computing p: its zeros are no softmax state, and p = exp(x - 0) overflows to inf for a
+logit above about 88, so that 0 * inf = NaN. Both kernels branch on the row's
+validity before any arithmetic on its logits.
 
 Limits: any V >= 1 (the loop masks the tail; offsets are int64), fp32/bf16/fp16 logits with
-fp32 accumulation, rows of unit stride in the vocabulary dimension.
+fp32 accumulation, rows of unit stride in the vocabulary dimension (any stride when V = 1).
 Memory traffic: forward reads each row once (pass 1: max/lse/entropy and every block's max),
 then re-reads only the blocks that can hold a kept token (pass 2: the kept-set sums, which
 need the final max and cutoff): one block or two for a peaked row, all of them only for a
@@ -34,7 +39,29 @@ once. Compulsory traffic is therefore about 3 N V elements for forward + backwar
 import triton
 import triton.language as tl
 
-ROW_STATS_WIDTH = 5  # [lse, entropy, lse_kept, cutoff, argmax]
+from . import row_stats as _layout
+from ._row_helpers import (
+    ARGMAX,
+    CUTOFF,
+    ENTROPY,
+    LSE,
+    LSE_KEPT,
+    NO_ARGMAX,
+    entropy_grad,
+    load_scaled,
+    load_stat,
+    lse_entropy,
+    nan_epilogue,
+    online_softmax_update,
+    row_label,
+    store_outputs,
+    store_stat,
+    upstream_coefficients,
+    zero_row,
+)
+
+ROW_STATS_WIDTH = _layout.TOKEN_STATS_WIDTH  # [lse, entropy, lse_kept, cutoff, argmax]
+_WIDTH = tl.constexpr(ROW_STATS_WIDTH)
 
 
 @triton.jit
@@ -52,16 +79,12 @@ def _token_stats_fwd_kernel(
         y_row = proxy_ptr + row * proxy_row_stride
     else:
         y_row = x_row
-    label = 0
-    if HAS_LABELS:
-        label = tl.load(labels_ptr + row)
-        valid = label != ignore_index
-    else:
-        valid = row >= 0
+    label, valid = row_label(labels_ptr, row, ignore_index, HAS_LABELS)
     cols0 = tl.arange(0, BLOCK_V)
     neg_inf = float("-inf")
 
-    # typed scalars: both sides of the runtime `if valid` below must agree on types
+    # typed scalars: both sides of the runtime `if valid` below must agree on types; an
+    # ignored row keeps these zeros (and argmax -1): the ignored-row invariant
     logp = tl.zeros((), tl.float32)
     proxy_logp = tl.zeros((), tl.float32)
     kl = tl.zeros((), tl.float32)
@@ -70,7 +93,7 @@ def _token_stats_fwd_kernel(
     lse_kept = tl.zeros((), tl.float32)
     cutoff = tl.zeros((), tl.float32)
     # only "fixed" mode needs the argmax; in "min_p" it is always kept anyway
-    argmax_y = tl.full((), -1, tl.int32)
+    argmax_y = tl.full((), NO_ARGMAX, tl.int32)
     if valid:
         # ---- pass 1: online max m, s = sum e^(x-m), entropy moment t = sum e^(x-m)(x-m);
         # the proxy's max (and, for "fixed", its sum and first argmax); every block's proxy max
@@ -85,20 +108,11 @@ def _token_stats_fwd_kernel(
         n_blocks = tl.cdiv(V, BLOCK_V)
         for b in range(0, n_blocks):
             cols = b * BLOCK_V + cols0
-            in_row = cols < V
-            x = tl.load(x_row + cols, mask=in_row, other=neg_inf).to(tl.float32) * inv_temperature
+            x = load_scaled(x_row, cols, V, inv_temperature)
             bx = tl.max(x, 0)
-            m_new = tl.maximum(m, bx)
-            m_ref = tl.where(m_new == neg_inf, 0.0, m_new)
-            d = x - m_ref
-            e = tl.exp(d)  # a NaN anywhere in the row makes s NaN: that is the NaN test
-            # rescale the running sums to the new max: t' = e^(m-m')(t + s(m-m'))
-            scale = tl.exp(m - m_ref)
-            t = scale * (t + tl.where(s > 0, s * (m - m_ref), 0.0)) + tl.sum(tl.where(e > 0, e * d, 0.0), 0)
-            s = s * scale + tl.sum(e, 0)
-            m = m_new
+            m, s, t = online_softmax_update(m, s, t, x, bx)  # a NaN in x makes s NaN: the NaN test
             if HAS_PROXY:
-                y = tl.load(y_row + cols, mask=in_row, other=neg_inf).to(tl.float32) * inv_temperature
+                y = load_scaled(y_row, cols, V, inv_temperature)
                 y_nan += tl.sum((y != y).to(tl.int32), 0)
                 by = tl.max(y, 0)
             else:
@@ -114,9 +128,9 @@ def _token_stats_fwd_kernel(
             block_ymax = tl.where(block_ids == b, by, block_ymax)
         if not HAS_PROXY:
             sy = s
-        bad = (s != s) | (y_nan > 0) | (m == neg_inf) | (my == neg_inf)
-        lse = m + tl.log(s)
-        entropy = tl.log(s) - t / s
+        # a NaN, or +inf (inf - inf = NaN in s), or only -inf: NaN outputs for this row alone
+        bad = (s != s) | (y_nan > 0) | (m == neg_inf) | (my == neg_inf) | (m == float("inf")) | (my == float("inf"))
+        lse, entropy = lse_entropy(m, s, t)
         if FIXED:
             cutoff = my + tl.log(sy) + log_threshold
             # no token reaches tau: K = {first argmax} alone
@@ -135,13 +149,12 @@ def _token_stats_fwd_kernel(
             block_max = tl.max(tl.where(block_ids == b, block_ymax, neg_inf), 0)
             if (block_max >= cutoff) | (b == argmax_block):
                 cols = b * BLOCK_V + cols0
-                in_row = cols < V
-                y = tl.load(y_row + cols, mask=in_row, other=neg_inf).to(tl.float32) * inv_temperature
-                kept = ((y >= cutoff) | (cols == argmax_y)) & in_row
+                y = load_scaled(y_row, cols, V, inv_temperature)
+                kept = ((y >= cutoff) | (cols == argmax_y)) & (cols < V)
                 e = tl.exp(y - my_ref)
                 kept_sum += tl.sum(tl.where(kept, e, 0.0), 0)
                 if HAS_PROXY:
-                    x = tl.load(x_row + cols, mask=in_row, other=neg_inf).to(tl.float32) * inv_temperature
+                    x = load_scaled(x_row, cols, V, inv_temperature)
                     cross += tl.sum(tl.where(kept, e * (y - x), 0.0), 0)
         lse_kept = my + tl.log(kept_sum)
         if HAS_PROXY:
@@ -158,24 +171,14 @@ def _token_stats_fwd_kernel(
             logp = x_label - lse
             label_kept = (y_label >= cutoff) | (label == argmax_y)
             proxy_logp = tl.where(label_kept, y_label - lse_kept, neg_inf)
+        logp, proxy_logp, kl, entropy, lse = nan_epilogue(bad, logp, proxy_logp, kl, entropy, lse)
 
-        nan = float("nan")
-        logp = tl.where(bad, nan, logp)
-        proxy_logp = tl.where(bad, nan, proxy_logp)
-        kl = tl.where(bad, nan, kl)
-        entropy = tl.where(bad, nan, entropy)
-        lse = tl.where(bad, nan, lse)
-
-    tl.store(logp_ptr + row, logp)
-    tl.store(proxy_logp_ptr + row, proxy_logp)
-    tl.store(kl_ptr + row, kl)
-    tl.store(entropy_ptr + row, entropy)
-    stats = row_stats_ptr + row * 5
-    tl.store(stats + 0, lse)
-    tl.store(stats + 1, entropy)
-    tl.store(stats + 2, lse_kept)
-    tl.store(stats + 3, cutoff)
-    tl.store(stats + 4, argmax_y.to(tl.float32))
+    store_outputs(logp_ptr, proxy_logp_ptr, kl_ptr, entropy_ptr, row, logp, proxy_logp, kl, entropy)
+    store_stat(row_stats_ptr, row, _WIDTH, LSE, lse)
+    store_stat(row_stats_ptr, row, _WIDTH, ENTROPY, entropy)
+    store_stat(row_stats_ptr, row, _WIDTH, LSE_KEPT, lse_kept)
+    store_stat(row_stats_ptr, row, _WIDTH, CUTOFF, cutoff)
+    store_stat(row_stats_ptr, row, _WIDTH, ARGMAX, argmax_y.to(tl.float32))
 
 
 @triton.jit
@@ -192,62 +195,42 @@ def _token_stats_bwd_kernel(
     row = tl.program_id(0).to(tl.int64)
     x_row = logits_ptr + row * logits_row_stride
     g_row = grad_ptr + row * grad_row_stride
-    label = -1
-    if HAS_LABELS:
-        label = tl.load(labels_ptr + row)
-        valid = label != ignore_index
+    label, valid = row_label(labels_ptr, row, ignore_index, HAS_LABELS)
+    if valid:
+        lse = load_stat(row_stats_ptr, row, _WIDTH, LSE)
+        entropy = load_stat(row_stats_ptr, row, _WIDTH, ENTROPY)
+        lse_kept = load_stat(row_stats_ptr, row, _WIDTH, LSE_KEPT)
+        cutoff = load_stat(row_stats_ptr, row, _WIDTH, CUTOFF)
+        argmax_y = load_stat(row_stats_ptr, row, _WIDTH, ARGMAX).to(tl.int64)
+        g_logp, g_kl, g_entropy = upstream_coefficients(
+            g_logp_ptr, g_kl_ptr, g_entropy_ptr, row, inv_temperature, HAS_G_LOGP, HAS_G_KL, HAS_G_ENTROPY)
+        inv_kept_mass = tl.exp(lse - lse_kept)
+        cols0 = tl.arange(0, BLOCK_V)
+        for start in range(0, V, BLOCK_V):
+            cols = start + cols0
+            x = load_scaled(x_row, cols, V, inv_temperature)
+            logp = x - lse
+            p = tl.exp(logp)
+            grad = tl.zeros((BLOCK_V,), tl.float32)
+            if HAS_G_LOGP:
+                grad += g_logp * (tl.where(cols == label, 1.0, 0.0) - p)
+            if HAS_G_KL:
+                if HAS_PROXY:
+                    y = load_scaled(proxy_ptr + row * proxy_row_stride, cols, V, inv_temperature)
+                    q = tl.where((y >= cutoff) | (cols == argmax_y), tl.exp(y - lse_kept), 0.0)
+                else:
+                    # on-policy q = p / m on K, with 1/m = e^(lse - lse_K): no second exp
+                    q = tl.where((x >= cutoff) | (cols == argmax_y), p * inv_kept_mass, 0.0)
+                grad += g_kl * (p - q)
+            if HAS_G_ENTROPY:
+                grad -= g_entropy * entropy_grad(p, logp, entropy)  # NaN rows stay NaN through H
+            tl.store(g_row + cols, grad.to(grad_ptr.dtype.element_ty), mask=cols < V)
     else:
-        valid = row >= 0
-    stats = row_stats_ptr + row * 5
-    lse = tl.load(stats + 0)
-    entropy = tl.load(stats + 1)
-    lse_kept = tl.load(stats + 2)
-    cutoff = tl.load(stats + 3)
-    argmax_y = tl.load(stats + 4).to(tl.int64)
-    g_logp = 0.0
-    g_kl = 0.0
-    g_entropy = 0.0
-    if HAS_G_LOGP:
-        g_logp = tl.load(g_logp_ptr + row)
-    if HAS_G_KL:
-        g_kl = tl.load(g_kl_ptr + row)
-    if HAS_G_ENTROPY:
-        g_entropy = tl.load(g_entropy_ptr + row)
-    # ignored rows: every coefficient is zero (and lse is never read as NaN)
-    g_logp = tl.where(valid, g_logp, 0.0) * inv_temperature
-    g_kl = tl.where(valid, g_kl, 0.0) * inv_temperature
-    g_entropy = tl.where(valid, g_entropy, 0.0) * inv_temperature
-    lse = tl.where(valid, lse, 0.0)
-    inv_kept_mass = tl.exp(lse - tl.where(valid, lse_kept, 0.0))
-    cols0 = tl.arange(0, BLOCK_V)
-    for start in range(0, V, BLOCK_V):
-        cols = start + cols0
-        in_row = cols < V
-        x = tl.load(x_row + cols, mask=in_row, other=float("-inf")).to(tl.float32) * inv_temperature
-        logp = x - lse
-        p = tl.exp(logp)
-        grad = tl.zeros((BLOCK_V,), tl.float32)
-        if HAS_G_LOGP:
-            grad += g_logp * (tl.where(cols == label, 1.0, 0.0) - p)
-        if HAS_G_KL:
-            if HAS_PROXY:
-                y = tl.load(proxy_ptr + row * proxy_row_stride + cols, mask=in_row, other=float("-inf"))
-                y = y.to(tl.float32) * inv_temperature
-                q = tl.where((y >= cutoff) | (cols == argmax_y), tl.exp(y - lse_kept), 0.0)
-            else:
-                # on-policy q = p / m on K, with 1/m = e^(lse - lse_K): no second exp
-                q = tl.where((x >= cutoff) | (cols == argmax_y), p * inv_kept_mass, 0.0)
-            grad += g_kl * (p - q)
-        if HAS_G_ENTROPY:
-            # p log p -> 0 where p = 0 (x = -inf); NaN rows stay NaN through H
-            grad -= g_entropy * tl.where(x == float("-inf"), 0.0, p * (logp + entropy))
-        tl.store(g_row + cols, grad.to(grad_ptr.dtype.element_ty), mask=in_row)
+        zero_row(g_row, V, BLOCK_V)  # the ignored-row invariant: no p, no row_stats read
 
 
 def _block_v(V, max_block):
     return min(max_block, triton.next_power_of_2(max(V, 16)))
-
-
 def token_stats_forward(logits, labels, proxy, inv_temperature, fixed, log_threshold, ignore_index):
     """Launch the forward. logits/proxy: (N, V) unit-stride rows; labels: (N,) int64 or None.
 
@@ -255,8 +238,8 @@ def token_stats_forward(logits, labels, proxy, inv_temperature, fixed, log_thres
     """
     import torch
 
-    assert logits.dim() == 2 and logits.stride(-1) == 1
-    assert proxy is None or (proxy.shape == logits.shape and proxy.stride(-1) == 1)
+    assert logits.dim() == 2 and (logits.stride(-1) == 1 or logits.shape[-1] == 1)  # V = 1: any stride
+    assert proxy is None or (proxy.shape == logits.shape and (proxy.stride(-1) == 1 or proxy.shape[-1] == 1))
     N, V = logits.shape
     out = [torch.empty((N,), dtype=torch.float32, device=logits.device) for _ in range(4)]
     row_stats = torch.empty((N, ROW_STATS_WIDTH), dtype=torch.float32, device=logits.device)
@@ -281,7 +264,7 @@ def token_stats_backward(logits, labels, proxy, row_stats, g_logp, g_kl, g_entro
     """Launch the backward; g_*: (N,) fp32 or None. Returns grad_logits (N, V) in logits.dtype."""
     import torch
 
-    assert logits.dim() == 2 and logits.stride(-1) == 1
+    assert logits.dim() == 2 and (logits.stride(-1) == 1 or logits.shape[-1] == 1)  # V = 1: any stride
     N, V = logits.shape
     grad = torch.empty((N, V), dtype=logits.dtype, device=logits.device)
     if N == 0:

@@ -3,21 +3,32 @@
     import lpreg
     stats = lpreg.lpreg_token_stats(logits, labels)       # logp, proxy_logp, kl, entropy
     kl = lpreg.lpreg_kl(logits, reduction="mean")         # full-vocabulary D_KL(proxy || policy)
+    loss, metrics = lpreg.lpreg_policy_loss(logits, labels, advantages, None, mask)  # on-policy
 
 Importing lpreg needs no GPU, no Triton and no compiled extension: backends load lazily.
+The mathematics is in docs/spec.md; where each op's kernel, backend, test and benchmark live is
+in docs/architecture.md.
 """
 
+__version__ = "0.1.0"  # the one version source (pyproject.toml reads it statically)
+
 from . import reference
-from .token_stats import TokenStats, lpreg_kl, lpreg_token_stats
-
-__version__ = "0.1.0"
-
-__all__ = ["TokenStats", "lpreg_kl", "lpreg_token_stats", "reference", "__version__"]
-
-from .fused_linear import fused_linear_policy_loss
-from .policy_loss import lpreg_policy_loss
+from .fused_linear import fused_linear_policy_loss, fused_linear_token_stats
+from .policy_loss import lpreg_policy_loss, policy_loss_from_stats
 from .selection import SelectionThreshold, selection_threshold
 from .sparse_proxy import SparseProxy, build_proxy, sparse_proxy_stats
+from .token_stats import TokenStats, lpreg_kl, lpreg_token_stats
 
-__all__ += ["lpreg_policy_loss", "fused_linear_policy_loss", "SelectionThreshold", "selection_threshold",
-            "SparseProxy", "build_proxy", "sparse_proxy_stats"]
+__all__ = [
+    "__version__",
+    # per-token statistics (one fused pass over the logits)
+    "TokenStats", "lpreg_token_stats", "lpreg_kl",
+    # the off-policy proxy recorded at rollout time
+    "SparseProxy", "build_proxy", "sparse_proxy_stats",
+    # the Lp-Reg policy loss
+    "lpreg_policy_loss", "policy_loss_from_stats", "SelectionThreshold", "selection_threshold",
+    # LM head + loss without materialised logits
+    "fused_linear_policy_loss", "fused_linear_token_stats",
+    # the readable pure-PyTorch oracle
+    "reference",
+]

@@ -1,26 +1,45 @@
-"""Backend registry: which implementation serves `backend=` for a tensor's device.
+"""Backend registry: which implementation serves `backend=` for an op and a tensor's device.
 
-Every backend module exposes `token_stats_forward(...)` and `token_stats_backward(...)`
-with the contract documented in `lpreg.kernels.token_stats`. Imports are lazy, so that
-`import lpreg` needs neither Triton nor a GPU nor the compiled extension.
+Every op resolves `backend=` the same way (`resolve`: "auto" picks per device, an explicit
+backend that cannot serve the tensor raises ValueError), then looks up the module that
+serves the resolved name (`implementation`):
+
+    op                   triton                              torch / cpu / cuda
+    token_stats          lpreg.kernels.token_stats           lpreg._torch_backend / lpreg._native (x2)
+    sparse_proxy_stats   lpreg.kernels.sparse_proxy_stats    lpreg._sparse_proxy_torch_backend (x3)
+
+Token-stats modules expose `token_stats_forward(...)` / `token_stats_backward(...)`, sparse
+proxy modules `sparse_proxy_forward(...)` / `sparse_proxy_backward(...)`, with the contracts
+documented in their Triton kernel files. The compiled extension has no sparse-proxy kernel:
+"cpu" and "cuda" are checked exactly as for token stats and then served by the torch module.
+Imports are lazy, so that `import lpreg` needs neither Triton nor a GPU nor the compiled
+extension.
 """
 
 import importlib
 import os
 import warnings
 
-
 _MODULES = {
-    "triton": "lpreg.kernels.token_stats",
-    "torch": "lpreg._torch_backend",
-    "cpu": "lpreg._native",
-    "cuda": "lpreg._native",
+    "token_stats": {
+        "triton": "lpreg.kernels.token_stats",
+        "torch": "lpreg._torch_backend",
+        "cpu": "lpreg._native",
+        "cuda": "lpreg._native",
+    },
+    "sparse_proxy_stats": {
+        "triton": "lpreg.kernels.sparse_proxy_stats",
+        "torch": "lpreg._sparse_proxy_torch_backend",
+        "cpu": "lpreg._sparse_proxy_torch_backend",
+        "cuda": "lpreg._sparse_proxy_torch_backend",
+    },
 }
 _warned = set()
 
 
-def implementation(backend):
-    return importlib.import_module(_MODULES[backend])
+def implementation(backend, op="token_stats"):
+    """The module that serves `op` for a resolved backend name."""
+    return importlib.import_module(_MODULES[op][backend])
 
 
 # Availability is a fact of the installation: probed once (resolve() runs inside the custom

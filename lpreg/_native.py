@@ -12,7 +12,9 @@ import functools
 
 import torch
 
-ROW_STATS_WIDTH = 5
+from .kernels import row_stats as layout
+
+ROW_STATS_WIDTH = layout.TOKEN_STATS_WIDTH  # csrc/row_stats.h: kRowStatsWidth
 
 
 @functools.lru_cache(maxsize=None)
@@ -32,15 +34,15 @@ _load_error = []
 
 
 def _register_fakes():
+    from ._ops import fake_grad, fake_row_outputs
+
     @torch.library.register_fake("lpreg_C::token_stats_fwd")
     def _fwd_fake(logits, labels, proxy, inv_temperature, fixed, log_threshold, ignore_index):
-        N = logits.shape[0]
-        vec = [logits.new_empty((N,), dtype=torch.float32) for _ in range(4)]
-        return (*vec, logits.new_empty((N, ROW_STATS_WIDTH), dtype=torch.float32))
+        return fake_row_outputs(logits, ROW_STATS_WIDTH)
 
     @torch.library.register_fake("lpreg_C::token_stats_bwd")
     def _bwd_fake(logits, labels, proxy, row_stats, g_logp, g_kl, g_entropy, inv_temperature, ignore_index):
-        return logits.new_empty(logits.shape)
+        return fake_grad(logits)
 
 
 def available(device_type: str) -> bool:

@@ -1,12 +1,14 @@
-"""torch.library glue: the `lpreg::token_stats` op, its backward op, fake kernels, autograd.
+"""torch.library glue: the `lpreg::token_stats` op, its backward op, fake kernels, autograd;
+and the helpers every op's glue shares (`fake_row_outputs`, `fake_grad`, `as_upstream`).
 
 Both ops take 2-D (N, V) logits with unit-stride rows and a backend name; the public
 functions in `lpreg.token_stats` reshape and validate before calling them. The backend
 ("auto" included) is resolved inside the op bodies, which run eagerly even in a compiled
-graph: that keeps import probing of Triton and the extension out of what torch.compile traces. Registering them as custom ops (with fake
-implementations) lets `torch.compile(fullgraph=True)` trace a caller without graph breaks,
-and the autograd registration routes the backward through a second op, so the compiled
-graph holds the fused backward too.
+graph: that keeps import probing of Triton and the extension out of what torch.compile
+traces. Registering them as custom ops (with fake implementations) lets
+`torch.compile(fullgraph=True)` trace a caller without graph breaks, and the autograd
+registration routes the backward through a second op, so the compiled graph holds the fused
+backward too.
 """
 
 from typing import Optional
@@ -15,6 +17,26 @@ import torch
 from torch import Tensor
 
 from . import _backends, _validate
+from .kernels import row_stats as layout
+
+
+def fake_row_outputs(logits: Tensor, width: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Fake (meta) forward outputs of a per-row op on (N, V) logits: four (N,) fp32 vectors
+    (logp, proxy_logp, kl, entropy) and row_stats (N, width) fp32."""
+    N = logits.shape[0]
+    vec = [logits.new_empty((N,), dtype=torch.float32) for _ in range(4)]
+    return (*vec, logits.new_empty((N, width), dtype=torch.float32))
+
+
+def fake_grad(logits: Tensor) -> Tensor:
+    """Fake (meta) backward output: the gradient (N, V), contiguous, in the logits' dtype."""
+    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
+def as_upstream(g: Optional[Tensor]) -> Optional[Tensor]:
+    """An upstream gradient as the kernels read it: fp32 and contiguous; None when the
+    output took no part in the loss."""
+    return None if g is None else g.float().contiguous()
 
 
 @torch.library.custom_op("lpreg::token_stats", mutates_args=())
@@ -30,15 +52,13 @@ def token_stats_op(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     if labels is not None:
         _validate.check_label_range(labels, logits.shape[-1], ignore_index)
-    impl = _backends.implementation(_backends.resolve(backend, logits.device))
+    impl = _backends.implementation(_backends.resolve(backend, logits.device), "token_stats")
     return impl.token_stats_forward(logits, labels, proxy, inv_temperature, fixed, log_threshold, ignore_index)
 
 
 @token_stats_op.register_fake
 def _(logits, labels, proxy, inv_temperature, fixed, log_threshold, ignore_index, backend):
-    N = logits.shape[0]
-    vec = [logits.new_empty((N,), dtype=torch.float32) for _ in range(4)]
-    return (*vec, logits.new_empty((N, 5), dtype=torch.float32))
+    return fake_row_outputs(logits, layout.TOKEN_STATS_WIDTH)
 
 
 @torch.library.custom_op("lpreg::token_stats_backward", mutates_args=())
@@ -54,7 +74,7 @@ def token_stats_backward_op(
     ignore_index: int,
     backend: str,
 ) -> Tensor:
-    impl = _backends.implementation(_backends.resolve(backend, logits.device))
+    impl = _backends.implementation(_backends.resolve(backend, logits.device), "token_stats")
     return impl.token_stats_backward(
         logits, labels, proxy, row_stats, g_logp, g_kl, g_entropy, inv_temperature, ignore_index
     )
@@ -62,7 +82,7 @@ def token_stats_backward_op(
 
 @token_stats_backward_op.register_fake
 def _(logits, labels, proxy, row_stats, g_logp, g_kl, g_entropy, inv_temperature, ignore_index, backend):
-    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+    return fake_grad(logits)
 
 
 def _setup_context(ctx, inputs, output):
@@ -74,11 +94,6 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(output[1], output[4])
 
 
-def _as_upstream(g):
-    # fp32 and contiguous for the kernels; None when the output took no part in the loss
-    return None if g is None else g.float().contiguous()
-
-
 def _backward(ctx, g_logp, g_proxy_logp, g_kl, g_entropy, g_row_stats):
     logits, labels, proxy, row_stats = ctx.saved_tensors
     if labels is None:
@@ -87,7 +102,7 @@ def _backward(ctx, g_logp, g_proxy_logp, g_kl, g_entropy, g_row_stats):
     if ctx.needs_input_grad[0]:
         grad = token_stats_backward_op(
             logits, labels, proxy, row_stats,
-            _as_upstream(g_logp), _as_upstream(g_kl), _as_upstream(g_entropy),
+            as_upstream(g_logp), as_upstream(g_kl), as_upstream(g_entropy),
             ctx.inv_temperature, ctx.ignore_index, ctx.backend,
         )
     return grad, None, None, None, None, None, None, None

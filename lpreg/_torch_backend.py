@@ -1,28 +1,26 @@
 """backend="torch": the kernels' row-statistics contract written with PyTorch ops.
 
 Same inputs, outputs and `row_stats` as `lpreg.kernels.token_stats` (see its header for the
-math). It runs on any device, processes rows in chunks so that no more than a chunk of
-fp32 temporaries (about 16 MiB each) is alive at once, and its backward writes the
+math, and lpreg.kernels.row_stats for the layout and the ignored-row invariant). It runs on
+any device, processes rows in chunks (`lpreg._rows.row_chunks`) so that no more than a chunk
+of fp32 temporaries (about 16 MiB each) is alive at once, and its backward writes the
 gradient chunk by chunk. It is the portable fallback when neither Triton nor the compiled
 extension can serve a tensor.
 """
 
 import torch
 
-_CHUNK_ELEMENTS = 1 << 22
+from ._rows import row_chunks
+from .kernels import row_stats as layout
 
-
-def row_chunks(N, V):
-    step = max(1, _CHUNK_ELEMENTS // max(V, 1))
-    for start in range(0, N, step):
-        yield start, min(N, start + step)
+_NEG_INF = float("-inf")
 
 
 def lse_and_entropy(x):
     """Rows of x: (max, logsumexp, entropy), with H = log s - t/s, s = sum e^(x-m),
     t = sum e^(x-m)(x-m); -inf entries contribute nothing (0 log 0 = 0)."""
     m = x.amax(-1)
-    m_ref = torch.where(m == float("-inf"), torch.zeros_like(m), m)
+    m_ref = torch.where(m == _NEG_INF, torch.zeros_like(m), m)
     d = x - m_ref[:, None]
     e = d.exp()
     s = e.sum(-1)
@@ -30,32 +28,59 @@ def lse_and_entropy(x):
     return m, m_ref + s.log(), s.log() - t / s
 
 
-def _kept_mask(y, cutoff, argmax_y):
+def kept_cutoff(y, fixed, log_threshold):
+    """The kept set K of rows of y = proxy / T (docs/spec.md §1), as the kernels define it.
+
+    Returns (my, my_ref, ey, cutoff, argmax_y): the row max, the max with -inf read as 0,
+    e^(y - my_ref), the cutoff (y_i >= cutoff keeps i) and the first argmax ("fixed" mode;
+    -1 in "min_p", where the argmax is kept anyway).
+    """
+    my = y.amax(-1)
+    my_ref = torch.where(my == _NEG_INF, torch.zeros_like(my), my)
+    ey = (y - my_ref[:, None]).exp()
+    if fixed:
+        lse_y = my_ref + ey.sum(-1).log()
+        cutoff = lse_y + log_threshold
+        cutoff = torch.where(my < cutoff, torch.full_like(cutoff, float("inf")), cutoff)  # K = {argmax}
+        argmax_y = y.argmax(-1)  # first maximum, as the kernels
+    else:
+        cutoff = my + log_threshold
+        argmax_y = torch.full_like(my, layout.NO_ARGMAX, dtype=torch.long)
+    return my, my_ref, ey, cutoff, argmax_y
+
+
+def kept_mask(y, cutoff, argmax_y):
     cols = torch.arange(y.shape[-1], device=y.device)
     return (y >= cutoff[:, None]) | (cols[None, :] == argmax_y[:, None])
+
+
+def _stats_row(lse, entropy, lse_kept, cutoff, argmax_y):
+    """Stack per-row vectors into row_stats columns, in the layout's slot order."""
+    cols = [None] * layout.TOKEN_STATS_WIDTH
+    cols[layout.LSE], cols[layout.ENTROPY], cols[layout.LSE_KEPT] = lse, entropy, lse_kept
+    cols[layout.CUTOFF], cols[layout.ARGMAX] = cutoff, argmax_y.float()
+    return torch.stack(cols, -1)
+
+
+def ignored_row_stats(n, width, device):
+    """Row statistics of ignored rows (the ignored-row invariant): zeros, argmax -1."""
+    stats = torch.zeros((n, width), dtype=torch.float32, device=device)
+    if width > layout.ARGMAX:
+        stats[:, layout.ARGMAX] = layout.NO_ARGMAX
+    return stats
 
 
 def token_stats_forward(logits, labels, proxy, inv_temperature, fixed, log_threshold, ignore_index):
     N, V = logits.shape
     dev = logits.device
     out = [torch.zeros((N,), dtype=torch.float32, device=dev) for _ in range(4)]
-    row_stats = torch.zeros((N, 5), dtype=torch.float32, device=dev)
+    row_stats = torch.zeros((N, layout.TOKEN_STATS_WIDTH), dtype=torch.float32, device=dev)
     for a, b in row_chunks(N, V):
         x = logits[a:b].float() * inv_temperature
         y = x if proxy is None else proxy[a:b].float() * inv_temperature
         m, lse, entropy = lse_and_entropy(x)
-        my = y.amax(-1)
-        my_ref = torch.where(my == float("-inf"), torch.zeros_like(my), my)
-        ey = (y - my_ref[:, None]).exp()
-        if fixed:
-            lse_y = my_ref + ey.sum(-1).log()
-            cutoff = lse_y + log_threshold
-            cutoff = torch.where(my < cutoff, torch.full_like(cutoff, float("inf")), cutoff)
-            argmax_y = y.argmax(-1)  # first maximum, as the kernels
-        else:
-            cutoff = my + log_threshold
-            argmax_y = torch.full_like(my, -1, dtype=torch.long)
-        kept = _kept_mask(y, cutoff, argmax_y)
+        my, my_ref, ey, cutoff, argmax_y = kept_cutoff(y, fixed, log_threshold)
+        kept = kept_mask(y, cutoff, argmax_y)
         kept_sum = torch.where(kept, ey, torch.zeros_like(ey)).sum(-1)
         lse_kept = my_ref + kept_sum.log()
         if proxy is None:
@@ -64,7 +89,8 @@ def token_stats_forward(logits, labels, proxy, inv_temperature, fixed, log_thres
             cross = torch.where(kept, ey * (y - x), torch.zeros_like(ey)).sum(-1)
             kl = cross / kept_sum + lse - lse_kept
         del ey, kept
-        bad = torch.isnan(x).any(-1) | torch.isnan(y).any(-1) | (m == float("-inf")) | (my == float("-inf"))
+        # amax propagates NaN: a NaN, a +inf or only -inf in x or y makes its max non-finite
+        bad = ~torch.isfinite(m) | ~torch.isfinite(my)
         nan = torch.full_like(lse, float("nan"))
         if labels is not None:
             lab = labels[a:b]
@@ -74,7 +100,7 @@ def token_stats_forward(logits, labels, proxy, inv_temperature, fixed, log_thres
             y_lab = y.gather(-1, safe)[:, 0]
             logp = x_lab - lse
             lab_kept = (y_lab >= cutoff) | (safe[:, 0] == argmax_y)
-            proxy_logp = torch.where(lab_kept, y_lab - lse_kept, torch.full_like(lse, float("-inf")))
+            proxy_logp = torch.where(lab_kept, y_lab - lse_kept, torch.full_like(lse, _NEG_INF))
         else:
             valid = torch.ones_like(bad)
             logp = torch.zeros_like(lse)
@@ -83,38 +109,62 @@ def token_stats_forward(logits, labels, proxy, inv_temperature, fixed, log_thres
         for i, v in enumerate(cols):
             v = torch.where(bad, nan, v)
             out[i][a:b] = torch.where(valid, v, torch.zeros_like(v))
-        stats = torch.stack([torch.where(bad, nan, lse), entropy, lse_kept, cutoff, argmax_y.float()], -1)
-        row_stats[a:b] = torch.where(valid[:, None], stats, torch.zeros_like(stats))
+        stats = _stats_row(torch.where(bad, nan, lse), entropy, lse_kept, cutoff, argmax_y)
+        ignored = ignored_row_stats(b - a, layout.TOKEN_STATS_WIDTH, dev)
+        row_stats[a:b] = torch.where(valid[:, None], stats, ignored)
     return out[0], out[1], out[2], out[3], row_stats
+
+
+def valid_rows(labels, a, b, ignore_index, like):
+    """(b - a,) bool: rows of [a, b) that count (all of them without labels)."""
+    if labels is None:
+        return torch.ones((b - a,), dtype=torch.bool, device=like.device)
+    return labels[a:b] != ignore_index
+
+
+def masked_rows(t, valid, inv_temperature):
+    """t / T in fp32 with every ignored row set to -inf: the ignored-row invariant for the
+    dense backward. Such a row is then an empty row, where p and q are exactly 0 and no
+    exp overflows (its zeroed row_stats are never a softmax state to recompute p from)."""
+    x = t.float() * inv_temperature
+    return torch.where(valid[:, None], x, torch.full_like(x, _NEG_INF))
+
+
+def upstream(g, a, b, valid):
+    """The upstream gradient of rows [a, b), 0 on ignored rows."""
+    return torch.where(valid, g[a:b].float(), torch.zeros((), dtype=torch.float32, device=valid.device))
+
+
+def entropy_term(p, logp, entropy):
+    """p (log p + H), with 0 log 0 = 0 wherever p = 0: x = -inf (ignored rows included), and a
+    finite x whose x - lse rounds to -inf. A NaN p (a NaN row) stays NaN."""
+    return torch.where(p == 0, torch.zeros_like(p), p * (logp + entropy[:, None]))
 
 
 def token_stats_backward(logits, labels, proxy, row_stats, g_logp, g_kl, g_entropy, inv_temperature, ignore_index):
     N, V = logits.shape
     grad = torch.empty_like(logits)
     for a, b in row_chunks(N, V):
-        x = logits[a:b].float() * inv_temperature
-        lse, entropy, lse_kept, cutoff, argmax_y = row_stats[a:b].unbind(-1)
-        valid = torch.ones_like(lse, dtype=torch.bool)
-        if labels is not None:
-            valid = labels[a:b] != ignore_index
-        lse = torch.where(valid, lse, torch.zeros_like(lse))
+        valid = valid_rows(labels, a, b, ignore_index, logits)
+        x = masked_rows(logits[a:b], valid, inv_temperature)
+        st = torch.where(valid[:, None], row_stats[a:b], torch.zeros_like(row_stats[a:b]))
+        lse, entropy, lse_kept = st[:, layout.LSE], st[:, layout.ENTROPY], st[:, layout.LSE_KEPT]
+        cutoff, argmax_y = st[:, layout.CUTOFF], st[:, layout.ARGMAX].long()
         logp = x - lse[:, None]
         p = logp.exp()
         g = torch.zeros_like(x)
         if g_logp is not None:
-            coef = torch.where(valid, g_logp[a:b].float(), torch.zeros_like(lse))
+            coef = upstream(g_logp, a, b, valid)
             g -= coef[:, None] * p
             safe = torch.where(valid, labels[a:b], torch.zeros_like(labels[a:b])).long()[:, None]
             g.scatter_add_(-1, safe, coef[:, None])
         if g_kl is not None:
-            coef = torch.where(valid, g_kl[a:b].float(), torch.zeros_like(lse))
-            y = x if proxy is None else proxy[a:b].float() * inv_temperature
-            kept = _kept_mask(y, cutoff, argmax_y.long())
+            coef = upstream(g_kl, a, b, valid)
+            y = x if proxy is None else masked_rows(proxy[a:b], valid, inv_temperature)
+            kept = kept_mask(y, cutoff, argmax_y)
             q = torch.where(kept, (y - lse_kept[:, None]).exp(), torch.zeros_like(y))
             g += coef[:, None] * (p - q)
         if g_entropy is not None:
-            coef = torch.where(valid, g_entropy[a:b].float(), torch.zeros_like(lse))
-            plogp = torch.where(x == float("-inf"), torch.zeros_like(p), p * (logp + entropy[:, None]))
-            g -= coef[:, None] * plogp
+            g -= upstream(g_entropy, a, b, valid)[:, None] * entropy_term(p, logp, entropy)
         grad[a:b] = (g * inv_temperature).to(grad.dtype)
     return grad

@@ -49,7 +49,7 @@ def check_reduction(reduction):
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
 
 
-def check_proxy(proxy_logits, logits):
+def check_proxy_logits(proxy_logits, logits):
     if proxy_logits is None:
         return
     check_logits(proxy_logits, "proxy_logits")

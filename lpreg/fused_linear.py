@@ -2,152 +2,125 @@
 
 Computes exactly `lpreg_policy_loss(hidden @ weight.T + bias, ...)` while holding at most
 `chunk_size x V` logits at a time. As in Liger-Kernel's fused linear cross-entropy, the
-forward computes the loss *and* every gradient, chunk of tokens by chunk:
+forward computes the loss *and* every gradient, chunk of tokens by chunk (see
+`lpreg._fused_linear_chunks`), and the autograd backward only scales the stored gradients by
+the upstream scalar.
 
-    logits_c = h_c W^T + b                      fp32 output (fp32 accumulation, never rounded
-                                                to bf16 before the softmax)
-    g_c      = d loss / d logits_c              the fused token-stats backward (one pass)
-    dh_c     = g_c W,   dW += g_c^T h_c,   db += sum_rows g_c      dW, db accumulated in fp32
+The lowest-rho selection S is global: it needs every token's log-prob before any token's
+loss is known. The loss is a sum over tokens, loss = sum_t w_t loss_t(S), and loss_t depends
+on S only through t's own membership, so it splits exactly as
 
-and the autograd backward only scales the stored gradients by the upstream scalar.
+    loss = sum_t w_t loss_t(nobody selected)                                  pass 1, all N rows
+         + sum_{t in B} w_t [loss_t(S) - loss_t(nobody selected)]             pass 2, rows in B
 
-The lowest-rho selection is global, so it is fixed before the gradient pass: with a
-`selection_threshold` (paper) it comes from old_logp and costs nothing; otherwise (paper on
-current p_y, or released) a first no-grad pass computes every token's current log-prob chunk
-by chunk: one extra N x H x V matmul (2NHV flops on top of 6NHV).
-
-On CUDA with bf16/fp16 weights the chunk matmuls run in the input dtype with fp32 output
-(`torch.mm(..., out_dtype=torch.float32)`) and g_c is rounded to that dtype for the two
-gradient matmuls, as in Liger; elsewhere the chunk is computed in fp32 (a half-precision
-weight is upcast once per call: V x H x 4 bytes).
+where B is the bottom-k set (the candidates; S is a subset of B). Pass 1 runs the
+policy-gradient terms, records each token's log-prob and computes their gradient; the
+threshold is then fixed from the recorded log-probs; pass 2 recomputes the LM head for the
+rows of B only (k = max(1, floor(rho n)) rows, about rho N) and adds the gradient of the
+bracket: the KL term and, for compat="released", the switch to the unclipped surrogate. Both
+terms of the bracket are evaluated on the same recomputed row, so a token outside S adds
+exactly 0; the metric sums split the same way. Cost: 6NHV flops + 6kHV, against 8NHV for a
+separate scoring pass. With a precomputed `selection_threshold` S is known up front and
+pass 1 alone computes the whole loss (unless old_logp=None: the threshold then applies to
+this pass's log-probs, and the two passes run).
 """
 
-from typing import Optional
+from typing import Dict, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
 
 from . import policy_loss as pl
+from ._fused_linear_chunks import ChunkMatmuls, check_chunk_size, default_chunk_size, take_rows
+from ._fused_linear_stats import fused_linear_token_stats
 from .selection import SelectionThreshold
 from .sparse_proxy import SparseProxy
 
-_TARGET_ELEMENTS_CUDA = 1 << 25  # 32M fp32 logits = 128 MiB per chunk buffer
-_TARGET_ELEMENTS_CPU = 1 << 22  # 4M = 16 MiB
+__all__ = ["fused_linear_policy_loss", "fused_linear_token_stats", "default_chunk_size"]
 
 
-def default_chunk_size(N: int, V: int, device: torch.device) -> int:
-    """Rows per chunk: about 2**25 logits on CUDA (128 MiB per fp32 C x V buffer; the chunk
-    holds the logits and their gradient, ~256 MiB, plus the fused op's temporaries), 2**22 on
-    CPU (16 MiB); a multiple of 16 rows when that is at least 16; never more than N."""
-    target = _TARGET_ELEMENTS_CUDA if device.type == "cuda" else _TARGET_ELEMENTS_CPU
-    c = max(1, target // max(V, 1))
-    if c >= 16:
-        c -= c % 16
-    return max(1, min(N, c))
+def _add(a: Dict[str, Tensor], b: Dict[str, Tensor]) -> Dict[str, Tensor]:
+    return {key: a[key] + b[key] for key in a}
 
 
-def _has_mm_out_dtype(w: Tensor) -> bool:
-    """Whether this torch offers mm(half, half, out_dtype=fp32) on w's device (torch >= 2.8)."""
-    try:
-        torch.mm(w[:1], w[:1].t(), out_dtype=torch.float32)
-        return True
-    except (TypeError, RuntimeError, NotImplementedError):
-        return False
+class _Passes:
+    """The two passes over token rows for one call: loss, metric sums and gradients."""
 
+    def __init__(self, mm: ChunkMatmuls, batch: "pl.Batch", proxy, cfg: "pl.Config"):
+        self.mm, self.batch, self.proxy, self.cfg = mm, batch, proxy, cfg
+        self.loss = torch.zeros((), dtype=torch.float32, device=mm.h.device)
+        self.sums: Optional[Dict[str, Tensor]] = None
 
-class _Matmuls:
-    """The three chunk products with fp32 results, for the weight's dtype and device."""
+    def _stats(self, rows):
+        """Recompute the LM head for `rows` and take the per-token statistics (with grad)."""
+        logits = self.mm.logits(rows).requires_grad_(self.mm.need_grad)
+        return logits, pl.row_stats(logits, self.batch.labels[rows], take_rows(self.proxy, rows), self.cfg)
 
-    def __init__(self, weight: Tensor, bias: Optional[Tensor]):
-        self.w = weight.detach()
-        self.half = self.w.dtype != torch.float32
-        self.native = self.half and self.w.is_cuda and _has_mm_out_dtype(self.w)
-        if self.half and not self.native:
-            self.w = self.w.float()  # CPU has no mm(..., out_dtype=fp32) for half inputs
-        self.b = None if bias is None else bias.detach().float()
+    def _finish(self, chunk_loss: Tensor, logits: Tensor, rows, part: Dict[str, Tensor]) -> None:
+        if self.mm.need_grad:
+            self.mm.accumulate(rows, torch.autograd.grad(chunk_loss, logits)[0])
+        self.loss += chunk_loss.detach()
+        self.sums = part if self.sums is None else _add(self.sums, part)
 
-    def _mm(self, a: Tensor, b: Tensor) -> Tensor:
-        if self.native:
-            return torch.mm(a.to(b.dtype), b, out_dtype=torch.float32)
-        return torch.mm(a.float(), b.float())
+    def all_rows(self, bottom: Tensor, chunk: int, logp_out: Optional[Tensor]) -> None:
+        """Pass 1: every row, with selection mask `bottom`; records log-probs into logp_out."""
+        N = bottom.shape[0]
+        for a in range(0, N, chunk):
+            rows = slice(a, min(N, a + chunk))
+            with torch.enable_grad():
+                logits, stats = self._stats(rows)
+                loss_t, part = pl.token_terms(stats, bottom, self.batch, self.cfg, rows)
+                chunk_loss = (loss_t * self.batch.weight[rows]).sum()
+            if logp_out is not None:
+                logp_out[rows] = stats[0].detach()
+            self._finish(chunk_loss, logits, rows, part)
+            del logits, stats, loss_t
 
-    def logits(self, h: Tensor) -> Tensor:
-        out = self._mm(h, self.w.t())
-        return out if self.b is None else out + self.b
+    def selected_rows(self, bottom: Tensor, chunk: int) -> None:
+        """Pass 2: the rows of `bottom` only, adding loss_t(S) - loss_t(nobody) per row."""
+        idx = bottom.nonzero()[:, 0]
+        nobody = torch.zeros_like(bottom)
+        for a in range(0, idx.numel(), chunk):
+            rows = idx[a:a + chunk]
+            with torch.enable_grad():
+                logits, stats = self._stats(rows)
+                loss_s, part_s = pl.token_terms(stats, bottom, self.batch, self.cfg, rows)
+                loss_0, part_0 = pl.token_terms(stats, nobody, self.batch, self.cfg, rows)
+                # equal terms (a token outside S) add exactly 0, even when both are infinite
+                diff = torch.where(loss_s == loss_0, torch.zeros_like(loss_s), loss_s - loss_0)
+                chunk_loss = (diff * self.batch.weight[rows]).sum()
+            part = {key: part_s[key] - part_0[key] for key in part_s}
+            self._finish(chunk_loss, logits, rows, part)
+            del logits, stats, loss_s, loss_0
 
-    def grad_hidden(self, g: Tensor) -> Tensor:
-        return self._mm(g, self.w)
-
-    def add_grad_weight(self, acc: Tensor, g: Tensor, h: Tensor) -> None:
-        """acc (V, H) fp32 += g^T h."""
-        if self.native:
-            acc += torch.mm(g.t().to(self.w.dtype), h.to(self.w.dtype), out_dtype=torch.float32)
-        else:
-            acc.addmm_(g.t(), h.float())  # in place: no (V, H) temporary
+    def empty_sums(self) -> Dict[str, Tensor]:
+        """The metric sums of no token (N == 0), with whatever keys token_terms reports."""
+        dev = self.mm.h.device
+        empty = torch.zeros((0,), dtype=torch.float32, device=dev)
+        none = torch.zeros((0,), dtype=torch.bool, device=dev)
+        return pl.token_terms((empty, empty, empty, empty), none, self.batch, self.cfg, slice(0, 0))[1]
 
 
 class _FusedLinearPolicyLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, batch, proxy, cfg, sel, chunk):
-        N, H = batch.labels.shape[0], hidden.shape[-1]
-        h = hidden.detach().reshape(N, H)
-        mm = _Matmuls(weight, bias)
-        need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
-        need_grad = need_h or need_w or need_b
-
-        def proxy_rows(a, b):
-            if proxy is None:
-                return None
-            return proxy.rows(a, b) if isinstance(proxy, SparseProxy) else proxy[a:b]
-
-        # ---- the global part of the selection, before any gradient
-        logp_all = None
-        if sel is None:
-            logp_all = torch.empty((N,), dtype=torch.float32, device=h.device)
-            with torch.no_grad():
-                for a in range(0, N, chunk):
-                    b = min(N, a + chunk)
-                    stats = pl.row_stats(mm.logits(h[a:b]), batch.labels[a:b], proxy_rows(a, b), cfg)
-                    logp_all[a:b] = stats[0]
-        bottom, kth = pl.global_selection(batch, logp_all, cfg, sel)
-
-        # ---- loss and gradients, chunk by chunk
-        grad_h = torch.empty_like(h) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if need_w else None
-        grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=h.device) if need_b else None
-        loss = torch.zeros((), dtype=torch.float32, device=h.device)
-        sums = None
-        for a in range(0, N, chunk):
-            b = min(N, a + chunk)
-            sl = slice(a, b)
-            with torch.enable_grad():
-                logits = mm.logits(h[sl]).requires_grad_(need_grad)
-                stats = pl.row_stats(logits, batch.labels[sl], proxy_rows(a, b), cfg)
-                loss_t, part = pl.token_terms(stats, bottom, batch, cfg, sl)
-                chunk_loss = (loss_t * batch.weight[sl]).sum()
-                g = torch.autograd.grad(chunk_loss, logits)[0] if need_grad else None
-            loss += chunk_loss.detach()
-            sums = part if sums is None else {key: sums[key] + part[key] for key in sums}
-            if g is not None:
-                if need_h:
-                    grad_h[sl] = mm.grad_hidden(g).to(h.dtype)
-                if need_w:
-                    mm.add_grad_weight(grad_w, g, h[sl])
-                if need_b:
-                    grad_b += g.sum(0)
-            del logits, stats, loss_t, g
-        if sums is None:  # N == 0
-            zero = torch.zeros((), device=h.device)
-            sums = {key: zero for key in ("kl", "n_sel", "entropy", "ppo_kl", "clip")}
-        metrics = pl.finish_metrics(loss, sums, batch.valid.sum(), kth)
-        ctx.save_for_backward(
-            None if grad_h is None else grad_h.reshape(hidden.shape),
-            None if grad_w is None else grad_w.to(weight.dtype),
-            None if grad_b is None else grad_b.to(bias.dtype),
-        )
+        N = batch.labels.shape[0]
+        mm = ChunkMatmuls(hidden.reshape(N, hidden.shape[-1]), weight, bias, *ctx.needs_input_grad[:3])
+        run = _Passes(mm, batch, proxy, cfg)
+        if not pl.needs_current_logp(batch, sel):  # the selection is known up front: one pass
+            bottom, kth = pl.global_selection(batch, None, cfg, sel)
+            run.all_rows(bottom, chunk, None)
+        else:
+            logp = torch.empty((N,), dtype=torch.float32, device=hidden.device)
+            run.all_rows(torch.zeros((N,), dtype=torch.bool, device=hidden.device), chunk, logp)
+            bottom, kth = pl.global_selection(batch, logp, cfg, sel)
+            run.selected_rows(bottom, chunk)
+        sums = run.sums if run.sums is not None else run.empty_sums()
+        metrics = pl.finish_metrics(run.loss, sums, batch.valid.sum(), kth)
+        ctx.save_for_backward(*mm.grads(hidden, weight, bias))
         values = [metrics[key].clone() for key in pl.METRIC_KEYS]  # no output aliases another
         ctx.mark_non_differentiable(*values)
-        return (loss, *values)
+        return (run.loss, *values)
 
     @staticmethod
     def backward(ctx, g_loss, *g_metrics):
@@ -156,45 +129,8 @@ class _FusedLinearPolicyLoss(torch.autograd.Function):
         return scale(grad_h), scale(grad_w), scale(grad_b), None, None, None, None, None
 
 
-def fused_linear_policy_loss(
-    hidden: Tensor,
-    weight: Tensor,
-    labels: Tensor,
-    advantages: Tensor,
-    old_logp: Tensor,
-    response_mask: Tensor,
-    *,
-    bias: Optional[Tensor] = None,
-    chunk_size: Optional[int] = None,
-    compat: str = "paper",
-    temperature: float = 1.0,
-    mode: str = "min_p",
-    threshold: float = 0.02,
-    rho: float = 0.01,
-    beta: float = 1.0,
-    clip_low: float = 1.0,
-    clip_high: float = 9.0,
-    loss_agg_mode: str = "token-mean",
-    proxy=None,
-    kl_estimator: Optional[str] = None,
-    selection_threshold: Optional[SelectionThreshold] = None,
-    ignore_index: int = -100,
-    backend: str = "auto",
-    return_tensors: bool = False,
-):
-    """`lpreg_policy_loss(hidden @ weight.T + bias, ...)` without the (B, L, V) logits.
-
-    hidden: (B, L, H); weight: (V, H); bias: (V,) or None; the other tensors and keywords as
-    in `lpreg.lpreg_policy_loss` (a dense proxy is (B, L, V), a SparseProxy (B, L, k)).
-    chunk_size: token rows per chunk; default `default_chunk_size(N, V)`: ~2**25 logits on
-    CUDA (e.g. 220 rows at V = 151,936: 128 MiB per fp32 chunk buffer, ~256 MiB live with
-    its gradient), ~2**22 on CPU (16 MiB). Extra memory besides the chunk: the hidden
-    gradient (B, L, H), the fp32 weight gradient (V, H) (+ bias), N fp32 log-probs.
-
-    Returns (loss, metrics) as lpreg_policy_loss; gradients flow to hidden, weight and bias.
-    """
-    cfg = pl.make_config(compat, temperature, mode, threshold, rho, beta, clip_low, clip_high, loss_agg_mode,
-                         kl_estimator, ignore_index, backend)
+def _check_linear(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]) -> None:
+    """hidden (B, L, H), weight (V, H) of hidden's dtype, bias (V,) or None."""
     for name, t in (("hidden", hidden), ("weight", weight)):
         if not isinstance(t, Tensor) or not t.dtype.is_floating_point:
             raise ValueError(f"{name} must be a float torch.Tensor, got {getattr(t, 'dtype', type(t).__name__)}")
@@ -207,23 +143,68 @@ def fused_linear_policy_loss(
     V = weight.shape[0]
     if bias is not None and (not isinstance(bias, Tensor) or tuple(bias.shape) != (V,)):
         raise ValueError(f"bias must be None or a tensor of shape ({V},), got {getattr(bias, 'shape', bias)}")
-    if selection_threshold is not None and cfg.compat != "paper":
-        raise ValueError(f"selection_threshold is a compat='paper' feature, got compat={cfg.compat!r}")
-    if selection_threshold is not None and not isinstance(selection_threshold, SelectionThreshold):
-        raise ValueError(f"selection_threshold must be a SelectionThreshold, got {type(selection_threshold).__name__}")
+
+
+def fused_linear_policy_loss(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    advantages: Tensor,
+    old_logp: Optional[Tensor],
+    response_mask: Tensor,
+    *,
+    bias: Optional[Tensor] = None,
+    chunk_size: Optional[int] = None,
+    compat: str = "released",
+    temperature: float = 1.0,
+    mode: str = "min_p",
+    threshold: float = 0.02,
+    rho: float = 0.01,
+    beta: float = 1.0,
+    clip_low: float = 1.0,
+    clip_high: float = 9.0,
+    loss_agg_mode: str = "token-mean",
+    proxy=None,
+    kl_estimator: Optional[str] = None,
+    selection_threshold: Optional[SelectionThreshold] = None,
+    num_tokens: Optional[Union[int, Tensor]] = None,
+    ignore_index: int = -100,
+    backend: str = "auto",
+    return_tensors: bool = False,
+) -> Tuple[Tensor, Dict]:
+    """`lpreg_policy_loss(hidden @ weight.T + bias, ...)` without the (B, L, V) logits.
+
+    hidden: (B, L, H); weight: (V, H); bias: (V,) or None; the other tensors and keywords as
+    in `lpreg.lpreg_policy_loss` (a dense proxy is (B, L, V), a SparseProxy (B, L, k)).
+    old_logp: (B, L), or None for on-policy (old_logp is this pass's detached log-prob: the
+    ratio is exactly 1). num_tokens: the global valid-token count used as the token-mean
+    denominator (int or 0-d tensor), None for this call's count.
+    compat: "released" (default) or "paper"; see `lpreg.lpreg_policy_loss`.
+    chunk_size: token rows per chunk; default `default_chunk_size(N, V)`: ~2**25 logits on
+    CUDA (e.g. 208 rows at V = 151,936: 121 MiB per fp32 chunk buffer, ~256 MiB live with
+    its gradient), ~2**24 on CPU (64 MiB). Extra memory besides the chunk: the fp32 hidden
+    gradient (B, L, H), the fp32 weight gradient (V, H) (+ bias), N fp32 log-probs.
+
+    Without `selection_threshold` the call makes one pass over all N rows and a second over
+    the ~rho N candidate rows of the selection (module docstring); with it, one pass.
+
+    Returns (loss, metrics) as lpreg_policy_loss; gradients flow to hidden, weight and bias.
+    """
+    cfg = pl.make_config(compat, temperature, mode, threshold, rho, beta, clip_low, clip_high, loss_agg_mode,
+                         kl_estimator, ignore_index, backend)
+    _check_linear(hidden, weight, bias)
+    pl.check_selection_threshold(selection_threshold, cfg)
     B, L = hidden.shape[:2]
+    V = weight.shape[0]
     pl.check_proxy(proxy, (B, L), V, hidden.device)
-    batch = pl.prepare((B, L), hidden.device, labels, advantages, old_logp, response_mask, cfg)
+    batch = pl.prepare((B, L), hidden.device, labels, advantages, old_logp, response_mask, cfg,
+                       num_tokens=num_tokens)
     N = B * L
-    if chunk_size is None:
-        chunk_size = default_chunk_size(N, V, hidden.device)
-    elif not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be None or an int >= 1, got {chunk_size!r}")
+    chunk = check_chunk_size(chunk_size, N, V, hidden.device)
     if isinstance(proxy, Tensor):
         proxy = proxy.detach().reshape(N, V)
     elif isinstance(proxy, SparseProxy):
         proxy = proxy.flatten()
-    out = _FusedLinearPolicyLoss.apply(hidden, weight, bias, batch, proxy, cfg, selection_threshold,
-                                       max(1, chunk_size))
+    out = _FusedLinearPolicyLoss.apply(hidden, weight, bias, batch, proxy, cfg, selection_threshold, chunk)
     loss, metrics = out[0], dict(zip(pl.METRIC_KEYS, out[1:]))
     return loss, (metrics if return_tensors else pl.to_floats(metrics))

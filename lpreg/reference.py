@@ -1,22 +1,24 @@
 """Readable pure-PyTorch Lp-Reg statistics: the oracle the kernels are tested against.
 
 Same signatures as `lpreg.lpreg_token_stats` / `lpreg.lpreg_kl`, any device, autograd
-through ordinary PyTorch ops. Rows are processed in chunks and each chunk runs under
-activation checkpointing, so at most one chunk of fp32 probabilities is alive at a time,
-in the forward and in the backward.
+through ordinary PyTorch ops. Rows are processed in chunks (`lpreg._rows.row_chunks`, the
+chunker the torch backends use too) and each chunk runs under activation checkpointing, so
+at most one chunk of fp32 probabilities is alive at a time, in the forward and in the backward.
 """
 
+from typing import Optional
+
 import torch
+from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from . import _validate
+from ._rows import row_chunks
 from .token_stats import TokenStats
-
-_CHUNK_ELEMENTS = 1 << 22
 
 
 def kept_set(y, mode, threshold):
-    """SPEC section 1: boolean mask of K for scaled proxy logits y = proxy / T, (N, V)."""
+    """docs/spec.md §1: boolean mask of K for scaled proxy logits y = proxy / T, (N, V)."""
     ymax = y.amax(-1, keepdim=True)
     if mode == "min_p":
         return y >= ymax + torch.log(torch.tensor(threshold, dtype=y.dtype))
@@ -61,7 +63,7 @@ def _stats(logits, labels, temperature, mode, threshold, proxy_logits, ignore_in
     _validate.check_logits(logits)
     temperature = _validate.check_temperature(temperature)
     threshold = _validate.check_mode_threshold(mode, threshold)
-    _validate.check_proxy(proxy_logits, logits)
+    _validate.check_proxy_logits(proxy_logits, logits)
     V = logits.shape[-1]
     x = logits.reshape(-1, V)
     y = None if proxy_logits is None else proxy_logits.detach().reshape(-1, V)
@@ -70,10 +72,9 @@ def _stats(logits, labels, temperature, mode, threshold, proxy_logits, ignore_in
         _validate.check_labels(labels, logits, ignore_index)
         _validate.check_label_range(labels, V, ignore_index)
         lab = labels.reshape(-1).long()
-    step = max(1, _CHUNK_ELEMENTS // V)
     parts = []
-    for a in range(0, x.shape[0], step):
-        args = (x[a:a + step], None if y is None else y[a:a + step], None if lab is None else lab[a:a + step],
+    for a, b in row_chunks(x.shape[0], V):
+        args = (x[a:b], None if y is None else y[a:b], None if lab is None else lab[a:b],
                 temperature, mode, threshold, ignore_index)
         if torch.is_grad_enabled() and logits.requires_grad:
             parts.append(checkpoint(_chunk_stats, *args, use_reentrant=False))
@@ -86,15 +87,16 @@ def _stats(logits, labels, temperature, mode, threshold, proxy_logits, ignore_in
     return tuple(torch.cat([p[i] for p in parts]).reshape(shape) for i in range(4))
 
 
-def lpreg_token_stats(logits, labels, *, temperature=1.0, mode="min_p", threshold=0.02,
-                      proxy_logits=None, ignore_index=-100, backend="auto"):
+def lpreg_token_stats(logits: Tensor, labels: Tensor, *, temperature: float = 1.0, mode: str = "min_p",
+                      threshold: float = 0.02, proxy_logits: Optional[Tensor] = None, ignore_index: int = -100,
+                      backend: str = "auto") -> TokenStats:
     """Reference for `lpreg.lpreg_token_stats` (backend is accepted and ignored)."""
     _validate.check_backend(backend)
     return TokenStats(*_stats(logits, labels, temperature, mode, threshold, proxy_logits, ignore_index))
 
 
-def lpreg_kl(logits, *, temperature=1.0, mode="min_p", threshold=0.02, proxy_logits=None,
-             reduction="none", backend="auto"):
+def lpreg_kl(logits: Tensor, *, temperature: float = 1.0, mode: str = "min_p", threshold: float = 0.02,
+             proxy_logits: Optional[Tensor] = None, reduction: str = "none", backend: str = "auto") -> Tensor:
     """Reference for `lpreg.lpreg_kl` (backend is accepted and ignored)."""
     _validate.check_backend(backend)
     _validate.check_reduction(reduction)

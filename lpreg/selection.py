@@ -1,4 +1,4 @@
-"""Which tokens Lp-Reg regularises: the rho-percentile of sampled-token probabilities (SPEC 3).
+"""Which tokens Lp-Reg regularises: the rho-percentile of sampled-token probabilities (docs/spec.md §3).
 
 The paper's set is the k = max(1, floor(rho * n)) tokens with the smallest p_y among the n
 valid tokens of the whole step (every micro-batch of every data-parallel rank), ties broken
@@ -14,21 +14,24 @@ all micro-batches of lower ranks. Masked tokens count in positions (never in n),
 order is fixed by the data layout alone and is the same on every rank.
 """
 
-from typing import List, NamedTuple, Optional, Sequence, Union
+from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 
-def bottom_k_count(n, rho):
-    """k = max(1, floor(rho * n)); float64 product, the same as Python's int(n * rho)."""
+def bottom_k_count(n: Union[int, Tensor], rho: float) -> Union[int, Tensor]:
+    """k = max(1, floor(rho * n)); float64 product, the same as Python's int(n * rho).
+
+    A tensor n gives a 0-d int64 tensor (no host sync); an int gives an int.
+    """
     if isinstance(n, Tensor):
         return torch.clamp(torch.floor(n.double() * rho), min=1).long()
     return max(1, int(n * rho))
 
 
-def bottom_k_mask(values: Tensor, valid: Tensor, k: Tensor):
+def bottom_k_mask(values: Tensor, valid: Tensor, k: Tensor) -> Tuple[Tensor, Tensor]:
     """The k smallest `values` among `valid` entries, ties broken by position.
 
     values, valid: (N,); k: 0-d int64 tensor (no host sync). Returns (mask (N,) bool, kth
@@ -83,7 +86,7 @@ def _rank(group) -> int:
     return dist.get_rank(group) if dist.is_available() and dist.is_initialized() else 0
 
 
-def _as_list(x, name):
+def _as_list(x, name: str) -> List[Tensor]:
     if isinstance(x, Tensor):
         return [x]
     if isinstance(x, (list, tuple)) and all(isinstance(t, Tensor) for t in x):
@@ -106,7 +109,7 @@ def local_candidates(values: Tensor, valid: Tensor, k: int, offset: int) -> Tens
     return out
 
 
-def merge_candidates(cands: Tensor, k: int):
+def merge_candidates(cands: Tensor, k: int) -> Tuple[Tensor, Tensor]:
     """(..., 2) candidate pairs from every rank -> (logp 0-d fp32, position 0-d int64) of the k-th."""
     c = cands.reshape(-1, 2)
     c = c[torch.sort(c[:, 1], stable=True).indices]  # lexicographic order: position first,
@@ -134,7 +137,8 @@ def selection_threshold(
         every rank must call this with its own micro-batches.
 
     Returns one SelectionThreshold per micro-batch (a single one for a tensor input); pass
-    it to `lpreg_policy_loss(..., selection_threshold=...)`. The set is chosen on the old
+    it to `lpreg_policy_loss(..., compat="paper", selection_threshold=...)` (the released
+    form selects per call, as the released code does). The set is chosen on the old
     policy's p_y: it is fixed for the whole step, so it cannot depend on how the step is
     split, and on-policy (one update per rollout) old and current p_y are equal.
 

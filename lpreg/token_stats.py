@@ -1,7 +1,11 @@
-"""Public API: `lpreg_token_stats` and `lpreg_kl` (SPEC sections 1, 2 and 4).
+"""Public API: `lpreg_token_stats` and `lpreg_kl` (docs/spec.md §1, §2 and §4).
 
 Both read the logits once per pass, never materialise a probability tensor, and return fp32
-per-token statistics whose gradients (SPEC section 2) come from one fused backward pass.
+per-token statistics whose gradients (docs/spec.md §2) come from one fused backward pass.
+
+Layers: this module (validation, reshapes) -> the `lpreg::token_stats` custom op in
+lpreg._ops -> the backend resolved by lpreg._backends: Triton (lpreg.kernels.token_stats),
+PyTorch (lpreg._torch_backend) or the compiled extension (lpreg._native -> csrc/).
 """
 
 import math
@@ -11,6 +15,7 @@ from torch import Tensor
 
 from . import _validate
 from ._ops import token_stats_op
+from ._rows import as_rows
 
 
 class TokenStats(NamedTuple):
@@ -22,22 +27,16 @@ class TokenStats(NamedTuple):
     entropy: Tensor  # H(p); differentiable
 
 
-def _rows(t):
-    """(..., V) -> (N, V) with unit-stride rows (a view whenever possible)."""
-    t2 = t.reshape(-1, t.shape[-1])
-    return t2 if t2.stride(-1) == 1 else t2.contiguous()
-
-
 def _run(logits, labels, temperature, mode, threshold, proxy_logits, ignore_index, backend):
     _validate.check_logits(logits)
     temperature = _validate.check_temperature(temperature)
     threshold = _validate.check_mode_threshold(mode, threshold)
     _validate.check_backend(backend)
-    _validate.check_proxy(proxy_logits, logits)
+    _validate.check_proxy_logits(proxy_logits, logits)
     if labels is not None:
         _validate.check_labels(labels, logits, ignore_index)
-    x = _rows(logits)
-    proxy = None if proxy_logits is None else _rows(proxy_logits.detach())
+    x = as_rows(logits)
+    proxy = None if proxy_logits is None else as_rows(proxy_logits.detach())
     lab = None if labels is None else labels.reshape(-1).long()
     return token_stats_op(
         x, lab, proxy, 1.0 / temperature, mode == "fixed", math.log(threshold), int(ignore_index), backend

@@ -1,7 +1,7 @@
-"""SPEC sections 1-2 evaluated literally in float64: the ground truth for every backend.
+"""docs/spec.md §1-§2 evaluated literally in float64: the ground truth for every backend.
 
 Independent of lpreg's code on purpose: probabilities are materialised, the kept set is
-the table of SPEC section 1, and gradients are the closed forms of SPEC section 2.
+the table of docs/spec.md §1, and gradients are the closed forms of docs/spec.md §2.
 """
 
 import math
@@ -49,7 +49,7 @@ def spec_token_stats(logits, labels, *, temperature=1.0, mode="min_p", threshold
 
 
 def spec_grad(ref, g_logp=None, g_kl=None, g_entropy=None, *, temperature=1.0):
-    """SPEC section 2: grad_z = (g_logp (e_y - p) + g_kl (p - q) - g_H p (log p + H)) / T."""
+    """docs/spec.md §2: grad_z = (g_logp (e_y - p) + g_kl (p - q) - g_H p (log p + H)) / T."""
     p, q = ref["p"], ref["q"]
     grad = torch.zeros_like(p)
     if g_logp is not None:
@@ -104,7 +104,7 @@ def eager_in_dtype(logits, labels, *, temperature, mode, threshold, proxy_logits
 
 def assert_backend_matches_spec(backend, logits, labels, upstream, *, temperature, mode, threshold,
                                 proxy_logits=None, device="cpu", ignore_index=-100):
-    """Run lpreg on `backend` (forward + backward) and compare with SPEC in float64.
+    """Run lpreg on `backend` (forward + backward) and compare with docs/spec.md in float64.
 
     Outputs are fp32 computed from the exact input values, so they must agree to 1e-5 in
     every input dtype. The gradient is rounded to the input dtype: fp32 within fp32 rounding;

@@ -1,4 +1,4 @@
-"""lpreg.evaluate: pass@k, maj@k, evaluate() and the lpreg-eval command."""
+"""lpreg.trainer.evaluate: pass@k, maj@k, evaluate() and the lpreg-eval command."""
 
 import itertools
 import json
@@ -8,7 +8,7 @@ import re
 import pytest
 import torch
 
-from lpreg.evaluate import evaluate, main, majority_correct, pass_at_k, run
+from lpreg.trainer.evaluate import evaluate, main, majority_correct, pass_at_k, run
 from lpreg.trainer.model import build_tiny_model
 from lpreg.trainer.reward import RewardWorker, extract_answer
 from lpreg.trainer.tasks import arithmetic_problems

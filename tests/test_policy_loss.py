@@ -1,6 +1,6 @@
-"""lpreg_policy_loss against an independent float64 re-implementation of SPEC section 3.
+"""lpreg_policy_loss against an independent float64 re-implementation of docs/spec.md §3.
 
-The oracle below is written from the SPEC text alone, token by token, in plain Python and
+The oracle below is written from the text of docs/spec.md §3 alone, token by token, in plain Python and
 float64 autograd: the paper's objective (batch-wide bottom-k among valid tokens, full KL) and
 the released code's selective loss (bottom-k among negative-advantage tokens, k3, unclipped
 surrogate for selected tokens). Batches mix peaked rows, flat rows with a noise tail and
@@ -56,7 +56,7 @@ def make_batch(B=6, L=10, V=64, seed=0, adv_per_token=False):
 
 def oracle(logits, labels, adv, old, mask, *, compat, rho, beta=1.0, clip_low=1.0, clip_high=9.0,
            temperature=1.0, agg="token-mean", kl_estimator=None):
-    """(loss, grad wrt logits, number selected), all float64, token by token from SPEC."""
+    """(loss, grad wrt logits, number selected), all float64, token by token from docs/spec.md §3."""
     kl_estimator = kl_estimator or ("full" if compat == "paper" else "k3")
     x = logits.double().clone().requires_grad_(True)
     B, L, V = x.shape
@@ -204,7 +204,7 @@ def test_metrics_are_the_documented_means():
     kth = torch.sort(stats.logp[valid]).values[k - 1]
     assert m["actor/lpreg_threshold"] == pytest.approx(float(kth.exp()), rel=1e-5)
     assert m["actor/lpreg_kl"] > 0 and m["actor/lpreg_frac"] == pytest.approx(n_sel / n)
-    _, tensors = lpreg.lpreg_policy_loss(logits, labels, adv, old, mask, rho=0.6, backend="torch",
+    _, tensors = lpreg.lpreg_policy_loss(logits, labels, adv, old, mask, compat="paper", rho=0.6, backend="torch",
                                          return_tensors=True)
     assert all(torch.is_tensor(v) and v.dim() == 0 for v in tensors.values())
     assert float(tensors["actor/lpreg_frac"]) == pytest.approx(m["actor/lpreg_frac"])
@@ -289,3 +289,173 @@ def test_bad_shapes():
     with pytest.raises(ValueError, match="selection_threshold"):
         sel = lpreg.selection_threshold(old, mask, rho=0.5)
         f(logits, labels, adv, old, mask, compat="released", selection_threshold=sel)
+
+
+# ---- the APIs the framework adapters use: old_logp=None, num_tokens, policy_loss_from_stats
+
+
+def grads_of(fn, logits):
+    x = logits.clone().requires_grad_(True)
+    loss, m = fn(x)
+    return loss, torch.autograd.grad(loss, x)[0], m
+
+
+@pytest.mark.parametrize("compat", ["released", "paper"])
+def test_on_policy_old_logp_none(compat):
+    """old_logp=None is old_logp = this pass's logp, detached: ratio exactly 1, no ppo_kl."""
+    logits, labels, adv, _, mask = make_batch(seed=13)
+    current = lpreg.lpreg_token_stats(logits, labels, backend="torch").logp
+    kw = dict(compat=compat, rho=0.6, beta=0.8, backend="torch")
+    want, want_grad, wm = grads_of(lambda x: lpreg.lpreg_policy_loss(x, labels, adv, current, mask, **kw), logits)
+    got, got_grad, m = grads_of(lambda x: lpreg.lpreg_policy_loss(x, labels, adv, None, mask, **kw), logits)
+    assert wm["actor/lpreg_frac"] > 0 and m["actor/ppo_kl"] == 0.0 and m["actor/pg_clipfrac"] == 0.0
+    # the same fp32 ops on the same values: logp - logp.detach() is exactly 0, as logp - current
+    assert torch.equal(got, want) and torch.equal(got_grad, want_grad) and m == wm
+    oracle_loss, oracle_grad, n, _ = oracle(logits, labels, adv, current, mask, compat=compat, rho=0.6, beta=0.8)
+    torch.testing.assert_close(got.double(), oracle_loss, rtol=1e-5, atol=1e-6)  # fp32 vs float64
+    torch.testing.assert_close(got_grad.double(), oracle_grad, rtol=1e-4, atol=1e-6)
+
+
+def test_on_policy_with_selection_threshold():
+    """The step-wide threshold is applied to this pass's log-probs when old_logp is None."""
+    logits, labels, adv, _, mask = make_batch(seed=17)
+    current = lpreg.lpreg_token_stats(logits, labels, backend="torch").logp
+    sel = lpreg.selection_threshold(current, mask, rho=0.6)
+    kw = dict(compat="paper", rho=0.6, selection_threshold=sel, backend="torch")
+    want, want_grad, wm = grads_of(lambda x: lpreg.lpreg_policy_loss(x, labels, adv, current, mask, **kw), logits)
+    got, got_grad, m = grads_of(lambda x: lpreg.lpreg_policy_loss(x, labels, adv, None, mask, **kw), logits)
+    assert wm["actor/lpreg_frac"] > 0
+    assert torch.equal(got, want) and torch.equal(got_grad, want_grad) and m == wm  # same ops, same values
+
+
+def test_global_selection_needs_logp_on_policy():
+    """The fused path's contract: on-policy the selection reads the current log-probs."""
+    from lpreg import policy_loss as pl
+
+    logits, labels, adv, _, mask = make_batch(B=2, L=4, seed=15)
+    cfg = pl.make_config("paper", 1.0, "min_p", 0.02, 0.5, 1.0, 1.0, 9.0, "token-mean", None, -100, "torch")
+    batch = pl.prepare((2, 4), logits.device, labels, adv, None, mask, cfg)
+    sel = lpreg.selection_threshold(torch.zeros(2, 4), mask, rho=0.5)
+    assert batch.on_policy and pl.needs_current_logp(batch, sel)
+    with pytest.raises(ValueError, match="logp"):
+        pl.global_selection(batch, None, cfg, sel)
+
+
+@pytest.mark.parametrize("as_tensor", [False, True])
+def test_num_tokens_micro_batches_sum_to_the_global_token_mean(as_tensor):
+    logits, labels, adv, old, mask = make_batch(B=8, L=10, seed=16)
+    n = int(((mask > 0) & (labels != -100)).sum())
+    kw = dict(compat="paper", rho=0.5, backend="torch")
+    whole, whole_grad, wm = grads_of(lambda x: lpreg.lpreg_policy_loss(
+        x, labels, adv, old, mask, selection_threshold=lpreg.selection_threshold(old, mask, rho=0.5), **kw), logits)
+    assert wm["actor/lpreg_frac"] > 0
+    parts = [slice(0, 3), slice(3, 4), slice(4, 8)]
+    sels = lpreg.selection_threshold([old[p] for p in parts], [mask[p] for p in parts], rho=0.5)
+    total, grads = 0.0, []
+    for p, sel in zip(parts, sels):
+        x = logits[p].clone().requires_grad_(True)
+        loss, _ = lpreg.lpreg_policy_loss(x, labels[p], adv[p], old[p], mask[p], selection_threshold=sel,
+                                          num_tokens=torch.tensor(n) if as_tensor else n, **kw)
+        total, grads = total + loss, grads + [torch.autograd.grad(loss, x)[0]]
+    # the same per-token terms summed in another order: fp32 rounding of a sum of ~60 terms
+    torch.testing.assert_close(total, whole, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.cat(grads), whole_grad, rtol=1e-5, atol=1e-7)
+
+
+def test_num_tokens_scales_the_token_mean():
+    logits, labels, adv, old, mask = make_batch(seed=17)
+    n_local = int(((mask > 0) & (labels != -100)).sum())
+    base, _ = lpreg.lpreg_policy_loss(logits, labels, adv, old, mask, rho=0.5, backend="torch")
+    scaled, _ = lpreg.lpreg_policy_loss(logits, labels, adv, old, mask, rho=0.5, backend="torch",
+                                        num_tokens=4 * n_local)
+    assert float(scaled) == pytest.approx(float(base) / 4, rel=1e-6)  # fp32 division by n vs 4n
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.5, True, "10", torch.tensor([3, 4]), torch.tensor(0.0),
+                                 torch.tensor(float("nan")), torch.tensor(float("inf")), torch.tensor(True)])
+def test_bad_num_tokens(bad):
+    logits, labels, adv, old, mask = make_batch(B=2, L=3, V=16, seed=18)
+    with pytest.raises(ValueError, match="num_tokens"):
+        lpreg.lpreg_policy_loss(logits, labels, adv, old, mask, num_tokens=bad, backend="torch")
+
+
+def test_num_tokens_needs_token_mean():
+    logits, labels, adv, old, mask = make_batch(B=2, L=3, V=16, seed=19)
+    with pytest.raises(ValueError, match="num_tokens.*seq-mean-token-mean"):
+        lpreg.lpreg_policy_loss(logits, labels, adv, old, mask, num_tokens=6, loss_agg_mode="seq-mean-token-mean",
+                                backend="torch")
+
+
+@pytest.mark.parametrize("compat", ["released", "paper"])
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean"])
+@pytest.mark.parametrize("with_proxy", [False, True])
+def test_from_stats_equals_the_logits_path(compat, agg, with_proxy):
+    from lpreg.policy_loss import policy_loss_from_stats
+
+    logits, labels, adv, old, mask = make_batch(seed=23, adv_per_token=True)
+    labels[0, 1] = -100  # an ignored label inside the mask: not valid on either path
+    proxy = logits + 0.3 * torch.randn(logits.shape, generator=torch.Generator().manual_seed(1)) if with_proxy \
+        else None
+    kw = dict(compat=compat, rho=0.5, beta=0.7, loss_agg_mode=agg)
+    want, want_grad, wm = grads_of(lambda x: lpreg.lpreg_policy_loss(
+        x, labels, adv, old, mask, proxy=proxy, backend="torch", **kw), logits)
+    valid = (mask > 0) & (labels != -100)
+
+    def from_stats(x):
+        stats = lpreg.lpreg_token_stats(x, labels, proxy_logits=proxy, backend="torch")
+        return policy_loss_from_stats(stats, adv, old, valid, **kw)
+
+    got, got_grad, m = grads_of(from_stats, logits)
+    assert wm["actor/lpreg_frac"] > 0
+    assert torch.equal(got, want) and torch.equal(got_grad, want_grad) and m == wm  # one code path, same ops
+
+
+def test_from_stats_never_reads_masked_entries():
+    from lpreg.policy_loss import policy_loss_from_stats
+
+    logits, labels, adv, old, mask = make_batch(seed=21)
+    x = logits.clone().requires_grad_(True)
+    stats = lpreg.lpreg_token_stats(x, labels, backend="torch")
+    loss, m = policy_loss_from_stats(stats, adv, old, mask, rho=0.5)
+    # garbage (NaN, inf) where the mask is 0, e.g. a framework's padding
+    fill = torch.where(mask > 0, 0.0, float("nan"))
+    dirty = lpreg.TokenStats(stats.logp + fill, stats.proxy_logp - fill.abs(), stats.kl * (1 + fill),
+                             stats.entropy + fill)
+    dloss, dm = policy_loss_from_stats(dirty, adv, old, mask, rho=0.5)
+    assert torch.equal(dloss, loss) and dm == m
+    (g,) = torch.autograd.grad(dloss, x)
+    assert torch.isfinite(g).all() and torch.equal(g[mask == 0], torch.zeros_like(g[mask == 0]))
+    nan_valid = stats.logp.detach().clone()
+    nan_valid[mask > 0] = nan_valid[mask > 0].index_fill(0, torch.tensor([0]), float("nan"))
+    bad, _ = policy_loss_from_stats(lpreg.TokenStats(nan_valid, *stats[1:]), adv, old, mask, rho=0.5)
+    assert math.isnan(float(bad))  # a NaN in a counted token is never a finite loss
+
+
+def test_from_stats_k3_does_not_read_kl():
+    from lpreg.policy_loss import policy_loss_from_stats
+
+    logits, labels, adv, old, mask = make_batch(seed=22)
+    stats = lpreg.lpreg_token_stats(logits, labels, backend="torch")
+    a, _ = policy_loss_from_stats(stats, adv, old, mask, compat="released", rho=0.5)
+    b, _ = policy_loss_from_stats(stats._replace(kl=torch.zeros_like(stats.kl)), adv, old, mask, compat="released",
+                                  rho=0.5)
+    assert torch.equal(a, b)
+
+
+def test_from_stats_bad_input():
+    from lpreg.policy_loss import policy_loss_from_stats
+
+    logits, labels, adv, old, mask = make_batch(B=2, L=3, V=16, seed=23)
+    stats = lpreg.lpreg_token_stats(logits, labels, backend="torch")
+    with pytest.raises(ValueError, match="stats"):
+        policy_loss_from_stats(stats.logp, adv, old, mask)
+    with pytest.raises(ValueError, match="stats.kl"):
+        policy_loss_from_stats(stats._replace(kl=stats.kl[:, :2]), adv, old, mask)
+    with pytest.raises(ValueError, match="stats.entropy"):
+        policy_loss_from_stats(stats._replace(entropy=stats.entropy.long()), adv, old, mask)
+    with pytest.raises(ValueError, match="old_logp"):
+        policy_loss_from_stats(stats, adv, old[:, :2], mask)
+    with pytest.raises(ValueError, match="response_mask"):
+        policy_loss_from_stats(stats, adv, old, None)
+    with pytest.raises(ValueError, match="compat"):
+        policy_loss_from_stats(stats, adv, old, mask, compat="x")

@@ -128,7 +128,7 @@ def test_loss_with_threshold_equals_single_call_on_policy():
 
     logits, labels, adv, _, mask = make_batch(B=8, L=10, seed=3)
     old = lpreg.lpreg_token_stats(logits, labels, backend="torch").logp
-    kw = dict(rho=0.5, backend="torch", loss_agg_mode="seq-mean-token-sum")
+    kw = dict(compat="paper", rho=0.5, backend="torch", loss_agg_mode="seq-mean-token-sum")
     loss, m = lpreg.lpreg_policy_loss(logits, labels, adv, old, mask, **kw)
     n_sel = round(m["actor/lpreg_frac"] * int((mask > 0).sum()))
     assert n_sel > 0

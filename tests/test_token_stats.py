@@ -1,4 +1,4 @@
-"""lpreg_token_stats / lpreg_kl against a float64 evaluation of SPEC, on every backend here.
+"""lpreg_token_stats / lpreg_kl against a float64 evaluation of docs/spec.md, on every backend here.
 
 The Triton kernels run on CPU tensors through TRITON_INTERPRET=1 (set in conftest.py), on
 small shapes; the torch and compiled-CPU backends also take the large vocabularies.
@@ -8,10 +8,10 @@ import math
 
 import pytest
 import torch
+from spec_oracle import OUTPUTS, assert_backend_matches_spec, make_logits, spec_grad, spec_token_stats
 
 import lpreg
 from lpreg import _backends
-from spec_oracle import OUTPUTS, assert_backend_matches_spec, make_logits, spec_grad, spec_token_stats
 
 BACKENDS = ["torch", "triton"] + (["cpu"] if _backends.native_available("cpu") else [])
 # The interpreter executes Triton programs in numpy: keep its rows short.
@@ -76,7 +76,7 @@ def test_dense_proxy_logits_match_spec(backend, mode, dtype):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_ties_at_the_threshold_are_kept(backend):
     # log(kappa) = -1.5 exactly in float32 and float64, so z = zmax - 1.5 sits exactly on
-    # the min-p cut: SPEC's ">=" keeps it.
+    # the min-p cut: docs/spec.md §1's ">=" keeps it.
     kappa = math.exp(-1.5)
     assert math.log(kappa) == -1.5
     x = torch.full((3, 8), -6.0)

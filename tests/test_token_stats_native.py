@@ -1,21 +1,21 @@
 """backend="cpu" (and, on a GPU, backend="cuda"): what is specific to the compiled lpreg._C.
 
-The float64 SPEC matrix (modes, temperatures, vocabularies, dtypes, ties, NaN / -inf rows,
-ignore_index, proxies) runs for every backend, "cpu" included, in test_token_stats.py. Here:
-mixed-dtype and unaligned rows, the native ops called directly (row statistics, special rows,
-empty batches), results independent of the thread count, opcheck of the compiled ops, and the
-TORCH_CHECK messages.
+The float64 oracle matrix of docs/spec.md (modes, temperatures, vocabularies, dtypes, ties,
+NaN / -inf rows, ignore_index, proxies) runs for every backend, "cpu" included, in
+test_token_stats.py. Here: mixed-dtype and unaligned rows, the native ops called directly (row
+statistics, special rows, empty batches), results independent of the thread count, opcheck of
+the compiled ops, the TORCH_CHECK messages; issue 8's ignored row with a logit of 120 (cpu, and
+cuda / triton on a GPU); and, on a GPU, the CUDA forward's block skipping against the oracle.
 """
 
 import math
 
 import pytest
 import torch
+from spec_oracle import assert_backend_matches_spec, make_logits
 
 import lpreg
 from lpreg import _native
-
-from spec_oracle import assert_backend_matches_spec, make_logits
 
 pytestmark = pytest.mark.skipif(not _native.available("cpu"), reason="lpreg._C is not built")
 
@@ -154,3 +154,81 @@ def test_cuda_unaligned_rows_and_ties():
     x[0, 5] = x[0, 9] = 0.5
     assert_backend_matches_spec("cuda", x, torch.tensor([9]), upstream(1, 4), temperature=1.0, mode="fixed",
                                 threshold=0.02, device="cuda")
+
+
+# ---- issue 8: an ignored row with a logit above fp32 exp's range --------------------------
+
+@pytest.mark.parametrize("backend", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu),
+                                     pytest.param("triton", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_ignored_row_with_large_logits_has_zero_gradient(backend, dtype):
+    # issue 8's example: one logit of 120 per row (e^120 overflows fp32), the last row ignored.
+    # A backward that recomputed p = e^(x - lse) from the ignored row's zeroed lse gave NaN.
+    device = "cpu" if backend == "cpu" else "cuda"
+    if backend == "cuda" and not _native.available("cuda"):
+        pytest.fail("on a CUDA machine lpreg._C must be built with CUDA (see bench/gpu_check.sh)")
+    gen = torch.Generator().manual_seed(8)
+    z = torch.randn(3, 300, generator=gen) * 30
+    z[:, 5] = 120.0
+    labels = torch.tensor([1, 2, -100])
+    x = z.to(dtype).to(device).requires_grad_(True)
+    for proxy in (None, (z + 1.0).to(dtype).to(device)):
+        x.grad = None
+        s = lpreg.lpreg_token_stats(x, labels.to(device), backend=backend, proxy_logits=proxy)
+        (s.logp.sum() + s.kl.sum() + s.entropy.sum()).backward()
+        grad = x.grad.float().cpu()
+        assert torch.equal(grad[2], torch.zeros(300)), "the ignored row's gradient must be exactly zero"
+        assert torch.isfinite(grad[:2]).all()
+        for out in s:  # proxy_logp is -inf for a label outside the kept set: not NaN
+            assert out[2].item() == 0.0 and not torch.isnan(out[:2]).any()
+    # the valid rows are the float64 oracle's, rows with the ignored one included
+    assert_backend_matches_spec(backend, z.to(dtype), labels, upstream(3, 8), temperature=0.7, mode="min_p",
+                                threshold=0.02, device=device)
+
+
+# ---- CUDA block skipping: rows whose kept tokens sit in few chunks ------------------------
+
+def _peaked(rows, V, seed, peak=25.0):
+    """Noise with a few far larger logits per row: only chunks holding a peak are re-read."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, V, generator=gen) * 2
+    for r in range(rows):
+        idx = torch.randint(0, V, (1 + r % 3,), generator=gen)
+        x[r, idx] = peak - r
+    return x
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_cuda_block_skipping_matches_spec(dtype):
+    if not _native.available("cuda"):
+        pytest.fail("on a CUDA machine lpreg._C must be built with CUDA (see bench/gpu_check.sh)")
+    V = 151_936
+    big = _peaked(4, V + 3, seed=1).to(dtype)
+    labels = torch.tensor([0, 17, V - 1, 4096])
+    for logits in (big[:, :V], big[:, 3:]):  # aligned rows, and a scalar head before the chunks
+        assert_backend_matches_spec("cuda", logits, labels, upstream(4, 1), temperature=1.0, mode="min_p",
+                                    threshold=0.02, device="cuda")
+        proxy = (logits.float() + 0.3).to(dtype)  # same element size: the chunked path too
+        assert_backend_matches_spec("cuda", logits, labels, upstream(4, 2), temperature=0.8, mode="min_p",
+                                    threshold=0.1, proxy_logits=proxy, device="cuda")
+    # "fixed" with no token at tau: K = {first argmax}, in a chunk whose max is below the
+    # cutoff (+inf); the argmax's chunk alone is re-read
+    flat = torch.randn(3, V, generator=torch.Generator().manual_seed(2)) * 0.1
+    flat[:, 70_001] = 1.0
+    assert_backend_matches_spec("cuda", flat.to(dtype), torch.tensor([70_001, 3, 5]), upstream(3, 3),
+                                temperature=1.0, mode="fixed", threshold=0.5, device="cuda")
+
+
+@pytest.mark.gpu
+def test_cuda_rows_beyond_the_chunk_table():
+    # fp32 rows longer than 8192 chunks x 128 columns: chunks past the shared-memory table are
+    # always re-read (never skipped), so a kept token there still counts
+    if not _native.available("cuda"):
+        pytest.fail("on a CUDA machine lpreg._C must be built with CUDA (see bench/gpu_check.sh)")
+    V = 8192 * 128 + 5000
+    x = _peaked(2, V, seed=4, peak=20.0)
+    x[0, V - 3000] = 22.0  # the maximum, past the table
+    x[1, 100] = 22.0
+    assert_backend_matches_spec("cuda", x, torch.tensor([V - 3000, 7]), upstream(2, 4), temperature=1.0,
+                                mode="min_p", threshold=0.02, device="cuda")

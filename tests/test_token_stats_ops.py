@@ -1,13 +1,17 @@
-"""The torch.library ops: opcheck, torch.compile without graph breaks, and the reference's
-own gradients (gradcheck in float64) and chunking."""
+"""The torch.library ops: opcheck, torch.compile without graph breaks, the reference's own
+gradients (gradcheck in float64), the shared row chunker, and the one row-statistics layout."""
+
+import os
+import re
 
 import pytest
 import torch
+from lpreg.kernels import row_stats as layout
+from spec_oracle import make_logits, spec_token_stats
 
 import lpreg
-from lpreg import _backends
+from lpreg import _backends, _rows
 from lpreg._ops import token_stats_backward_op, token_stats_op
-from spec_oracle import make_logits, spec_token_stats
 
 BACKENDS = ["torch", "triton"] + (["cpu"] if _backends.native_available("cpu") else [])
 
@@ -101,7 +105,7 @@ def test_reference_gradcheck_float64(mode, with_proxy):
 
 def test_reference_chunks_rows(monkeypatch):
     # Small chunk so that several chunks (and the checkpointed backward) are exercised.
-    monkeypatch.setattr(lpreg.reference, "_CHUNK_ELEMENTS", 64)
+    monkeypatch.setattr(_rows, "CHUNK_ELEMENTS", 64)
     x = make_logits(10, 30, seed=12).requires_grad_()
     labels = torch.randint(0, 30, (10,))
     s = lpreg.reference.lpreg_token_stats(x, labels)
@@ -110,3 +114,41 @@ def test_reference_chunks_rows(monkeypatch):
     (grad,) = torch.autograd.grad(s.kl.sum() + s.logp.sum(), x)
     want = -(ref["p"] - ref["q"]) * 0 + (ref["p"] - ref["q"]) + (ref["onehot"] - ref["p"])
     torch.testing.assert_close(grad.double(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_torch_backend_chunks_rows(monkeypatch):
+    # The torch backend walks rows with the same chunker: results are row-wise, so a chunk of
+    # 2 rows must give exactly what one chunk of all rows gives.
+    x = make_logits(10, 30, seed=13)
+    labels = torch.randint(0, 30, (10,))
+    labels[4] = -100
+
+    def run():
+        xx = x.clone().requires_grad_()
+        s = lpreg.lpreg_token_stats(xx, labels, backend="torch")
+        (grad,) = torch.autograd.grad((s.kl + s.logp + s.entropy).sum(), xx)
+        return (*s, grad)
+
+    whole = run()
+    monkeypatch.setattr(_rows, "CHUNK_ELEMENTS", 64)  # 64 // 30 = 2 rows per chunk
+    assert list(_rows.row_chunks(10, 30))[:2] == [(0, 2), (2, 4)]
+    for a, b in zip(whole, run()):
+        assert torch.equal(a, b)
+
+
+def test_row_stats_layout_is_one_definition():
+    # Python / Triton read kernels/row_stats.py; C++ and CUDA name the same slots in
+    # csrc/row_stats.h. Both must agree.
+    header = os.path.join(os.path.dirname(__file__), "..", "csrc", "row_stats.h")
+    with open(header) as f:
+        consts = dict(re.findall(r"constexpr (?:int|float) (k\w+) = (-?[\d.]+)f?;", f.read()))
+    want = {"kStatLse": layout.LSE, "kStatEntropy": layout.ENTROPY, "kStatLseKept": layout.LSE_KEPT,
+            "kStatCutoff": layout.CUTOFF, "kStatArgmax": layout.ARGMAX,
+            "kRowStatsWidth": layout.TOKEN_STATS_WIDTH, "kNoArgmax": layout.NO_ARGMAX}
+    assert {k: float(v) for k, v in consts.items()} == {k: float(v) for k, v in want.items()}
+    assert layout.TOKEN_STATS_SLOTS[layout.LSE] == "lse" and layout.TOKEN_STATS_SLOTS[layout.ARGMAX] == "argmax_y"
+    assert layout.SPARSE_PROXY_SLOTS == layout.TOKEN_STATS_SLOTS[:layout.SPARSE_PROXY_WIDTH]
+    for backend in BACKENDS:  # every backend's forward returns rows of that width
+        out = token_stats_op(*_op_args(backend, False, True, requires_grad=False))
+        assert out[4].shape == (5, layout.TOKEN_STATS_WIDTH)
+        assert out[4][2].tolist() == [0.0, 0.0, 0.0, 0.0, float(layout.NO_ARGMAX)]  # the ignored row

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from lpreg.trainer import checkpoint as ckpt
-from lpreg.trainer.config import make_config
+from lpreg.trainer.config import preset_config
 from lpreg.trainer.logging_utils import MetricsLog, read_metrics
 
 
@@ -33,7 +33,7 @@ def test_checkpoint_round_trip(tmp_path, tiny):
     model(input_ids=torch.tensor([[5, 6, 7]])).logits.sum().backward()
     opt.step()
     sched.step()
-    cfg = make_config("test-micro", lr=0.123)
+    cfg = preset_config("test-micro", lr=0.123)
     random.seed(1), np.random.seed(1), torch.manual_seed(1)
     path = ckpt.save_checkpoint(str(tmp_path), 7, model=model, tokenizer=tok, optimizer=opt, scheduler=sched,
                                 data_position=14, config=cfg)
@@ -62,7 +62,7 @@ def test_checkpoint_round_trip(tmp_path, tiny):
 def test_incomplete_checkpoints_are_ignored_and_pruned(tmp_path, tiny):
     model, tok = tiny
     opt = torch.optim.AdamW(model.parameters())
-    cfg = make_config("test-micro")
+    cfg = preset_config("test-micro")
     for step in (1, 2, 3):
         ckpt.save_checkpoint(str(tmp_path), step, model=model, tokenizer=None, optimizer=opt, scheduler=None,
                              data_position=step, config=cfg, keep=2)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lpreg.trainer.advantage import group_advantages
-from lpreg.trainer.config import LOSSES, PRESETS, load_config, make_config
+from lpreg.trainer.config import LOSSES, PRESETS, load_config, preset_config
 from lpreg.trainer.rollout import generate_group, pack, response_lengths, rollout_seed
 
 REQUIRED = ("step", "critic/score/mean", "actor/entropy", "actor/pg_loss", "actor/lpreg_frac", "actor/lpreg_kl",
@@ -80,7 +80,7 @@ def tiny():
 
 def test_generate_group_is_seeded_and_ignores_the_models_generation_config(tiny):
     model, tok = tiny
-    cfg = make_config("test-micro", max_new_tokens=6)
+    cfg = preset_config("test-micro", max_new_tokens=6)
     ids = tok.encode("Q: 1+2=?\nA: ", add_special_tokens=False)
     kw = dict(eos_ids=[tok.eos_token_id], pad_id=tok.pad_token_id)
     a = generate_group(model, ids, 4, cfg, seed=rollout_seed(0, 3, 5), **kw)
@@ -138,7 +138,7 @@ def test_bad_values_exit_naming_the_value(argv, needle):
 
 def test_every_loss_is_a_valid_choice():
     for name in LOSSES:
-        assert make_config("test-micro", loss=name).loss == name
+        assert preset_config("test-micro", loss=name).loss == name
 
 
 def _run(args, tmp_path, timeout=240, env=None):
@@ -184,3 +184,38 @@ def test_cpu_end_to_end_run_changes_parameters_and_writes_metrics(tmp_path):
     assert (out / "training_curves.png").stat().st_size > 1000
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert samples and {"question", "answer", "completion", "reward"} <= set(samples[0])
+
+
+@pytest.mark.slow
+def test_off_policy_run_with_held_out_eval(tmp_path):
+    """--mini-batches 2: the scoring pass runs (old log-probs and the rollout policy's sparse proxy),
+    two optimizer steps per rollout; --eval-every 2 logs held-out avg@k / pass@k at steps 2 and 3."""
+    out = tmp_path / "run"
+    res = _run(["--preset", "test-micro", "--steps", "3", "--output-dir", str(out), "--resume", "none",
+                "--mini-batches", "2", "--eval-every", "2", "--eval-problems", "3", "--eval-k", "2"], tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert all(r["train/scoring_pass"] == 1 and r["train/updates_per_rollout"] == 2 for r in rows)
+    assert "eval/pass@1" not in rows[0]
+    for r in rows[1:]:  # every eval_every steps, and at the last step
+        assert {"eval/avg@2", "eval/pass@1", "eval/pass@2", "eval/maj@2"} <= set(r)
+        assert 0.0 <= r["eval/pass@1"] <= r["eval/pass@2"] <= 1.0
+
+
+def test_the_loop_fits_one_screen():
+    """Issue 9: `train` reads top to bottom in one screen, and no trainer function runs long."""
+    import ast
+    import inspect
+
+    import lpreg.train
+
+    assert len(inspect.getsource(lpreg.train.train).splitlines()) <= 45
+    root = os.path.dirname(lpreg.train.__file__)
+    files = [os.path.join(root, "train.py")] + [os.path.join(root, "trainer", f)
+                                                for f in os.listdir(os.path.join(root, "trainer")) if f.endswith(".py")]
+    for path in files:
+        for node in ast.walk(ast.parse(open(path).read())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                length = node.end_lineno - node.lineno + 1
+                assert length <= 80, f"{path}:{node.name} is {length} lines"

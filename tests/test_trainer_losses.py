@@ -4,8 +4,13 @@ import pytest
 import torch
 
 from lpreg.selection import selection_threshold
-from lpreg.trainer.config import make_config
-from lpreg.trainer.losses import finish_metrics, policy_loss, scatter_selection, select_tokens
+from lpreg.trainer.config import preset_config
+from lpreg.trainer.losses import (
+    method_loss,
+    scatter_selection,
+    select_tokens,
+    summarise_loss_metrics,
+)
 
 B, T, V = 3, 7, 11
 
@@ -59,7 +64,8 @@ def _ref_selection(name, logits, labels, adv, mask, cfg):
     out = torch.zeros(B, T, dtype=torch.bool)
     flat_idx = torch.nonzero(valid.reshape(-1)).reshape(-1)
     if name == "80_20":
-        k = max(1, int(n * cfg.top_entropy_frac))
+        assert cfg.top_entropy_frac == 0.2
+        k = -(-n // 5)  # ceil(0.2 n): the authors' top-20% of the step's tokens
         vals = ent.reshape(-1)[flat_idx]
     elif name == "kl_cov":
         k = max(1, int(n * cfg.kl_cov_ratio))
@@ -74,11 +80,11 @@ def _ref_selection(name, logits, labels, adv, mask, cfg):
 
 @pytest.mark.parametrize("name", ["grpo", "clip_higher", "entropy_bonus", "80_20", "kl_cov"])
 def test_baseline_matches_float64_reference(name):
-    cfg = make_config("test-micro", loss=name, top_entropy_frac=0.2, kl_cov_ratio=0.1, token_stats_backend="torch")
+    cfg = preset_config("test-micro", loss=name, top_entropy_frac=0.2, kl_cov_ratio=0.1, token_stats_backend="torch")
     logits, labels, adv, old, mask = _inputs()
     sel = _ref_selection(name, logits, labels, adv, mask, cfg)
     x = logits.clone().requires_grad_(True)
-    loss, sums = policy_loss(name, x, labels, adv, old, mask, cfg)
+    loss, sums = method_loss(name, x, labels, adv, old, mask, cfg)
     loss.backward()
     xr = logits.double().requires_grad_(True)
     ref = _ref_loss(name, xr, labels, adv, old, mask, cfg, sel if sel is not None else torch.zeros(B, T))
@@ -92,8 +98,8 @@ def test_baseline_matches_float64_reference(name):
 
 
 def test_clip_cov_zeroes_a_random_draw_from_the_band():
-    cfg = make_config("test-micro", loss="clip_cov", clip_cov_ratio=0.2, clip_cov_lb=0.0, clip_cov_ub=50.0,
-                      token_stats_backend="torch")
+    cfg = preset_config("test-micro", loss="clip_cov", clip_cov_ratio=0.2, clip_cov_lb=0.0, clip_cov_ub=50.0,
+                        token_stats_backend="torch")
     logits, labels, adv, old, mask = _inputs(seed=3)
     valid = mask > 0
     logp, ent = _ref_stats(logits, labels)
@@ -107,7 +113,7 @@ def test_clip_cov_zeroes_a_random_draw_from_the_band():
     assert bool((flat <= band).all())  # every zeroed token lies in the covariance band
     sel = scatter_selection(flat, [mask])[0]
     x = logits.clone().requires_grad_(True)
-    loss, _ = policy_loss("clip_cov", x, labels, adv, old, mask, cfg, selected=sel)
+    loss, _ = method_loss("clip_cov", x, labels, adv, old, mask, cfg, selected=sel)
     loss.backward()
     xr = logits.double().requires_grad_(True)
     ref = _ref_loss("clip_cov", xr, labels, adv, old, mask, cfg, sel)
@@ -132,11 +138,12 @@ def test_scatter_selection_round_trip():
 def test_micro_batches_sum_to_the_whole_step(name):
     """Splitting the step into micro-batches, with the step-wide choice fixed once, gives the
     same loss sum and gradient as one pass over the whole step."""
-    cfg = make_config("test-micro", loss=name, lpreg_rho=0.5, top_entropy_frac=0.3, kl_cov_ratio=0.1,
-                      token_stats_backend="torch")
+    # the paper form: its rho-percentile is step-wide (the released form's is per call, as in its code)
+    cfg = preset_config("test-micro", loss=name, lpreg_rho=0.5, top_entropy_frac=0.3, kl_cov_ratio=0.1,
+                        lpreg_compat="paper", token_stats_backend="torch")
     logits, labels, adv, _old, mask = _inputs(seed=5, peaked=False)  # flat rows: low-p tokens survive min-p
     x = logits.clone().requires_grad_(True)
-    whole, whole_sums = policy_loss(name, x, labels, adv, None, mask, cfg)
+    whole, whole_sums = method_loss(name, x, labels, adv, None, mask, cfg)
     whole.backward()
     parts = [slice(0, 1), slice(1, 3)]
     y = logits.clone().requires_grad_(True)
@@ -155,7 +162,7 @@ def test_micro_batches_sum_to_the_whole_step(name):
         chosen = scatter_selection(flat, masks)
     total, sums = 0.0, {}
     for i, p in enumerate(parts):
-        loss, s = policy_loss(name, y[p], labels[p], adv[p], None, mask[p], cfg, selected=chosen[i],
+        loss, s = method_loss(name, y[p], labels[p], adv[p], None, mask[p], cfg, selected=chosen[i],
                               lpreg_threshold=thresholds[i])
         loss.backward()
         total += loss.item()
@@ -163,8 +170,8 @@ def test_micro_batches_sum_to_the_whole_step(name):
     assert abs(total - whole.item()) <= 1e-5 * max(1.0, abs(whole.item()))
     torch.testing.assert_close(y.grad, x.grad, atol=1e-6, rtol=1e-5)
     n = int(mask.sum())
-    a = finish_metrics({k: float(v) for k, v in whole_sums.items()}, n)
-    b = finish_metrics(sums, n)
+    a = summarise_loss_metrics({k: float(v) for k, v in whole_sums.items()}, n)
+    b = summarise_loss_metrics(sums, n)
     for key in ("actor/pg_loss", "actor/entropy", "actor/lpreg_frac", "actor/lpreg_kl"):
         assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7)
     if name == "lpreg":
@@ -174,15 +181,16 @@ def test_micro_batches_sum_to_the_whole_step(name):
 def test_lpreg_sum_is_token_mean_times_count():
     from lpreg.policy_loss import lpreg_policy_loss
 
-    cfg = make_config("test-micro", loss="lpreg", lpreg_rho=0.2, token_stats_backend="torch")
+    cfg = preset_config("test-micro", loss="lpreg", lpreg_rho=0.2, token_stats_backend="torch")
+    assert cfg.lpreg_compat == "released"  # the trainer's default form (issue 10 item 1)
     logits, labels, adv, old, mask = _inputs(seed=7)
-    loss, _ = policy_loss("lpreg", logits, labels, adv, old, mask, cfg)
-    ref, _ = lpreg_policy_loss(logits, labels, adv, old, mask, rho=0.2, backend="torch")
+    loss, _ = method_loss("lpreg", logits, labels, adv, old, mask, cfg)
+    ref, _ = lpreg_policy_loss(logits, labels, adv, old, mask, compat="released", rho=0.2, backend="torch")
     assert loss.item() == pytest.approx(ref.item() * float(mask.sum()), rel=1e-6)
 
 
 def test_unknown_loss_is_an_error():
-    cfg = make_config("test-micro", token_stats_backend="torch")
+    cfg = preset_config("test-micro", token_stats_backend="torch")
     logits, labels, adv, old, mask = _inputs()
     with pytest.raises(ValueError, match="bogus"):
-        policy_loss("bogus", logits, labels, adv, old, mask, cfg)
+        method_loss("bogus", logits, labels, adv, old, mask, cfg)

@@ -21,7 +21,12 @@ def worker():
     [
         ("19", "19"),
         ("-7", "-7"),
-        ("so the total is 1,234 apples", "1234"),
+        ("1,234", "1234"),
+        (" 3.5.", "3.5"),
+        # the number fallback accepts only a number: no last number read out of other text
+        ("so the total is 1,234 apples", None),
+        ("1-3", None),
+        ("12 13", None),
         ("first 3 then \\boxed{\\frac{1}{2}} and 5", "\\frac{1}{2}"),
         ("\\boxed{1} then \\boxed{x^{2}+1}", "x^{2}+1"),
         ("work 1 2 3\nAnswer: $-3$.", "-3"),

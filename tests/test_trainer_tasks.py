@@ -113,7 +113,8 @@ def test_tiny_model_config_and_determinism():
     m3 = build_tiny_model(tok, hidden_size=32, num_layers=2, num_heads=2, seed=6)
     cfg = m1.config
     assert cfg.vocab_size == len(tok) and cfg.tie_word_embeddings
-    assert (cfg.eos_token_id, cfg.pad_token_id, cfg.bos_token_id) == (tok.eos_token_id, tok.pad_token_id, tok.bos_token_id)
+    assert (cfg.eos_token_id, cfg.pad_token_id, cfg.bos_token_id) == \
+        (tok.eos_token_id, tok.pad_token_id, tok.bos_token_id)
     assert m1.get_input_embeddings().weight.data_ptr() == m1.get_output_embeddings().weight.data_ptr()
     assert cfg._attn_implementation == "sdpa"  # CPU never asks for flash-attn
     w1, w2, w3 = (m.get_input_embeddings().weight for m in (m1, m2, m3))
@@ -181,7 +182,8 @@ def test_warm_start_learns_and_save_load_round_trip(tmp_path):
     model.save_pretrained(tmp_path)
     tok.save_pretrained(tmp_path)
     loaded, loaded_tok = load_policy(str(tmp_path))
-    assert loaded_tok.backend_tokenizer.pre_tokenizer.__getstate__() == tok.backend_tokenizer.pre_tokenizer.__getstate__()
+    pre = loaded_tok.backend_tokenizer.pre_tokenizer
+    assert pre.__getstate__() == tok.backend_tokenizer.pre_tokenizer.__getstate__()
     prompts = [format_prompt(tok, p.question) for p in arithmetic_problems(8, 1, "test")]
     assert generate_completions(loaded, loaded_tok, prompts, max_new_tokens=5) == generate_completions(
         model, tok, prompts, max_new_tokens=5

@@ -21,7 +21,7 @@ SCRIPT = textwrap.dedent(
     import itertools, json, os, re, subprocess, sys, tempfile
     import triton
     from triton.backends.compiler import GPUTarget
-    from lpreg.kernels import sparse_proxy_kl, token_stats
+    from lpreg.kernels import sparse_proxy_stats, token_stats
 
     def compile_kernel(fn, types, consts, arch, num_warps=8):
         sig = {n: types.get(n, "constexpr") for n in fn.arg_names}
@@ -68,13 +68,14 @@ SCRIPT = textwrap.dedent(
         report[f"token_stats_bwd proxy={proxy} g={gl}{gk}{gh}"] = vector_ops(c)
     sp_types = dict(logp_ptr=f32, proxy_logp_ptr=f32, kl_ptr=f32, entropy_ptr=f32, row_stats_ptr=f32,
                     grad_ptr="*" + dt, logits_ptr="*" + dt, labels_ptr="*i64", idx_ptr="*i64", logq_ptr=f32,
+                    label_logq_ptr=f32,
                     g_logp_ptr=f32, g_kl_ptr=f32, g_entropy_ptr=f32, V="i32", K="i32",
                     logits_row_stride="i64", idx_row_stride="i64", logq_row_stride="i64", grad_row_stride="i64",
                     inv_temperature="fp32", ignore_index="i32")
-    c = compile_kernel(sparse_proxy_kl._sparse_proxy_fwd_kernel, sp_types,
-                       dict(HAS_LABELS=True, BLOCK_V=4096, BLOCK_K=64), arch)
+    c = compile_kernel(sparse_proxy_stats._sparse_proxy_fwd_kernel, sp_types,
+                       dict(HAS_LABELS=True, HAS_LABEL_LOGQ=True, BLOCK_V=4096, BLOCK_K=64), arch)
     report["sparse_proxy_fwd"] = vector_ops(c)
-    c = compile_kernel(sparse_proxy_kl._sparse_proxy_bwd_kernel, sp_types,
+    c = compile_kernel(sparse_proxy_stats._sparse_proxy_bwd_kernel, sp_types,
                        dict(HAS_LABELS=True, HAS_G_LOGP=True, HAS_G_KL=True, HAS_G_ENTROPY=True,
                             BLOCK_V=4096, BLOCK_K=64), arch)
     report["sparse_proxy_bwd"] = vector_ops(c)

@@ -1,4 +1,4 @@
-// Fused Lp-Reg token statistics on the CPU (SPEC sections 1, 2 and 4).
+// Fused Lp-Reg token statistics on the CPU (docs/spec.md §1, §2 and §4).
 //
 // Per row, with x = z / T and the proxy source y = proxy / T (y = x on-policy):
 //
@@ -10,7 +10,9 @@
 //   grad_z = (g_logp (e_label - p) + g_kl (p - q) - g_H p (log p + H)) / T
 //
 // The row-statistics contract (outputs, row_stats = [lse, H, lse_K, cutoff, argmax_y], ignored
-// and NaN rows) is the one documented in kernels/token_stats.py.
+// and NaN rows) is the one documented in kernels/token_stats.py; the slots are named in
+// csrc/row_stats.h. Ignored-row invariant: an ignored row is skipped before any arithmetic,
+// its forward writes zeros, and its backward writes exact zeros without reading row_stats.
 //
 // Design: one thread owns a row (at::parallel_for over rows), so every sum is accumulated in
 // the same order whatever the thread count: results are bitwise independent of it. A row is
@@ -159,8 +161,8 @@ void fwd_rows(const TokenStatsFwdArgs& a, int64_t begin, int64_t end) {
     const int64_t label = a.labels ? a.labels[row] : 0;
     if (a.labels && label == a.ignore_index) {  // ignored row: zeros, no gradient
       a.logp[row] = a.proxy_logp[row] = a.kl[row] = a.entropy[row] = 0.f;
-      for (int k = 0; k < 4; ++k) stats[k] = 0.f;
-      stats[4] = -1.f;
+      stats[kStatLse] = stats[kStatEntropy] = stats[kStatLseKept] = stats[kStatCutoff] = 0.f;
+      stats[kStatArgmax] = kNoArgmax;
       continue;
     }
     const TX* xr = static_cast<const TX*>(a.logits) + row * a.logits_row_stride;
@@ -170,7 +172,7 @@ void fwd_rows(const TokenStatsFwdArgs& a, int64_t begin, int64_t end) {
     // dropped elements); max / sum of y; first argmax of y; per block the candidate threshold
     float m = -kInf, s = 0.f, t = 0.f, d = 0.f, my = -kInf, sy = 0.f, unused = 0.f;
     float best = -kInf;  // running max for the first-argmax search ("fixed" only)
-    int64_t argmax_y = -1;
+    int64_t argmax_y = static_cast<int64_t>(kNoArgmax);
     for (int64_t start = 0, blk = 0; start < V; start += kBlock, ++blk) {
       const int64_t n = std::min(kBlock, V - start), nv = round_up(n);
       load_block(xr + start, n, inv_t, xb);
@@ -197,8 +199,9 @@ void fwd_rows(const TokenStatsFwdArgs& a, int64_t begin, int64_t end) {
       my = m;
       sy = s;
     }
-    // NaN anywhere propagates into m / my through the NaN-propagating max; all -inf: m = -inf
-    const bool bad = !(m > -kInf) || !(my > -kInf);
+    // NaN anywhere propagates into m / my through the NaN-propagating max; all -inf: m = -inf;
+    // a +inf: m = +inf. Each makes the row's outputs NaN.
+    const bool bad = !std::isfinite(m) || !std::isfinite(my);
     const float lse = m + std::log(s);
     const float entropy = std::log(s) - t / s;
     float cutoff;  // >= every block's thr (fp32 addition is monotone)
@@ -270,11 +273,11 @@ void fwd_rows(const TokenStatsFwdArgs& a, int64_t begin, int64_t end) {
     a.proxy_logp[row] = bad ? kNaN : proxy_logp;
     a.kl[row] = bad ? kNaN : kl;
     a.entropy[row] = bad ? kNaN : entropy;
-    stats[0] = bad ? kNaN : lse;  // a NaN lse makes the backward NaN for the whole row
-    stats[1] = bad ? kNaN : entropy;
-    stats[2] = lse_kept;
-    stats[3] = cutoff;
-    stats[4] = static_cast<float>(argmax_y);
+    stats[kStatLse] = bad ? kNaN : lse;  // a NaN lse makes the backward NaN for the whole row
+    stats[kStatEntropy] = bad ? kNaN : entropy;
+    stats[kStatLseKept] = lse_kept;
+    stats[kStatCutoff] = cutoff;
+    stats[kStatArgmax] = static_cast<float>(argmax_y);
   }
 }
 
@@ -289,15 +292,16 @@ void bwd_rows(const TokenStatsBwdArgs& a, int64_t begin, int64_t end) {
   for (int64_t row = begin; row < end; ++row) {
     TX* gr = static_cast<TX*>(a.grad) + row * a.grad_row_stride;
     const int64_t label = a.labels ? a.labels[row] : -1;
-    if (a.labels && label == a.ignore_index) {
+    if (a.labels && label == a.ignore_index) {  // the ignored-row invariant: exact zeros, no p
       std::fill(gr, gr + V, static_cast<TX>(0.f));
       continue;
     }
     const TX* xr = static_cast<const TX*>(a.logits) + row * a.logits_row_stride;
     const TY* yr = has_proxy ? static_cast<const TY*>(a.proxy) + row * a.proxy_row_stride : nullptr;
     const float* st = a.row_stats + row * kRowStatsWidth;
-    const float lse = st[0], entropy = st[1], lse_kept = st[2], cutoff = st[3];
-    const int64_t argmax_y = static_cast<int64_t>(st[4]);
+    const float lse = st[kStatLse], entropy = st[kStatEntropy], lse_kept = st[kStatLseKept];
+    const float cutoff = st[kStatCutoff];
+    const int64_t argmax_y = static_cast<int64_t>(st[kStatArgmax]);
     // per-row coefficients, already divided by T
     const float c_logp = (a.g_logp && a.labels) ? a.g_logp[row] * inv_t : 0.f;
     const float c_kl = a.g_kl ? a.g_kl[row] * inv_t : 0.f;
@@ -305,7 +309,7 @@ void bwd_rows(const TokenStatsBwdArgs& a, int64_t begin, int64_t end) {
     const bool use_kl = a.g_kl != nullptr, use_h = a.g_entropy != nullptr;
     // on-policy q = e^(x - lse_K) = p e^(lse - lse_K): one exp per element instead of two
     const float q_over_p = std::exp(lse - lse_kept);
-    const Vec vlse(lse), vh(entropy), vcut(cutoff), vlk(lse_kept), vqp(q_over_p), zero(0.f), ninf(-kInf);
+    const Vec vlse(lse), vh(entropy), vcut(cutoff), vlk(lse_kept), vqp(q_over_p), zero(0.f);
     const Vec vcl(c_logp), vck(c_kl), vch(c_h);
     for (int64_t start = 0; start < V; start += kBlock) {
       const int64_t n = std::min(kBlock, V - start), nv = round_up(n);
@@ -327,8 +331,9 @@ void bwd_rows(const TokenStatsBwdArgs& a, int64_t begin, int64_t end) {
           }
           g = g + vck * (p - q);  // g_kl (p - q)
         }
-        if (use_h) {  // - g_H p (log p + H), with p log p = 0 where x = -inf
-          g = g - vch * Vec::blendv(p * (logp + vh), zero, x == ninf);
+        if (use_h) {  // - g_H p (log p + H), with 0 log 0 = 0 wherever p = 0 (x = -inf, or x - lse
+          // rounding to -inf in a row spread beyond the fp32 range); a NaN p stays NaN
+          g = g - vch * Vec::blendv(p * (logp + vh), zero, p == zero);
         }
         g.store(gb + i);
       }

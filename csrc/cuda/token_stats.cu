@@ -1,26 +1,43 @@
-// Fused Lp-Reg token statistics on CUDA (SPEC sections 1, 2 and 4), torch-free.
+// Fused Lp-Reg token statistics on CUDA (docs/spec.md §1, §2 and §4), torch-free.
 //
 // Per row, with x = z / T and the proxy source y = proxy / T (y = x on-policy):
 //
 //   lse = logsumexp(x)          H = log s - t / s,  s = sum e^(x-m), t = sum e^(x-m) (x-m)
 //   K   = {i : y_i >= cutoff} U {argmax y}
 //         cutoff = max y + log kappa (min_p) | lse_y + log tau (fixed; +inf when max y < cutoff)
-//   lse_K = logsumexp_K(y)      kl = log1p(dropped / kept) on-policy,
+//   lse_K = logsumexp_K(y)      kl = lse - lse_K = log(s / kept sum), >= 0, on-policy,
 //                               kl = E_q[y - x] + lse - lse_K with a proxy
 //   grad_z = (g_logp (e_label - p) + g_kl (p - q) - g_H p (log p + H)) / T
 //
-// Row-statistics contract (outputs, row_stats = [lse, H, lse_K, cutoff, argmax_y], ignored and
-// NaN rows): see kernels/token_stats.py.
+// Row-statistics contract (outputs, row_stats = [lse, H, lse_K, cutoff, argmax_y], NaN rows):
+// kernels/token_stats.py and docs/spec.md §5; the slots are named in csrc/row_stats.h.
+//
+// Ignored rows (label == ignore_index), the invariant this file keeps: the forward writes zero
+// outputs and zeroed row_stats (argmax -1) without reading the row; the backward decides
+// "ignored" from the label alone, before it reads row_stats, and writes a zero gradient
+// without reading the logits. It never recomputes p = e^(x - lse) from the zeroed lse of an
+// ignored row: with lse = 0, e^x overflows fp32 once max x > 88 and 0 * inf = NaN (issue 8).
 //
 // Layout: one block per row (grid = N), 128-512 threads by V. Each thread walks its columns
-// with 16-byte loads (8 bf16/fp16 or 4 fp32 per load) once the row pointer is 16-byte
-// aligned; a scalar head handles the unaligned start and a scalar tail V mod 8; rows whose
-// operands are misaligned relative to each other (or of different element sizes) run scalar.
+// with 16-byte loads (8 bf16/fp16 or 4 fp32 per load; the backward's gradient with 16-byte
+// stores) once the row pointer is 16-byte aligned; a scalar head handles the unaligned start
+// and a scalar tail V mod 8; rows whose operands are misaligned relative to each other (or
+// of different element sizes) run scalar.
 // Per-thread partials (online max/sum/entropy moment, first argmax) are merged with warp
 // shuffles, then across warps through shared memory. Accumulation is fp32.
-// Memory traffic: forward reads the row twice (pass 2, the kept-set sums, needs the final max
-// and cutoff; the second read hits L2 for rows of ordinary size), backward reads the row
-// once (twice with a proxy) and writes the gradient once.
+//
+// Block skipping in the forward: the vector part of a row is cut into chunks, one warp's 32
+// consecutive 16-byte loads (256 bf16/fp16 or 128 fp32 columns). Pass 1 records each chunk's
+// max of y in shared memory (dynamic, 4 bytes a chunk, at most kMaxChunks = 8192 chunks,
+// 32 KiB; chunks past that are never skipped). Pass 2 (the kept-set sums, which need the
+// final max and cutoff) re-reads only the chunks whose max reaches the cutoff or that hold
+// the argmax, plus the scalar head and tail; skipped chunks hold no kept token, so the sums
+// are exact. On-policy kl therefore comes from pass 1's whole sum s (kl = log(s / kept))
+// and not from a dropped-token sum, as in the Triton kernel.
+// Memory traffic: forward reads the row once plus the chunks that can hold a kept token (one
+// or two for a peaked row; all of them for a row that is flat within log(1/kappa), and all
+// of a scalar-path row); backward reads the row once (twice with a proxy) and writes the
+// gradient once: about 3 N V elements for forward + backward.
 // Limits: N < 2^31 rows, any V >= 1 (offsets are int64), fp32 / bf16 / fp16 storage.
 
 #include <cuda_bf16.h>
@@ -44,6 +61,26 @@ template <> __device__ __forceinline__ float from_f<float>(float v) { return v; 
 template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 template <> __device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_rn(v); }
 
+__device__ __forceinline__ uint32_t bits16(__nv_bfloat16 v) { return __bfloat16_as_ushort(v); }
+__device__ __forceinline__ uint32_t bits16(__half v) { return __half_as_ushort(v); }
+
+// Store 16 / sizeof(T) fp32 values, rounded to T, to the 16-byte aligned p as one 16-byte
+// store. __stwb (st.global.wb.v4): a plain store of a uint4, filled through a T* or not,
+// is split by the compiler into 4 or 8 scalar stores.
+template <typename T>
+__device__ __forceinline__ void store16(T* p, const float* v) {
+  uint32_t w[4];
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    if constexpr (sizeof(T) == 4) {
+      w[k] = __float_as_uint(v[k]);
+    } else {
+      w[k] = bits16(from_f<T>(v[2 * k])) | (bits16(from_f<T>(v[2 * k + 1])) << 16);
+    }
+  }
+  __stwb(reinterpret_cast<uint4*>(p), make_uint4(w[0], w[1], w[2], w[3]));
+}
+
 // elements before p + head is 16-byte aligned (V when p is not even element-aligned)
 template <typename T>
 __device__ __forceinline__ int64_t head_len(const T* p, int64_t V) {
@@ -53,12 +90,44 @@ __device__ __forceinline__ int64_t head_len(const T* p, int64_t V) {
   return h < V ? h : V;
 }
 
+// Block skipping policies of walk_row: which chunks (one warp's 32 consecutive vectors) to
+// visit, and what to record of each.
+struct AllChunks {  // visit everything, record nothing (the backward); record() only runs with kRecord
+  static constexpr bool kRecord = false;
+  __device__ __forceinline__ bool visit(int64_t, int64_t, int64_t) const { return true; }
+};
+
+struct RecordChunks {  // pass 1: max of y of chunk j into chunk_max[j] (chunks past cap: none)
+  static constexpr bool kRecord = true;
+  float* chunk_max;
+  int64_t cap;
+  __device__ __forceinline__ bool visit(int64_t, int64_t, int64_t) const { return true; }
+  __device__ __forceinline__ void record(int64_t j, float v) const {
+    if (j < cap) chunk_max[j] = v;
+  }
+};
+
+struct KeptChunks {  // pass 2: only the chunks that can hold a kept token
+  static constexpr bool kRecord = false;
+  const float* chunk_max;
+  int64_t cap;
+  float cutoff;
+  int64_t argmax;  // -1 when unused
+  // chunk j covers columns [c_lo, c_hi); its max is known only for j < cap
+  __device__ __forceinline__ bool visit(int64_t j, int64_t c_lo, int64_t c_hi) const {
+    return j >= cap || chunk_max[j] >= cutoff || (argmax >= c_lo && argmax < c_hi);
+  }
+};
+
 // Call f(col, x, y) for every column this thread owns, in increasing column order, with
 // x, y the fp32 values times inv_t (y = 0 without kHasY). With kOut, f returns the gradient
 // of that column, stored to g in TX. 16-byte loads / stores where all operands are aligned
-// alike; a scalar head up to the first aligned column and a scalar tail.
-template <typename TX, typename TY, bool kHasY, bool kOut, typename F>
-__device__ __forceinline__ void walk_row(const TX* x, const TY* y, TX* g, int64_t V, float inv_t, F&& f) {
+// alike; a scalar head up to the first aligned column and a scalar tail. The vector part
+// runs in warp-uniform chunks of 32 vectors (chunk j = vectors [32 j, 32 j + 32)), which
+// `chunks` may skip (warp-uniform branch) or record the max of (y, or x without kHasY).
+template <typename TX, typename TY, bool kHasY, bool kOut, typename F, typename C = AllChunks>
+__device__ __forceinline__ void walk_row(const TX* x, const TY* y, TX* g, int64_t V, float inv_t, F&& f,
+                                         const C& chunks = C{}) {
   constexpr int kN = 16 / sizeof(TX);
   int64_t head = head_len(x, V);
   if (kHasY && (sizeof(TY) != sizeof(TX) || head_len(y, V) != head)) head = V;
@@ -73,29 +142,47 @@ __device__ __forceinline__ void walk_row(const TX* x, const TY* y, TX* g, int64_
   };
   for (int64_t c = threadIdx.x; c < head; c += blockDim.x) scalar(c);
   const int64_t nvec = (V - head) / kN;
-  for (int64_t i = threadIdx.x; i < nvec; i += blockDim.x) {
-    const int64_t c0 = head + i * kN;
-    const uint4 rx = *reinterpret_cast<const uint4*>(x + c0);
-    const TX* ex = reinterpret_cast<const TX*>(&rx);
-    float yv[kN];
-    if constexpr (kHasY && sizeof(TY) == sizeof(TX)) {
-      const uint4 ry = *reinterpret_cast<const uint4*>(y + c0);
-      const TY* ey = reinterpret_cast<const TY*>(&ry);
+  const int lane = threadIdx.x & 31;
+  // every lane of a warp runs the same iterations (the warp max below needs all 32)
+  for (int64_t i0 = threadIdx.x - lane; i0 < nvec; i0 += blockDim.x) {
+    const int64_t c_lo = head + i0 * kN;
+    if (!chunks.visit(i0 >> 5, c_lo, c_lo + 32 * kN)) continue;
+    const int64_t i = i0 + lane;
+    float vmax = -INFINITY;
+    if (i < nvec) {
+      const int64_t c0 = head + i * kN;
+      const uint4 rx = *reinterpret_cast<const uint4*>(x + c0);
+      const TX* ex = reinterpret_cast<const TX*>(&rx);
+      float xv[kN], yv[kN];
 #pragma unroll
-      for (int k = 0; k < kN; ++k) yv[k] = to_f(ey[k]) * inv_t;
-    } else {
+      for (int k = 0; k < kN; ++k) xv[k] = to_f(ex[k]) * inv_t;
+      if constexpr (kHasY && sizeof(TY) == sizeof(TX)) {
+        const uint4 ry = *reinterpret_cast<const uint4*>(y + c0);
+        const TY* ey = reinterpret_cast<const TY*>(&ry);
 #pragma unroll
-      for (int k = 0; k < kN; ++k) yv[k] = 0.f;
+        for (int k = 0; k < kN; ++k) yv[k] = to_f(ey[k]) * inv_t;
+      } else {
+#pragma unroll
+        for (int k = 0; k < kN; ++k) yv[k] = 0.f;
+      }
+      if constexpr (C::kRecord) {
+#pragma unroll
+        for (int k = 0; k < kN; ++k) vmax = fmaxf(vmax, kHasY ? yv[k] : xv[k]);
+      }
+      if constexpr (kOut) {
+        float gv[kN];
+#pragma unroll
+        for (int k = 0; k < kN; ++k) gv[k] = f(c0 + k, xv[k], yv[k]);
+        store16(g + c0, gv);
+      } else {
+#pragma unroll
+        for (int k = 0; k < kN; ++k) f(c0 + k, xv[k], yv[k]);
+      }
     }
-    if constexpr (kOut) {
-      uint4 rg;
-      TX* eg = reinterpret_cast<TX*>(&rg);
+    if constexpr (C::kRecord) {
 #pragma unroll
-      for (int k = 0; k < kN; ++k) eg[k] = from_f<TX>(f(c0 + k, to_f(ex[k]) * inv_t, yv[k]));
-      *reinterpret_cast<uint4*>(g + c0) = rg;
-    } else {
-#pragma unroll
-      for (int k = 0; k < kN; ++k) f(c0 + k, to_f(ex[k]) * inv_t, yv[k]);
+      for (int o = 16; o > 0; o >>= 1) vmax = fmaxf(vmax, __shfl_xor_sync(0xffffffffu, vmax, o));
+      if (lane == 0) chunks.record(i0 >> 5, vmax);
     }
   }
   for (int64_t c = head + nvec * kN + threadIdx.x; c < V; c += blockDim.x) scalar(c);
@@ -182,27 +269,33 @@ __device__ __forceinline__ T block_reduce(T v, T* smem, T ident) {
 
 // ---- forward ----------------------------------------------------------------------------
 
+// Shared memory of the chunk maxima: 4 bytes a chunk, at most this many chunks (32 KiB).
+constexpr int64_t kMaxChunks = 8192;
+
+// chunk_cap: entries of the dynamic shared array chunk_max (the launcher sizes both)
 template <typename TX, typename TY, bool kHasProxy>
-__global__ void token_stats_fwd_kernel(const TokenStatsFwdArgs a) {
+__global__ void token_stats_fwd_kernel(const TokenStatsFwdArgs a, const int64_t chunk_cap) {
   const int64_t row = blockIdx.x;
   float* stats = a.row_stats + row * kRowStatsWidth;
   const int64_t label = a.labels ? a.labels[row] : 0;
-  if (a.labels && label == a.ignore_index) {  // ignored row: zeros (and no gradient)
+  if (a.labels && label == a.ignore_index) {  // ignored row: zeros, the row is never read
     if (threadIdx.x == 0) {
       a.logp[row] = a.proxy_logp[row] = a.kl[row] = a.entropy[row] = 0.f;
-      stats[0] = stats[1] = stats[2] = stats[3] = 0.f;
-      stats[4] = -1.f;
+      stats[kStatLse] = stats[kStatEntropy] = stats[kStatLseKept] = stats[kStatCutoff] = 0.f;
+      stats[kStatArgmax] = kNoArgmax;
     }
     return;
   }
   __shared__ Online sm_online[32];
   __shared__ ArgMax sm_arg[32];
   __shared__ float sm_sum[32];
+  extern __shared__ float chunk_max[];  // chunk_cap floats: max of y per chunk (pass 1)
   const TX* xr = static_cast<const TX*>(a.logits) + row * a.logits_row_stride;
   const TY* yr = kHasProxy ? static_cast<const TY*>(a.proxy) + row * a.proxy_row_stride : nullptr;
   const bool fixed = a.fixed;
 
-  // pass 1: online max / sum / entropy moment of x, max / sum of y, first argmax of y, NaNs
+  // pass 1: online max / sum / entropy moment of x, max / sum of y, first argmax of y, NaNs,
+  // and the max of y of every chunk
   Online sx{-INFINITY, 0.f, 0.f}, sy{-INFINITY, 0.f, 0.f};
   ArgMax best{-INFINITY, -1};
   int nan_seen = 0;
@@ -215,14 +308,16 @@ __global__ void token_stats_fwd_kernel(const TokenStatsFwdArgs a) {
     }
     const float yv = kHasProxy ? y : x;
     if (fixed && yv > best.v) best = {yv, c};  // strict: the first maximum of this thread
-  });
+  }, RecordChunks{chunk_max, chunk_cap});
   const bool any_nan = __syncthreads_or(nan_seen);
   sx = block_reduce(sx, sm_online, Online{-INFINITY, 0.f, 0.f});
   sy = kHasProxy ? block_reduce(sy, sm_online, Online{-INFINITY, 0.f, 0.f}) : sx;
   if (fixed) best = block_reduce(best, sm_arg, ArgMax{-INFINITY, -1});
   const int64_t argmax_y = fixed ? best.i : -1;
   const float m = sx.m, my = sy.m;
-  const bool bad = any_nan || !(m > -INFINITY) || !(my > -INFINITY);
+  // NaN anywhere, a row of -inf only (max -inf) or a +inf (max +inf: no finite softmax): NaN
+  // outputs, and a NaN lse makes the backward NaN for the whole row (docs/spec.md §4)
+  const bool bad = any_nan || !(m > -INFINITY && m < INFINITY) || !(my > -INFINITY && my < INFINITY);
   float cutoff;
   if (fixed) {
     cutoff = my + logf(sy.s) + a.log_threshold;
@@ -232,27 +327,29 @@ __global__ void token_stats_fwd_kernel(const TokenStatsFwdArgs a) {
   }
   const float my_ref = bad ? 0.f : my;
 
-  // pass 2: kept-set sums relative to max y: sum_K e^(y-my), and sum_K e^(y-my)(y-x) with a
-  // proxy or the dropped sum on-policy
-  float kept = 0.f, other = 0.f;
+  // pass 2: kept-set sums relative to max y, sum_K e^(y-my) and, with a proxy,
+  // sum_K e^(y-my)(y-x), over the chunks that can hold a kept token only (block_reduce's
+  // barriers above made pass 1's chunk maxima visible to every warp)
+  float kept = 0.f, cross = 0.f;
   walk_row<TX, TY, kHasProxy, false>(xr, yr, nullptr, a.V, a.inv_temperature, [&](int64_t c, float x, float y) {
     const float yv = kHasProxy ? y : x;
-    const float e = __expf(yv - my_ref);
     if (yv >= cutoff || c == argmax_y) {
+      const float e = __expf(yv - my_ref);
       kept += e;
-      if (kHasProxy) other += e * (yv - x);
-    } else if (!kHasProxy) {
-      other += e;
+      if (kHasProxy) cross += e * (yv - x);
     }
-  });
+  }, KeptChunks{chunk_max, chunk_cap, cutoff, argmax_y});
   kept = block_reduce(kept, sm_sum, 0.f);
-  other = block_reduce(other, sm_sum, 0.f);
+  if (kHasProxy) cross = block_reduce(cross, sm_sum, 0.f);
 
   if (threadIdx.x == 0) {
     const float lse = m + logf(sx.s);
     const float entropy = logf(sx.s) - sx.t / sx.s;
     const float lse_kept = my_ref + logf(kept);
-    const float kl = kHasProxy ? other / kept + lse - lse_kept : log1pf(other / kept);
+    // on-policy my = m: kl = lse - lse_K = log(s / kept), >= 0 up to rounding (K in the row);
+    // the clamp keeps a NaN (fmaxf would turn it into 0)
+    const float kl_on = logf(sx.s / kept);
+    const float kl = kHasProxy ? cross / kept + lse - lse_kept : (kl_on < 0.f ? 0.f : kl_on);
     float logp = 0.f, proxy_logp = 0.f;
     if (a.labels && label >= 0 && label < a.V) {
       const float x_lab = to_f(xr[label]) * a.inv_temperature;
@@ -266,11 +363,11 @@ __global__ void token_stats_fwd_kernel(const TokenStatsFwdArgs a) {
     a.proxy_logp[row] = bad ? NAN : proxy_logp;
     a.kl[row] = bad ? NAN : kl;
     a.entropy[row] = bad ? NAN : entropy;
-    stats[0] = bad ? NAN : lse;  // a NaN lse makes the backward NaN for the whole row
-    stats[1] = bad ? NAN : entropy;
-    stats[2] = lse_kept;
-    stats[3] = cutoff;
-    stats[4] = static_cast<float>(argmax_y);
+    stats[kStatLse] = bad ? NAN : lse;  // a NaN lse makes the backward NaN for the whole row
+    stats[kStatEntropy] = bad ? NAN : entropy;
+    stats[kStatLseKept] = lse_kept;
+    stats[kStatCutoff] = cutoff;
+    stats[kStatArgmax] = static_cast<float>(argmax_y);  // kNoArgmax (-1) in "min_p"
   }
 }
 
@@ -288,8 +385,9 @@ __global__ void token_stats_bwd_kernel(const TokenStatsBwdArgs a) {
   const TX* xr = static_cast<const TX*>(a.logits) + row * a.logits_row_stride;
   const TY* yr = kHasProxy ? static_cast<const TY*>(a.proxy) + row * a.proxy_row_stride : nullptr;
   const float* st = a.row_stats + row * kRowStatsWidth;
-  const float lse = st[0], entropy = st[1], lse_kept = st[2], cutoff = st[3];
-  const int64_t argmax_y = static_cast<int64_t>(st[4]);
+  const float lse = st[kStatLse], entropy = st[kStatEntropy], lse_kept = st[kStatLseKept];
+  const float cutoff = st[kStatCutoff];
+  const int64_t argmax_y = static_cast<int64_t>(st[kStatArgmax]);
   // per-row coefficients, already divided by T
   const float inv_t = a.inv_temperature;
   const float c_logp = (a.g_logp && a.labels) ? a.g_logp[row] * inv_t : 0.f;
@@ -311,6 +409,15 @@ __global__ void token_stats_bwd_kernel(const TokenStatsBwdArgs a) {
 }
 
 inline int threads_for(int64_t V) { return V <= 2048 ? 128 : (V <= 16384 ? 256 : 512); }
+
+// Chunks of a row of V elements of type T (at most kMaxChunks): ceil(vectors / 32), an upper
+// bound for any start alignment since the vector part holds at most V / (16 / sizeof(T)) loads.
+template <typename T>
+int64_t chunks_for(int64_t V) {
+  const int64_t vectors = V / (16 / static_cast<int64_t>(sizeof(T)));
+  const int64_t chunks = (vectors + 31) / 32;
+  return chunks < kMaxChunks ? chunks : kMaxChunks;
+}
 
 // f(tag) with tag a null pointer of the storage type; false for an unsupported dtype
 template <typename F>
@@ -335,13 +442,17 @@ cudaError_t token_stats_fwd(const TokenStatsFwdArgs& a, cudaStream_t stream) {
   bool proxy_ok = true;
   const bool ok = dispatch(a.logits_dtype, [&](auto tx) {
     using TX = Tag<decltype(tx)>;
+    const int64_t cap = chunks_for<TX>(a.V);
+    const size_t smem = static_cast<size_t>(cap) * sizeof(float);
     if (a.proxy == nullptr) {
-      token_stats_fwd_kernel<TX, TX, false><<<grid, block, 0, stream>>>(a);
+      token_stats_fwd_kernel<TX, TX, false><<<grid, block, smem, stream>>>(a, cap);
       return;
     }
     proxy_ok = dispatch(a.proxy_dtype, [&](auto ty) {
       using TY = Tag<decltype(ty)>;
-      token_stats_fwd_kernel<TX, TY, true><<<grid, block, 0, stream>>>(a);
+      // operands of different element sizes run the scalar path: no chunks to record
+      const int64_t cap_y = sizeof(TY) == sizeof(TX) ? cap : 0;
+      token_stats_fwd_kernel<TX, TY, true><<<grid, block, cap_y * sizeof(float), stream>>>(a, cap_y);
     });
   });
   return (ok && proxy_ok) ? cudaGetLastError() : cudaErrorInvalidValue;

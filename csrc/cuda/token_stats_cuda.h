@@ -8,7 +8,8 @@
 
 namespace lpreg::cuda {
 
-// Launch the forward on `stream`: one block per row. Returns the launch error, if any
+// Launch the forward on `stream`: one block per row, with up to 32 KiB of dynamic shared
+// memory for its block skipping (the chunk maxima). Returns the launch error, if any
 // (cudaErrorInvalidValue for an unsupported dtype or N >= 2^31).
 cudaError_t token_stats_fwd(const TokenStatsFwdArgs& args, cudaStream_t stream);
 

@@ -2,15 +2,25 @@
 
 Precedence, lowest first: dataclass defaults < preset < YAML file (`--config`) < command-line
 flags. Every field is a flag (`--prompts-per-step 8` or `--prompts_per_step 8`).
+
+Adding a preset: one `PRESETS[name] = dict(field=value, ...)` entry (or `register_preset`);
+it is then a `--preset` choice, a `python -m lpreg.trainer.compare --preset` choice and a
+`preset_config(name)` argument. Adding a built-in task: see `lpreg.trainer.tasks.TASKS`.
 """
 
 import argparse
 import dataclasses
 from dataclasses import dataclass, field, fields
-from typing import Optional
+from typing import Any, List, Optional
 
 LOSSES = ("lpreg", "grpo", "clip_higher", "entropy_bonus", "80_20", "kl_cov", "clip_cov")
 STD_SCALINGS = ("group", "batch", "none")
+LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
+# On-policy (one update per rollout) these two are exactly GRPO: at r = 1 the ratio clip never
+# acts and |logp - old_logp| has zero gradient. Their papers' Table 1 runs used 8 updates per
+# rollout, so they default to that (`--mini-batches 0` = auto) and refuse `--mini-batches 1`.
+OFF_POLICY_LOSSES = ("clip_higher", "kl_cov")
+PUBLISHED_UPDATES_PER_ROLLOUT = 8
 
 
 @dataclass
@@ -18,7 +28,7 @@ class TrainConfig:
     # --- run -------------------------------------------------------------------------------
     preset: str = "cpu-tiny"  # the preset this config started from (see PRESETS)
     output_dir: str = "runs/lpreg"  # metrics.jsonl, samples.jsonl, plots, checkpoints/
-    steps: int = 60  # RL steps; one step = one rollout = one optimizer update (on-policy)
+    steps: int = 60  # RL steps; one step = one rollout = `mini_batches` optimizer updates
     seed: int = 0  # seeds model init, data order and every rollout (with step, prompt index)
     resume: str = "auto"  # "auto" (last complete checkpoint in output_dir), a checkpoint path, or "none"
     save_every: int = 20  # checkpoint every N steps (and at the end); 0 = only at the end
@@ -41,9 +51,13 @@ class TrainConfig:
     warmup_lr: float = 3e-3
     warmup_batch_size: int = 32
     warmup_eval_problems: int = 64  # held-out problems scored (greedy and sampled) after the warm start
+    # a directory of warm-started weights keyed by everything the warm start depends on; "" = none.
+    # Runs that differ only in their RL settings (a sweep's arms) then warm-start once per seed.
+    warm_start_cache: str = ""
 
     # --- data ------------------------------------------------------------------------------
-    data: Optional[str] = None  # jsonl / parquet of problems; None = the built-in arithmetic task
+    data: Optional[str] = None  # jsonl / parquet of problems; None = the built-in task `task`
+    task: str = "arithmetic"  # built-in task (lpreg.trainer.tasks.TASKS), used when data is None
     n_problems: int = 2000  # built-in task: size of the RL problem set (the warm start sees the whole split)
     max_operand: int = 99  # built-in task: keep problems whose operands are <= this (99 = all)
 
@@ -56,25 +70,34 @@ class TrainConfig:
     top_k: int = 0  # 0 = off
     reward_timeout_s: float = 5.0
 
+    # --- held-out evaluation (lpreg.trainer.evaluate) -------------------------------------------
+    eval_every: int = 0  # evaluate every N steps (and at the end); 0 = never
+    eval_problems: int = 64  # held-out problems: the built-in task's test split, or the first N of eval_data
+    eval_k: int = 8  # samples per problem at the rollout temperature: avg@k, pass@1..k, maj@k
+    eval_data: Optional[str] = None  # jsonl / parquet of held-out problems (needed with --data)
+
     # --- advantage -------------------------------------------------------------------------
     std_scaling: str = "group"  # divide (R - group mean) by the std of: group | batch | none
     adv_eps: float = 1e-6
 
     # --- loss ------------------------------------------------------------------------------
     loss: str = "lpreg"  # one of LOSSES
-    loss_agg_mode: str = "token-mean"  # token-mean over every valid token of the step (all ranks)
+    # token-mean: over every valid token of the mini-batch, all ranks (80_20: over its selected
+    # tokens); seq-mean-token-mean / seq-mean-token-sum: per sequence, then mean over sequences
+    loss_agg_mode: str = "token-mean"
     clip_low: float = 0.2  # PPO ratio clip [1 - clip_low, 1 + clip_high] of the baselines
     clip_high: float = 0.2
     clip_high_dapo: float = 0.28  # Clip-Higher (DAPO) epsilon_high; also used by 80_20 (built on DAPO)
-    lpreg_compat: str = "paper"  # "paper" | "released" (released code's variant, SPEC section 3)
+    lpreg_compat: str = "released"  # "released" (the authors' code) | "paper" (Eq. 6), docs/spec.md §3, §3a
     lpreg_mode: str = "min_p"
     lpreg_threshold: float = 0.02  # kappa (min_p) or tau (fixed)
     lpreg_rho: float = 0.01  # fraction of lowest-probability tokens eligible for the penalty
     lpreg_beta: float = 1.0
-    lpreg_clip_low: float = 1.0  # ratio clip [1 - clip_low, 1 + clip_high]: [0, 10] as in SPEC
+    lpreg_clip_low: float = 1.0  # ratio clip [1 - clip_low, 1 + clip_high]: [0, 10] as in docs/spec.md §3
     lpreg_clip_high: float = 9.0
-    entropy_coef: float = 0.001  # entropy_bonus: loss -= coef * entropy (verl's entropy_coeff)
-    top_entropy_frac: float = 0.2  # 80_20: only this fraction of highest-entropy tokens get gradient
+    lpreg_proxy_k: int = 64  # off-policy (mini_batches > 1): entries of the rollout policy's sparse proxy q
+    entropy_coef: float = 0.002  # entropy_bonus: loss -= coef * entropy (the paper's baseline, its §5.1.2)
+    top_entropy_frac: float = 0.2  # 80_20: only the ceil(frac n) highest-entropy tokens get gradient
     kl_cov_ratio: float = 0.002  # KL-Cov: fraction of top-covariance tokens penalised (7B setting)
     kl_cov_coef: float = 1.0  # KL-Cov: coefficient of |logp - old_logp|
     clip_cov_ratio: float = 0.0002  # Clip-Cov: fraction of tokens whose gradient is detached
@@ -88,13 +111,19 @@ class TrainConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     micro_batch_size: int = 64  # sequences per forward/backward on one rank (gradient accumulation)
-    mini_batches: int = 1  # optimizer steps per rollout; > 1 makes later ones off-policy (PPO-style)
+    # optimizer steps per rollout; > 1 makes later ones off-policy (PPO-style); 0 = the loss's
+    # published setting: 8 (or the largest divisor of prompts_per_step below it) for clip_higher
+    # and kl_cov, 1 for the others
+    mini_batches: int = 0
 
     extra: dict = field(default_factory=dict)  # free-form notes recorded with the run
 
-    def validate(self):
+    def validate(self) -> "TrainConfig":
+        """Check every field (errors name the flag and the value); resolves `mini_batches` 0."""
         if self.loss not in LOSSES:
             raise ValueError(f"--loss must be one of {LOSSES}, got {self.loss!r}")
+        if self.loss_agg_mode not in LOSS_AGG_MODES:
+            raise ValueError(f"--loss-agg-mode must be one of {LOSS_AGG_MODES}, got {self.loss_agg_mode!r}")
         if self.std_scaling not in STD_SCALINGS:
             raise ValueError(f"--std-scaling must be one of {STD_SCALINGS}, got {self.std_scaling!r}")
         if self.lpreg_compat not in ("paper", "released"):
@@ -106,11 +135,28 @@ class TrainConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)!r}")
         if self.samples_per_prompt < 2 and self.std_scaling == "group":
             raise ValueError(f"--samples-per-prompt must be >= 2 for group advantages, got {self.samples_per_prompt}")
+        for name in ("eval_every", "lpreg_proxy_k", "eval_problems", "eval_k"):
+            if getattr(self, name) < (0 if name == "eval_every" else 1):
+                raise ValueError(f"--{name.replace('_', '-')} must be >= {0 if name == 'eval_every' else 1}, "
+                                 f"got {getattr(self, name)!r}")
+        self._resolve_mini_batches()
+        return self
+
+    def _resolve_mini_batches(self) -> None:
+        if self.mini_batches == 0:
+            want = PUBLISHED_UPDATES_PER_ROLLOUT if self.loss in OFF_POLICY_LOSSES else 1
+            # the largest divisor of prompts_per_step not above the published count
+            self.mini_batches = max(d for d in range(1, want + 1) if self.prompts_per_step % d == 0)
         if self.mini_batches < 1 or (self.prompts_per_step % self.mini_batches):
             raise ValueError(
                 f"--mini-batches must divide --prompts-per-step ({self.prompts_per_step}), got {self.mini_batches}"
             )
-        return self
+        if self.loss in OFF_POLICY_LOSSES and self.mini_batches == 1:
+            raise ValueError(
+                f"--loss {self.loss} with --mini-batches 1 (on-policy) is exactly grpo: the ratio is 1, so its "
+                f"clip / covariance penalty never acts. Use --mini-batches > 1 (the published runs used "
+                f"{PUBLISHED_UPDATES_PER_ROLLOUT}; 0 picks that) and --prompts-per-step >= 2, or --loss grpo"
+            )
 
 
 PRESETS = {
@@ -124,6 +170,19 @@ PRESETS = {
         warmup_batch_size=32, n_problems=64, max_operand=19, prompts_per_step=16, samples_per_prompt=8,
         max_new_tokens=6, lr=3e-4, micro_batch_size=128, save_every=25, sample_every=10, torch_threads=1,
     ),
+    # Lp-Reg's mechanism at CPU scale (lpreg.trainer.sparks, docs/cpu_sparks_*): a 3,000-token
+    # subword vocabulary (a noise tail), a rare valuable "check" token (8% of the hard items'
+    # warm-start targets); 600 warm-start steps leave room between sampled and greedy accuracy; at
+    # lr 1e-3 GRPO collapses within 40 steps (at 3e-4 it does not within 40: docs/cpu_sparks_pilot.md).
+    # lpreg_rho 0.25: the released form's k = int(rho n_neg) over a step's A < 0 tokens, of which the
+    # filtered tail samples cannot be selected, leaves dozens selected per step (docs/cpu_sparks_design.md).
+    # The sweep (6 arms x 3 seeds) is `python -m lpreg.trainer.compare`.
+    "cpu-sparks": dict(
+        task="sparks", steps=80, hidden_size=128, num_layers=2, num_heads=4, warmup_steps=600, warmup_lr=3e-3,
+        warmup_batch_size=32, warmup_eval_problems=64, n_problems=96, prompts_per_step=16, samples_per_prompt=8,
+        max_new_tokens=16, lr=1e-3, micro_batch_size=128, eval_every=10, eval_problems=48, eval_k=8,
+        lpreg_rho=0.25, save_every=0, keep_checkpoints=1, sample_every=10, torch_threads=1,
+    ),
     # The unit/integration tests: seconds per run. Operands up to 2 (one-character answers) so
     # that a few warm-start steps already give some reward.
     "test-micro": dict(
@@ -133,12 +192,13 @@ PRESETS = {
         max_new_tokens=4, lr=1e-3, micro_batch_size=4, save_every=1, sample_every=1, plot=False, torch_threads=1,
         progress=False, keep_checkpoints=3,
     ),
-    # The paper's recipe (SPEC section 3) on a real GPU; pass --model and --data.
+    # The paper's recipe (docs/spec.md §3) on a real GPU; pass --model and --data. mini_batches is
+    # left to the loss (0): one update per rollout for Lp-Reg, 8 for clip_higher / kl_cov (Table 1).
     "qwen2.5-math-1.5b": dict(
         steps=500, dtype="bfloat16", gradient_checkpointing=True, warmup_steps=0,
         prompts_per_step=256, samples_per_prompt=8, max_new_tokens=3072, temperature=1.0,
         lr=1e-6, lr_warmup_steps=0, weight_decay=0.0, grad_clip=1.0, micro_batch_size=8,
-        mini_batches=1, save_every=25, sample_every=10, lpreg_rho=0.01, lpreg_beta=1.0,
+        save_every=25, sample_every=10, lpreg_rho=0.01, lpreg_beta=1.0,
     ),
 }
 
@@ -157,7 +217,7 @@ def _parse_bool(text):
 def _field_type(f):
     """The parser for a field from its default (annotations are strings under some Pythons)."""
     default = f.default if f.default is not dataclasses.MISSING else None
-    if f.name in ("model", "data"):
+    if f.name in ("model", "data", "eval_data"):
         return lambda s: None if s in ("", "none", "None") else s
     if isinstance(default, bool):
         return _parse_bool
@@ -179,10 +239,10 @@ def _coerce(cfg_fields, values, source):
     return out
 
 
-def build_parser():
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lpreg-train",
-        description="On-policy RLVR (GRPO + Lp-Reg and entropy-control baselines). "
+        description="RLVR (GRPO + Lp-Reg and entropy-control baselines). "
         "Precedence: preset < --config YAML < flags.",
     )
     parser.add_argument("--config", default=None, help="YAML file of config fields")
@@ -201,7 +261,7 @@ def build_parser():
     return parser
 
 
-def load_config(argv=None):
+def load_config(argv: Optional[List[str]] = None) -> TrainConfig:
     """Command line (and YAML) -> a validated TrainConfig."""
     args = vars(build_parser().parse_args(argv))
     yaml_values = {}
@@ -217,10 +277,19 @@ def load_config(argv=None):
     yaml_values = _coerce(cfg_fields, yaml_values, args.get("config"))
     merged = {**yaml_values, **flag_values}
     preset = merged.pop("preset", TrainConfig.preset)
-    return make_config(preset, **merged)
+    return preset_config(preset, **merged)
 
 
-def make_config(preset="cpu-tiny", **overrides):
+def register_preset(name: str, **fields_: Any) -> None:
+    """Add (or replace) a preset: `fields_` are TrainConfig fields, checked here by name."""
+    known = {f.name for f in fields(TrainConfig)}
+    unknown = sorted(set(fields_) - known)
+    if unknown:
+        raise ValueError(f"register_preset({name!r}): unknown TrainConfig fields {unknown}")
+    PRESETS[name] = dict(fields_)
+
+
+def preset_config(preset: str = "cpu-tiny", **overrides: Any) -> TrainConfig:
     """A TrainConfig from a preset plus overrides (the Python-side equivalent of the CLI)."""
     if preset not in PRESETS:
         raise ValueError(f"--preset must be one of {tuple(PRESETS)}, got {preset!r}")

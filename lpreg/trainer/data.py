@@ -31,7 +31,7 @@ import json
 import os
 import re
 
-from .reward import _last_boxed
+from .reward import last_boxed
 from .tasks import Problem
 
 QUESTION_COLUMNS = ("question", "problem", "prompt")
@@ -92,7 +92,7 @@ def reduce_answer(value, column: str = "answer") -> str | None:
     if "####" in text:
         text = text.rsplit("####", 1)[1].strip()
         return (text.replace(",", "") if _THOUSANDS_RE.match(text) else text) or None
-    boxed = _last_boxed(text)
+    boxed = last_boxed(text)
     if boxed is not None:
         return boxed.strip() or None
     if column == "solution":

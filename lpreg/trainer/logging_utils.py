@@ -9,7 +9,7 @@ import json
 import math
 import os
 
-__all__ = ["MetricsLog", "read_metrics", "truncate_jsonl", "plot_metrics", "progress_bar", "format_row"]
+__all__ = ["MetricsLog", "read_metrics", "truncate_jsonl", "plot_metrics", "plot_bands", "progress_bar", "format_row"]
 
 
 def read_metrics(path):
@@ -147,6 +147,50 @@ def plot_metrics(runs, path, *, keys=PLOT_KEYS, title=None, smooth=5):
         ax.set_title(label, fontsize=10)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_bands(runs, path, *, keys, title=None, ncols=4, smooth=5):
+    """runs: {label: [rows of seed 0, rows of seed 1, ...]}. One panel per (key, title) in `keys`:
+    per step, the mean over the seeds that logged the key (bold) and a band from their lowest to
+    their highest value, each a trailing `smooth`-point moving average (every step sees other
+    prompts, so raw per-step values are noisy; held-out evaluations are sparse and drawn raw).
+    Writes a PNG at `path`; returns the path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    nrows = -(-len(keys) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.6 * ncols, 2.9 * nrows), dpi=90, squeeze=False)
+    for ax, (key, label) in zip(axes.flat, keys):
+        for i, (name, seeds) in enumerate(runs.items()):
+            by_step = {}
+            for rows in seeds:
+                for r in rows:
+                    if r.get(key) is not None:
+                        by_step.setdefault(r["step"], []).append(float(r[key]))
+            if not by_step:
+                continue
+            xs = sorted(by_step)
+            w = smooth if len(xs) >= 15 else 1
+            mean = _smooth([sum(by_step[x]) / len(by_step[x]) for x in xs], w)
+            ax.fill_between(xs, _smooth([min(by_step[x]) for x in xs], w), _smooth([max(by_step[x]) for x in xs], w),
+                            color=f"C{i}", alpha=0.15, linewidth=0)
+            ax.plot(xs, mean, color=f"C{i}", linewidth=1.6, label=name, marker="o" if len(xs) < 15 else None,
+                    markersize=3)
+        ax.set_xlabel("RL step")
+        ax.set_title(label, fontsize=9)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(keys):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7)
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()

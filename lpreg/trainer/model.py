@@ -9,7 +9,7 @@
   "Q: {question}\nA: ", after which the model writes the bare answer ("19") and eos. The
   reward reads that bare number through its last-number fallback (see reward.py).
 - `generate_completions`: batched HF generation with explicit sampling settings, shared
-  by `warm_start` and `lpreg.evaluate`.
+  by `warm_start` and `lpreg.trainer.evaluate`.
 - `warm_start`: supervised fine-tuning on `prompt + answer + eos` (loss on the answer and
   eos tokens only). The cpu-tiny preset uses it to bring the random tiny model to partial
   competence before RL; measured figures are in its docstring.
@@ -17,12 +17,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import math
 import os
 import random
 import time
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -165,14 +166,33 @@ def prompt_adds_special_tokens(tokenizer: PreTrainedTokenizerBase) -> bool:
 
 
 def eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    """Every id that ends a completion: the tokenizer's eos and the model's own eos list
-    (instruct models often stop on a turn-end token that is not the tokenizer's eos)."""
+    """Every id that ends a completion: the tokenizer's eos first, then the model's own eos
+    list (instruct models often stop on a turn-end token that is not the tokenizer's eos).
+
+    Raises ValueError when neither declares one: a completion could never end."""
     ids: list[int] = []
     for source in (tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None)):
         for i in source if isinstance(source, (list, tuple)) else [source]:
-            if i is not None and i not in ids:
+            if i is not None and int(i) not in ids:
                 ids.append(int(i))
+    if not ids:
+        raise ValueError("the tokenizer and model declare no eos_token_id; a completion could never end")
     return ids
+
+
+@contextlib.contextmanager
+def fresh_generation_config(model: PreTrainedModel) -> Iterator[None]:
+    """Swap the model's own `generation_config` for an empty one during a `generate` call.
+
+    transformers 5 fills every field left None in the GenerationConfig passed to `generate`
+    from `model.generation_config` (then from library defaults, which include top_k = 50), so a
+    checkpoint's temperature, top-k/p, min-p or repetition penalty would leak in. Restored after."""
+    saved = model.generation_config
+    model.generation_config = GenerationConfig()
+    try:
+        yield
+    finally:
+        model.generation_config = saved
 
 
 @torch.no_grad()
@@ -192,9 +212,7 @@ def generate_completions(
 
     Sampling is plain softmax(z / temperature): top_p=1.0, top_k=0, no penalties. Nothing
     from the checkpoint's own generation_config (its temperature, top-k, top-p, min-p,
-    repetition penalty, min length) can leak in: transformers 5 fills every field left
-    None in the GenerationConfig passed to `generate` from `model.generation_config`, so
-    that is swapped for an empty one during the call (and restored). Generation stops
+    repetition penalty, min length) can leak in (`fresh_generation_config`). Generation stops
     at every eos id of tokenizer and model. Special tokens are removed from the text.
     Greedy generates once per prompt and repeats it `num_samples` times.
     """
@@ -220,13 +238,12 @@ def generate_completions(
     was_training = model.training
     model.eval()
     padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
-    saved_config, model.generation_config = model.generation_config, GenerationConfig()
     out: list[list[str]] = []
     try:
         # fork_rng: the caller's RNG streams (training, rollouts) are left as they were.
         cuda_ids = [device.index if device.index is not None else torch.cuda.current_device()] \
             if device.type == "cuda" else []
-        with torch.random.fork_rng(devices=cuda_ids):
+        with torch.random.fork_rng(devices=cuda_ids), fresh_generation_config(model):
             torch.manual_seed(seed)
             step = max(1, batch_size // per_call)
             for start in range(0, len(prompts), step):
@@ -244,7 +261,6 @@ def generate_completions(
                     out.append(group * num_samples if greedy else group)
     finally:
         tokenizer.padding_side = padding_side
-        model.generation_config = saved_config
         model.train(was_training)
     return out
 
@@ -256,7 +272,8 @@ def _sft_batch(tokenizer, problems: list[Problem], device) -> tuple[torch.Tensor
     for p in problems:
         prompt = tokenizer.encode(format_prompt(tokenizer, p.question),
                                   add_special_tokens=prompt_adds_special_tokens(tokenizer))
-        target = tokenizer.encode(p.answer, add_special_tokens=False) + [tokenizer.eos_token_id]
+        text = p.target if p.target is not None else p.answer  # a task's worked form, else the answer
+        target = tokenizer.encode(text, add_special_tokens=False) + [tokenizer.eos_token_id]
         rows.append(prompt + target)
         labels.append([-100] * len(prompt) + target)
     width = max(len(r) for r in rows)
@@ -268,13 +285,16 @@ def _sft_batch(tokenizer, problems: list[Problem], device) -> tuple[torch.Tensor
 
 
 def answer_accuracy(completions: list[str], problems: list[Problem]) -> float:
-    """Exact-match accuracy of completions (first line, stripped) against gold answers.
+    """Exact-match accuracy of the answer each completion gives (`reward.extract_answer`: a
+    bare number, or a worked form's "Answer: X") against the gold answers.
 
-    Cheap and exact for the built-in integer task; RL and evaluation use the math-verify
+    Cheap and exact for the built-in integer tasks; RL and evaluation use the math-verify
     reward instead."""
+    from .reward import extract_answer
+
     if not problems:
         return 0.0
-    hits = sum(c.strip().split("\n")[0].strip() == p.answer.strip() for c, p in zip(completions, problems))
+    hits = sum(extract_answer(c.strip().split("\n")[0]) == p.answer.strip() for c, p in zip(completions, problems))
     return hits / len(problems)
 
 
@@ -351,20 +371,22 @@ def warm_start(
         if log_every and (step + 1) % log_every == 0:
             log(f"warm_start step {step + 1}/{steps} loss {loss_value:.4f} token_acc {tok_acc:.3f}")
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
-    prompts = [format_prompt(tokenizer, p.question) for p in eval_problems]
-    max_new = max((len(tokenizer.encode(p.answer, add_special_tokens=False)) for p in eval_problems), default=1) + 2
+    metrics = {"loss": loss_value, "token_accuracy": tok_acc,
+               **_held_out_accuracy(model, tokenizer, eval_problems, seed),
+               "steps": steps, "seconds": seconds, "cpu_seconds": cpu_seconds}
+    log("warm_start done: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+    return metrics
+
+
+def _held_out_accuracy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, problems: list[Problem],
+                       seed: int) -> dict:
+    """Greedy and T = 1 sampled exact-match accuracy (one sample per problem)."""
+    prompts = [format_prompt(tokenizer, p.question) for p in problems]
+    max_new = max((len(tokenizer.encode(p.target or p.answer, add_special_tokens=False)) for p in problems),
+                  default=1) + 2
     greedy = generate_completions(model, tokenizer, prompts, greedy=True, max_new_tokens=max_new, seed=seed)
     sampled = generate_completions(
         model, tokenizer, prompts, greedy=False, temperature=1.0, max_new_tokens=max_new, seed=seed
     )
-    metrics = {
-        "loss": loss_value,
-        "token_accuracy": tok_acc,
-        "greedy_accuracy": answer_accuracy([g[0] for g in greedy], eval_problems),
-        "sampled_accuracy": answer_accuracy([s[0] for s in sampled], eval_problems),
-        "steps": steps,
-        "seconds": seconds,
-        "cpu_seconds": cpu_seconds,
-    }
-    log("warm_start done: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
-    return metrics
+    return {"greedy_accuracy": answer_accuracy([g[0] for g in greedy], problems),
+            "sampled_accuracy": answer_accuracy([s[0] for s in sampled], problems)}

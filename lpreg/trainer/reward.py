@@ -7,11 +7,11 @@
 Answer extraction (`extract_answer`, pure Python, also used for majority voting):
   1. the content of the last `\\boxed{...}` (or `\\fbox{...}`), braces balanced;
   2. else the text after the last "Answer:" (the DAPO format: a final "Answer: X" line);
-  3. else the last number in the text ("-12", "1,234", "3.5"). This fallback exists
-     because the built-in task's completion is the bare number ("19") after the prompt's
-     "A: ", and GSM8K-style answers usually end with their number. It is lenient (a
-     rambling completion is judged by its last number); pass `number_fallback=False`
-     for strict formats.
+  3. else, when the whole completion (stripped, as in 1-2) is one number ("-12", "1,234",
+     "3.5"), that number. This fallback exists because the built-in task's completion is
+     the bare number ("19") after the prompt's "A: ". It accepts only a number: "1-3" or
+     "the total is 12 apples" is no answer (reading a last number out of arbitrary text
+     would score "1-3" as -3). Pass `number_fallback=False` to require 1 or 2.
 The extracted string and the gold answer are each wrapped as `\\boxed{...}` and parsed
 by math-verify, then compared with `verify(gold, pred)` (gold first: verify is not
 symmetric). No extracted answer, an answer over 1,000 characters, or an empty parse
@@ -47,10 +47,12 @@ MAX_ANSWER_CHARS = 1000  # longer extracted answers are parse failures, not pars
 _WORKER_RUN_NAME = "__lpreg_reward_worker__"
 _BOX_RE = re.compile(r"\\(?:boxed|fbox)\s*\{")
 _ANSWER_RE = re.compile(r"answer\s*[:：]", re.IGNORECASE)
+# the whole (cleaned) completion must be one number: "19", "-7", "1,234", "3.5"
 _NUMBER_RE = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?")
 
 
-def _last_boxed(text: str) -> str | None:
+def last_boxed(text: str) -> str | None:
+    """The content of the last balanced `\\boxed{...}` (or `\\fbox{...}`) in `text`, or None."""
     # Scan every \boxed{ from the last one back and return the first with balanced braces.
     for match in reversed(list(_BOX_RE.finditer(text))):
         depth, start = 1, match.end()
@@ -72,7 +74,7 @@ def _clean(answer: str) -> str:
 
 def extract_answer(text: str, *, number_fallback: bool = True) -> str | None:
     """The final answer written in `text` (rules in the module docstring), or None."""
-    boxed = _last_boxed(text)
+    boxed = last_boxed(text)
     if boxed is not None and boxed.strip():
         return _clean(boxed)
     matches = list(_ANSWER_RE.finditer(text))
@@ -81,9 +83,9 @@ def extract_answer(text: str, *, number_fallback: bool = True) -> str | None:
         if _clean(line):
             return _clean(line)
     if number_fallback:
-        numbers = _NUMBER_RE.findall(text)
-        if numbers:
-            return numbers[-1].replace(",", "")
+        bare = _clean(text)
+        if _NUMBER_RE.fullmatch(bare):
+            return bare.replace(",", "")
     return None
 
 

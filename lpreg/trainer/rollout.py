@@ -10,23 +10,26 @@ batch see the same completions, and a resumed run sees the same ones as an unint
 Sampling is explicit: temperature, top_p = 1, top_k = 0, nothing else. In transformers 5 any
 field left None in the GenerationConfig passed to `generate` is filled from the model's own
 `generation_config` (and then from library defaults, which include top_k = 50), so the model's
-config is swapped for a fresh one during the call and every sampling field is set here.
+config is swapped for a fresh one during the call (`model.fresh_generation_config`, shared with
+evaluation) and every sampling field is set here. EOS ids: `model.eos_token_ids`.
 
 Masks. A completion ends at its first EOS token (any of the tokenizer's / model's EOS ids),
 which belongs to the response (the policy chose to stop); everything after it is padding. Pad
 may equal EOS, so the mask comes from the first EOS position, never from `!= pad`.
 """
 
-import contextlib
 from dataclasses import dataclass
+from typing import List, Sequence
 
 import torch
 from transformers import GenerationConfig
 
-__all__ = ["Batch", "rollout_seed", "eos_ids_of", "response_lengths", "generate_group", "pack"]
+from .model import eos_token_ids, fresh_generation_config
+
+__all__ = ["RolloutBatch", "rollout_seed", "eos_token_ids", "response_lengths", "generate_group", "pack"]
 
 
-def rollout_seed(seed, step, prompt_index):
+def rollout_seed(seed: int, step: int, prompt_index: int) -> int:
     """A 63-bit seed from (run seed, step, global prompt index); distinct for distinct triples."""
     x = (int(seed) * 1_000_003 + int(step)) * 1_000_033 + int(prompt_index)
     # splitmix64 finaliser: nearby triples give unrelated streams
@@ -36,19 +39,7 @@ def rollout_seed(seed, step, prompt_index):
     return (x ^ (x >> 31)) & 0x7FFFFFFFFFFFFFFF
 
 
-def eos_ids_of(model, tokenizer):
-    """Every EOS id the tokenizer or the model's generation config declares (sorted, unique)."""
-    ids = set()
-    for source in (tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None)):
-        if source is None:
-            continue
-        ids.update(source if isinstance(source, (list, tuple)) else [source])
-    if not ids:
-        raise ValueError("the tokenizer and model declare no eos_token_id; a completion could never end")
-    return sorted(int(i) for i in ids)
-
-
-def response_lengths(responses, eos_ids):
+def response_lengths(responses: torch.Tensor, eos_ids: Sequence[int]) -> torch.Tensor:
     """responses: (B, R) generated ids (after the prompt). Returns (B,) long: tokens up to and
     including the first EOS, or R when a row never emitted one (truncated)."""
     is_eos = torch.isin(responses, torch.as_tensor(eos_ids, device=responses.device))
@@ -58,7 +49,7 @@ def response_lengths(responses, eos_ids):
     return torch.where(first < R, first + 1, first)
 
 
-def _generation_config(cfg, eos_ids, pad_id):
+def _generation_config(cfg, eos_ids: Sequence[int], pad_id: int) -> GenerationConfig:
     return GenerationConfig(
         do_sample=True, temperature=float(cfg.temperature), top_p=float(cfg.top_p), top_k=int(cfg.top_k),
         min_p=None, typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0, repetition_penalty=1.0,
@@ -68,25 +59,16 @@ def _generation_config(cfg, eos_ids, pad_id):
     )
 
 
-@contextlib.contextmanager
-def _fresh_generation_config(model):
-    saved = model.generation_config
-    model.generation_config = GenerationConfig()
-    try:
-        yield
-    finally:
-        model.generation_config = saved
-
-
 @torch.no_grad()
-def generate_group(model, prompt_ids, n, cfg, *, eos_ids, pad_id, seed):
+def generate_group(model, prompt_ids: List[int], n: int, cfg, *, eos_ids: Sequence[int], pad_id: int,
+                   seed: int) -> List[List[int]]:
     """Sample n completions of one prompt. prompt_ids: list[int]. Returns a list of n lists
     of response ids, each cut after its first EOS."""
     device = next(model.parameters()).device
     inp = torch.tensor([prompt_ids] * n, dtype=torch.long, device=device)
     gen_cfg = _generation_config(cfg, eos_ids, pad_id)
     devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices), _fresh_generation_config(model):
+    with torch.random.fork_rng(devices=devices), fresh_generation_config(model):
         torch.manual_seed(seed)
         out = model.generate(input_ids=inp, attention_mask=torch.ones_like(inp), generation_config=gen_cfg)
     responses = out[:, inp.shape[1]:]
@@ -95,7 +77,7 @@ def generate_group(model, prompt_ids, n, cfg, *, eos_ids, pad_id, seed):
 
 
 @dataclass
-class Batch:
+class RolloutBatch:
     """Sequences packed for teacher-forced scoring, right-padded (prompts start at position 0).
 
     input_ids (B, L); attention_mask (B, L); labels (B, L-1) = input_ids[:, 1:] with -100 off
@@ -107,16 +89,18 @@ class Batch:
     labels: torch.Tensor
     loss_mask: torch.Tensor
 
-    def slice(self, idx):
-        return Batch(self.input_ids[idx], self.attention_mask[idx], self.labels[idx], self.loss_mask[idx])
+    def slice(self, idx: torch.Tensor) -> "RolloutBatch":
+        return RolloutBatch(self.input_ids[idx], self.attention_mask[idx], self.labels[idx], self.loss_mask[idx])
 
-    def to(self, device):
-        return Batch(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.labels, self.loss_mask)))
+    def to(self, device) -> "RolloutBatch":
+        return RolloutBatch(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.labels, self.loss_mask)))
 
 
-def pack(prompts, responses, pad_id):
-    """prompts, responses: lists (same length) of id lists. Returns a Batch."""
-    assert len(prompts) == len(responses) and prompts
+def pack(prompts: Sequence[List[int]], responses: Sequence[List[int]], pad_id: int) -> RolloutBatch:
+    """prompts, responses: lists (same length) of id lists. Returns a RolloutBatch."""
+    if len(prompts) != len(responses) or not prompts:
+        raise ValueError(f"prompts and responses must be non-empty lists of equal length, "
+                         f"got {len(prompts)} and {len(responses)}")
     total = [len(p) + len(r) for p, r in zip(prompts, responses)]
     L = max(max(total), 2)
     B = len(prompts)
@@ -131,4 +115,4 @@ def pack(prompts, responses, pad_id):
     # position t of the logits predicts token t + 1
     target_is_resp = resp[:, 1:]
     labels = torch.where(target_is_resp, input_ids[:, 1:], torch.full_like(input_ids[:, 1:], -100))
-    return Batch(input_ids, attention, labels, target_is_resp.float())
+    return RolloutBatch(input_ids, attention, labels, target_is_resp.float())

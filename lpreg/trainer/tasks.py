@@ -30,6 +30,7 @@ import random
 import re
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Any, Callable
 
 SPLITS = ("train", "test")
 TEST_FRACTION_PERCENT = 10  # share of the universe held out for the test split
@@ -42,6 +43,7 @@ class Problem:
 
     question: str
     answer: str
+    target: str | None = None  # the warm start's target text when it is not the bare answer
 
 
 def _make(a: int, op: str, b: int) -> Problem:
@@ -115,3 +117,57 @@ def split_size(split: str, max_operand: int = MAX_OPERAND) -> int:
     """Number of problems in `split` (with operands <= max_operand)."""
     _check(split, max_operand)
     return len(_split_pool(split, max_operand))
+
+
+def operands_within(problem: Problem, max_operand: int) -> bool:
+    """Whether both operands of a built-in question ("a+b=?" / "a-b=?") are <= max_operand."""
+    a, b = re.findall(r"\d+", problem.question)[:2]
+    return int(a) <= max_operand and int(b) <= max_operand
+
+
+def arithmetic_split(split: str, seed: int, max_operand: int) -> list[Problem]:
+    """The whole `split` in the order `arithmetic_problems` draws it from the full (0..99) split
+    with `seed`, keeping problems whose operands are <= max_operand (the trainer's data)."""
+    pool = arithmetic_problems(split_size(split), seed, split)
+    return [p for p in pool if operands_within(p, max_operand)]
+
+
+def _char_tokenizer() -> Any:
+    from .tokenizer import build_char_tokenizer  # imported here: this module must not need transformers
+
+    return build_char_tokenizer()
+
+
+@dataclass(frozen=True)
+class BuiltinTask:
+    """A built-in task the trainer can run with no file (`--task NAME`, used when --data is unset).
+
+    split_problems(split, seed, max_operand): every problem of "train" or "test", in a
+        seed-determined order (the trainer takes its RL set and held-out set from the front);
+    tokenizer(): the tokenizer of the tiny policy built for it (when --model is unset);
+    spark_tokens: tokens whose probability at the first answer position is logged (spark/*).
+    """
+
+    split_problems: Callable[[str, int, int], list[Problem]]
+    tokenizer: Callable[[], Any]
+    spark_tokens: tuple[str, ...] = ()  # rare valuable tokens whose probability the trainer logs
+
+
+def _sparks_split(split: str, seed: int, max_operand: int) -> list[Problem]:
+    from .sparks import sparks_split  # imported here: sparks imports this module
+
+    return sparks_split(split, seed, max_operand)
+
+
+def _sparks_tokenizer() -> Any:
+    from .sparks import sparks_tokenizer
+
+    return sparks_tokenizer()
+
+
+# Adding a task: write its two functions and register it here; a preset can then set task=NAME.
+TASKS: dict[str, BuiltinTask] = {
+    "arithmetic": BuiltinTask(split_problems=arithmetic_split, tokenizer=_char_tokenizer),
+    # lpreg.trainer.sparks: a subword noise tail and a rare valuable "check" token (cpu-sparks)
+    "sparks": BuiltinTask(split_problems=_sparks_split, tokenizer=_sparks_tokenizer, spark_tokens=("check",)),
+}

@@ -1,7 +1,7 @@
 """Evaluate a policy on a problem set: avg@k, unbiased pass@k and maj@k.
 
     lpreg-eval --model runs/sft --data builtin --k 8 --temperature 1.0 --output eval.json
-    lpreg-eval --model runs/sft --data gsm8k_test.jsonl --greedy --max-new-tokens 512
+    python -m lpreg.trainer.evaluate --model runs/sft --data gsm8k_test.jsonl --greedy --max-new-tokens 512
 
 For each problem, `n` completions are generated (n = k when sampling; n = 1 with
 --greedy, since greedy samples are identical) and scored 1/0 by `RewardWorker`
@@ -17,7 +17,8 @@ For each problem, `n` completions are generated (n = k when sampling; n = 1 with
 Generation uses a fresh GenerationConfig: do_sample, temperature T, top_p = 1.0, top_k = 0,
 every eos id of tokenizer and model, left padding (see `lpreg.trainer.model`), so the
 checkpoint's own generation_config (its top-p, repetition penalty...) cannot leak in.
-`evaluate` is also what the trainer calls for periodic evaluation.
+The trainer calls `evaluate` on held-out problems every `--eval-every` steps (0 = never) and
+logs the results as `eval/avg@k`, `eval/pass@j`, `eval/maj@k` (see `lpreg.trainer.step`).
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ def majority_correct(completions: list[str], rewards: list[float], *, number_fal
     """maj@n for one problem: the reward of the most common extracted answer (0 if none).
 
     Answers are extracted as the reward does (`number_fallback` as in `RewardWorker`)."""
-    from .trainer.reward import extract_answer
+    from .reward import extract_answer
 
     votes: Counter[str] = Counter()
     reward_of: dict[str, float] = {}
@@ -83,8 +84,8 @@ def evaluate(model, tokenizer, problems, *, k: int, temperature: float, greedy: 
     closed here. With `return_records`, "records" lists per problem the question, gold
     answer, completions and rewards.
     """
-    from .trainer.model import format_prompt, generate_completions
-    from .trainer.reward import RewardWorker
+    from .model import format_prompt, generate_completions
+    from .reward import RewardWorker
 
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
@@ -165,9 +166,9 @@ def run(argv=None) -> dict:
     args = _parse_args(argv)
     import torch
 
-    from .trainer.data import load_problems
-    from .trainer.model import load_policy
-    from .trainer.tasks import arithmetic_problems, split_size
+    from .data import load_problems
+    from .model import load_policy
+    from .tasks import arithmetic_problems, split_size
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.startswith("cuda") else "float32"))

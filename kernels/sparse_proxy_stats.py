@@ -1,4 +1,4 @@
-"""Token statistics against a sparse (top-k) proxy, Triton.
+"""Token statistics against a sparse (top-k) proxy (docs/spec.md §1, §2 and §4), Triton.
 
 The proxy is recorded at rollout time as k (index, log q) pairs per row (`lpreg.build_proxy`);
 padding entries have log q = -inf. Per row, with x = z/T:
@@ -6,7 +6,8 @@ padding entries have log q = -inf. Per row, with x = z/T:
     lse  = logsumexp(x)                      logp       = x[label] - lse
     H    = log s - t/s,  s = sum e^(x-m), t = sum e^(x-m)(x-m), m = max x       (entropy)
     kl   = sum_j q_j (log q_j - (x[idx_j] - lse))        (only q_j > 0 terms; k gathered logits)
-    proxy_logp = log q_j where idx_j == label, else -inf
+    proxy_logp = label_logq[row]              when the proxy carries the label's exact log q
+               = log q_j where idx_j == label, else -inf        otherwise
 
 Backward, for upstream (g_logp, g_kl, g_H) per row:
 
@@ -16,13 +17,16 @@ written as one dense pass (everything but the -g_kl q term), then the k entries 
 recomputed in fp32 with the -g_kl q_j term and overwritten, so every gradient entry is
 rounded once. Indices must be unique within a row (top-k gives that).
 
-Row-statistics contract (shared with the torch fallback in lpreg.sparse_proxy): the forward
-returns `row_stats` (N, 2) fp32 = [lse, H]; the backward needs nothing else but the logits,
-labels and the proxy. Rows whose label is `ignore_index` give zeros and a zero gradient; a
-row holding a NaN, or only -inf, gives NaN outputs.
+Row-statistics contract (shared with the torch backend, lpreg._sparse_proxy_torch_backend):
+the forward returns `row_stats` (N, 2) fp32 = [lse, H] (the first two token-stats slots of
+lpreg.kernels.row_stats); the backward needs nothing else but the logits, labels and the
+proxy. A row holding a NaN or a +inf, or only -inf, gives NaN outputs. Ignored-row
+invariant (as for token stats): a row whose label is `ignore_index` gives zero outputs and
+zero row_stats, and its backward writes exact zeros without reading row_stats or computing
+p (from lse = 0, p = exp(x) overflows for a logit above about 88, and 0 * inf = NaN).
 
 Limits: any V (tail masked, int64 offsets), k <= 4096, fp32/bf16/fp16 logits with fp32
-accumulation, unit-stride rows.
+accumulation, unit-stride rows (any stride when V = 1).
 Memory traffic: forward reads each row once plus k gathered logits; backward reads each row
 once, writes the gradient once, and re-reads / re-writes k entries.
 """
@@ -30,54 +34,57 @@ once, writes the gradient once, and re-reads / re-writes k entries.
 import triton
 import triton.language as tl
 
-ROW_STATS_WIDTH = 2  # [lse, entropy]
+from . import row_stats as _layout
+from ._row_helpers import (
+    ENTROPY,
+    LSE,
+    entropy_grad,
+    load_scaled,
+    load_stat,
+    lse_entropy,
+    nan_epilogue,
+    online_softmax_update,
+    row_label,
+    store_outputs,
+    store_stat,
+    upstream_coefficients,
+    zero_row,
+)
+
+ROW_STATS_WIDTH = _layout.SPARSE_PROXY_WIDTH  # [lse, entropy]
+_WIDTH = tl.constexpr(ROW_STATS_WIDTH)
 
 
 @triton.jit
 def _sparse_proxy_fwd_kernel(
     logp_ptr, proxy_logp_ptr, kl_ptr, entropy_ptr, row_stats_ptr,  # outputs: (N,) x4, (N, 2)
-    logits_ptr, labels_ptr, idx_ptr, logq_ptr,  # inputs: (N, V), (N,) or dummy, (N, k) int64, (N, k) fp32
+    logits_ptr, labels_ptr, idx_ptr, logq_ptr, label_logq_ptr,  # inputs: (N, V), (N,), (N, k) x2, (N,)
     V, K, logits_row_stride, idx_row_stride, logq_row_stride,  # shapes / strides
     inv_temperature, ignore_index,  # scalars: fp32, int
-    HAS_LABELS: tl.constexpr,  # features
+    HAS_LABELS: tl.constexpr, HAS_LABEL_LOGQ: tl.constexpr,  # features
     BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,  # tiles
 ):
     row = tl.program_id(0).to(tl.int64)
     x_row = logits_ptr + row * logits_row_stride
-    label = 0
-    if HAS_LABELS:
-        label = tl.load(labels_ptr + row)
-        valid = label != ignore_index
-    else:
-        valid = row >= 0
+    label, valid = row_label(labels_ptr, row, ignore_index, HAS_LABELS)
     neg_inf = float("-inf")
-    logp = 0.0
-    proxy_logp = 0.0
-    kl = 0.0
-    entropy = 0.0
-    lse = 0.0
+    # typed scalars (both sides of `if valid` agree); an ignored row keeps these zeros
+    logp = tl.zeros((), tl.float32)
+    proxy_logp = tl.zeros((), tl.float32)
+    kl = tl.zeros((), tl.float32)
+    entropy = tl.zeros((), tl.float32)
+    lse = tl.zeros((), tl.float32)
     if valid:
-        # ---- one pass: online max, sum e^(x-m) and the entropy moment t, NaN count
+        # ---- one pass: online max, sum e^(x-m) and the entropy moment t
         cols0 = tl.arange(0, BLOCK_V)
         m = tl.full((), neg_inf, tl.float32)
         s = tl.zeros((), tl.float32)
         t = tl.zeros((), tl.float32)
-        n_nan = tl.zeros((), tl.int32)
         for start in range(0, V, BLOCK_V):
-            cols = start + cols0
-            x = tl.load(x_row + cols, mask=cols < V, other=neg_inf).to(tl.float32) * inv_temperature
-            n_nan += tl.sum((x != x).to(tl.int32), 0)
-            m_new = tl.maximum(m, tl.max(x, 0))
-            m_ref = tl.where(m_new == neg_inf, 0.0, m_new)
-            d = x - m_ref
-            e = tl.exp(d)
-            scale = tl.exp(m - m_ref)  # t' = e^(m-m')(t + s(m-m'))
-            t = scale * (t + tl.where(s > 0, s * (m - m_ref), 0.0)) + tl.sum(tl.where(e > 0, e * d, 0.0), 0)
-            s = s * scale + tl.sum(e, 0)
-            m = m_new
-        bad = (n_nan > 0) | (m == neg_inf)
-        lse = m + tl.log(s)
-        entropy = tl.log(s) - t / s
+            x = load_scaled(x_row, start + cols0, V, inv_temperature)
+            m, s, t = online_softmax_update(m, s, t, x, tl.max(x, 0))  # a NaN in x makes s NaN
+        bad = (s != s) | (m == neg_inf) | (m == float("inf"))  # a NaN, +inf, or only -inf
+        lse, entropy = lse_entropy(m, s, t)
 
         # ---- the k proxy entries: KL = sum_j q_j (log q_j - log p_idx_j)
         ks = tl.arange(0, BLOCK_K)
@@ -89,19 +96,14 @@ def _sparse_proxy_fwd_kernel(
         kl = tl.sum(tl.where(q > 0, q * (logq - (x_idx - lse)), 0.0), 0)
         if HAS_LABELS:
             logp = tl.load(x_row + label).to(tl.float32) * inv_temperature - lse
-            proxy_logp = tl.max(tl.where((idx == label) & in_k, logq, neg_inf), 0)
-        nan = float("nan")
-        logp = tl.where(bad, nan, logp)
-        proxy_logp = tl.where(bad, nan, proxy_logp)
-        kl = tl.where(bad, nan, kl)
-        entropy = tl.where(bad, nan, entropy)
-        lse = tl.where(bad, nan, lse)
-    tl.store(logp_ptr + row, logp)
-    tl.store(proxy_logp_ptr + row, proxy_logp)
-    tl.store(kl_ptr + row, kl)
-    tl.store(entropy_ptr + row, entropy)
-    tl.store(row_stats_ptr + row * 2 + 0, lse)
-    tl.store(row_stats_ptr + row * 2 + 1, entropy)
+            if HAS_LABEL_LOGQ:
+                proxy_logp = tl.load(label_logq_ptr + row)  # exact, even for a label outside the top-k
+            else:
+                proxy_logp = tl.max(tl.where((idx == label) & in_k, logq, neg_inf), 0)
+        logp, proxy_logp, kl, entropy, lse = nan_epilogue(bad, logp, proxy_logp, kl, entropy, lse)
+    store_outputs(logp_ptr, proxy_logp_ptr, kl_ptr, entropy_ptr, row, logp, proxy_logp, kl, entropy)
+    store_stat(row_stats_ptr, row, _WIDTH, LSE, lse)
+    store_stat(row_stats_ptr, row, _WIDTH, ENTROPY, entropy)
 
 
 @triton.jit
@@ -118,56 +120,42 @@ def _sparse_proxy_bwd_kernel(
     row = tl.program_id(0).to(tl.int64)
     x_row = logits_ptr + row * logits_row_stride
     g_row = grad_ptr + row * grad_row_stride
-    label = -1
-    if HAS_LABELS:
-        label = tl.load(labels_ptr + row)
-        valid = label != ignore_index
+    label, valid = row_label(labels_ptr, row, ignore_index, HAS_LABELS)
+    if valid:
+        lse = load_stat(row_stats_ptr, row, _WIDTH, LSE)
+        entropy = load_stat(row_stats_ptr, row, _WIDTH, ENTROPY)
+        g_logp, g_kl, g_entropy = upstream_coefficients(
+            g_logp_ptr, g_kl_ptr, g_entropy_ptr, row, inv_temperature, HAS_G_LOGP, HAS_G_KL, HAS_G_ENTROPY)
+        # ---- dense pass: g_logp (e_y - p) + g_kl p - g_H p (log p + H)
+        cols0 = tl.arange(0, BLOCK_V)
+        for start in range(0, V, BLOCK_V):
+            cols = start + cols0
+            x = load_scaled(x_row, cols, V, inv_temperature)
+            logp = x - lse
+            p = tl.exp(logp)
+            grad = (g_kl - g_logp) * p + tl.where(cols == label, g_logp, 0.0)
+            if HAS_G_ENTROPY:
+                grad -= g_entropy * entropy_grad(p, logp, entropy)
+            tl.store(g_row + cols, grad.to(grad_ptr.dtype.element_ty), mask=cols < V)
+        if HAS_G_KL:
+            # ---- sparse pass: - g_kl q_j at idx_j (after the dense stores of this row are visible)
+            tl.debug_barrier()
+            ks = tl.arange(0, BLOCK_K)
+            in_k = ks < K
+            idx = tl.load(idx_ptr + row * idx_row_stride + ks, mask=in_k, other=0)
+            q = tl.exp(tl.load(logq_ptr + row * logq_row_stride + ks, mask=in_k, other=float("-inf")).to(tl.float32))
+            upd = in_k & (q > 0)
+            # recompute the whole fp32 gradient at idx_j and overwrite: rounded once, like the
+            # dense entries
+            x = tl.load(x_row + idx, mask=upd, other=0.0).to(tl.float32) * inv_temperature
+            logp = x - lse
+            p = tl.exp(logp)
+            grad = (g_kl - g_logp) * p + tl.where(idx == label, g_logp, 0.0) - g_kl * q
+            if HAS_G_ENTROPY:
+                grad -= g_entropy * entropy_grad(p, logp, entropy)
+            tl.store(g_row + idx, grad.to(grad_ptr.dtype.element_ty), mask=upd)
     else:
-        valid = row >= 0
-    lse = tl.load(row_stats_ptr + row * 2 + 0)
-    entropy = tl.load(row_stats_ptr + row * 2 + 1)
-    g_logp = 0.0
-    g_kl = 0.0
-    g_entropy = 0.0
-    if HAS_G_LOGP:
-        g_logp = tl.load(g_logp_ptr + row)
-    if HAS_G_KL:
-        g_kl = tl.load(g_kl_ptr + row)
-    if HAS_G_ENTROPY:
-        g_entropy = tl.load(g_entropy_ptr + row)
-    g_logp = tl.where(valid, g_logp, 0.0) * inv_temperature
-    g_kl = tl.where(valid, g_kl, 0.0) * inv_temperature
-    g_entropy = tl.where(valid, g_entropy, 0.0) * inv_temperature
-    lse = tl.where(valid, lse, 0.0)
-    # ---- dense pass: g_logp (e_y - p) + g_kl p - g_H p (log p + H)
-    cols0 = tl.arange(0, BLOCK_V)
-    for start in range(0, V, BLOCK_V):
-        cols = start + cols0
-        in_row = cols < V
-        x = tl.load(x_row + cols, mask=in_row, other=float("-inf")).to(tl.float32) * inv_temperature
-        logp = x - lse
-        p = tl.exp(logp)
-        grad = (g_kl - g_logp) * p + tl.where(cols == label, g_logp, 0.0)
-        if HAS_G_ENTROPY:
-            grad -= g_entropy * tl.where(x == float("-inf"), 0.0, p * (logp + entropy))
-        tl.store(g_row + cols, grad.to(grad_ptr.dtype.element_ty), mask=in_row)
-    if HAS_G_KL:
-        # ---- sparse pass: - g_kl q_j at idx_j (after the dense stores of this row are visible)
-        tl.debug_barrier()
-        ks = tl.arange(0, BLOCK_K)
-        in_k = ks < K
-        idx = tl.load(idx_ptr + row * idx_row_stride + ks, mask=in_k, other=0)
-        q = tl.exp(tl.load(logq_ptr + row * logq_row_stride + ks, mask=in_k, other=float("-inf")).to(tl.float32))
-        upd = in_k & (q > 0)
-        # recompute the whole fp32 gradient at idx_j and overwrite: rounded once, like the
-        # dense entries (ignored rows have zero coefficients and stay exactly 0)
-        x = tl.load(x_row + idx, mask=upd, other=0.0).to(tl.float32) * inv_temperature
-        logp = x - lse
-        p = tl.exp(logp)
-        grad = (g_kl - g_logp) * p + tl.where(idx == label, g_logp, 0.0) - g_kl * q
-        if HAS_G_ENTROPY:
-            grad -= g_entropy * tl.where(x == float("-inf"), 0.0, p * (logp + entropy))
-        tl.store(g_row + idx, grad.to(grad_ptr.dtype.element_ty), mask=upd)
+        zero_row(g_row, V, BLOCK_V)  # the ignored-row invariant: no p, no row_stats read
 
 
 def _blocks(V, K, on_gpu):
@@ -177,16 +165,18 @@ def _blocks(V, K, on_gpu):
     return block_v, block_k
 
 
-def sparse_proxy_forward(logits, labels, indices, logq, inv_temperature, ignore_index):
-    """logits (N, V), labels (N,) int64 or None, indices (N, k) int64, logq (N, k) fp32.
+def sparse_proxy_forward(logits, labels, indices, logq, label_logq, inv_temperature, ignore_index):
+    """logits (N, V), labels (N,) int64 or None, indices (N, k) int64, logq (N, k) fp32,
+    label_logq (N,) fp32 or None (the labels' exact log q).
 
     Returns (logp, proxy_logp, kl, entropy, row_stats): (N,) fp32 x4 and (N, 2) fp32.
     """
     import torch
 
-    assert logits.dim() == 2 and logits.stride(-1) == 1
+    assert logits.dim() == 2 and (logits.stride(-1) == 1 or logits.shape[-1] == 1)  # V = 1: any stride
     assert indices.shape == logq.shape and indices.shape[0] == logits.shape[0]
     assert indices.dtype == torch.int64 and indices.stride(-1) == 1 and logq.stride(-1) == 1
+    assert label_logq is None or (label_logq.shape == (logits.shape[0],) and label_logq.dtype == torch.float32)
     N, V = logits.shape
     K = indices.shape[1]
     out = [torch.empty((N,), dtype=torch.float32, device=logits.device) for _ in range(4)]
@@ -194,12 +184,14 @@ def sparse_proxy_forward(logits, labels, indices, logq, inv_temperature, ignore_
     if N == 0:
         return out[0], out[1], out[2], out[3], row_stats
     block_v, block_k = _blocks(V, K, logits.is_cuda)
+    has_label_logq = labels is not None and label_logq is not None
     _sparse_proxy_fwd_kernel[(N,)](
         out[0], out[1], out[2], out[3], row_stats,
         logits, labels if labels is not None else logits, indices, logq,
+        label_logq.contiguous() if has_label_logq else logq,
         V, K, logits.stride(0), indices.stride(0), logq.stride(0),
         float(inv_temperature), int(ignore_index),
-        HAS_LABELS=labels is not None,
+        HAS_LABELS=labels is not None, HAS_LABEL_LOGQ=has_label_logq,
         BLOCK_V=block_v, BLOCK_K=block_k,
         num_warps=8 if block_v >= 2048 else 4,
     )
@@ -211,7 +203,7 @@ def sparse_proxy_backward(logits, labels, indices, logq, row_stats, g_logp, g_kl
     """g_*: (N,) fp32 or None. Returns grad_logits (N, V) in logits.dtype."""
     import torch
 
-    assert logits.dim() == 2 and logits.stride(-1) == 1
+    assert logits.dim() == 2 and (logits.stride(-1) == 1 or logits.shape[-1] == 1)  # V = 1: any stride
     N, V = logits.shape
     K = indices.shape[1]
     grad = torch.empty((N, V), dtype=logits.dtype, device=logits.device)

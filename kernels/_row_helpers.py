@@ -1,0 +1,130 @@
+"""`@triton.jit` helpers shared by the per-row kernels (token_stats.py, sparse_proxy_stats.py).
+
+Each kernel program owns one row (one token position) and walks its vocabulary in tiles of
+BLOCK_V; these helpers are the pieces both ops compute alike:
+
+- `row_label`: the label / valid prologue (a row counts unless its label is ignore_index);
+- `load_scaled`: a tile of x = z / T in fp32, -inf past the row's end (neutral for every sum);
+- `online_softmax_update` / `lse_entropy`: the one-pass max, logsumexp and entropy moment;
+- `nan_epilogue`, `store_outputs`, `store_stat`: a bad row's NaN outputs, and the stores;
+- `upstream_coefficients`: the per-row upstream gradients, already divided by T;
+- `entropy_grad`, `zero_row`: the entropy term of the backward, and an ignored row's zeros.
+
+The row-statistics slots (`LSE`, `ENTROPY`, ...) are constexprs of the layout in
+lpreg.kernels.row_stats, which also states the ignored-row invariant `zero_row` serves.
+"""
+
+import triton
+import triton.language as tl
+
+from . import row_stats as _layout
+
+# slots of a row of row_stats (the one layout definition is lpreg.kernels.row_stats)
+LSE = tl.constexpr(_layout.LSE)
+ENTROPY = tl.constexpr(_layout.ENTROPY)
+LSE_KEPT = tl.constexpr(_layout.LSE_KEPT)
+CUTOFF = tl.constexpr(_layout.CUTOFF)
+ARGMAX = tl.constexpr(_layout.ARGMAX)
+NO_ARGMAX = tl.constexpr(_layout.NO_ARGMAX)
+
+
+@triton.jit
+def row_label(labels_ptr, row, ignore_index, HAS_LABELS: tl.constexpr):
+    """(label, valid): the row's sampled token (0 without labels) and whether the row counts."""
+    if HAS_LABELS:
+        label = tl.load(labels_ptr + row)
+        valid = label != ignore_index
+    else:
+        label = tl.zeros((), tl.int64)
+        valid = row >= 0
+    return label, valid
+
+
+@triton.jit
+def load_scaled(row_ptr, cols, V, inv_temperature):
+    """x = z[cols] / T in fp32; -inf past the end of the row (e^-inf = 0, never kept, never a max)."""
+    return tl.load(row_ptr + cols, mask=cols < V, other=float("-inf")).to(tl.float32) * inv_temperature
+
+
+@triton.jit
+def online_softmax_update(m, s, t, x, x_max):
+    """Fold a tile x (with x_max = max x) into the running (m, s, t) of the row, where
+    s = sum e^(x-m) and t = sum e^(x-m)(x-m) (the entropy moment). Moving the reference from
+    m to m' = max(m, x_max) rescales s' = s e^(m-m') and t' = e^(m-m') (t + s (m-m')); an
+    all -inf prefix keeps the reference at 0, and e = 0 terms add 0 to t (0 log 0 = 0).
+    A NaN in x makes s NaN."""
+    m_new = tl.maximum(m, x_max)
+    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+    d = x - m_ref
+    e = tl.exp(d)
+    scale = tl.exp(m - m_ref)
+    t = scale * (t + tl.where(s > 0, s * (m - m_ref), 0.0)) + tl.sum(tl.where(e > 0, e * d, 0.0), 0)
+    s = s * scale + tl.sum(e, 0)
+    return m_new, s, t
+
+
+@triton.jit
+def lse_entropy(m, s, t):
+    """(logsumexp, entropy) of the row: lse = m + log s, H = log s - t / s."""
+    log_s = tl.log(s)
+    return m + log_s, log_s - t / s
+
+
+@triton.jit
+def nan_epilogue(bad, logp, proxy_logp, kl, entropy, lse):
+    """A row holding a NaN (or only -inf) gives NaN outputs; its NaN lse makes its gradient NaN."""
+    nan = float("nan")
+    return (tl.where(bad, nan, logp), tl.where(bad, nan, proxy_logp), tl.where(bad, nan, kl),
+            tl.where(bad, nan, entropy), tl.where(bad, nan, lse))
+
+
+@triton.jit
+def store_outputs(logp_ptr, proxy_logp_ptr, kl_ptr, entropy_ptr, row, logp, proxy_logp, kl, entropy):
+    tl.store(logp_ptr + row, logp)
+    tl.store(proxy_logp_ptr + row, proxy_logp)
+    tl.store(kl_ptr + row, kl)
+    tl.store(entropy_ptr + row, entropy)
+
+
+@triton.jit
+def store_stat(row_stats_ptr, row, WIDTH: tl.constexpr, SLOT: tl.constexpr, value):
+    tl.store(row_stats_ptr + row * WIDTH + SLOT, value)
+
+
+@triton.jit
+def load_stat(row_stats_ptr, row, WIDTH: tl.constexpr, SLOT: tl.constexpr):
+    return tl.load(row_stats_ptr + row * WIDTH + SLOT)
+
+
+@triton.jit
+def upstream_coefficients(g_logp_ptr, g_kl_ptr, g_entropy_ptr, row, inv_temperature,
+                          HAS_G_LOGP: tl.constexpr, HAS_G_KL: tl.constexpr, HAS_G_ENTROPY: tl.constexpr):
+    """(g_logp, g_kl, g_H) / T for the row; 0 for an output that took no part in the loss."""
+    g_logp = 0.0
+    g_kl = 0.0
+    g_entropy = 0.0
+    if HAS_G_LOGP:
+        g_logp = tl.load(g_logp_ptr + row)
+    if HAS_G_KL:
+        g_kl = tl.load(g_kl_ptr + row)
+    if HAS_G_ENTROPY:
+        g_entropy = tl.load(g_entropy_ptr + row)
+    return g_logp * inv_temperature, g_kl * inv_temperature, g_entropy * inv_temperature
+
+
+@triton.jit
+def entropy_grad(p, logp, entropy):
+    """p (log p + H), the entropy term of the backward (times -g_H), with 0 log 0 = 0 wherever
+    p = 0: at x = -inf, and at a finite x whose x - lse rounds to -inf (a row spread beyond
+    the fp32 range). A NaN p (a NaN row) stays NaN."""
+    return tl.where(p == 0.0, 0.0, p * (logp + entropy))
+
+
+@triton.jit
+def zero_row(g_row, V, BLOCK_V: tl.constexpr):
+    """An ignored row's gradient: exact zeros, without reading its logits or statistics."""
+    cols0 = tl.arange(0, BLOCK_V)
+    zeros = tl.zeros((BLOCK_V,), g_row.dtype.element_ty)
+    for start in range(0, V, BLOCK_V):
+        cols = start + cols0
+        tl.store(g_row + cols, zeros, mask=cols < V)

@@ -1,0 +1,135 @@
+"""Chunk machinery shared by the fused linear paths (`lpreg.fused_linear`).
+
+A chunk is a set of token rows (a slice, or an index tensor of selected rows). For each one
+the LM head is recomputed, `logits_c = h_c W^T + b` with fp32 output, the per-token
+statistics are taken from it, and the gradient of a per-chunk scalar with respect to the
+logits, g_c (rows x V), is pushed into the three parameter gradients:
+
+    dh_c = g_c W,   dW += g_c^T h_c,   db += sum_rows g_c          (dW, db accumulated in fp32)
+
+On CUDA with bf16/fp16 weights the matmuls run in the input dtype with fp32 output
+(`torch.mm(..., out_dtype=torch.float32)`) and g_c is rounded to that dtype for the two
+gradient matmuls; elsewhere everything runs in fp32 (a half-precision weight is upcast once
+per call: V x H x 4 bytes).
+"""
+
+from typing import Optional, Union
+
+import torch
+from torch import Tensor
+
+from .sparse_proxy import SparseProxy, sparse_proxy_stats
+from .token_stats import TokenStats, lpreg_token_stats
+
+_TARGET_ELEMENTS_CUDA = 1 << 25  # 32M fp32 logits = 128 MiB per chunk buffer
+# 16M = 64 MiB (512 rows at V = 32,000): on 2 shared cores, chunks of 128 rows took 1.5x the
+# time of 512-2048 rows (fewer, larger matmuls keep both threads busy); memory stays flat in N
+_TARGET_ELEMENTS_CPU = 1 << 24
+
+Rows = Union[slice, Tensor]  # a range of rows, or an int64 index tensor of rows
+
+
+def default_chunk_size(N: int, V: int, device: torch.device) -> int:
+    """Rows per chunk: about 2**25 logits on CUDA (128 MiB per fp32 C x V buffer; the chunk
+    holds the logits and their gradient, ~256 MiB, plus the fused op's temporaries), 2**24 on
+    CPU (64 MiB); a multiple of 16 rows when that is at least 16; never more than N."""
+    target = _TARGET_ELEMENTS_CUDA if device.type == "cuda" else _TARGET_ELEMENTS_CPU
+    c = max(1, target // max(V, 1))
+    if c >= 16:
+        c -= c % 16
+    return max(1, min(N, c))
+
+
+def check_chunk_size(chunk_size: Optional[int], N: int, V: int, device: torch.device) -> int:
+    if chunk_size is None:
+        return default_chunk_size(N, V, device)
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be None or an int >= 1, got {chunk_size!r}")
+    return chunk_size
+
+
+def _has_mm_out_dtype(w: Tensor) -> bool:
+    """Whether this torch offers mm(half, half, out_dtype=fp32) on w's device (torch >= 2.8)."""
+    try:
+        torch.mm(w[:1], w[:1].t(), out_dtype=torch.float32)
+        return True
+    except (TypeError, RuntimeError, NotImplementedError):
+        return False
+
+
+def take_rows(t, rows: Rows):
+    """Rows of a flattened (N, ...) tensor or SparseProxy; None stays None."""
+    if t is None:
+        return None
+    if isinstance(t, SparseProxy):
+        return SparseProxy(t.indices[rows], t.logq[rows], t.coverage[rows])
+    return t[rows]
+
+
+def chunk_stats(logits: Tensor, labels: Tensor, proxy, temperature: float, mode: str, threshold: float,
+                ignore_index: int, backend: str) -> TokenStats:
+    """(logp, proxy_logp, kl, entropy), each (n,) fp32, for (n, V) logits and a proxy slice
+    (None: on-policy; (n, V) dense logits; or a SparseProxy, which carries its own filter)."""
+    if isinstance(proxy, SparseProxy):
+        return sparse_proxy_stats(logits, labels, proxy, temperature=temperature, ignore_index=ignore_index,
+                                  backend=backend)
+    return lpreg_token_stats(logits, labels, temperature=temperature, mode=mode, threshold=threshold,
+                             proxy_logits=proxy, ignore_index=ignore_index, backend=backend)
+
+
+class ChunkMatmuls:
+    """The chunk products with fp32 results, and the fp32 gradient accumulators."""
+
+    def __init__(self, hidden2d: Tensor, weight: Tensor, bias: Optional[Tensor], need_h: bool, need_w: bool,
+                 need_b: bool):
+        self.h = hidden2d.detach()
+        self.w = weight.detach()
+        self.half = self.w.dtype != torch.float32
+        self.native = self.half and self.w.is_cuda and _has_mm_out_dtype(self.w)
+        if self.half and not self.native:
+            self.w = self.w.float()  # CPU has no mm(..., out_dtype=fp32) for half inputs
+        self.b = None if bias is None else bias.detach().float()
+        dev = self.h.device
+        # dh in fp32: a row may receive a second contribution (the selected-rows pass); the
+        # slices of the first pass cover every row once and write it
+        self.grad_h = torch.empty(self.h.shape, dtype=torch.float32, device=dev) if need_h else None
+        self.grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=dev) if need_w else None
+        self.grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=dev) if need_b else None
+
+    @property
+    def need_grad(self) -> bool:
+        return self.grad_h is not None or self.grad_w is not None or self.grad_b is not None
+
+    def _mm(self, a: Tensor, b: Tensor) -> Tensor:
+        if self.native:
+            return torch.mm(a.to(b.dtype), b, out_dtype=torch.float32)
+        return torch.mm(a.float(), b.float())
+
+    def logits(self, rows: Rows) -> Tensor:
+        """(n, V) fp32 logits of the rows."""
+        out = self._mm(self.h[rows], self.w.t())
+        return out if self.b is None else out + self.b
+
+    def accumulate(self, rows: Rows, g: Tensor) -> None:
+        """Add the parameter gradients of d(scalar)/d logits_rows = g (n, V). A slice of rows
+        writes dh (the first pass visits each row once), an index tensor adds to it."""
+        h = self.h[rows]
+        if self.grad_h is not None:
+            dh = self._mm(g, self.w)
+            if isinstance(rows, slice):
+                self.grad_h[rows] = dh
+            else:
+                self.grad_h.index_add_(0, rows, dh)
+        if self.grad_w is not None:
+            if self.native:
+                self.grad_w += torch.mm(g.t().to(self.w.dtype), h.to(self.w.dtype), out_dtype=torch.float32)
+            else:
+                self.grad_w.addmm_(g.t(), h.float())  # in place: no (V, H) temporary
+        if self.grad_b is not None:
+            self.grad_b += g.sum(0)
+
+    def grads(self, hidden: Tensor, weight: Tensor, bias: Optional[Tensor]):
+        """The accumulated gradients in the inputs' shapes and dtypes (None where not needed)."""
+        return (None if self.grad_h is None else self.grad_h.to(hidden.dtype).reshape(hidden.shape),
+                None if self.grad_w is None else self.grad_w.to(weight.dtype),
+                None if self.grad_b is None else self.grad_b.to(bias.dtype))

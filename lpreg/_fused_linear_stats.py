@@ -1,0 +1,163 @@
+"""Fused linear token statistics: `lpreg_token_stats(hidden @ weight.T + bias, labels)` without
+the (..., V) logits.
+
+Forward: per chunk of rows, logits_c = h_c W^T + b (fp32), then the fused token-stats op;
+only the four (N,) outputs are kept. The gradient of the outputs w.r.t. the logits depends on
+the upstream gradients (g_logp, g_kl, g_H) per token (docs/spec.md §2):
+
+    grad_z = (g_logp (e_y - p) + g_kl (p - q) - g_H p (log p + H)) / T
+
+so it cannot be formed before backward without storing N x V numbers. Backward therefore
+recomputes each chunk's logits (2NHV flops) and runs the op's fused backward on them, then
+the two gradient matmuls (4NHV): 8NHV in all against 6NHV for materialised logits, with
+memory flat in N: one chunk of logits and its gradient, plus the fp32 hidden / weight / bias
+gradients. Double backward is not supported.
+"""
+
+from typing import NamedTuple, Optional
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from . import _validate
+from ._fused_linear_chunks import ChunkMatmuls, check_chunk_size, chunk_stats, take_rows
+from .sparse_proxy import SparseProxy
+from .token_stats import TokenStats
+
+
+class _Opts(NamedTuple):
+    temperature: float
+    mode: str
+    threshold: float
+    ignore_index: int
+    backend: str
+
+
+def _stats(logits: Tensor, labels: Tensor, proxy, rows, opts: _Opts) -> TokenStats:
+    return chunk_stats(logits, labels[rows], take_rows(proxy, rows), opts.temperature, opts.mode, opts.threshold,
+                       opts.ignore_index, opts.backend)
+
+
+class _FusedLinearTokenStats(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden2d, weight, bias, labels, proxy, opts, chunk):
+        N = hidden2d.shape[0]
+        mm = ChunkMatmuls(hidden2d, weight, bias, False, False, False)
+        out = [torch.empty((N,), dtype=torch.float32, device=hidden2d.device) for _ in range(4)]
+        with torch.no_grad():
+            for a in range(0, N, chunk):
+                rows = slice(a, min(N, a + chunk))
+                for o, s in zip(out, _stats(mm.logits(rows), labels, proxy, rows, opts)):
+                    o[rows] = s
+        ctx.save_for_backward(hidden2d, weight, bias, labels)
+        ctx.proxy, ctx.opts, ctx.chunk = proxy, opts, chunk
+        ctx.mark_non_differentiable(out[1])  # proxy_logp is a target
+        return tuple(out)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_logp, g_proxy_logp, g_kl, g_entropy):
+        hidden2d, weight, bias, labels = ctx.saved_tensors
+        need = ctx.needs_input_grad[:3]
+        upstream = [(i, g) for i, g in ((0, g_logp), (2, g_kl), (3, g_entropy)) if g is not None]
+        if not any(need) or not upstream:
+            return None, None, None, None, None, None, None
+        mm = ChunkMatmuls(hidden2d, weight, bias, *need)
+        N = hidden2d.shape[0]
+        for a in range(0, N, ctx.chunk):
+            rows = slice(a, min(N, a + ctx.chunk))
+            with torch.enable_grad():
+                logits = mm.logits(rows).requires_grad_(True)
+                stats = _stats(logits, labels, ctx.proxy, rows, ctx.opts)
+                outs = [stats[i] for i, _ in upstream]
+                g = torch.autograd.grad(outs, logits, [u[rows].float() for _, u in upstream])[0]
+            mm.accumulate(rows, g)
+            del logits, stats, outs, g
+        grad_h, grad_w, grad_b = mm.grads(hidden2d, weight, bias)
+        return grad_h, grad_w, grad_b, None, None, None, None
+
+
+def _check_inputs(hidden, weight, bias, labels) -> None:
+    for name, t in (("hidden", hidden), ("weight", weight)):
+        if not isinstance(t, Tensor) or not t.dtype.is_floating_point:
+            raise ValueError(f"{name} must be a float torch.Tensor, got {getattr(t, 'dtype', type(t).__name__)}")
+    if hidden.dim() < 1:
+        raise ValueError("hidden must have shape (..., H), got a 0-d tensor")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"weight must have shape (V, H) with H = {hidden.shape[-1]}, got {tuple(weight.shape)}")
+    if weight.dtype != hidden.dtype:
+        raise ValueError(f"weight must have the dtype of hidden ({hidden.dtype}), got {weight.dtype}")
+    if weight.shape[0] == 0:
+        raise ValueError(f"weight must have a non-empty vocabulary dimension V, got shape {tuple(weight.shape)}")
+    V = weight.shape[0]
+    if bias is not None and (not isinstance(bias, Tensor) or tuple(bias.shape) != (V,)):
+        raise ValueError(f"bias must be None or a tensor of shape ({V},), got {getattr(bias, 'shape', bias)}")
+    if not isinstance(labels, Tensor) or labels.dtype.is_floating_point or labels.dtype == torch.bool:
+        got = getattr(labels, "dtype", type(labels).__name__)
+        raise ValueError(f"labels must be an integer torch.Tensor, got {got}")
+    if tuple(labels.shape) != tuple(hidden.shape[:-1]):
+        raise ValueError(f"labels must have shape hidden.shape[:-1] = {tuple(hidden.shape[:-1])}, "
+                         f"got {tuple(labels.shape)}")
+    if labels.device != hidden.device:
+        raise ValueError(f"labels must be on {hidden.device}, got {labels.device}")
+
+
+def _flat_proxy(proxy, lead, V: int, device):
+    """None, dense (..., V) logits -> (N, V) detached, or SparseProxy (..., k) -> flattened."""
+    if proxy is None:
+        return None
+    if isinstance(proxy, SparseProxy):
+        if tuple(proxy.indices.shape[:-1]) != tuple(lead) or proxy.logq.shape != proxy.indices.shape:
+            raise ValueError(f"proxy (SparseProxy) must have shape (..., k) with ... = {tuple(lead)}, got indices "
+                             f"{tuple(proxy.indices.shape)} and logq {tuple(proxy.logq.shape)}")
+        return proxy.flatten()
+    _validate.check_logits(proxy, "proxy")
+    if tuple(proxy.shape) != (*lead, V):
+        raise ValueError(f"proxy (dense logits) must have shape {(*lead, V)}, got {tuple(proxy.shape)}")
+    if proxy.device != device:
+        raise ValueError(f"proxy must be on {device}, got {proxy.device}")
+    return proxy.detach().reshape(-1, V)
+
+
+def fused_linear_token_stats(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    *,
+    bias: Optional[Tensor] = None,
+    temperature: float = 1.0,
+    mode: str = "min_p",
+    threshold: float = 0.02,
+    proxy=None,
+    ignore_index: int = -100,
+    chunk_size: Optional[int] = None,
+    backend: str = "auto",
+) -> TokenStats:
+    """`lpreg_token_stats(hidden @ weight.T + bias, labels, ...)` without the (..., V) logits.
+
+    hidden: (..., H); weight: (V, H) of hidden's dtype; bias: (V,) or None; labels: (...)
+    integer sampled tokens (`ignore_index` rows give zeros and no gradient).
+    proxy: None (on-policy: the current logits, detached), dense (..., V) logits of the
+    data-generating policy, or a `SparseProxy` (..., k) from `lpreg.build_proxy` (which holds
+    its own filter: mode and threshold then do not apply).
+    chunk_size: token rows per chunk, default `default_chunk_size(N, V)` (about 64 MiB of fp32
+    logits on CPU, 128 MiB on CUDA).
+
+    Returns TokenStats(logp, proxy_logp, kl, entropy), each (...) fp32; logp, kl and entropy
+    are differentiable w.r.t. hidden, weight and bias (backward recomputes the logits chunk
+    by chunk; memory stays flat in N).
+    """
+    _check_inputs(hidden, weight, bias, labels)
+    temperature = _validate.check_temperature(temperature)
+    threshold = _validate.check_mode_threshold(mode, threshold)
+    _validate.check_backend(backend)
+    lead = tuple(hidden.shape[:-1])
+    V, H = weight.shape
+    N = labels.numel()
+    chunk = check_chunk_size(chunk_size, N, V, hidden.device)
+    flat_proxy = _flat_proxy(proxy, lead, V, hidden.device)
+    opts = _Opts(temperature, mode, threshold, int(ignore_index), backend)
+    out = _FusedLinearTokenStats.apply(hidden.reshape(N, H), weight, bias, labels.reshape(N).long(), flat_proxy,
+                                       opts, max(1, chunk))
+    return TokenStats(*(o.reshape(lead) for o in out))

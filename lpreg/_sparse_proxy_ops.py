@@ -1,0 +1,81 @@
+"""torch.library glue: the `lpreg::sparse_proxy_stats` op, its backward op, fake kernels, autograd.
+
+The same layering as token stats (lpreg._ops): the ops take 2-D (N, V) logits with
+unit-stride rows, (N, k) int64 indices and fp32 log q, an optional (N,) fp32 exact label
+log q, and a backend name that is resolved inside the op bodies by `lpreg._backends`
+(the same resolution as token stats), then served by the module that registry names.
+The public function, with its argument checks, is `lpreg.sparse_proxy.sparse_proxy_stats`.
+"""
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import _backends, _validate
+from ._ops import as_upstream, fake_grad, fake_row_outputs
+from .kernels import row_stats as layout
+
+_OP = "sparse_proxy_stats"
+
+
+def _check_indices(indices: Tensor, V: int) -> None:
+    """Indices in [0, V): an error, never a silent clamp or a wild read (one host sync)."""
+    if indices.numel() == 0:
+        return
+    out = (indices < 0) | (indices >= V)
+    if bool(out.any()):
+        raise ValueError(f"proxy.indices must be in [0, {V}), got {indices[out][0].item()}")
+
+
+@torch.library.custom_op("lpreg::sparse_proxy_stats", mutates_args=())
+def sparse_proxy_stats_op(logits: Tensor, labels: Optional[Tensor], indices: Tensor, logq: Tensor,
+                          label_logq: Optional[Tensor], inv_temperature: float, ignore_index: int, backend: str
+                          ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    if labels is not None:
+        _validate.check_label_range(labels, logits.shape[-1], ignore_index)
+    _check_indices(indices, logits.shape[-1])
+    impl = _backends.implementation(_backends.resolve(backend, logits.device), _OP)
+    return impl.sparse_proxy_forward(logits, labels, indices, logq, label_logq, inv_temperature, ignore_index)
+
+
+@sparse_proxy_stats_op.register_fake
+def _(logits, labels, indices, logq, label_logq, inv_temperature, ignore_index, backend):
+    return fake_row_outputs(logits, layout.SPARSE_PROXY_WIDTH)
+
+
+@torch.library.custom_op("lpreg::sparse_proxy_stats_backward", mutates_args=())
+def sparse_proxy_stats_backward_op(logits: Tensor, labels: Optional[Tensor], indices: Tensor, logq: Tensor,
+                                   row_stats: Tensor, g_logp: Optional[Tensor], g_kl: Optional[Tensor],
+                                   g_entropy: Optional[Tensor], inv_temperature: float, ignore_index: int,
+                                   backend: str) -> Tensor:
+    impl = _backends.implementation(_backends.resolve(backend, logits.device), _OP)
+    return impl.sparse_proxy_backward(logits, labels, indices, logq, row_stats, g_logp, g_kl, g_entropy,
+                                      inv_temperature, ignore_index)
+
+
+@sparse_proxy_stats_backward_op.register_fake
+def _(logits, labels, indices, logq, row_stats, g_logp, g_kl, g_entropy, inv_temperature, ignore_index, backend):
+    return fake_grad(logits)
+
+
+def _setup_context(ctx, inputs, output):
+    logits, labels, indices, logq, label_logq, inv_temperature, ignore_index, backend = inputs
+    ctx.save_for_backward(logits, labels, indices, logq, output[4])
+    ctx.inv_temperature, ctx.ignore_index, ctx.backend = inv_temperature, ignore_index, backend
+    ctx.mark_non_differentiable(output[1], output[4])
+
+
+def _backward(ctx, g_logp, g_proxy_logp, g_kl, g_entropy, g_row_stats):
+    logits, labels, indices, logq, row_stats = ctx.saved_tensors
+    grad = None
+    if ctx.needs_input_grad[0]:
+        grad = sparse_proxy_stats_backward_op(
+            logits, labels, indices, logq, row_stats,
+            as_upstream(g_logp) if labels is not None else None, as_upstream(g_kl), as_upstream(g_entropy),
+            ctx.inv_temperature, ctx.ignore_index, ctx.backend,
+        )
+    return grad, None, None, None, None, None, None, None
+
+
+sparse_proxy_stats_op.register_autograd(_backward, setup_context=_setup_context)

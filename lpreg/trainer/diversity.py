@@ -1,0 +1,59 @@
+"""Per-step diversity metrics: the probability of a task's rare valuable ("spark") tokens and the
+number of distinct answers per group.
+
+    spark/prob     mean over the step's prompts of sum_{s in sparks} p(s | prompt) at the first
+                   response position, p = softmax(z / T) of the current policy (after the update:
+                   the policy the next rollout samples from)
+    spark/usage    share of the step's samples whose first response token is a spark token
+    train/distinct_answers   mean over groups of the number of distinct extracted answers
+                   (`reward.extract_answer`; a sample with no answer counts as one more answer,
+                   "none"); n means every sample of a group answered differently, 1 a collapsed group
+"""
+
+from typing import List, Sequence
+
+import torch
+
+from .reward import extract_answer
+
+__all__ = ["spark_probability", "spark_usage", "distinct_answers"]
+
+
+@torch.no_grad()
+def spark_probability(policy: torch.nn.Module, prompts: Sequence[List[int]], spark_ids: Sequence[int],
+                      temperature: float) -> List[float]:
+    """sum over `spark_ids` of p(token | prompt) at the next position, one value per prompt.
+
+    One forward per prompt (prompts differ in length; left padding would shift a Llama's
+    positions), so the values do not depend on how prompts are batched."""
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    device = next(policy.parameters()).device
+    was_training = policy.training
+    policy.eval()
+    out = []
+    try:
+        for ids in prompts:
+            x = torch.tensor([list(ids)], dtype=torch.long, device=device)
+            z = policy(input_ids=x, use_cache=False).logits[0, -1].float() / temperature
+            out.append(float(torch.softmax(z, -1)[list(spark_ids)].sum()))
+    finally:
+        policy.train(was_training)
+    return out
+
+
+def spark_usage(responses: Sequence[List[int]], spark_ids: Sequence[int]) -> List[float]:
+    """1.0 for each response whose first token is a spark token, else 0.0."""
+    ids = set(int(i) for i in spark_ids)
+    return [float(bool(r) and int(r[0]) in ids) for r in responses]
+
+
+def distinct_answers(texts: Sequence[str], group_size: int) -> List[float]:
+    """The number of distinct extracted answers in each consecutive group of `group_size` texts."""
+    if group_size < 1 or len(texts) % group_size:
+        raise ValueError(f"group_size must be >= 1 and divide len(texts) ({len(texts)}), got {group_size}")
+    out = []
+    for g in range(0, len(texts), group_size):
+        answers = {extract_answer(t) for t in texts[g:g + group_size]}
+        out.append(float(len(answers)))
+    return out

@@ -1,0 +1,274 @@
+"""The trainer's set-up: accelerator, policy, task, warm start or resume, optimizer, run files.
+
+`setup(cfg)` returns a `Run`: everything the per-step functions of `lpreg.trainer.step` read
+(and the few things they update), so that `lpreg.train.train` is a short loop over steps.
+"""
+
+import json
+import os
+import random
+from dataclasses import dataclass
+from typing import Any, List, Optional, Tuple
+
+import numpy as np
+import torch
+
+from lpreg.trainer import checkpoint as ckpt
+from lpreg.trainer.logging_utils import MetricsLog, progress_bar, truncate_jsonl
+from lpreg.trainer.tasks import TASKS, Problem
+
+# Test hook: SIGKILL this process in the middle of that step (after the backward, before the
+# optimizer step), to test that a crashed run resumes exactly.
+KILL_ENV = "LPREG_TEST_KILL_AT_STEP"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class Run:
+    """The state of one training job, shared by the step functions."""
+
+    cfg: Any  # TrainConfig
+    acc: Any  # accelerate.Accelerator
+    model: torch.nn.Module  # as prepared by accelerate (DDP / FSDP wrapper, or the module)
+    policy: torch.nn.Module  # the unwrapped module: generation, checkpoints
+    tok: Any
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    problems: List[Problem]  # the RL problem set
+    eval_problems: Optional[List[Problem]]  # held-out problems (None when eval_every is 0)
+    start_step: int
+    resumed: bool
+    eos_ids: List[int]
+    pad_id: int
+    metrics_log: Optional[MetricsLog]  # main process only
+    samples_path: str
+    bar: Any
+    reward_worker: Any
+    kill_at: int
+
+    def close(self) -> None:
+        self.reward_worker.close()
+        self.bar.close()
+        if self.metrics_log is not None:
+            self.metrics_log.close()
+
+
+def build_policy(cfg, device) -> Tuple[torch.nn.Module, Any]:
+    """(model, tokenizer) from --model, or the tiny model over the built-in task's tokenizer."""
+    from lpreg.trainer.model import build_tiny_model, load_policy
+
+    if cfg.model is None:
+        tok = TASKS[cfg.task].tokenizer()
+        model = build_tiny_model(tok, hidden_size=cfg.hidden_size, num_layers=cfg.num_layers,
+                                 num_heads=cfg.num_heads, seed=cfg.seed, dtype=DTYPES[cfg.dtype], device=device)
+        return model, tok
+    if not os.path.isdir(cfg.model):
+        raise ValueError(f"--model must be a local Hugging Face model directory; {cfg.model!r} does not exist")
+    return load_policy(cfg.model, dtype=DTYPES[cfg.dtype], device=device)
+
+
+def builtin_problems(cfg, n: int, seed: int, split: str) -> List[Problem]:
+    """The first `n` problems of the built-in task's split (fewer if the split holds fewer)."""
+    if cfg.task not in TASKS:
+        raise ValueError(f"--task must be one of {tuple(TASKS)}, got {cfg.task!r}")
+    return TASKS[cfg.task].split_problems(split, seed, cfg.max_operand)[:n]
+
+
+def _problem_file(flag: str, path: str) -> Tuple[List[Problem], int]:
+    from lpreg.trainer.data import load_problems
+
+    if not os.path.isfile(path):
+        raise ValueError(f"{flag} must be a .jsonl or .parquet file; {path!r} does not exist")
+    try:
+        problems, skipped = load_problems(path)
+    except ValueError as err:
+        raise ValueError(f"{flag} {path!r}: {err}") from err
+    if not problems:
+        raise ValueError(f"{flag} {path!r} has no usable rows ({skipped} rows skipped)")
+    return problems, skipped
+
+
+def load_task(cfg) -> Tuple[List[Problem], List[Problem], int]:
+    """(RL problems, warm-start problems, rows skipped) from --data or the built-in task.
+
+    Built-in: the warm start sees the whole (operand-filtered) training split; RL uses its first
+    `n_problems`, a set small enough that each problem recurs during a short CPU run."""
+    if cfg.data is None:
+        pool = builtin_problems(cfg, 10**9, cfg.seed, "train")
+        return pool[: cfg.n_problems], pool, 0
+    problems, skipped = _problem_file("--data", cfg.data)
+    return problems, problems, skipped
+
+
+def load_eval_problems(cfg) -> Optional[List[Problem]]:
+    """Held-out problems for `--eval-every`: --eval-data, else the built-in task's test split."""
+    if cfg.eval_every == 0:
+        return None
+    if cfg.eval_data is not None:
+        return _problem_file("--eval-data", cfg.eval_data)[0][: cfg.eval_problems]
+    if cfg.data is not None:
+        raise ValueError("--eval-every with --data needs --eval-data (held-out problems), got none")
+    return builtin_problems(cfg, cfg.eval_problems, cfg.seed + 1, "test")
+
+
+def load_weights(model: torch.nn.Module, model_dir: str) -> None:
+    """Load a checkpoint's weights (one safetensors file or an indexed set of shards) into the
+    already-built model, which keeps its tokenizer and config."""
+    from safetensors.torch import load_file
+
+    index = os.path.join(model_dir, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as fh:
+            shards = sorted(set(json.load(fh)["weight_map"].values()))
+    else:
+        shards = ["model.safetensors"]
+    weights = {}
+    for shard in shards:
+        weights.update(load_file(os.path.join(model_dir, shard)))
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    tied = {k for k in missing if "lm_head" in k and model.config.tie_word_embeddings}
+    if unexpected or set(missing) - tied:
+        raise ValueError(f"checkpoint {model_dir!r} does not match the model: missing {missing}, "
+                         f"unexpected {unexpected}")
+    if tied:
+        model.tie_weights()
+
+
+def _accelerator(cfg):
+    from accelerate import Accelerator
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # save_pretrained's per-checkpoint bar would drown the log
+    # cpu=True without CUDA: accelerate only sets up a multi-process CPU (gloo) run when told
+    acc = Accelerator(cpu=not torch.cuda.is_available())
+    if cfg.prompts_per_step % acc.num_processes:
+        raise ValueError(f"--prompts-per-step ({cfg.prompts_per_step}) must be divisible by the "
+                         f"{acc.num_processes} processes")
+    if cfg.torch_threads > 0:
+        torch.set_num_threads(cfg.torch_threads)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    return acc
+
+
+def _resume_or_warm_start(cfg, acc, model, tok, warm_problems) -> Optional[dict]:
+    """Load the checkpoint to resume from (returns its trainer state), or run the SFT warm start."""
+    from lpreg.trainer.model import warm_start
+
+    resume_dir = ckpt.resolve_resume(cfg.resume, cfg.output_dir)
+    if resume_dir is not None:
+        model_dir, state = ckpt.load_checkpoint(resume_dir)
+        load_weights(model, model_dir)
+        acc.print(f"resumed from {resume_dir} (step {state['step']})")
+        return state
+    if cfg.warmup_steps > 0:
+        cached = warm_start_cache_dir(cfg)
+        if cached is not None and os.path.isfile(os.path.join(cached, "warm_start.json")):
+            load_weights(model, cached)
+            with open(os.path.join(cached, "warm_start.json")) as fh:
+                ws = {**json.load(fh), "cache": cached}
+            acc.print(f"warm start: loaded {cached}")
+        else:
+            held_out = builtin_problems(cfg, cfg.warmup_eval_problems, cfg.seed + 1, "test") if cfg.data is None \
+                else None
+            ws = warm_start(model, tok, warm_problems, steps=cfg.warmup_steps, lr=cfg.warmup_lr,
+                            batch_size=cfg.warmup_batch_size, seed=cfg.seed, log=acc.print, eval_problems=held_out)
+            if cached is not None and acc.is_main_process:
+                _save_warm_start(model, ws, cached)
+        if acc.is_main_process:
+            with open(os.path.join(cfg.output_dir, "warm_start.json"), "w") as fh:
+                json.dump(ws, fh)
+    return None
+
+
+# every field the warm start's result depends on (the RL fields do not touch it)
+WARM_START_KEYS = ("task", "data", "max_operand", "model", "dtype", "hidden_size", "num_layers", "num_heads", "seed",
+                   "warmup_steps", "warmup_lr", "warmup_batch_size", "warmup_eval_problems")
+
+
+def warm_start_cache_dir(cfg) -> Optional[str]:
+    """`--warm-start-cache`'s entry for this config: a hash of WARM_START_KEYS, or None when unset
+    (or when --data is a file, whose contents the key could not see)."""
+    if not cfg.warm_start_cache or cfg.data is not None:
+        return None
+    import hashlib
+
+    key = json.dumps({k: getattr(cfg, k) for k in WARM_START_KEYS}, sort_keys=True)
+    return os.path.join(cfg.warm_start_cache, hashlib.sha256(key.encode()).hexdigest()[:16])
+
+
+def _save_warm_start(model: torch.nn.Module, ws: dict, path: str) -> None:
+    """Write the warm-started weights atomically (another run may be writing the same entry:
+    whichever renames first wins, and the entries are identical)."""
+    import shutil
+    import tempfile
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=os.path.dirname(path), prefix=".tmp-")
+    model.save_pretrained(tmp)
+    with open(os.path.join(tmp, "warm_start.json"), "w") as fh:
+        json.dump(ws, fh)
+    try:
+        os.rename(tmp, path)
+    except OSError:  # the entry appeared meanwhile
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _optimizer(cfg, acc, model, state):
+    """AdamW + a linear lr warm-up, prepared by accelerate; restored from `state` on resume."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    model, optimizer = acc.prepare(model, optimizer)
+    # not prepared: accelerate would step a prepared scheduler once per process
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / cfg.lr_warmup_steps) if cfg.lr_warmup_steps > 0 else 1.0
+    )
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        ckpt.restore_rng(state["rng"])
+    return model, optimizer, scheduler
+
+
+def _run_files(cfg, acc, start_step: int, resumed: bool) -> Tuple[Optional[MetricsLog], str]:
+    """metrics.jsonl (truncated to the checkpoint on resume) and samples.jsonl (likewise)."""
+    metrics_log = MetricsLog(os.path.join(cfg.output_dir, "metrics.jsonl"),
+                             resume_step=start_step if resumed else None) if acc.is_main_process else None
+    samples_path = os.path.join(cfg.output_dir, "samples.jsonl")
+    if acc.is_main_process and not resumed and os.path.exists(samples_path):
+        os.remove(samples_path)
+    elif acc.is_main_process and resumed:
+        truncate_jsonl(samples_path, start_step)
+    return metrics_log, samples_path
+
+
+def setup(cfg) -> Run:
+    """Everything before the first step: policy, task, warm start or resume, optimizer, files."""
+    from lpreg.trainer.model import eos_token_ids
+    from lpreg.trainer.reward import RewardWorker
+
+    acc = _accelerator(cfg)
+    problems, warm_problems, n_skipped = load_task(cfg)
+    eval_problems = load_eval_problems(cfg)
+    model, tok = build_policy(cfg, acc.device)
+    acc.print(f"lpreg-train: {len(problems)} RL problems ({n_skipped} rows skipped), loss={cfg.loss}, "
+              f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {acc.num_processes} process(es)")
+    state = _resume_or_warm_start(cfg, acc, model, tok, warm_problems)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    model.train()
+    model, optimizer, scheduler = _optimizer(cfg, acc, model, state)
+    start_step = state["step"] if state is not None else 0
+    policy = acc.unwrap_model(model)
+    eos_ids = eos_token_ids(policy, tok)
+    metrics_log, samples_path = _run_files(cfg, acc, start_step, state is not None)
+    return Run(
+        cfg=cfg, acc=acc, model=model, policy=policy, tok=tok, optimizer=optimizer, scheduler=scheduler,
+        problems=problems, eval_problems=eval_problems, start_step=start_step, resumed=state is not None,
+        eos_ids=eos_ids, pad_id=tok.pad_token_id if tok.pad_token_id is not None else eos_ids[0],
+        metrics_log=metrics_log, samples_path=samples_path,
+        bar=progress_bar(cfg.steps, start_step, cfg.progress and acc.is_main_process),
+        reward_worker=RewardWorker(timeout_s=cfg.reward_timeout_s),  # closed by Run.close
+        kill_at=int(os.environ.get(KILL_ENV, "-1")),
+    )
