@@ -26,7 +26,8 @@ Each CPU case runs in a fresh interpreter: inputs built, one warm-up call (at fu
 the compiled providers, so that compilation is not measured; on one row otherwise), then
 `peak_mem_mb` = the peak resident set during one call minus the resident set before it
 (bench/conftest.py: VmHWM reset through /proc/self/clear_refs), then `ms` = the median of
-that call and 4 more (2 more at N = 16k); `load1` is the 1-minute load average at the end.
+that call and 2 more (the one call alone at N = 16k); `load1` is the 1-minute load average
+at the end.
 The fused paths must stay flat in N; materialised grows as N V 4 bytes.
 
 GPU (`gpu` marker): N = 8192, H = 4096, V = 151,936, bf16: time (CUDA events), peak memory
@@ -197,7 +198,7 @@ def test_cpu_fused_linear(benchmark, cpu_case):
             _smoke_check(provider, N, H, V)
             result.update(ms=0.0, peak_mem_mb=None)
         else:
-            result.update(_run_case(provider, N, H, V, reps=4 if N <= 4096 else 2))
+            result.update(_run_case(provider, N, H, V, reps=2 if N <= 4096 else 0))
             print(json.dumps(dict(provider=provider, N=N, H=H, **result)), flush=True)  # seen with -s
 
     benchmark.pedantic(run, rounds=1, iterations=1)

@@ -3,9 +3,11 @@
 Each kernel program owns one row (one token position) and walks its vocabulary in tiles of
 BLOCK_V; these helpers are the pieces both ops compute alike:
 
+- `unit_stride_rows`: the launchers' layout precondition (host side, not jitted);
 - `row_label`: the label / valid prologue (a row counts unless its label is ignore_index);
 - `load_scaled`: a tile of x = z / T in fp32, -inf past the row's end (neutral for every sum);
 - `online_softmax_update` / `lse_entropy`: the one-pass max, logsumexp and entropy moment;
+- `cross_term`: a kept token's term of the KL against a separate proxy (+inf at x = -inf);
 - `nan_epilogue`, `store_outputs`, `store_stat`: a bad row's NaN outputs, and the stores;
 - `upstream_coefficients`: the per-row upstream gradients, already divided by T;
 - `entropy_grad`, `zero_row`: the entropy term of the backward, and an ignored row's zeros.
@@ -26,6 +28,13 @@ LSE_KEPT = tl.constexpr(_layout.LSE_KEPT)
 CUTOFF = tl.constexpr(_layout.CUTOFF)
 ARGMAX = tl.constexpr(_layout.ARGMAX)
 NO_ARGMAX = tl.constexpr(_layout.NO_ARGMAX)
+
+
+def unit_stride_rows(t):
+    """Whether the kernels can walk the rows of a 2-D tensor t with stride 1: a unit last
+    stride, or a layout torch calls contiguous whatever that stride is -- V = 1, or no row at
+    all (N = 0, nothing to launch). The same test as csrc/lpreg_ops.cpp's."""
+    return t.stride(-1) == 1 or t.shape[-1] == 1 or t.shape[0] == 0
 
 
 @triton.jit
@@ -61,6 +70,14 @@ def online_softmax_update(m, s, t, x, x_max):
     t = scale * (t + tl.where(s > 0, s * (m - m_ref), 0.0)) + tl.sum(tl.where(e > 0, e * d, 0.0), 0)
     s = s * scale + tl.sum(e, 0)
     return m_new, s, t
+
+
+@triton.jit
+def cross_term(e, y, x):
+    """e (y - x), a kept token's share of the KL's cross term sum_K e^(y-my) (y - x): +inf
+    where x = -inf, since q > 0 = p there makes KL(q || p) = +inf even when e = e^(y-my)
+    underflows fp32 to 0 (0 * inf would be NaN). A NaN in x or y stays NaN."""
+    return tl.where(x == float("-inf"), float("inf"), e * (y - x))
 
 
 @triton.jit

@@ -5,7 +5,8 @@ padding entries have log q = -inf. Per row, with x = z/T:
 
     lse  = logsumexp(x)                      logp       = x[label] - lse
     H    = log s - t/s,  s = sum e^(x-m), t = sum e^(x-m)(x-m), m = max x       (entropy)
-    kl   = sum_j q_j (log q_j - (x[idx_j] - lse))        (only q_j > 0 terms; k gathered logits)
+    kl   = sum_j q_j (log q_j - (x[idx_j] - lse))        (terms with log q_j > -inf only, k gathered
+                                              logits; x[idx_j] = -inf there gives +inf)
     proxy_logp = label_logq[row]              when the proxy carries the label's exact log q
                = log q_j where idx_j == label, else -inf        otherwise
 
@@ -26,7 +27,7 @@ zero row_stats, and its backward writes exact zeros without reading row_stats or
 p (from lse = 0, p = exp(x) overflows for a logit above about 88, and 0 * inf = NaN).
 
 Limits: any V (tail masked, int64 offsets), k <= 4096, fp32/bf16/fp16 logits with fp32
-accumulation, unit-stride rows (any stride when V = 1).
+accumulation, unit-stride rows (any stride when V = 1 or N = 0).
 Memory traffic: forward reads each row once plus k gathered logits; backward reads each row
 once, writes the gradient once, and re-reads / re-writes k entries.
 """
@@ -47,6 +48,7 @@ from ._row_helpers import (
     row_label,
     store_outputs,
     store_stat,
+    unit_stride_rows,
     upstream_coefficients,
     zero_row,
 )
@@ -93,7 +95,10 @@ def _sparse_proxy_fwd_kernel(
         logq = tl.load(logq_ptr + row * logq_row_stride + ks, mask=in_k, other=neg_inf).to(tl.float32)
         x_idx = tl.load(x_row + idx, mask=in_k, other=0.0).to(tl.float32) * inv_temperature
         q = tl.exp(logq)
-        kl = tl.sum(tl.where(q > 0, q * (logq - (x_idx - lse)), 0.0), 0)
+        # an entry with finite log q has q > 0 even where q underflows fp32: at x_idx = -inf
+        # (p = 0) its term is +inf, not 0 * inf = NaN; padding (log q = -inf) adds nothing
+        term = tl.where(x_idx == neg_inf, float("inf"), q * (logq - (x_idx - lse)))
+        kl = tl.sum(tl.where(logq > neg_inf, term, 0.0), 0)
         if HAS_LABELS:
             logp = tl.load(x_row + label).to(tl.float32) * inv_temperature - lse
             if HAS_LABEL_LOGQ:
@@ -173,9 +178,9 @@ def sparse_proxy_forward(logits, labels, indices, logq, label_logq, inv_temperat
     """
     import torch
 
-    assert logits.dim() == 2 and (logits.stride(-1) == 1 or logits.shape[-1] == 1)  # V = 1: any stride
+    assert logits.dim() == 2 and unit_stride_rows(logits)  # V = 1 or N = 0: any stride
     assert indices.shape == logq.shape and indices.shape[0] == logits.shape[0]
-    assert indices.dtype == torch.int64 and indices.stride(-1) == 1 and logq.stride(-1) == 1
+    assert indices.dtype == torch.int64 and unit_stride_rows(indices) and unit_stride_rows(logq)
     assert label_logq is None or (label_logq.shape == (logits.shape[0],) and label_logq.dtype == torch.float32)
     N, V = logits.shape
     K = indices.shape[1]
@@ -203,7 +208,7 @@ def sparse_proxy_backward(logits, labels, indices, logq, row_stats, g_logp, g_kl
     """g_*: (N,) fp32 or None. Returns grad_logits (N, V) in logits.dtype."""
     import torch
 
-    assert logits.dim() == 2 and (logits.stride(-1) == 1 or logits.shape[-1] == 1)  # V = 1: any stride
+    assert logits.dim() == 2 and unit_stride_rows(logits)  # V = 1 or N = 0: any stride
     N, V = logits.shape
     K = indices.shape[1]
     grad = torch.empty((N, V), dtype=logits.dtype, device=logits.device)

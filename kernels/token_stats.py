@@ -28,7 +28,8 @@ logit above about 88, so that 0 * inf = NaN. Both kernels branch on the row's
 validity before any arithmetic on its logits.
 
 Limits: any V >= 1 (the loop masks the tail; offsets are int64), fp32/bf16/fp16 logits with
-fp32 accumulation, rows of unit stride in the vocabulary dimension (any stride when V = 1).
+fp32 accumulation, rows of unit stride in the vocabulary dimension (any stride when V = 1
+or N = 0).
 Memory traffic: forward reads each row once (pass 1: max/lse/entropy and every block's max),
 then re-reads only the blocks that can hold a kept token (pass 2: the kept-set sums, which
 need the final max and cutoff): one block or two for a peaked row, all of them only for a
@@ -47,6 +48,7 @@ from ._row_helpers import (
     LSE,
     LSE_KEPT,
     NO_ARGMAX,
+    cross_term,
     entropy_grad,
     load_scaled,
     load_stat,
@@ -56,6 +58,7 @@ from ._row_helpers import (
     row_label,
     store_outputs,
     store_stat,
+    unit_stride_rows,
     upstream_coefficients,
     zero_row,
 )
@@ -155,7 +158,7 @@ def _token_stats_fwd_kernel(
                 kept_sum += tl.sum(tl.where(kept, e, 0.0), 0)
                 if HAS_PROXY:
                     x = load_scaled(x_row, cols, V, inv_temperature)
-                    cross += tl.sum(tl.where(kept, e * (y - x), 0.0), 0)
+                    cross += tl.sum(tl.where(kept, cross_term(e, y, x), 0.0), 0)  # +inf at x = -inf
         lse_kept = my + tl.log(kept_sum)
         if HAS_PROXY:
             kl = cross / kept_sum + lse - lse_kept
@@ -238,8 +241,8 @@ def token_stats_forward(logits, labels, proxy, inv_temperature, fixed, log_thres
     """
     import torch
 
-    assert logits.dim() == 2 and (logits.stride(-1) == 1 or logits.shape[-1] == 1)  # V = 1: any stride
-    assert proxy is None or (proxy.shape == logits.shape and (proxy.stride(-1) == 1 or proxy.shape[-1] == 1))
+    assert logits.dim() == 2 and unit_stride_rows(logits)  # V = 1 or N = 0: any stride
+    assert proxy is None or (proxy.shape == logits.shape and unit_stride_rows(proxy))
     N, V = logits.shape
     out = [torch.empty((N,), dtype=torch.float32, device=logits.device) for _ in range(4)]
     row_stats = torch.empty((N, ROW_STATS_WIDTH), dtype=torch.float32, device=logits.device)
@@ -264,7 +267,7 @@ def token_stats_backward(logits, labels, proxy, row_stats, g_logp, g_kl, g_entro
     """Launch the backward; g_*: (N,) fp32 or None. Returns grad_logits (N, V) in logits.dtype."""
     import torch
 
-    assert logits.dim() == 2 and (logits.stride(-1) == 1 or logits.shape[-1] == 1)  # V = 1: any stride
+    assert logits.dim() == 2 and unit_stride_rows(logits)  # V = 1 or N = 0: any stride
     N, V = logits.shape
     grad = torch.empty((N, V), dtype=logits.dtype, device=logits.device)
     if N == 0:

@@ -5,7 +5,7 @@ backend that cannot serve the tensor raises ValueError), then looks up the modul
 serves the resolved name (`implementation`):
 
     op                   triton                              torch / cpu / cuda
-    token_stats          lpreg.kernels.token_stats           lpreg._torch_backend / lpreg._native (x2)
+    token_stats          lpreg.kernels.token_stats           lpreg._token_stats_torch_backend / lpreg._native (x2)
     sparse_proxy_stats   lpreg.kernels.sparse_proxy_stats    lpreg._sparse_proxy_torch_backend (x3)
 
 Token-stats modules expose `token_stats_forward(...)` / `token_stats_backward(...)`, sparse
@@ -23,7 +23,7 @@ import warnings
 _MODULES = {
     "token_stats": {
         "triton": "lpreg.kernels.token_stats",
-        "torch": "lpreg._torch_backend",
+        "torch": "lpreg._token_stats_torch_backend",
         "cpu": "lpreg._native",
         "cuda": "lpreg._native",
     },

@@ -5,7 +5,7 @@ kernels for CPU tensors, CUDA kernels when it was built with CUDA), with the row
 contract documented in `lpreg.kernels.token_stats`. This module loads it lazily (an import of
 lpreg never needs it), registers the ops' fake (meta) implementations so that torch.compile
 and `torch.library.opcheck` can trace them, and exposes the backend functions with the
-signatures of `lpreg._torch_backend`.
+signatures of `lpreg._token_stats_torch_backend`.
 """
 
 import functools
@@ -34,7 +34,7 @@ _load_error = []
 
 
 def _register_fakes():
-    from ._ops import fake_grad, fake_row_outputs
+    from ._token_stats_ops import fake_grad, fake_row_outputs
 
     @torch.library.register_fake("lpreg_C::token_stats_fwd")
     def _fwd_fake(logits, labels, proxy, inv_temperature, fixed, log_threshold, ignore_index):

@@ -1,6 +1,6 @@
 """torch.library glue: the `lpreg::sparse_proxy_stats` op, its backward op, fake kernels, autograd.
 
-The same layering as token stats (lpreg._ops): the ops take 2-D (N, V) logits with
+The same layering as token stats (lpreg._token_stats_ops): the ops take 2-D (N, V) logits with
 unit-stride rows, (N, k) int64 indices and fp32 log q, an optional (N,) fp32 exact label
 log q, and a backend name that is resolved inside the op bodies by `lpreg._backends`
 (the same resolution as token stats), then served by the module that registry names.
@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from . import _backends, _validate
-from ._ops import as_upstream, fake_grad, fake_row_outputs
+from ._token_stats_ops import as_upstream, fake_grad, fake_row_outputs
 from .kernels import row_stats as layout
 
 _OP = "sparse_proxy_stats"

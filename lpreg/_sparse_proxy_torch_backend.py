@@ -11,7 +11,7 @@ backend="cpu" and "cuda": the compiled extension has no sparse-proxy kernel.
 import torch
 
 from ._rows import row_chunks
-from ._torch_backend import (
+from ._token_stats_torch_backend import (
     entropy_term,
     kept_cutoff,
     kept_mask,
@@ -80,8 +80,11 @@ def sparse_proxy_forward(logits, labels, indices, logq, label_logq, inv_temperat
         lq = logq[a:b].float()
         q = lq.exp()
         x_idx = x.gather(-1, indices[a:b])
-        # KL(q || p) = sum_j q_j (log q_j - (x_idx_j - lse)), 0 log 0 = 0 for padding
-        kl = torch.where(q > 0, q * (lq - (x_idx - lse[:, None])), torch.zeros_like(q)).sum(-1)
+        # KL(q || p) = sum_j q_j (log q_j - (x_idx_j - lse)), 0 log 0 = 0 for padding (log q =
+        # -inf); a finite log q has q > 0 even where q underflows fp32, so at x_idx = -inf (p = 0)
+        # its term is +inf, not 0 * inf = NaN
+        term = torch.where(x_idx == _NEG_INF, torch.full_like(q, float("inf")), q * (lq - (x_idx - lse[:, None])))
+        kl = torch.where(lq > _NEG_INF, term, torch.zeros_like(q)).sum(-1)
         bad = ~torch.isfinite(m)  # a NaN (amax propagates it), a +inf, or only -inf
         valid = valid_rows(labels, a, b, ignore_index, x)
         if labels is not None:

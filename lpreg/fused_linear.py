@@ -54,7 +54,7 @@ class _Passes:
     def _stats(self, rows):
         """Recompute the LM head for `rows` and take the per-token statistics (with grad)."""
         logits = self.mm.logits(rows).requires_grad_(self.mm.need_grad)
-        return logits, pl.row_stats(logits, self.batch.labels[rows], take_rows(self.proxy, rows), self.cfg)
+        return logits, pl.compute_token_stats(logits, self.batch.labels[rows], take_rows(self.proxy, rows), self.cfg)
 
     def _finish(self, chunk_loss: Tensor, logits: Tensor, rows, part: Dict[str, Tensor]) -> None:
         if self.mm.need_grad:

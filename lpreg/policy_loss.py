@@ -20,7 +20,7 @@ the sparse-proxy op), so the loss and every metric cost one read of N x V forwar
 read + one write backward. The selection is a stable sort of N log-probs, no host sync.
 `lpreg_policy_loss` is token statistics -> `policy_loss_from_stats`; callers that already
 hold the statistics (a framework's own forward) call the latter. The helpers below
-(`prepare`, `row_stats`, `global_selection`, `token_terms`) are shared with
+(`prepare`, `compute_token_stats`, `global_selection`, `token_terms`) are shared with
 `lpreg.fused_linear`, which runs them chunk by chunk.
 
 On-policy (`old_logp=None`): old_logp is this pass's detached logp, so r = 1 exactly (its
@@ -41,6 +41,7 @@ from .sparse_proxy import SparseProxy, sparse_proxy_stats
 from .token_stats import TokenStats, lpreg_token_stats
 
 COMPATS = ("paper", "released")
+LOG_RATIO_CLAMP = 20.0  # |log r| bound before exp (the released code's stability clamp)
 LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
 KL_ESTIMATORS = ("full", "k3")
 METRIC_KEYS = ("actor/pg_loss", "actor/lpreg_kl", "actor/lpreg_frac", "actor/lpreg_threshold",
@@ -106,9 +107,11 @@ class Batch(NamedTuple):
 
 
 def check_num_tokens(num_tokens: NumTokens, loss_agg_mode: str) -> Optional[Tensor]:
-    """None, or the global token count as a 0-d fp32 tensor (> 0, finite).
+    """None, or the global token count as a 0-d fp32 tensor (>= 0, finite).
 
-    A tensor's value is checked with one host sync; pass an int to avoid it.
+    0 is legal: a step with no valid token anywhere has loss 0 (the denominator is clamped to 1,
+    as for the call's own count). A tensor's value is checked with one host sync; pass an int
+    to avoid it.
     """
     if num_tokens is None:
         return None
@@ -127,8 +130,8 @@ def check_num_tokens(num_tokens: NumTokens, loss_agg_mode: str) -> Optional[Tens
         out = torch.tensor(value)
     else:
         raise ValueError(f"num_tokens must be None, an int or a 0-d tensor, got {type(num_tokens).__name__}")
-    if not (value > 0) or math.isinf(value):
-        raise ValueError(f"num_tokens must be a finite count > 0, got {value!r}")
+    if not (value >= 0) or math.isinf(value):
+        raise ValueError(f"num_tokens must be a finite count >= 0, got {value!r}")
     return out
 
 
@@ -146,7 +149,7 @@ def _aggregation_weight(valid: Tensor, cfg: Config, num_tokens: Optional[Tensor]
     B = valid.shape[0]
     w = valid.float()
     if cfg.loss_agg_mode == "token-mean":
-        denom = w.sum().clamp(min=1) if num_tokens is None else num_tokens.to(w.device)
+        denom = (w.sum() if num_tokens is None else num_tokens.to(w.device)).clamp(min=1)
         return w / denom
     if cfg.loss_agg_mode == "seq-mean-token-mean":
         return w / (w.sum(-1, keepdim=True).clamp(min=1) * max(B, 1))
@@ -192,7 +195,7 @@ def prepare(lead_shape: Sequence[int], device: torch.device, labels: Optional[Te
                  on_policy=old_logp is None)
 
 
-def row_stats(logits2d: Tensor, labels: Tensor, proxy: Union[None, Tensor, SparseProxy], cfg: Config) -> TokenStats:
+def compute_token_stats(logits2d: Tensor, labels: Tensor, proxy: Union[None, Tensor, SparseProxy], cfg: Config) -> TokenStats:
     """(logp, proxy_logp, kl, entropy), each (n,) fp32, for (n, V) logits and a proxy slice."""
     if isinstance(proxy, SparseProxy):
         return sparse_proxy_stats(logits2d, labels, proxy, temperature=cfg.temperature,
@@ -245,7 +248,9 @@ def token_terms(stats: Sequence[Tensor], bottom: Tensor, batch: Batch, cfg: Conf
     adv, valid = batch.adv[sl], batch.valid[sl]
     # on-policy: old := this pass's logp, detached, so r = 1 exactly and dr = d logp
     old = torch.where(valid, logp.detach(), 0.0) if batch.on_policy else batch.old_logp[sl]
-    ratio = torch.exp(logp - old)
+    # log r clamped to [-20, 20] before exp, as the released code does: an overflowing r would meet
+    # the clipped branch's zero gradient as 0 * inf = NaN under a finite loss (docs/spec.md §3)
+    ratio = torch.exp((logp - old).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
     pg1 = -adv * ratio
     pg2 = -adv * ratio.clamp(1.0 - cfg.clip_low, 1.0 + cfg.clip_high)
     pg = torch.maximum(pg1, pg2)
@@ -370,7 +375,7 @@ def policy_loss_from_stats(
     advantages: (B, L) or (B,); response_mask: (B, L), > 0 where a token counts.
     old_logp: (B, L) rollout log-probs of the labels, or None for on-policy: old_logp is
         stats.logp detached (ratio exactly 1, no extra forward) and selection uses it.
-    num_tokens: None, or the global number of valid tokens (int or 0-d tensor, > 0) over
+    num_tokens: None, or the global number of valid tokens (int or 0-d tensor, >= 0) over
         every micro-batch and rank, the token-mean denominator (loss_agg_mode "token-mean"
         only), so that the per-call losses add up to the global token-mean. Metrics stay
         means over this call's tokens; actor/pg_loss is the returned loss. A tensor costs
@@ -456,7 +461,7 @@ def lpreg_policy_loss(
         proxy = proxy.reshape(B * L, V)
     elif isinstance(proxy, SparseProxy):
         proxy = proxy.flatten()
-    stats = row_stats(logits.reshape(B * L, V), batch.labels, proxy, cfg)
+    stats = compute_token_stats(logits.reshape(B * L, V), batch.labels, proxy, cfg)
     return policy_loss_from_stats(
         TokenStats(*(t.reshape(B, L) for t in stats)), advantages, old_logp, batch.valid.reshape(B, L),
         compat=compat, rho=rho, beta=beta, clip_low=clip_low, clip_high=clip_high, loss_agg_mode=loss_agg_mode,

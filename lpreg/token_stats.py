@@ -4,8 +4,8 @@ Both read the logits once per pass, never materialise a probability tensor, and 
 per-token statistics whose gradients (docs/spec.md §2) come from one fused backward pass.
 
 Layers: this module (validation, reshapes) -> the `lpreg::token_stats` custom op in
-lpreg._ops -> the backend resolved by lpreg._backends: Triton (lpreg.kernels.token_stats),
-PyTorch (lpreg._torch_backend) or the compiled extension (lpreg._native -> csrc/).
+lpreg._token_stats_ops -> the backend resolved by lpreg._backends: Triton (lpreg.kernels.token_stats),
+PyTorch (lpreg._token_stats_torch_backend) or the compiled extension (lpreg._native -> csrc/).
 """
 
 import math
@@ -14,8 +14,8 @@ from typing import NamedTuple, Optional
 from torch import Tensor
 
 from . import _validate
-from ._ops import token_stats_op
 from ._rows import as_rows
+from ._token_stats_ops import token_stats_op
 
 
 class TokenStats(NamedTuple):

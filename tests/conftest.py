@@ -1,13 +1,13 @@
-"""Test-wide set-up (TRITON_INTERPRET and the `gpu` skip live in the root conftest.py)."""
+"""Test-wide set-up (TRITON_INTERPRET and the `gpu` skip live in the root conftest.py).
+
+tests/ is a package: shared helpers are modules in it, imported by their package name
+(`from tests.spec_oracle import ...`, `from tests.fuzz_profiles import ...`).
+"""
 
 import os
-import sys
 
 import pytest
 import torch
-
-# Shared test helpers (spec_oracle.py) import by name from this folder.
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 

@@ -14,23 +14,15 @@
 import math
 
 import torch
-from fuzz_profiles import fuzz
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
 import lpreg
 from lpreg import _backends
+from tests.fuzz_profiles import fuzz
 
 SPARSE_BACKENDS = ["torch", "triton"] + (["cpu"] if _backends.native_available("cpu") else [])
 MAX_V = {"torch": 5000, "cpu": 5000, "triton": 128}  # the interpreter runs numpy per block
-# Known library defects, each kept (shrunk) as an xfail(strict) test in
-# tests/test_fuzz_regressions.py; the fuzzing steps around them until their fix lands.
-# - an empty batch (N = 0) with a non-unit vocabulary stride -- contiguous for torch -- hits an
-#   internal AssertionError in the Triton launcher:
-DEGENERATE_STRIDE_OPEN = {"triton"}
-# - lpreg_policy_loss(num_tokens=0) raises although a step with no valid token is legal
-#   (its loss is 0, as with an all-zero mask and num_tokens=None):
-NUM_TOKENS_ZERO_OPEN = True
 
 
 @st.composite
@@ -128,7 +120,6 @@ def test_sparse_proxy_equals_dense_when_it_holds_all_of_K(backend, data):
     N, V = x.shape
     ok = [r for r, kind in enumerate(kinds) if kind == "ok"]
     assume(not (len(ok) and _near_cut(old[ok], T, mode, threshold)))
-    assume(not (backend in DEGENERATE_STRIDE_OPEN and N == 0 and x.stride(-1) != 1))
     proxy = lpreg.build_proxy(old, labels, temperature=T, mode=mode, threshold=threshold, k=V)
     # the dense path applies the same filter to the same proxy logits
     g = torch.randn(3, N, generator=torch.Generator().manual_seed(N + V))
@@ -238,7 +229,7 @@ def test_paper_loss_over_micro_batches_equals_single_batch(data):
     agg = data.draw(st.sampled_from(["token-mean", "seq-mean-token-sum"]))
     n_valid = int(mask.sum())
     kw = dict(compat="paper", rho=rho, loss_agg_mode=agg, backend="torch", return_tensors=True,
-              num_tokens=n_valid if agg == "token-mean" and not (NUM_TOKENS_ZERO_OPEN and n_valid == 0) else None)
+              num_tokens=n_valid if agg == "token-mean" else None)
     cuts = torch.tensor([0] + sizes).cumsum(0).tolist()
     parts = [slice(a, b) for a, b in zip(cuts[:-1], cuts[1:])]
     sels = lpreg.selection_threshold([old[s] for s in parts], [mask[s] for s in parts], rho=rho)

@@ -23,34 +23,25 @@ import math
 from typing import NamedTuple, Optional
 
 import torch
-from fuzz_profiles import fuzz
 from hypothesis import assume, given
 from hypothesis import strategies as st
-from spec_oracle import spec_grad, spec_token_stats
 
 import lpreg
 from lpreg import _backends
+from tests.fuzz_profiles import fuzz
+from tests.spec_oracle import spec_grad, spec_token_stats
 
 BACKENDS = ["torch", "triton"] + (["cpu"] if _backends.native_available("cpu") else [])
 MAX_V = {"torch": 70_000, "cpu": 70_000, "triton": 256}  # the interpreter runs numpy per block
 MAX_N = {"torch": 9, "cpu": 9, "triton": 5}
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# a row's result is bitwise the same whatever its batch-mates (issue 8 asks it of "cpu"; each
+# Triton program is one row); "torch" is within rounding of it (see _check)
+BITWISE_BATCH_INVARIANT = {"cpu", "triton"}
 LAYOUTS = ["contiguous", "3d", "transposed", "col_strided", "row_padded", "expanded"]
 EPS32 = torch.finfo(torch.float32).eps
 F32_MAX = torch.finfo(torch.float32).max
 
-# Known library defects, each kept (shrunk) as an xfail(strict) test in
-# tests/test_fuzz_regressions.py; until its fix lands the fuzzing steps around it (so that it
-# keeps finding new ones). Delete an entry when its regression test starts to pass.
-# - finite fp32/bf16 logits with |z|/T above the fp32 maximum (z near 3e38, T < 1) give NaN
-#   rows: z/T overflows before the max is subtracted (every backend):
-NEAR_MAX_DEFECT_OPEN = True
-# - an empty batch (N = 0) whose vocabulary stride is not 1 -- contiguous for torch -- hits an
-#   internal AssertionError in the Triton launcher:
-DEGENERATE_STRIDE_OPEN = {"triton"}
-# - a kept proxy token whose q underflows fp32 at a -inf logit gives KL = NaN (0 * inf), not +inf
-#   (every backend):
-KL_UNDERFLOW_OPEN = True
 
 
 class Case(NamedTuple):
@@ -83,10 +74,11 @@ def cases(draw, backend, with_labels=True):
     g = torch.Generator().manual_seed(seed)
     temperature = draw(st.floats(0.1, 3.0))
     if near_max:
-        # values near the dtype's maximum (their spread overflows fp32: x - max is -inf); while
-        # NEAR_MAX_DEFECT_OPEN, |z|/T itself stays below the fp32 maximum
+        # values near the dtype's maximum (their spread overflows fp32: x - max is -inf), with
+        # |z|/T inside the fp32 range, the documented domain (docs/spec.md §4; its edge is pinned
+        # in tests/test_fuzz_regressions.py)
         top = torch.finfo(dtype).max
-        if NEAR_MAX_DEFECT_OPEN and dtype != torch.float16:
+        if dtype != torch.float16:
             top = top * min(1.0, temperature) * 0.99
         z = (torch.rand(N, V, generator=g) * 2 - 1) * top
     else:
@@ -141,9 +133,9 @@ def cases(draw, backend, with_labels=True):
             pm[:, 0] = False
             proxy = proxy.masked_fill(pm, -math.inf)
         proxy = proxy.to(draw(st.sampled_from(DTYPES)))
-        if N and draw(st.integers(0, 4)) == 0:  # a NaN in the proxy poisons only its row
+        if N and draw(st.integers(0, 4)) == 0:  # a NaN or +inf in the proxy poisons only its row
             r = draw(st.integers(0, N - 1))
-            proxy[r, 0] = math.nan
+            proxy[r, 0] = draw(st.sampled_from([math.nan, math.inf]))
             if kinds[r] == "ok":
                 kinds[r] = "nan"
     mode = draw(st.sampled_from(["min_p", "fixed"]))
@@ -243,7 +235,6 @@ def _ambiguous(x, proxy, case):
 
 
 def _check(backend, case, kl_only=False):
-    assume(not (backend in DEGENERATE_STRIDE_OPEN and case.N == 0 and _view(case).stride(-1) != 1))
     outs, grad, x = _run(backend, case, kl_only=kl_only)
     N, V = x.shape
     kinds = case.kinds
@@ -285,8 +276,6 @@ def _check(backend, case, kl_only=False):
             same_inf = torch.isinf(want) & (got == want)
             # a true value beyond the fp32 range rounds to the infinity of its sign
             same_inf |= (want.abs() > F32_MAX) & (got == want.sign() * math.inf)
-            if KL_UNDERFLOW_OPEN and name == "kl":
-                same_inf |= (want == math.inf) & got.isnan()
             err = torch.where(same_inf, torch.zeros_like(got), (got - want).abs())
             assert bool((err <= budget + 1e-5 * want.abs()).all()), (name, got, want, budget)
         g_logp, g_kl, g_h = (None if u is None else u[sel] for u in case.upstream)
@@ -309,8 +298,19 @@ def _check(backend, case, kl_only=False):
         perm = torch.tensor(ok)[torch.randperm(len(ok), generator=torch.Generator().manual_seed(N))]
         sub = perm[: max(1, len(ok) - 1)]
         outs2, grad2, _ = _run(backend, case, rows=sub, kl_only=kl_only)
-        same = torch.equal(outs2.nan_to_num(), outs[:, sub].nan_to_num()) and torch.equal(grad2, grad[sub])
-        assert same, "a row's outputs or gradient depend on its batch-mates"
+        a, b = outs2.nan_to_num(), outs[:, sub].nan_to_num()
+        if backend in BITWISE_BATCH_INVARIANT:
+            same = torch.equal(a, b) and torch.equal(grad2, grad[sub])
+            assert same, "a row's outputs or gradient depend on its batch-mates"
+        else:
+            # torch's CPU reductions split a lone long row across threads but not a batch of
+            # them: the summation order of the row's sums (fp32, <= 70,000 terms) changes with
+            # the batch, ~1e-6 relative at most; a gradient may then round to the neighbouring
+            # value of its dtype (eps |g|)
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+            g2, g1 = grad2.double(), grad[sub].double()
+            tol = torch.finfo(dtype).eps * g1.abs() + 1e-6 * (g1.abs().amax(-1, keepdim=True) + 1e-30)
+            assert bool(((g2 - g1).abs() <= tol).all()), "a row's gradient depends on its batch-mates"
 
 
 @fuzz(60)

@@ -8,10 +8,10 @@ import math
 
 import pytest
 import torch
-from spec_oracle import OUTPUTS, assert_backend_matches_spec, make_logits, spec_grad, spec_token_stats
 
 import lpreg
 from lpreg import _backends
+from tests.spec_oracle import OUTPUTS, assert_backend_matches_spec, make_logits, spec_grad, spec_token_stats
 
 BACKENDS = ["torch", "triton"] + (["cpu"] if _backends.native_available("cpu") else [])
 # The interpreter executes Triton programs in numpy: keep its rows short.

@@ -12,10 +12,10 @@ import math
 
 import pytest
 import torch
-from spec_oracle import assert_backend_matches_spec, make_logits
 
 import lpreg
 from lpreg import _native
+from tests.spec_oracle import assert_backend_matches_spec, make_logits
 
 pytestmark = pytest.mark.skipif(not _native.available("cpu"), reason="lpreg._C is not built")
 

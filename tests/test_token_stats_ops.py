@@ -7,11 +7,11 @@ import re
 import pytest
 import torch
 from lpreg.kernels import row_stats as layout
-from spec_oracle import make_logits, spec_token_stats
 
 import lpreg
 from lpreg import _backends, _rows
-from lpreg._ops import token_stats_backward_op, token_stats_op
+from lpreg._token_stats_ops import token_stats_backward_op, token_stats_op
+from tests.spec_oracle import make_logits, spec_token_stats
 
 BACKENDS = ["torch", "triton"] + (["cpu"] if _backends.native_available("cpu") else [])
 

@@ -56,6 +56,14 @@ inline int64_t round_up(int64_t n) { return (n + kW - 1) / kW * kW; }
 // max that propagates NaN, like at::vec::maximum
 inline float nanmax(float a, float b) { return (a != a || b != b) ? kNaN : std::max(a, b); }
 
+// e (y - x), a kept token's share of the KL's cross term sum_K e^(y-my) (y - x): +inf where
+// x = -inf, since q > 0 = p there makes KL(q || p) = +inf even when e = e^(y-my) underflows
+// fp32 to 0 (0 * inf would be NaN). A NaN in x or y stays NaN.
+inline float cross_term(float e, float y, float x) { return x == -kInf ? kInf : e * (y - x); }
+inline Vec cross_term(const Vec& e, const Vec& y, const Vec& x) {
+  return Vec::blendv(e * (y - x), Vec(kInf), x == Vec(-kInf));
+}
+
 inline float hsum(const Vec& v) {  // fixed left-to-right order
   alignas(64) float buf[kW];
   v.store(buf);
@@ -245,7 +253,7 @@ void fwd_rows(const TokenStatsFwdArgs& a, int64_t begin, int64_t end) {
         const Vec kept = y >= vcut;  // a subset of cand
         acc_k = acc_k + Vec::blendv(zero, e, kept);
         if (has_proxy) {
-          acc_o = acc_o + Vec::blendv(zero, e * (y - Vec::loadu(xb + i)), kept);
+          acc_o = acc_o + Vec::blendv(zero, cross_term(e, y, Vec::loadu(xb + i)), kept);
         } else {
           acc_o = acc_o + Vec::blendv(Vec::blendv(zero, e, cand), zero, kept);
         }
@@ -255,7 +263,7 @@ void fwd_rows(const TokenStatsFwdArgs& a, int64_t begin, int64_t end) {
       if (lone) {
         const float e = std::exp(lone_y - my_ref);
         kept_sum += e;
-        if (has_proxy) cross += e * (lone_y - lone_x);
+        if (has_proxy) cross += cross_term(e, lone_y, lone_x);
       }
     }
     const float lse_kept = my_ref + std::log(kept_sum);

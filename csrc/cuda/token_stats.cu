@@ -336,7 +336,8 @@ __global__ void token_stats_fwd_kernel(const TokenStatsFwdArgs a, const int64_t 
     if (yv >= cutoff || c == argmax_y) {
       const float e = __expf(yv - my_ref);
       kept += e;
-      if (kHasProxy) cross += e * (yv - x);
+      // +inf at x = -inf: q > 0 = p makes KL = +inf even where e underflows (0 * inf = NaN)
+      if (kHasProxy) cross += x == -INFINITY ? INFINITY : e * (yv - x);
     }
   }, KeptChunks{chunk_max, chunk_cap, cutoff, argmax_y});
   kept = block_reduce(kept, sm_sum, 0.f);

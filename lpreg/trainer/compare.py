@@ -71,8 +71,10 @@ def _complete(run_dir: str, steps: int) -> bool:
 def _steps(preset: str, extra: Sequence[str]) -> int:
     steps = preset_config(preset).steps
     for i, flag in enumerate(extra):
-        if flag in ("--steps", "--steps=") and i + 1 < len(extra):
+        if flag == "--steps" and i + 1 < len(extra):
             steps = int(extra[i + 1])
+        elif flag.startswith("--steps="):
+            steps = int(flag.split("=", 1)[1])
     return steps
 
 
@@ -188,7 +190,7 @@ def _parse(argv) -> tuple:
     parser = argparse.ArgumentParser(prog="python -m lpreg.trainer.compare", description=__doc__.split("\n")[0])
     parser.add_argument("--preset", default="cpu-sparks", choices=tuple(PRESETS))
     parser.add_argument("--arms", "--losses", dest="arms", nargs="+", default=list(ARMS),
-                        choices=tuple(ARMS) + tuple(LOSSES))
+                        choices=tuple(dict.fromkeys(tuple(ARMS) + tuple(LOSSES))))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time (each one torch thread)")
     parser.add_argument("--runs-dir", default=None, help="default runs/<preset>")

@@ -1,6 +1,6 @@
 """The `sparks` built-in task: sums with an optional, rare, valuable scratch path ("check").
 
-Why this task (issue: show Lp-Reg's mechanism at CPU scale). It has the three things the
+Why this task: to show Lp-Reg's mechanism at CPU scale. It has the three things the
 paper's mechanism needs and `arithmetic` (cpu-tiny) lacks:
 
 - a noise tail: a byte-pair tokenizer of `VOCAB_SIZE` tokens, trained at run time on the task's
@@ -135,7 +135,7 @@ def _tokenizer_json() -> str:
     core.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="never")
     trainer = trainers.BpeTrainer(vocab_size=VOCAB_SIZE, min_frequency=1, special_tokens=list(SPECIAL_TOKENS),
                                   show_progress=False)
-    # a single-threaded trainer is deterministic (its parallel merge count is not guaranteed to be)
+    # the same corpus gives the same merges (tests/test_trainer_sparks.py trains twice and compares)
     core.train_from_iterator(corpus(), trainer=trainer)
     return core.to_str()
 

@@ -19,13 +19,12 @@ import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from tiny_lm import tiny_model, tiny_tokenizer  # noqa: E402
-
 import lpreg.integrations.trl as lpreg_trl  # noqa: E402
 from lpreg.integrations.trl import LpRegGRPOConfig, LpRegGRPOTrainer  # noqa: E402
+from tests.integrations.tiny_lm import tiny_model, tiny_tokenizer
 
-DOCS = os.path.join(os.path.dirname(__file__), "..", "..", "docs", "integrations.md")
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+DOCS = os.path.join(ROOT, "docs", "integrations.md")
 
 # Float tolerances. Both losses are fp32 sums over <= 48 tokens of -A r terms (|A| <= ~2) whose
 # log-probs come from two different kernels (TRL's chunked log-softmax, lpreg's fused one):
@@ -179,8 +178,8 @@ def test_docs_snippet_runs_verbatim(tmp_path, monkeypatch):
 
 TWO_PROCESS = textwrap.dedent("""
     import json, os, sys, torch
-    sys.path.insert(0, {here!r})
-    import test_trl as t
+    sys.path.append({root!r})  # appended: the installed lpreg stays ahead of the source tree
+    from tests.integrations import test_trl as t
     from lpreg.integrations.trl import LpRegGRPOConfig, LpRegGRPOTrainer
     import lpreg.integrations.trl as m
     seen = []
@@ -203,7 +202,7 @@ def test_two_process_gloo(tmp_path):
     """torchrun, 2 CPU processes (gloo): the ranks stay in sync (DDP through the forward
     redirection) and the paper selection counts k over both ranks' tokens."""
     script = tmp_path / "two.py"
-    script.write_text(TWO_PROCESS.format(here=os.path.dirname(os.path.abspath(__file__)), out=str(tmp_path)))
+    script.write_text(TWO_PROCESS.format(root=ROOT, out=str(tmp_path)))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
            str(script)]

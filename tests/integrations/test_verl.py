@@ -17,9 +17,8 @@ pytest.importorskip("verl", reason="verl is not installed here: run `bash .ci/in
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from tiny_lm import save_tiny  # noqa: E402
-from verl_cpu import use_cpu_platform  # noqa: E402
+from tests.integrations.tiny_lm import save_tiny
+from tests.integrations.verl_cpu import use_cpu_platform
 
 use_cpu_platform()
 

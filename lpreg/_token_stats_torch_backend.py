@@ -49,6 +49,13 @@ def kept_cutoff(y, fixed, log_threshold):
     return my, my_ref, ey, cutoff, argmax_y
 
 
+def cross_term(e, y, x):
+    """e (y - x), a kept token's share of the KL's cross term sum_K e^(y-my) (y - x): +inf
+    where x = -inf, since q > 0 = p there makes KL(q || p) = +inf even when e = e^(y-my)
+    underflows fp32 to 0 (0 * inf would be NaN). A NaN in x or y stays NaN."""
+    return torch.where(x == _NEG_INF, torch.full_like(e, float("inf")), e * (y - x))
+
+
 def kept_mask(y, cutoff, argmax_y):
     cols = torch.arange(y.shape[-1], device=y.device)
     return (y >= cutoff[:, None]) | (cols[None, :] == argmax_y[:, None])
@@ -86,7 +93,7 @@ def token_stats_forward(logits, labels, proxy, inv_temperature, fixed, log_thres
         if proxy is None:
             kl = torch.log1p(torch.where(kept, torch.zeros_like(ey), ey).sum(-1) / kept_sum)
         else:
-            cross = torch.where(kept, ey * (y - x), torch.zeros_like(ey)).sum(-1)
+            cross = torch.where(kept, cross_term(ey, y, x), torch.zeros_like(ey)).sum(-1)
             kl = cross / kept_sum + lse - lse_kept
         del ey, kept
         # amax propagates NaN: a NaN, a +inf or only -inf in x or y makes its max non-finite
