@@ -195,7 +195,8 @@ def prepare(lead_shape: Sequence[int], device: torch.device, labels: Optional[Te
                  on_policy=old_logp is None)
 
 
-def compute_token_stats(logits2d: Tensor, labels: Tensor, proxy: Union[None, Tensor, SparseProxy], cfg: Config) -> TokenStats:
+def compute_token_stats(logits2d: Tensor, labels: Tensor, proxy: Union[None, Tensor, SparseProxy],
+                        cfg: Config) -> TokenStats:
     """(logp, proxy_logp, kl, entropy), each (n,) fp32, for (n, V) logits and a proxy slice."""
     if isinstance(proxy, SparseProxy):
         return sparse_proxy_stats(logits2d, labels, proxy, temperature=cfg.temperature,
