@@ -84,7 +84,31 @@ def cuda_event_ms(step, reps=5):
     return sorted(times)[len(times) // 2]
 
 
+def time_row_op(benchmark, step, reset, *, device, N, V, elem, logits_mb, provider):
+    """Time one forward + backward of a per-row op and record ms, GB/s of compulsory traffic
+    (3 N V elements: the forward's read, the backward's read and write) and peak memory.
+
+    step() runs the op; reset() clears the stale gradient between runs. Out of GPU memory skips.
+    """
+    try:
+        step()  # warm-up (and torch.compile's compilation)
+        reset()
+        peak = peak_memory_mb(step, device)
+        ms = cuda_event_ms(step) if device == "cuda" else None
+        benchmark.pedantic(step, rounds=3 if device == "cpu" else 10, iterations=1, warmup_rounds=0)
+    except torch.cuda.OutOfMemoryError:
+        reset()
+        torch.cuda.empty_cache()
+        pytest.skip(f"{provider}: out of GPU memory at N={N}, V={V}")
+    if ms is None and benchmark.stats is not None:
+        ms = benchmark.stats.stats.mean * 1e3
+    benchmark.extra_info.update(
+        ms=ms, gbps=(3 * N * V * elem / (ms * 1e-3) / 1e9) if ms else None, peak_mem_mb=peak,
+        peak_over_logits=(peak / logits_mb) if peak is not None else None,
+    )
+
+
 @pytest.fixture
 def measure():
     """The helpers above, as a fixture (bench/ is not a package, so conftest is not importable)."""
-    return {"peak_memory_mb": peak_memory_mb, "cuda_event_ms": cuda_event_ms}
+    return {"peak_memory_mb": peak_memory_mb, "cuda_event_ms": cuda_event_ms, "time_row_op": time_row_op}

@@ -135,22 +135,12 @@ def _run_case(benchmark, measure, smoke, provider, N, V, dtype, device):
         _check(fn, logits, labels, weights)
         benchmark(step)
         return
-    try:
-        step()  # warm-up (and torch.compile's compilation)
+
+    def reset():
         x.grad = None
-        peak = measure["peak_memory_mb"](step, device)
-        ms = measure["cuda_event_ms"](step) if device == "cuda" else None
-        benchmark.pedantic(step, rounds=3 if device == "cpu" else 10, iterations=1, warmup_rounds=0)
-    except torch.cuda.OutOfMemoryError:
-        x.grad = None
-        torch.cuda.empty_cache()
-        pytest.skip(f"{provider}: out of GPU memory at N={N}, V={V}")
-    if ms is None and benchmark.stats is not None:
-        ms = benchmark.stats.stats.mean * 1e3
-    benchmark.extra_info.update(
-        ms=ms, gbps=(3 * N * V * elem / (ms * 1e-3) / 1e9) if ms else None, peak_mem_mb=peak,
-        peak_over_logits=(peak / logits_mb) if peak is not None else None,
-    )
+
+    measure["time_row_op"](benchmark, step, reset, device=device, N=N, V=V, elem=elem, logits_mb=logits_mb,
+                           provider=provider)
 
 
 def _size_id(size):
