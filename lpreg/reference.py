@@ -17,7 +17,7 @@ from ._rows import row_chunks
 from .token_stats import TokenStats
 
 
-def kept_set(y, mode, threshold):
+def kept_set(y, mode, threshold) -> Tensor:
     """docs/spec.md §1: boolean mask of K for scaled proxy logits y = proxy / T, (N, V)."""
     ymax = y.amax(-1, keepdim=True)
     if mode == "min_p":

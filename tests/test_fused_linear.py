@@ -4,10 +4,10 @@ import math
 
 import pytest
 import torch
-from test_policy_loss import make_batch
 
 import lpreg
 from lpreg.fused_linear import default_chunk_size, fused_linear_token_stats
+from tests.test_policy_loss import make_batch
 
 
 def make_linear(B=4, L=9, H=72, V=64, seed=0, dtype=torch.float32, with_bias=True):

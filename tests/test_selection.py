@@ -124,7 +124,7 @@ def test_gloo_two_ranks_equal_single_batch(tmp_path):
 def test_loss_with_threshold_equals_single_call_on_policy():
     """On-policy (old_logp = current logp), the old-policy threshold selects what the
     single call selects on current p_y, micro-batch by micro-batch."""
-    from test_policy_loss import make_batch
+    from tests.test_policy_loss import make_batch
 
     logits, labels, adv, _, mask = make_batch(B=8, L=10, seed=3)
     old = lpreg.lpreg_token_stats(logits, labels, backend="torch").logp

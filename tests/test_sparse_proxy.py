@@ -5,10 +5,10 @@ import os
 
 import pytest
 import torch
-from test_policy_loss import make_batch
 
 import lpreg
 from lpreg._sparse_proxy_ops import sparse_proxy_stats_op
+from tests.test_policy_loss import make_batch
 
 KAPPA = 0.02
 

@@ -33,7 +33,7 @@ has none; with one update per rollout the ratio is 1 and it never acts.
 import functools
 import math
 from dataclasses import dataclass
-from typing import Any, Dict, Optional
+from typing import Any, Dict, NoReturn, Optional
 
 import torch
 from torch import Tensor
@@ -94,7 +94,7 @@ def check_options(o: Dict[str, Any]) -> None:
 
 @register_policy_loss(LOSS_MODE)
 def compute_policy_loss_lpreg(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="token-mean",
-                              config=None, rollout_is_weights=None):
+                              config=None, rollout_is_weights=None) -> NoReturn:
     """Registered so that verl accepts loss_mode=lpreg; the loss itself needs the logits."""
     raise NotImplementedError(
         "loss_mode=lpreg needs the logits, which only lpreg's FSDP engine passes on (strategy fsdp / fsdp2, "
@@ -127,7 +127,8 @@ def _global_scale(loss_agg_mode: str, mask: Tensor, info: Dict[str, Any]):
     raise ValueError(f"loss_agg_mode={loss_agg_mode!r} is not supported with loss_mode=lpreg")
 
 
-def lpreg_ppo_loss(config, model_output, data, dp_group=None, selection: Optional[SelectionThreshold] = None):
+def lpreg_ppo_loss(config, model_output, data, dp_group=None,
+                   selection: Optional[SelectionThreshold] = None) -> tuple[torch.Tensor, dict]:
     """verl's `ppo_loss` (verl/workers/utils/losses.py) with Lp-Reg's policy term."""
     stats = TokenStats(*(no_padding_2_padding(model_output[k], data) for k in _STAT_KEYS))
     config.global_batch_info["dp_size"] = data["dp_size"]

@@ -16,7 +16,7 @@ import torch
 __all__ = ["group_advantages"]
 
 
-def group_advantages(rewards, group_size, *, std_scaling="group", eps=1e-6):
+def group_advantages(rewards, group_size, *, std_scaling="group", eps=1e-6) -> tuple[torch.Tensor, dict]:
     """rewards: (B,) with B = n_groups * group_size, grouped contiguously.
 
     Returns (advantages (B,) fp32, metrics dict). Each sequence's advantage is broadcast

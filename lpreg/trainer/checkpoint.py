@@ -27,14 +27,14 @@ _STEP_DIR = re.compile(r"^step_(\d+)$")
 MARKER = "COMPLETE"
 
 
-def capture_rng():
+def capture_rng() -> dict:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
-def restore_rng(state):
+def restore_rng(state) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
@@ -61,12 +61,12 @@ def _fsync_dir(path):
         os.close(fd)
 
 
-def checkpoint_root(output_dir):
+def checkpoint_root(output_dir) -> str:
     return os.path.join(output_dir, "checkpoints")
 
 
 def save_checkpoint(output_dir, step, *, model, tokenizer, optimizer, scheduler, data_position, config, keep=2,
-                    state_dict=None):
+                    state_dict=None) -> str:
     """Write the state after `step` completed steps; returns the checkpoint directory.
 
     Call on the main process only; under FSDP pass the gathered full `state_dict`
@@ -121,13 +121,13 @@ def _prune(root, keep):
             shutil.rmtree(path, ignore_errors=True)
 
 
-def latest_checkpoint(output_dir):
+def latest_checkpoint(output_dir) -> str | None:
     """The newest complete checkpoint directory under output_dir, or None."""
     steps = _complete_steps(checkpoint_root(output_dir))
     return steps[-1][1] if steps else None
 
 
-def resolve_resume(resume, output_dir):
+def resolve_resume(resume, output_dir) -> str | None:
     """--resume auto | PATH | none -> a checkpoint directory or None."""
     if resume in (None, "", "none"):
         return None
@@ -142,7 +142,7 @@ def resolve_resume(resume, output_dir):
     return path
 
 
-def load_checkpoint(path, *, map_location="cpu"):
+def load_checkpoint(path, *, map_location="cpu") -> tuple[str, dict]:
     """Returns (model directory, trainer state dict). RNG states are restored by the caller
     (after everything that consumes randomness at start-up, e.g. model construction)."""
     state = torch.load(os.path.join(path, "trainer_state.pt"), map_location=map_location, weights_only=False)

@@ -12,7 +12,7 @@ import os
 __all__ = ["MetricsLog", "read_metrics", "truncate_jsonl", "plot_metrics", "plot_bands", "progress_bar", "format_row"]
 
 
-def read_metrics(path):
+def read_metrics(path) -> list[dict]:
     rows = []
     if not os.path.exists(path):
         return rows
@@ -28,7 +28,7 @@ def read_metrics(path):
     return rows
 
 
-def truncate_jsonl(path, resume_step):
+def truncate_jsonl(path, resume_step) -> None:
     """Keep rows with step <= resume_step; atomic replace so a crash here loses nothing."""
     if not os.path.exists(path):
         return
@@ -76,7 +76,7 @@ def _jsonable(row):
 
 
 def format_row(row, keys=("critic/score/mean", "actor/entropy", "actor/pg_loss", "actor/lpreg_frac",
-                          "response_length/mean", "timing/step_s")):
+                          "response_length/mean", "timing/step_s")) -> str:
     parts = [f"step {row['step']}"]
     for k in keys:
         if k in row and row[k] is not None:
@@ -84,7 +84,7 @@ def format_row(row, keys=("critic/score/mean", "actor/entropy", "actor/pg_loss",
     return " | ".join(parts)
 
 
-def progress_bar(total, initial, enabled):
+def progress_bar(total, initial, enabled) -> object:
     """A tqdm bar with ETA over RL steps (a no-op object when disabled or tqdm is missing)."""
     if enabled:
         try:
@@ -124,7 +124,7 @@ PLOT_KEYS = (("critic/score/mean", "reward (mean score)"), ("actor/entropy", "po
              ("actor/lpreg_frac", "Lp-Reg selected fraction"))
 
 
-def plot_metrics(runs, path, *, keys=PLOT_KEYS, title=None, smooth=5):
+def plot_metrics(runs, path, *, keys=PLOT_KEYS, title=None, smooth=5) -> str:
     """runs: {label: list of metric rows}. One panel per key, one line per run (raw, faint, and
     a moving average). Writes a small PNG at `path`; returns the path."""
     import matplotlib
@@ -156,7 +156,7 @@ def plot_metrics(runs, path, *, keys=PLOT_KEYS, title=None, smooth=5):
     return path
 
 
-def plot_bands(runs, path, *, keys, title=None, ncols=4, smooth=5):
+def plot_bands(runs, path, *, keys, title=None, ncols=4, smooth=5) -> str:
     """runs: {label: [rows of seed 0, rows of seed 1, ...]}. One panel per (key, title) in `keys`:
     per step, the mean over the seeds that logged the key (bold) and a band from their lowest to
     their highest value, each a trailing `smooth`-point moving average (every step sees other

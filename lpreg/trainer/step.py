@@ -45,9 +45,10 @@ from lpreg.trainer.losses import (
     summarise_loss_metrics,
 )
 from lpreg.trainer.rollout import RolloutBatch, generate_group, pack, rollout_seed
+from lpreg.trainer.tasks import TASKS, Problem
 
 
-def problem_at(problems: list, position: int, seed: int):
+def problem_at(problems: list, position: int, seed: int) -> Problem:
     """The problem at a global data position: a fresh permutation of the problems per epoch."""
     epoch, i = divmod(position, len(problems))
     order = list(range(len(problems)))
@@ -80,7 +81,7 @@ def reduce_sum(acc, x: float) -> float:
     return float(acc.reduce(torch.tensor(float(x), dtype=torch.float64, device=acc.device), reduction="sum"))
 
 
-def full_params_for_generation(acc, model):
+def full_params_for_generation(acc, model) -> contextlib.AbstractContextManager:
     """Under FSDP (v1) every rank generates with its own full copy of the parameters (gathered
     once per step, not written back); under DDP or a single process the module already is one."""
     from accelerate.utils import DistributedType
@@ -244,7 +245,7 @@ def scoring_pass(run, ro: Rollout, step: int) -> StepPlan:
 # ---------------------------------------------------------------------------------- update
 
 
-def update(run, plan: StepPlan, step: int):
+def update(run, plan: StepPlan, step: int) -> tuple[dict, list]:
     """One optimizer step per mini-batch; gradient accumulation over its micro-batches. Returns
     (metric sums over the step, gradient norms)."""
     cfg, acc, model = run.cfg, run.acc, run.model
@@ -315,7 +316,6 @@ def diversity_metrics(run, ro: Rollout) -> Dict[str, float]:
     """train/distinct_answers per group, and (a built-in task with spark tokens, the built-in
     policy) spark/prob and spark/usage: lpreg.trainer.diversity. Every rank calls this."""
     from lpreg.trainer.diversity import distinct_answers, spark_probability, spark_usage
-    from lpreg.trainer.tasks import TASKS
 
     cfg, acc, n = run.cfg, run.acc, run.cfg.samples_per_prompt
     out = {"train/distinct_answers": float(np.mean(gather_floats(acc, distinct_answers(ro.texts, n))))}
