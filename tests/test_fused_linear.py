@@ -172,7 +172,7 @@ def bottom_rows(data, **kw):
                          "token-mean", None, -100, "torch")
     batch = pl.prepare(tuple(hidden.shape[:2]), hidden.device, labels, adv, old, mask, cfg)
     logits = (hidden @ weight.T + (0 if bias is None else bias)).reshape(-1, weight.shape[0])
-    logp = pl.row_stats(logits, batch.labels, None, cfg)[0]
+    logp = pl.compute_token_stats(logits, batch.labels, None, cfg)[0]
     return pl.global_selection(batch, logp, cfg, None)[0]
 
 
@@ -286,7 +286,7 @@ def test_num_tokens_is_the_token_mean_denominator():
     base = fused(*data, rho=0.3, chunk_size=8)
     torch.testing.assert_close(got[0], base[0] / 3)  # same terms, 3x the denominator (fp32 rounding)
     with pytest.raises(ValueError, match="num_tokens"):
-        fused(*data, num_tokens=0)
+        fused(*data, num_tokens=-1)  # 0 is legal (no valid token anywhere), a negative count is not
 
 
 def test_nan_hidden_gives_nan_loss():

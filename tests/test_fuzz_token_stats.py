@@ -133,6 +133,9 @@ def cases(draw, backend, with_labels=True):
             pm[:, 0] = False
             proxy = proxy.masked_fill(pm, -math.inf)
         proxy = proxy.to(draw(st.sampled_from(DTYPES)))
+        for r in range(N):  # a cast to fp16 can overflow a whole row to -inf: that proxy keeps nothing,
+            if kinds[r] == "ok" and bool((proxy[r] == -math.inf).all()):  # which poisons its row
+                kinds[r] = "allneg"
         if N and draw(st.integers(0, 4)) == 0:  # a NaN or +inf in the proxy poisons only its row
             r = draw(st.integers(0, N - 1))
             proxy[r, 0] = draw(st.sampled_from([math.nan, math.inf]))
