@@ -6,7 +6,6 @@ import math
 import re
 
 import pytest
-import torch
 
 from lpreg.trainer.evaluate import evaluate, main, majority_correct, pass_at_k, run
 from lpreg.trainer.model import build_tiny_model
@@ -14,16 +13,7 @@ from lpreg.trainer.reward import RewardWorker, extract_answer
 from lpreg.trainer.tasks import arithmetic_problems
 from lpreg.trainer.tokenizer import build_char_tokenizer
 
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    # Tiny models are all per-op overhead: a second OpenMP thread buys nothing, and on a
-    # busy 2-core machine every op then waits for a descheduled thread (measured: 20 SFT
-    # steps 0.7 s with one thread, 22 s with two).
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: see tests/conftest.py
 
 
 def brute_force_pass_at_k(n, c, k):

@@ -21,13 +21,7 @@ SHORT = dict(steps=2, warmup_steps=30, warmup_eval_problems=8, prompts_per_step=
              plot=False, progress=False, sample_every=0, resume="none")
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    # tiny models are per-op overhead; a second thread only waits on a busy 2-core machine
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: see tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -16,16 +16,7 @@ from lpreg.trainer.model import (
 from lpreg.trainer.tasks import arithmetic_problems, split_size
 from lpreg.trainer.tokenizer import build_char_tokenizer
 
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    # Tiny models are all per-op overhead: a second OpenMP thread buys nothing, and on a
-    # busy 2-core machine every op then waits for a descheduled thread (measured: 20 SFT
-    # steps 0.7 s with one thread, 22 s with two).
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: see tests/conftest.py
 
 
 def test_problems_are_deterministic_and_correct():

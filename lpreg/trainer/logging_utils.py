@@ -124,6 +124,17 @@ PLOT_KEYS = (("critic/score/mean", "reward (mean score)"), ("actor/entropy", "po
              ("actor/lpreg_frac", "Lp-Reg selected fraction"))
 
 
+def _save_figure(plt, fig, path: str, title) -> str:
+    """Title, lay out and write `fig` as a PNG at `path` (its folder created); returns the path."""
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def plot_metrics(runs, path, *, keys=PLOT_KEYS, title=None, smooth=5) -> str:
     """runs: {label: list of metric rows}. One panel per key, one line per run (raw, faint, and
     a moving average). Writes a small PNG at `path`; returns the path."""
@@ -147,13 +158,7 @@ def plot_metrics(runs, path, *, keys=PLOT_KEYS, title=None, smooth=5) -> str:
         ax.set_title(label, fontsize=10)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save_figure(plt, fig, path, title)
 
 
 def plot_bands(runs, path, *, keys, title=None, ncols=4, smooth=5) -> str:
@@ -191,10 +196,4 @@ def plot_bands(runs, path, *, keys, title=None, ncols=4, smooth=5) -> str:
     for ax in list(axes.flat)[len(keys):]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=7)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save_figure(plt, fig, path, title)
