@@ -80,11 +80,51 @@ def test_spark_token_rate_in_the_warm_start_data():
     # binomial std at n ~ 2,550, p = 0.08 is 0.0054: 4 sigma
     assert abs(rate - sparks.SPARK_RATE_HARD) < 0.022, rate
     assert all(p.target == p.answer for p in easy)
+    # the other hard items answer directly, and DIRECT_NOISE of those answers are guesses: off
+    # by 1 or 2, never negative (binomial std at n ~ 2,350, p = 0.5 is 0.0103: 4 sigma)
+    direct = [p for p in hard if not p.target.startswith(sparks.SPARK)]
+    wrong = [p for p in direct if p.target != p.answer]
+    assert abs(len(wrong) / len(direct) - sparks.DIRECT_NOISE) < 0.042, len(wrong) / len(direct)
+    assert all(abs(int(p.target) - int(p.answer)) in (1, 2) and int(p.target) >= 0 for p in wrong)
     # the scratch form is a correct worked answer the reward reads ("Answer: X")
     assert all(extract_answer(p.target) == p.answer for p in with_spark)
     # the splits are disjoint by expression, not only by question
     expr = {p.question.rsplit(": ", 1)[1] for p in train}
     assert not expr & {p.question.rsplit(": ", 1)[1] for p in sparks.sparks_split("test", 0)}
+
+
+def _expression(question: str) -> str:
+    return question.rsplit(" ", 1)[1] if question.startswith(sparks.DRILL_PREFIX) else question.rsplit(": ", 1)[1]
+
+
+def test_drills_teach_the_scratch_form_on_training_expressions_only():
+    from lpreg.trainer.setup import load_task
+
+    drills = sparks.warm_start_drills()
+    train_hard = {_expression(p.question) for p in sparks.sparks_split("train", 0) if sparks.is_hard(p)}
+    test = {_expression(p.question) for p in sparks.sparks_split("test", 0)}
+    assert {_expression(p.question) for p in drills} == train_hard and len(drills) == len(train_hard)
+    assert not train_hard & test
+    for p in drills:
+        terms = tuple(int(x) for x in _expression(p.question)[:-2].split("+"))
+        assert p.target == sparks.scratch(terms) and extract_answer(p.target) == p.answer == str(sum(terms))
+    # the warm start sees them; the RL set and the held-out split never do
+    rl, warm, _ = load_task(preset_config("cpu-sparks"))
+    assert set(drills) <= set(warm) and len(warm) == len(sparks.sparks_split("train", 0)) + len(drills)
+    assert not any(p.question.startswith(sparks.DRILL_PREFIX) for p in rl + sparks.sparks_split("test", 0))
+
+
+def test_warm_start_cache_key_covers_the_warm_start_data(monkeypatch, tmp_path):
+    """A task whose warm-start data changes must not load an entry trained on the old data."""
+    import dataclasses
+
+    from lpreg.trainer import tasks
+    from lpreg.trainer.setup import warm_start_cache_dir
+
+    cfg = preset_config("cpu-sparks", warm_start_cache=str(tmp_path))
+    before = warm_start_cache_dir(cfg)
+    monkeypatch.setitem(tasks.TASKS, "sparks", dataclasses.replace(tasks.TASKS["sparks"], warm_start_extra=None))
+    assert warm_start_cache_dir(cfg) != before
 
 
 def test_two_steps_log_the_sweep_metrics(two_steps):
@@ -176,3 +216,18 @@ def test_sweep_summary_means_and_spreads_over_seeds():
     assert out["spread"]["entropy_last"] == pytest.approx(2 ** 0.5)  # sample std of {1, 3}
     assert out["mean"]["pass@8_last"] == pytest.approx(0.6)
     assert out["mean"]["lpreg_selected_per_step"] == pytest.approx(40.0)  # 0.1 x 400 tokens
+
+
+def test_spark_value_probe_forces_the_spark_and_measures_both_paths():
+    """`python -m lpreg.trainer.spark_value` (the design check of docs/cpu_sparks_design.md), on a
+    5-step warm start: the forced path always starts with check; the numbers are probabilities."""
+    from lpreg.trainer.spark_value import measure
+
+    out = measure(["--warmup-steps", "5", "--warmup-eval-problems", "2"], n_items=4, k=2)
+    assert out["held_out_hard_items"] == 4 and out["k"] == 2 and out["warmup_steps"] == 5
+    assert out["forced_spark"]["spark_usage"] == 1.0
+    assert 0.0 < out["p_spark"] < 1.0
+    for path in ("direct", "forced_spark"):
+        assert 0.0 <= out[path]["accuracy"] <= 1.0
+    with pytest.raises(ValueError, match="--task must be 'sparks'"):
+        measure(["--task", "arithmetic"])

@@ -172,13 +172,14 @@ PRESETS = {
     ),
     # Lp-Reg's mechanism at CPU scale (lpreg.trainer.sparks, docs/cpu_sparks_*): a 3,000-token
     # subword vocabulary (a noise tail), a rare valuable "check" token (8% of the hard items'
-    # warm-start targets); 600 warm-start steps leave room between sampled and greedy accuracy; at
-    # lr 1e-3 (after a 10-step ramp) GRPO collapses within 40 steps; at 3e-4 it does not (docs/cpu_sparks_pilot.md).
+    # warm-start targets; after 900 warm-start steps p(check) is ~2% on held-out hard items, which it
+    # solves 73% of the time against 41% answered directly); at lr 1e-3 (after a 10-step ramp) GRPO's
+    # entropy halves within 40 steps (docs/cpu_sparks_pilot.md).
     # lpreg_rho 0.25: the released form's k = int(rho n_neg) over a step's A < 0 tokens, of which the
     # filtered tail samples cannot be selected, leaves dozens selected per step (docs/cpu_sparks_design.md).
     # The sweep (6 arms x 3 seeds) is `python -m lpreg.trainer.compare`.
     "cpu-sparks": dict(
-        task="sparks", steps=80, hidden_size=128, num_layers=2, num_heads=4, warmup_steps=600, warmup_lr=3e-3,
+        task="sparks", steps=80, hidden_size=128, num_layers=2, num_heads=4, warmup_steps=900, warmup_lr=3e-3,
         warmup_batch_size=32, warmup_eval_problems=64, n_problems=96, prompts_per_step=16, samples_per_prompt=8,
         max_new_tokens=16, lr=1e-3, micro_batch_size=128, eval_every=10, eval_problems=48, eval_k=8,
         lr_warmup_steps=10, lpreg_rho=0.25, save_every=0, keep_checkpoints=1, sample_every=10, torch_threads=1,

@@ -91,11 +91,13 @@ def _problem_file(flag: str, path: str) -> Tuple[List[Problem], int]:
 def load_task(cfg) -> Tuple[List[Problem], List[Problem], int]:
     """(RL problems, warm-start problems, rows skipped) from --data or the built-in task.
 
-    Built-in: the warm start sees the whole (operand-filtered) training split; RL uses its first
-    `n_problems`, a set small enough that each problem recurs during a short CPU run."""
+    Built-in: the warm start sees the whole (operand-filtered) training split, plus the task's
+    warm-start-only problems if it has any; RL uses the split's first `n_problems`, a set small
+    enough that each problem recurs during a short CPU run."""
     if cfg.data is None:
         pool = builtin_problems(cfg, 10**9, cfg.seed, "train")
-        return pool[: cfg.n_problems], pool, 0
+        extra = TASKS[cfg.task].warm_start_extra
+        return pool[: cfg.n_problems], pool + (extra() if extra is not None else []), 0
     problems, skipped = _problem_file("--data", cfg.data)
     return problems, problems, skipped
 
@@ -189,13 +191,16 @@ WARM_START_KEYS = ("task", "data", "max_operand", "model", "dtype", "hidden_size
 
 
 def warm_start_cache_dir(cfg) -> Optional[str]:
-    """`--warm-start-cache`'s entry for this config: a hash of WARM_START_KEYS, or None when unset
-    (or when --data is a file, whose contents the key could not see)."""
+    """`--warm-start-cache`'s entry for this config: a hash of WARM_START_KEYS and of the warm-start
+    problems' text, or None when unset (or when --data is a file)."""
     if not cfg.warm_start_cache or cfg.data is not None:
         return None
     import hashlib
 
-    key = json.dumps({k: getattr(cfg, k) for k in WARM_START_KEYS}, sort_keys=True)
+    # the warm-start data's text too, so that a changed task never loads a stale entry
+    texts = "\n".join(f"{p.question}\t{p.target or p.answer}" for p in load_task(cfg)[1])
+    key = json.dumps({**{k: getattr(cfg, k) for k in WARM_START_KEYS},
+                      "data": hashlib.sha256(texts.encode()).hexdigest()}, sort_keys=True)
     return os.path.join(cfg.warm_start_cache, hashlib.sha256(key.encode()).hexdigest()[:16])
 
 

@@ -8,19 +8,21 @@ paper's mechanism needs and `arithmetic` (cpu-tiny) lacks:
   the questions, which never appear in an answer, so at every answer position the policy
   spreads a little mass over thousands of useless tokens: min-p keeps a few, filters the rest;
 - a rare but valuable token: a completion may start with `SPARK` ("check") and work the sum out
-  step by step before the answer. Only `SPARK_RATE_HARD` of the warm-start targets of hard items
-  use it (none of the easy ones), so after the warm start its probability is small;
+  step by step before the answer. Only `SPARK_RATE_HARD` of the warm-start targets of hard
+  questions use it (none of the easy ones), so after the warm start its probability is small.
+  It is valuable because the warm start makes the two paths unequal: the scratch procedure is
+  drilled on warm-start-only prompts ("Work out 3+5+7=?", `warm_start_drills`), while
+  `DIRECT_NOISE` of the hard questions' direct answers are guesses, off by 1 or 2;
 - problems of two difficulties. easy: "a+b" with a in 0..18, b in 0..9 (190 facts; these are
-  also exactly the facts the scratch path needs); hard: "a+b+c" with a, b, c in 0..9. Answering
-  a hard item directly needs a 3-term sum in one token; the scratch path needs two known facts.
+  also exactly the facts the scratch path needs); hard: "a+b+c" with a, b, c in 0..9.
 
-Questions read "Q: Tovira stacks figs: 3+5+7=?\\nA: "; the bare answer is "15"; the scratch form
+Questions read "Q: Tovira stacks figs: 3+5+7=?\nA: "; the bare answer is "15"; the scratch form
 is "check 3+5=8 8+7=15 Answer: 15" (the reward reads "Answer:", lpreg.trainer.reward).
 
 Every expression has `PHRASINGS` questions (name, verb, item drawn from a fixed-seed RNG); the
 split is by expression (sha256, seed-free), so no held-out sum is ever seen in training under any
-phrasing. `sparks_split(split, seed)` orders a split by `seed` with hard and easy items
-interleaved two to one.
+phrasing, drills included. `sparks_split(split, seed)` orders a split by `seed` with hard and
+easy items interleaved two to one.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ from .tasks import Problem
 
 SPARK = "check"  # the rare valuable token: the first token of the scratch form
 SPARK_RATE_HARD = 0.08  # share of hard items whose warm-start target is the scratch form
+DIRECT_NOISE = 0.5  # share of hard items' direct warm-start answers that are off by 1 or 2 (guesses)
+DRILL_PREFIX = "Work out"  # warm-start-only drill prompts, always answered in the scratch form
 VOCAB_SIZE = 3000  # byte-pair vocabulary (specials included)
 PHRASINGS = 3  # questions per expression
 TEST_PERCENT = 15  # expressions held out for the test split
@@ -62,10 +66,39 @@ def _is_test(terms: tuple[int, ...]) -> bool:
     return int.from_bytes(digest[:4], "little") % 100 < TEST_PERCENT
 
 
+def _draw(tag: str, question: str) -> float:
+    # a uniform [0, 1) draw fixed per question (sha256, seed-free): the warm-start data is the
+    # same in every run
+    return int.from_bytes(hashlib.sha256(f"{tag}:{question}".encode()).digest()[:4], "little") / 2**32
+
+
 def _uses_spark(question: str) -> bool:
-    # fixed per question (sha256, seed-free): the warm-start data is the same in every run
-    digest = hashlib.sha256(("spark:" + question).encode()).digest()
-    return int.from_bytes(digest[:4], "little") < SPARK_RATE_HARD * 2**32
+    return _draw("spark", question) < SPARK_RATE_HARD
+
+
+def _direct_target(terms: tuple[int, ...], question: str) -> str:
+    """A hard item's direct warm-start answer: right, or (DIRECT_NOISE of the time) off by 1 or 2."""
+    total = sum(terms)
+    if _draw("noise", question) >= DIRECT_NOISE:
+        return str(total)
+    r = _draw("off", question)
+    off = 1 if r < 0.5 else 2
+    return str(total + off if r < 0.25 or 0.5 <= r < 0.75 or total < off else total - off)
+
+
+def warm_start_drills() -> list[Problem]:
+    """Warm-start-only drills that teach the scratch procedure: "Work out 3+5+7=?" answered
+    "check 3+5=8 8+7=15 Answer: 15", one per hard expression of the train split.
+
+    Why: with the scratch form on only 8% of the named hard questions, the warm-started policy
+    starts it but cannot finish it (11% correct when forced, 40% when it answers directly), so
+    `check` would be rare and worthless. The drills make the procedure reliable while leaving
+    `check` rare on the named questions the RL set and the test split ask: a skill that the
+    warm start taught and the policy seldom uses, like the reasoning words of the paper. They
+    never enter the RL set or the test split, and no held-out expression is drilled."""
+    return [Problem(question=f"{DRILL_PREFIX} {'+'.join(map(str, terms))}=?", answer=str(sum(terms)),
+                    target=scratch(terms))
+            for terms in _expressions() if len(terms) == 3 and not _is_test(terms)]
 
 
 def is_hard(problem: Problem) -> bool:
@@ -84,7 +117,8 @@ def _universe() -> tuple[tuple[Problem, bool], ...]:
             question = f"{name} {rng.choice(_VERBS)} {rng.choice(_ITEMS)}: {'+'.join(map(str, terms))}=?"
             answer = str(sum(terms))
             hard = len(terms) == 3
-            target = scratch(terms) if hard and _uses_spark(question) else answer
+            target = (scratch(terms) if _uses_spark(question) else _direct_target(terms, question)) if hard \
+                else answer
             out.append((Problem(question=question, answer=answer, target=target), _is_test(terms)))
     return tuple(out)
 
@@ -109,13 +143,14 @@ def sparks_split(split: str, seed: int, max_operand: int = 99) -> list[Problem]:
 
 def corpus() -> list[str]:
     """The text the tokenizer is trained on: every question of both splits in its prompt, and
-    both answer forms of every expression (bare and scratch)."""
+    both answer forms of every expression (bare and scratch), and the drills' prompts."""
     from .model import PLAIN_TEMPLATE
 
     lines = []
     for p, _ in _universe():
         terms = tuple(int(x) for x in p.question.rsplit(": ", 1)[1][:-2].split("+"))
         lines += [PLAIN_TEMPLATE.format(question=p.question) + p.answer, scratch(terms)]
+    lines += [PLAIN_TEMPLATE.format(question=p.question) for p in warm_start_drills()]
     return lines
 
 

@@ -151,12 +151,20 @@ class BuiltinTask:
     split_problems: Callable[[str, int, int], list[Problem]]
     tokenizer: Callable[[], Any]
     spark_tokens: tuple[str, ...] = ()  # rare valuable tokens whose probability the trainer logs
+    # extra problems for the warm start only (never in the RL set or the held-out split)
+    warm_start_extra: Callable[[], list[Problem]] | None = None
 
 
 def _sparks_split(split: str, seed: int, max_operand: int) -> list[Problem]:
     from .sparks import sparks_split  # imported here: sparks imports this module
 
     return sparks_split(split, seed, max_operand)
+
+
+def _sparks_drills() -> list[Problem]:
+    from .sparks import warm_start_drills
+
+    return warm_start_drills()
 
 
 def _sparks_tokenizer() -> Any:
@@ -169,5 +177,6 @@ def _sparks_tokenizer() -> Any:
 TASKS: dict[str, BuiltinTask] = {
     "arithmetic": BuiltinTask(split_problems=arithmetic_split, tokenizer=_char_tokenizer),
     # lpreg.trainer.sparks: a subword noise tail and a rare valuable "check" token (cpu-sparks)
-    "sparks": BuiltinTask(split_problems=_sparks_split, tokenizer=_sparks_tokenizer, spark_tokens=("check",)),
+    "sparks": BuiltinTask(split_problems=_sparks_split, tokenizer=_sparks_tokenizer, spark_tokens=("check",),
+                          warm_start_extra=_sparks_drills),
 }
