@@ -30,6 +30,11 @@ that call and 2 more (the one call alone at N = 16k); `load1` is the 1-minute lo
 at the end.
 The fused paths must stay flat in N; materialised grows as N V 4 bytes.
 
+`test_cpu_target_interleaved` times issue 11's target shape (N = 4096, H = 256) differently:
+every provider in one fresh process, 9 rounds round-robin (the order rotates each round), the
+median per provider and the ratios of the default call to each. On a shared VM whose speed
+drifts by 10% over minutes, this is the fair comparison; the per-provider cases give memory.
+
 GPU (`gpu` marker): N = 8192, H = 4096, V = 151,936, bf16: time (CUDA events), peak memory
 over the inputs and effective TFLOP/s on 6 N H V flops.
 
@@ -208,6 +213,57 @@ def test_cpu_fused_linear(benchmark, cpu_case):
     benchmark.extra_info.update(provider=provider, N=N, H=H, V=V, device="cpu", dtype="float32", **result)
 
 
+def interleaved(providers, N, H, V, rounds):
+    """Every provider on the same inputs in one process, timed round-robin (the order rotates each
+    round): per provider the median of `rounds` calls. Slow drifts of a shared machine then hit
+    every provider alike, which separate processes run minutes apart do not."""
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    hidden, weight, labels, adv, old, mask = inputs(N, H, V)
+    fns = {p: make_provider(p, labels, adv, old, mask) for p in providers}
+
+    def step(p):
+        hidden.grad = weight.grad = None
+        fns[p](hidden, weight).backward()
+
+    for p in providers:  # warm-up at full size (compilation is not measured)
+        step(p)
+    times = {p: [] for p in providers}
+    for r in range(rounds):
+        for p in providers[r % len(providers):] + providers[:r % len(providers)]:
+            t0 = time.perf_counter()
+            step(p)
+            times[p].append((time.perf_counter() - t0) * 1e3)
+    return {"ms": {p: statistics.median(t) for p, t in times.items()}, "times_ms": times,
+            "load1": os.getloadavg()[0]}
+
+
+def test_cpu_target_interleaved(benchmark):
+    """Issue 11's target at N = 4096, H = 256: the default call against the precomputed threshold,
+    the materialised path and Liger, 9 interleaved rounds in one fresh process (the smoke run:
+    one round at the tiny shape). Reports the ratios; the target (<= 1.05x the threshold path,
+    below materialised and Liger) is read from them, not asserted: a timing, not a test."""
+    enabled = not benchmark.disabled
+    N, H, V = (4096, 256, V_CPU) if enabled else SMOKE_SHAPE
+    providers = ["fused", "fused_threshold", "materialised", "compile"] + \
+        (["liger", "liger_compile"] if liger_available() else [])
+    result = {}
+
+    def run():
+        out = subprocess.run([sys.executable, "-W", "ignore", os.path.abspath(__file__), "interleaved", str(N), str(H),
+                              str(V), str(9 if enabled else 1), *providers], capture_output=True, text=True)
+        if out.returncode != 0:
+            raise RuntimeError(f"interleaved run failed:\n{out.stderr[-4000:]}")
+        result.update(json.loads(out.stdout.strip().splitlines()[-1]))
+
+    benchmark.pedantic(run, rounds=1, iterations=1)
+    ms = result["ms"]
+    assert set(ms) == set(providers) and all(v > 0 for v in ms.values())
+    ratios = {f"fused/{p}": ms["fused"] / ms[p] for p in providers if p != "fused"}
+    print(json.dumps({"N": N, "H": H, "V": V, **result, "ratios": ratios}), flush=True)  # seen with -s
+    benchmark.extra_info.update(N=N, H=H, V=V, device="cpu", dtype="float32", ms=ms, ratios=ratios,
+                                load1=result["load1"])
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("provider", ["fused", "fused_threshold", "materialised"])
@@ -228,4 +284,7 @@ def test_gpu_time_and_memory(benchmark, measure, provider):
 
 
 if __name__ == "__main__":
-    print(json.dumps(case(sys.argv[1], *map(int, sys.argv[2:6]))))
+    if sys.argv[1] == "interleaved":  # interleaved N H V ROUNDS PROVIDER...
+        print(json.dumps(interleaved(sys.argv[6:], *map(int, sys.argv[2:6]))))
+    else:
+        print(json.dumps(case(sys.argv[1], *map(int, sys.argv[2:6]))))

@@ -141,7 +141,7 @@ def fused_linear_token_stats(
     proxy: None (on-policy: the current logits, detached), dense (..., V) logits of the
     data-generating policy, or a `SparseProxy` (..., k) from `lpreg.build_proxy` (which holds
     its own filter: mode and threshold then do not apply).
-    chunk_size: token rows per chunk, default `default_chunk_size(N, V)` (about 64 MiB of fp32
+    chunk_size: token rows per chunk, default `default_chunk_size(N, V)` (just under 32 MiB of fp32
     logits on CPU, 128 MiB on CUDA).
 
     Returns TokenStats(logp, proxy_logp, kl, entropy), each (...) fp32; logp, kl and entropy

@@ -182,7 +182,7 @@ def fused_linear_policy_loss(
     compat: "released" (default) or "paper"; see `lpreg.lpreg_policy_loss`.
     chunk_size: token rows per chunk; default `default_chunk_size(N, V)`: ~2**25 logits on
     CUDA (e.g. 208 rows at V = 151,936: 121 MiB per fp32 chunk buffer, ~256 MiB live with
-    its gradient), ~2**24 on CPU (64 MiB). Extra memory besides the chunk: the fp32 hidden
+    its gradient), just under 32 MiB on CPU. Extra memory besides the chunk: the fp32 hidden
     gradient (B, L, H), the fp32 weight gradient (V, H) (+ bias), N fp32 log-probs.
 
     Without `selection_threshold` the call makes one pass over all N rows and a second over

@@ -106,6 +106,12 @@ def test_default_chunk_size():
     c = default_chunk_size(10**6, 151936, torch.device("cuda"))
     assert c % 16 == 0 and c * 151936 <= 1 << 25
     assert default_chunk_size(10**6, 10**8, cpu) == 1
+    # CPU: every fp32 chunk buffer stays below glibc's largest mmap threshold (32 MiB), so freed
+    # buffers are reused warm instead of page-faulted anew (lpreg/_fused_linear_chunks.py)
+    for V in (1000, 32_000, 151_936):
+        c = default_chunk_size(10**6, V, cpu)
+        assert c % 16 == 0 and c * V * 4 < 32 << 20 and (c + 16) * V * 4 > 30 << 20, (V, c)
+    assert default_chunk_size(10**6, 32_000, cpu) == 240
 
 
 def test_bad_input():
