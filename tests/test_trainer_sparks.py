@@ -231,3 +231,18 @@ def test_spark_value_probe_forces_the_spark_and_measures_both_paths():
         assert 0.0 <= out[path]["accuracy"] <= 1.0
     with pytest.raises(ValueError, match="--task must be 'sparks'"):
         measure(["--task", "arithmetic"])
+
+
+def test_sweep_figure_has_a_panel_per_logged_metric_only(tmp_path):
+    """cpu-tiny logs neither spark/prob nor held-out metrics: the figure leaves those panels out."""
+    import matplotlib.image
+
+    from lpreg.trainer.compare import BAND_KEYS
+    from lpreg.trainer.logging_utils import plot_bands
+
+    rows = [{"step": s, "critic/score/mean": 0.1 * s, "actor/entropy": 1.0 / s} for s in range(1, 21)]
+    full = [{**r, **{key: 0.5 for key, _ in BAND_KEYS}} for r in rows]
+    small = matplotlib.image.imread(plot_bands({"grpo": [rows, rows]}, str(tmp_path / "a.png"), keys=BAND_KEYS))
+    big = matplotlib.image.imread(plot_bands({"grpo": [full]}, str(tmp_path / "b.png"), keys=BAND_KEYS))
+    # two panels fit in one row of four, all eight need two rows: the figure is about half as tall
+    assert small.shape[0] < 0.7 * big.shape[0], (small.shape, big.shape)

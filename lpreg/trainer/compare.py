@@ -3,7 +3,7 @@
     python -m lpreg.trainer.compare                      # cpu-sparks: 6 arms x 3 seeds, 2 jobs,
                                                          # docs/cpu_sparks_sweep.png and .json
     python -m lpreg.trainer.compare --arms grpo lpreg_released --seeds 0 -- --steps 20   # a pilot
-    python -m lpreg.trainer.compare --preset cpu-tiny --arms lpreg grpo --seeds 0 \\
+    python -m lpreg.trainer.compare --preset cpu-tiny --arms grpo lpreg_released --seeds 0 1 2 \\
         --figure docs/cpu_tiny_lpreg_vs_grpo.png         # the negative control
 
 Arms (`ARMS`; a bare loss name is also an arm, with that loss's defaults): GRPO, Lp-Reg in the

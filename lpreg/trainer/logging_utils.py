@@ -166,12 +166,16 @@ def plot_bands(runs, path, *, keys, title=None, ncols=4, smooth=5) -> str:
     per step, the mean over the seeds that logged the key (bold) and a band from their lowest to
     their highest value, each a trailing `smooth`-point moving average (every step sees other
     prompts, so raw per-step values are noisy; held-out evaluations are sparse and drawn raw).
-    Writes a PNG at `path`; returns the path."""
+    A key no run logged (a task without spark tokens, a run without held-out evaluation) gets no
+    panel. Writes a PNG at `path`; returns the path."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    logged = [(key, label) for key, label in keys
+              if any(r.get(key) is not None for seeds in runs.values() for rows in seeds for r in rows)]
+    keys = logged or list(keys)[:1]
     nrows = -(-len(keys) // ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(3.6 * ncols, 2.9 * nrows), dpi=90, squeeze=False)
     for ax, (key, label) in zip(axes.flat, keys):
