@@ -16,7 +16,7 @@ paper's mechanism needs and `arithmetic` (cpu-tiny) lacks:
 - problems of two difficulties. easy: "a+b" with a in 0..18, b in 0..9 (190 facts; these are
   also exactly the facts the scratch path needs); hard: "a+b+c" with a, b, c in 0..9.
 
-Questions read "Q: Tovira stacks figs: 3+5+7=?\nA: "; the bare answer is "15"; the scratch form
+Questions read "Q: Tovira stacks figs: 3+5+7=?\\nA: "; the bare answer is "15"; the scratch form
 is "check 3+5=8 8+7=15 Answer: 15" (the reward reads "Answer:", lpreg.trainer.reward).
 
 Every expression has `PHRASINGS` questions (name, verb, item drawn from a fixed-seed RNG); the
@@ -81,9 +81,10 @@ def _direct_target(terms: tuple[int, ...], question: str) -> str:
     total = sum(terms)
     if _draw("noise", question) >= DIRECT_NOISE:
         return str(total)
-    r = _draw("off", question)
+    r = _draw("off", question)  # four equal cases: +1, -1, +2, -2 (a guess below 0 goes up instead)
     off = 1 if r < 0.5 else 2
-    return str(total + off if r < 0.25 or 0.5 <= r < 0.75 or total < off else total - off)
+    up = r % 0.5 < 0.25 or total < off
+    return str(total + off if up else total - off)
 
 
 def warm_start_drills() -> list[Problem]:
