@@ -19,6 +19,7 @@ forward + backward, the logits and their stale gradient excluded.
 
 import ctypes
 import re
+import time
 
 import pytest
 import torch
@@ -70,17 +71,23 @@ def peak_memory_mb(step, device):
     return (_proc_status_kb("VmHWM") - base) / 1024
 
 
-def cuda_event_ms(step, reps=5):
-    """Median device time of step() in ms, timed with CUDA events (after one warm-up)."""
+def median_ms(step, reps=5, cuda=True):
+    """Median time of step() in ms over `reps` runs after one warm-up: device time from CUDA
+    events, or wall time on the CPU (cuda=False). bench/gpu_results.py uses it too."""
     step()
     times = []
     for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        step()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            step()
+            times.append((time.perf_counter() - t0) * 1e3)
     return sorted(times)[len(times) // 2]
 
 
@@ -94,7 +101,7 @@ def time_row_op(benchmark, step, reset, *, device, N, V, elem, logits_mb, provid
         step()  # warm-up (and torch.compile's compilation)
         reset()
         peak = peak_memory_mb(step, device)
-        ms = cuda_event_ms(step) if device == "cuda" else None
+        ms = median_ms(step) if device == "cuda" else None
         benchmark.pedantic(step, rounds=3 if device == "cpu" else 10, iterations=1, warmup_rounds=0)
     except torch.cuda.OutOfMemoryError:
         reset()
@@ -111,4 +118,4 @@ def time_row_op(benchmark, step, reset, *, device, N, V, elem, logits_mb, provid
 @pytest.fixture
 def measure():
     """The helpers above, as a fixture (bench/ is not a package, so conftest is not importable)."""
-    return {"peak_memory_mb": peak_memory_mb, "cuda_event_ms": cuda_event_ms, "time_row_op": time_row_op}
+    return {"peak_memory_mb": peak_memory_mb, "median_ms": median_ms, "time_row_op": time_row_op}

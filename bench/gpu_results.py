@@ -27,7 +27,6 @@ import platform
 import re
 import subprocess
 import sys
-import time
 
 FUSED_LINEAR_TARGET = 0.70  # issue 11: fused linear at >= 70 % of the measured bf16 matmul rate
 GPU_SHAPE = (8192, 4096, 151_936)  # N, H, V of bench/test_bench_fused_linear.py's GPU case
@@ -40,24 +39,14 @@ def slug(name: str) -> str:
 
 
 def _median_ms(step, reps, cuda):
-    """Median time of step() in ms over reps runs after one warm-up (CUDA events on a GPU)."""
-    import torch
+    """bench/conftest.py's `median_ms`, loaded by path (bench/ is not a package)."""
+    import importlib.util
 
-    step()
-    times = []
-    for _ in range(reps):
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            step()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            step()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return sorted(times)[len(times) // 2]
+    spec = importlib.util.spec_from_file_location(
+        "bench_conftest", os.path.join(os.path.dirname(os.path.abspath(__file__)), "conftest.py"))
+    conftest = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(conftest)
+    return conftest.median_ms(step, reps, cuda)
 
 
 def measure_copy(cpu: bool = False) -> dict:

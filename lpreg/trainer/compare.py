@@ -78,14 +78,14 @@ def _steps(preset: str, extra: Sequence[str]) -> int:
     return steps
 
 
-def _cached(preset: str, seed: int, cache: str, extra: Sequence[str]) -> bool:
-    """Whether the warm start of `seed` is already in `cache` (lpreg.trainer.setup's key)."""
+def _cache_entry(preset: str, seed: int, cache: str, extra: Sequence[str]) -> Optional[str]:
+    """The warm-start cache entry of `seed`'s runs (lpreg.trainer.setup's key; it hashes the
+    warm-start data, so it is computed once per seed, not at every poll)."""
     from lpreg.trainer.config import load_config
     from lpreg.trainer.setup import warm_start_cache_dir
 
-    cfg = load_config(["--preset", preset, *extra, "--seed", str(seed), "--warm-start-cache", cache])
-    entry = warm_start_cache_dir(cfg)
-    return entry is None or os.path.isfile(os.path.join(entry, "warm_start.json"))
+    return warm_start_cache_dir(load_config(["--preset", preset, *extra, "--seed", str(seed),
+                                             "--warm-start-cache", cache]))
 
 
 def run_sweep(preset: str, arms: Sequence[str], seeds: Sequence[int], runs_dir: str, extra: Sequence[str] = (),
@@ -106,12 +106,17 @@ def run_sweep(preset: str, arms: Sequence[str], seeds: Sequence[int], runs_dir: 
                                      "--progress", "false", "--plot", "false", "--warm-start-cache", cache,
                                      "--torch-threads", "1", *extra]))
     running: List[tuple] = []
-    warmed = {s for s in seeds if _cached(preset, s, cache, extra)}  # seeds whose warm start is cached
+    entries = {s: _cache_entry(preset, s, cache, extra) for s in seeds}
+
+    def cached(seed: int) -> bool:
+        return entries[seed] is None or os.path.isfile(os.path.join(entries[seed], "warm_start.json"))
+
+    warmed = {s for s in seeds if cached(s)}  # seeds whose warm start is cached
     while todo or running:
         while len(running) < max(1, jobs):
             # a seed's first run warm-starts and fills the cache: its other runs wait for the entry
             busy = {seed for _, seed, *_ in running if seed not in warmed}
-            warmed |= {seed for seed in busy if _cached(preset, seed, cache, extra)}
+            warmed |= {seed for seed in busy if cached(seed)}
             busy -= warmed
             ready = [i for i, (_, seed, _) in enumerate(todo) if seed not in busy]
             if not ready:

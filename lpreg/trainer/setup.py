@@ -155,10 +155,18 @@ def _accelerator(cfg):
     return acc
 
 
-def _resume_or_warm_start(cfg, acc, model, tok, warm_problems) -> Optional[dict]:
-    """Load the checkpoint to resume from (returns its trainer state), or run the SFT warm start."""
+def run_warm_start(cfg, model, tok, warm_problems: List[Problem], log=print) -> dict:
+    """The SFT warm start `cfg` asks for (no cache); held-out accuracy on the built-in task's
+    test split, or on a slice of `warm_problems` with --data. Returns `model.warm_start`'s metrics."""
     from lpreg.trainer.model import warm_start
 
+    held_out = builtin_problems(cfg, cfg.warmup_eval_problems, cfg.seed + 1, "test") if cfg.data is None else None
+    return warm_start(model, tok, warm_problems, steps=cfg.warmup_steps, lr=cfg.warmup_lr,
+                      batch_size=cfg.warmup_batch_size, seed=cfg.seed, log=log, eval_problems=held_out)
+
+
+def _resume_or_warm_start(cfg, acc, model, tok, warm_problems) -> Optional[dict]:
+    """Load the checkpoint to resume from (returns its trainer state), or run the SFT warm start."""
     resume_dir = ckpt.resolve_resume(cfg.resume, cfg.output_dir)
     if resume_dir is not None:
         model_dir, state = ckpt.load_checkpoint(resume_dir)
@@ -173,10 +181,7 @@ def _resume_or_warm_start(cfg, acc, model, tok, warm_problems) -> Optional[dict]
                 ws = {**json.load(fh), "cache": cached}
             acc.print(f"warm start: loaded {cached}")
         else:
-            held_out = builtin_problems(cfg, cfg.warmup_eval_problems, cfg.seed + 1, "test") if cfg.data is None \
-                else None
-            ws = warm_start(model, tok, warm_problems, steps=cfg.warmup_steps, lr=cfg.warmup_lr,
-                            batch_size=cfg.warmup_batch_size, seed=cfg.seed, log=acc.print, eval_problems=held_out)
+            ws = run_warm_start(cfg, model, tok, warm_problems, log=acc.print)
             if cached is not None and acc.is_main_process:
                 _save_warm_start(model, ws, cached)
         if acc.is_main_process:

@@ -24,8 +24,8 @@ import torch
 from lpreg.trainer import sparks
 from lpreg.trainer.config import load_config
 from lpreg.trainer.diversity import spark_probability
-from lpreg.trainer.model import answer_accuracy, format_prompt, generate_completions, warm_start
-from lpreg.trainer.setup import build_policy, builtin_problems, load_task
+from lpreg.trainer.model import answer_accuracy, format_prompt, generate_completions
+from lpreg.trainer.setup import build_policy, load_task, run_warm_start
 
 
 def _accuracy(model, tok, problems, k: int, max_new_tokens: int, prefix: str = "") -> Dict[str, float]:
@@ -46,11 +46,8 @@ def measure(argv: List[str], n_items: int = 64, k: int = 8) -> Dict:
     torch.set_num_threads(max(1, cfg.torch_threads))
     torch.manual_seed(cfg.seed)
     model, tok = build_policy(cfg, "cpu")
-    _, warm, _ = load_task(cfg)
     start = time.process_time()
-    ws = warm_start(model, tok, warm, steps=cfg.warmup_steps, lr=cfg.warmup_lr, batch_size=cfg.warmup_batch_size,
-                    seed=cfg.seed, eval_problems=builtin_problems(cfg, cfg.warmup_eval_problems, cfg.seed + 1, "test"),
-                    log=lambda _: None)
+    ws = run_warm_start(cfg, model, tok, load_task(cfg)[1], log=lambda _: None)
     hard = [p for p in sparks.sparks_split("test", 0) if sparks.is_hard(p)][:n_items]
     ids = [tok.encode(format_prompt(tok, p.question), add_special_tokens=False) for p in hard]
     p_spark = spark_probability(model, ids, [tok.get_vocab()[sparks.SPARK]], cfg.temperature)
