@@ -1,6 +1,6 @@
 // Row-statistics layout of the token-statistics kernels (csrc/cpu, csrc/cuda): the slots of one
 // row of row_stats, (N, kRowStatsWidth) fp32, which the forward writes and the backward reads.
-// The layout is defined once, in kernels/row_stats.py (read by the Triton and PyTorch paths);
+// The layout is defined once, in lpreg/_contract.py (read by the Triton and PyTorch paths);
 // these constants name the same slots for C++ and CUDA, and tests/test_token_stats_ops.py
 // checks that the two definitions agree.
 //

@@ -13,15 +13,15 @@ BLOCK_V; these helpers are the pieces both ops compute alike:
 - `entropy_grad`, `zero_row`: the entropy term of the backward, and an ignored row's zeros.
 
 The row-statistics slots (`LSE`, `ENTROPY`, ...) are constexprs of the layout in
-lpreg.kernels.row_stats, which also states the ignored-row invariant `zero_row` serves.
+lpreg._contract, which also states the ignored-row invariant `zero_row` serves.
 """
 
 import triton
 import triton.language as tl
 
-from . import row_stats as _layout
+from .. import _contract as _layout
 
-# slots of a row of row_stats (the one layout definition is lpreg.kernels.row_stats)
+# slots of a row of row_stats (the one layout definition is lpreg._contract)
 LSE = tl.constexpr(_layout.LSE)
 ENTROPY = tl.constexpr(_layout.ENTROPY)
 LSE_KEPT = tl.constexpr(_layout.LSE_KEPT)

@@ -20,7 +20,7 @@ rounded once. Indices must be unique within a row (top-k gives that).
 
 Row-statistics contract (shared with the torch backend, lpreg._sparse_proxy_torch_backend):
 the forward returns `row_stats` (N, 2) fp32 = [lse, H] (the first two token-stats slots of
-lpreg.kernels.row_stats); the backward needs nothing else but the logits, labels and the
+lpreg._contract); the backward needs nothing else but the logits, labels and the
 proxy. A row holding a NaN or a +inf, or only -inf, gives NaN outputs. Ignored-row
 invariant (as for token stats): a row whose label is `ignore_index` gives zero outputs and
 zero row_stats, and its backward writes exact zeros without reading row_stats or computing
@@ -35,7 +35,7 @@ once, writes the gradient once, and re-reads / re-writes k entries.
 import triton
 import triton.language as tl
 
-from . import row_stats as _layout
+from .. import _contract as _layout
 from ._row_helpers import (
     ENTROPY,
     LSE,

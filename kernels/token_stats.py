@@ -18,7 +18,7 @@ Backward, for upstream (g_logp, g_kl, g_H) per row, in one elementwise pass:
 
 Row-statistics contract shared by every backend (Triton, torch, C++, CUDA): the forward
 returns `row_stats`, an (N, 5) fp32 tensor [lse, H, lse_K, cutoff, argmax_y] (the layout is
-defined once, in lpreg.kernels.row_stats), which is all the backward needs besides the logits
+defined once, in lpreg._contract), which is all the backward needs besides the logits
 (and the proxy logits when given): 20 bytes per row. A row holding a NaN or a +inf (in the
 logits or the proxy), or only -inf, gives NaN outputs and a NaN gradient, in that row alone.
 Ignored-row invariant: a row whose label is `ignore_index` gives zero outputs and zero
@@ -40,7 +40,7 @@ once. Compulsory traffic is therefore about 3 N V elements for forward + backwar
 import triton
 import triton.language as tl
 
-from . import row_stats as _layout
+from .. import _contract as _layout
 from ._row_helpers import (
     ARGMAX,
     CUTOFF,

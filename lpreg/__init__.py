@@ -14,6 +14,7 @@ __version__ = "0.1.0"  # the one version source (pyproject.toml reads it statica
 
 from . import reference
 from .fused_linear import fused_linear_policy_loss, fused_linear_token_stats
+from .loss_config import LossConfig, needs_step_selection
 from .policy_loss import lpreg_policy_loss, policy_loss_from_stats
 from .selection import SelectionThreshold, selection_threshold
 from .sparse_proxy import SparseProxy, build_proxy, sparse_proxy_stats
@@ -25,8 +26,9 @@ __all__ = [
     "TokenStats", "lpreg_token_stats", "lpreg_kl",
     # the off-policy proxy recorded at rollout time
     "SparseProxy", "build_proxy", "sparse_proxy_stats",
-    # the Lp-Reg policy loss
-    "lpreg_policy_loss", "policy_loss_from_stats", "SelectionThreshold", "selection_threshold",
+    # the Lp-Reg policy loss: its options (defined once), the losses, the step-wide selection
+    "LossConfig", "lpreg_policy_loss", "policy_loss_from_stats",
+    "needs_step_selection", "SelectionThreshold", "selection_threshold",
     # LM head + loss without materialised logits
     "fused_linear_policy_loss", "fused_linear_token_stats",
     # the readable pure-PyTorch oracle

@@ -69,7 +69,8 @@ def take_rows(t, rows: Rows):
     if t is None:
         return None
     if isinstance(t, SparseProxy):
-        return SparseProxy(t.indices[rows], t.logq[rows], t.coverage[rows])
+        lab = None if t.label_logq is None else t.label_logq[rows]  # the label's exact log q travels too
+        return SparseProxy(t.indices[rows], t.logq[rows], t.coverage[rows], lab)
     return t[rows]
 
 

@@ -12,9 +12,8 @@ import functools
 
 import torch
 
-from .kernels import row_stats as layout
-
-ROW_STATS_WIDTH = layout.TOKEN_STATS_WIDTH  # csrc/row_stats.h: kRowStatsWidth
+from ._contract import TOKEN_STATS_WIDTH as ROW_STATS_WIDTH  # csrc/row_stats.h: kRowStatsWidth
+from ._contract import fake_grad, fake_row_outputs
 
 
 @functools.lru_cache(maxsize=None)
@@ -34,8 +33,6 @@ _load_error = []
 
 
 def _register_fakes():
-    from ._token_stats_ops import fake_grad, fake_row_outputs
-
     @torch.library.register_fake("lpreg_C::token_stats_fwd")
     def _fwd_fake(logits, labels, proxy, inv_temperature, fixed, log_threshold, ignore_index):
         return fake_row_outputs(logits, ROW_STATS_WIDTH)

@@ -1,8 +1,9 @@
-"""torch.library glue: the `lpreg::sparse_proxy_stats` op, its backward op, fake kernels, autograd.
+"""torch.library glue: the `lpreg::sparse_proxy_stats` op, its backward op, fake kernels, autograd;
+and `lpreg::build_proxy`, the no-grad op that records the proxy's top-k at rollout time.
 
 The same layering as token stats (lpreg._token_stats_ops): the ops take 2-D (N, V) logits with
 unit-stride rows, (N, k) int64 indices and fp32 log q, an optional (N,) fp32 exact label
-log q, and a backend name that is resolved inside the op bodies by `lpreg._backends`
+log q, and a backend name that is resolved inside the op bodies by `lpreg._contract`
 (the same resolution as token stats), then served by the module that registry names.
 The public function, with its argument checks, is `lpreg.sparse_proxy.sparse_proxy_stats`.
 """
@@ -12,9 +13,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import _backends, _validate
-from ._token_stats_ops import as_upstream, fake_grad, fake_row_outputs
-from .kernels import row_stats as layout
+from . import _contract, _validate
+from ._contract import as_upstream, fake_grad, fake_row_outputs
 
 _OP = "sparse_proxy_stats"
 
@@ -35,13 +35,13 @@ def sparse_proxy_stats_op(logits: Tensor, labels: Optional[Tensor], indices: Ten
     if labels is not None:
         _validate.check_label_range(labels, logits.shape[-1], ignore_index)
     _check_indices(indices, logits.shape[-1])
-    impl = _backends.implementation(_backends.resolve(backend, logits.device), _OP)
+    impl = _contract.implementation(_contract.resolve(backend, logits.device), _OP)
     return impl.sparse_proxy_forward(logits, labels, indices, logq, label_logq, inv_temperature, ignore_index)
 
 
 @sparse_proxy_stats_op.register_fake
 def _(logits, labels, indices, logq, label_logq, inv_temperature, ignore_index, backend):
-    return fake_row_outputs(logits, layout.SPARSE_PROXY_WIDTH)
+    return fake_row_outputs(logits, _contract.SPARSE_PROXY_WIDTH)
 
 
 @torch.library.custom_op("lpreg::sparse_proxy_stats_backward", mutates_args=())
@@ -49,7 +49,7 @@ def sparse_proxy_stats_backward_op(logits: Tensor, labels: Optional[Tensor], ind
                                    row_stats: Tensor, g_logp: Optional[Tensor], g_kl: Optional[Tensor],
                                    g_entropy: Optional[Tensor], inv_temperature: float, ignore_index: int,
                                    backend: str) -> Tensor:
-    impl = _backends.implementation(_backends.resolve(backend, logits.device), _OP)
+    impl = _contract.implementation(_contract.resolve(backend, logits.device), _OP)
     return impl.sparse_proxy_backward(logits, labels, indices, logq, row_stats, g_logp, g_kl, g_entropy,
                                       inv_temperature, ignore_index)
 
@@ -79,3 +79,22 @@ def _backward(ctx, g_logp, g_proxy_logp, g_kl, g_entropy, g_row_stats):
 
 
 sparse_proxy_stats_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("lpreg::build_proxy", mutates_args=())
+def build_proxy_op(logits: Tensor, labels: Optional[Tensor], inv_temperature: float, fixed: bool,
+                   log_threshold: float, k: int, ignore_index: int, backend: str
+                   ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(indices (N, k) int32, logq (N, k) fp32, coverage (N,) fp32, label_logq (N,) fp32); label_logq is
+    all zeros without labels (the public function then drops it)."""
+    impl = _contract.implementation(_contract.resolve(backend, logits.device), "build_proxy")
+    idx, logq, cov, label_logq = impl.build_proxy_rows(logits, labels, inv_temperature, fixed, log_threshold, k,
+                                                       ignore_index)
+    return idx, logq, cov, (torch.zeros_like(cov) if label_logq is None else label_logq)
+
+
+@build_proxy_op.register_fake
+def _(logits, labels, inv_temperature, fixed, log_threshold, k, ignore_index, backend):
+    N = logits.shape[0]
+    return (logits.new_empty((N, k), dtype=torch.int32), logits.new_empty((N, k), dtype=torch.float32),
+            logits.new_empty((N,), dtype=torch.float32), logits.new_empty((N,), dtype=torch.float32))

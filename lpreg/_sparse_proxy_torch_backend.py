@@ -3,24 +3,15 @@
 
 The op functions keep the contract of the Triton kernels in lpreg.kernels.sparse_proxy_stats
 (see its header for the math; row_stats (N, 2) = [lse, H], and the ignored-row invariant of
-lpreg.kernels.row_stats). Rows are processed in chunks (`lpreg._rows.row_chunks`), so at
+lpreg._contract). Rows are processed in chunks (`lpreg._rows.row_chunks`), so at
 most a chunk of fp32 temporaries is alive at once, on any device. This module also serves
 backend="cpu" and "cuda": the compiled extension has no sparse-proxy kernel.
 """
 
 import torch
 
-from ._rows import row_chunks
-from ._token_stats_torch_backend import (
-    entropy_term,
-    kept_cutoff,
-    kept_mask,
-    lse_and_entropy,
-    masked_rows,
-    upstream,
-    valid_rows,
-)
-from .kernels import row_stats as layout
+from . import _contract as layout
+from ._rows import entropy_term, kept_cutoff, kept_mask, lse_and_entropy, masked_rows, row_chunks, upstream, valid_rows
 
 _NEG_INF = float("-inf")
 

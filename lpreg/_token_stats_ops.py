@@ -1,5 +1,4 @@
-"""torch.library glue: the `lpreg::token_stats` op, its backward op, fake kernels, autograd;
-and the helpers every op's glue shares (`fake_row_outputs`, `fake_grad`, `as_upstream`).
+"""torch.library glue: the `lpreg::token_stats` op, its backward op, fake kernels, autograd.
 
 Both ops take 2-D (N, V) logits with unit-stride rows and a backend name; the public
 functions in `lpreg.token_stats` reshape and validate before calling them. The backend
@@ -16,27 +15,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import _backends, _validate
-from .kernels import row_stats as layout
-
-
-def fake_row_outputs(logits: Tensor, width: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Fake (meta) forward outputs of a per-row op on (N, V) logits: four (N,) fp32 vectors
-    (logp, proxy_logp, kl, entropy) and row_stats (N, width) fp32."""
-    N = logits.shape[0]
-    vec = [logits.new_empty((N,), dtype=torch.float32) for _ in range(4)]
-    return (*vec, logits.new_empty((N, width), dtype=torch.float32))
-
-
-def fake_grad(logits: Tensor) -> Tensor:
-    """Fake (meta) backward output: the gradient (N, V), contiguous, in the logits' dtype."""
-    return torch.empty_like(logits, memory_format=torch.contiguous_format)
-
-
-def as_upstream(g: Optional[Tensor]) -> Optional[Tensor]:
-    """An upstream gradient as the kernels read it: fp32 and contiguous; None when the
-    output took no part in the loss."""
-    return None if g is None else g.float().contiguous()
+from . import _contract, _validate
+from ._contract import as_upstream, fake_grad, fake_row_outputs
 
 
 @torch.library.custom_op("lpreg::token_stats", mutates_args=())
@@ -52,13 +32,13 @@ def token_stats_op(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     if labels is not None:
         _validate.check_label_range(labels, logits.shape[-1], ignore_index)
-    impl = _backends.implementation(_backends.resolve(backend, logits.device), "token_stats")
+    impl = _contract.implementation(_contract.resolve(backend, logits.device), "token_stats")
     return impl.token_stats_forward(logits, labels, proxy, inv_temperature, fixed, log_threshold, ignore_index)
 
 
 @token_stats_op.register_fake
 def _(logits, labels, proxy, inv_temperature, fixed, log_threshold, ignore_index, backend):
-    return fake_row_outputs(logits, layout.TOKEN_STATS_WIDTH)
+    return fake_row_outputs(logits, _contract.TOKEN_STATS_WIDTH)
 
 
 @torch.library.custom_op("lpreg::token_stats_backward", mutates_args=())
@@ -74,7 +54,7 @@ def token_stats_backward_op(
     ignore_index: int,
     backend: str,
 ) -> Tensor:
-    impl = _backends.implementation(_backends.resolve(backend, logits.device), "token_stats")
+    impl = _contract.implementation(_contract.resolve(backend, logits.device), "token_stats")
     return impl.token_stats_backward(
         logits, labels, proxy, row_stats, g_logp, g_kl, g_entropy, inv_temperature, ignore_index
     )

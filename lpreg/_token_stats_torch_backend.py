@@ -1,7 +1,7 @@
 """backend="torch": the kernels' row-statistics contract written with PyTorch ops.
 
 Same inputs, outputs and `row_stats` as `lpreg.kernels.token_stats` (see its header for the
-math, and lpreg.kernels.row_stats for the layout and the ignored-row invariant). It runs on
+math, and lpreg._contract for the layout and the ignored-row invariant). It runs on
 any device, processes rows in chunks (`lpreg._rows.row_chunks`) so that no more than a chunk
 of fp32 temporaries (about 16 MiB each) is alive at once, and its backward writes the
 gradient chunk by chunk. It is the portable fallback when neither Triton nor the compiled
@@ -10,43 +10,10 @@ extension can serve a tensor.
 
 import torch
 
-from ._rows import row_chunks
-from .kernels import row_stats as layout
+from . import _contract as layout
+from ._rows import entropy_term, kept_cutoff, kept_mask, lse_and_entropy, masked_rows, row_chunks, upstream, valid_rows
 
 _NEG_INF = float("-inf")
-
-
-def lse_and_entropy(x):
-    """Rows of x: (max, logsumexp, entropy), with H = log s - t/s, s = sum e^(x-m),
-    t = sum e^(x-m)(x-m); -inf entries contribute nothing (0 log 0 = 0)."""
-    m = x.amax(-1)
-    m_ref = torch.where(m == _NEG_INF, torch.zeros_like(m), m)
-    d = x - m_ref[:, None]
-    e = d.exp()
-    s = e.sum(-1)
-    t = torch.where(e > 0, e * d, torch.zeros_like(e)).sum(-1)
-    return m, m_ref + s.log(), s.log() - t / s
-
-
-def kept_cutoff(y, fixed, log_threshold):
-    """The kept set K of rows of y = proxy / T (docs/spec.md §1), as the kernels define it.
-
-    Returns (my, my_ref, ey, cutoff, argmax_y): the row max, the max with -inf read as 0,
-    e^(y - my_ref), the cutoff (y_i >= cutoff keeps i) and the first argmax ("fixed" mode;
-    -1 in "min_p", where the argmax is kept anyway).
-    """
-    my = y.amax(-1)
-    my_ref = torch.where(my == _NEG_INF, torch.zeros_like(my), my)
-    ey = (y - my_ref[:, None]).exp()
-    if fixed:
-        lse_y = my_ref + ey.sum(-1).log()
-        cutoff = lse_y + log_threshold
-        cutoff = torch.where(my < cutoff, torch.full_like(cutoff, float("inf")), cutoff)  # K = {argmax}
-        argmax_y = y.argmax(-1)  # first maximum, as the kernels
-    else:
-        cutoff = my + log_threshold
-        argmax_y = torch.full_like(my, layout.NO_ARGMAX, dtype=torch.long)
-    return my, my_ref, ey, cutoff, argmax_y
 
 
 def cross_term(e, y, x):
@@ -54,11 +21,6 @@ def cross_term(e, y, x):
     where x = -inf, since q > 0 = p there makes KL(q || p) = +inf even when e = e^(y-my)
     underflows fp32 to 0 (0 * inf would be NaN). A NaN in x or y stays NaN."""
     return torch.where(x == _NEG_INF, torch.full_like(e, float("inf")), e * (y - x))
-
-
-def kept_mask(y, cutoff, argmax_y):
-    cols = torch.arange(y.shape[-1], device=y.device)
-    return (y >= cutoff[:, None]) | (cols[None, :] == argmax_y[:, None])
 
 
 def _stats_row(lse, entropy, lse_kept, cutoff, argmax_y):
@@ -120,32 +82,6 @@ def token_stats_forward(logits, labels, proxy, inv_temperature, fixed, log_thres
         ignored = ignored_row_stats(b - a, layout.TOKEN_STATS_WIDTH, dev)
         row_stats[a:b] = torch.where(valid[:, None], stats, ignored)
     return out[0], out[1], out[2], out[3], row_stats
-
-
-def valid_rows(labels, a, b, ignore_index, like):
-    """(b - a,) bool: rows of [a, b) that count (all of them without labels)."""
-    if labels is None:
-        return torch.ones((b - a,), dtype=torch.bool, device=like.device)
-    return labels[a:b] != ignore_index
-
-
-def masked_rows(t, valid, inv_temperature):
-    """t / T in fp32 with every ignored row set to -inf: the ignored-row invariant for the
-    dense backward. Such a row is then an empty row, where p and q are exactly 0 and no
-    exp overflows (its zeroed row_stats are never a softmax state to recompute p from)."""
-    x = t.float() * inv_temperature
-    return torch.where(valid[:, None], x, torch.full_like(x, _NEG_INF))
-
-
-def upstream(g, a, b, valid):
-    """The upstream gradient of rows [a, b), 0 on ignored rows."""
-    return torch.where(valid, g[a:b].float(), torch.zeros((), dtype=torch.float32, device=valid.device))
-
-
-def entropy_term(p, logp, entropy):
-    """p (log p + H), with 0 log 0 = 0 wherever p = 0: x = -inf (ignored rows included), and a
-    finite x whose x - lse rounds to -inf. A NaN p (a NaN row) stays NaN."""
-    return torch.where(p == 0, torch.zeros_like(p), p * (logp + entropy[:, None]))
 
 
 def token_stats_backward(logits, labels, proxy, row_stats, g_logp, g_kl, g_entropy, inv_temperature, ignore_index):

@@ -30,11 +30,11 @@ from typing import Dict, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-from . import policy_loss as pl
+from . import _loss_terms as pl
 from ._fused_linear_chunks import ChunkMatmuls, check_chunk_size, default_chunk_size, take_rows
 from ._fused_linear_stats import fused_linear_token_stats
+from .loss_config import LossConfig, loss_options
 from .selection import SelectionThreshold
-from .sparse_proxy import SparseProxy
 
 __all__ = ["fused_linear_policy_loss", "fused_linear_token_stats", "default_chunk_size"]
 
@@ -46,7 +46,7 @@ def _add(a: Dict[str, Tensor], b: Dict[str, Tensor]) -> Dict[str, Tensor]:
 class _Passes:
     """The two passes over token rows for one call: loss, metric sums and gradients."""
 
-    def __init__(self, mm: ChunkMatmuls, batch: "pl.Batch", proxy, cfg: "pl.Config"):
+    def __init__(self, mm: ChunkMatmuls, batch: pl.Batch, proxy, cfg: LossConfig):
         self.mm, self.batch, self.proxy, self.cfg = mm, batch, proxy, cfg
         self.loss = torch.zeros((), dtype=torch.float32, device=mm.h.device)
         self.sums: Optional[Dict[str, Tensor]] = None
@@ -114,7 +114,8 @@ class _FusedLinearPolicyLoss(torch.autograd.Function):
             logp = torch.empty((N,), dtype=torch.float32, device=hidden.device)
             run.all_rows(torch.zeros((N,), dtype=torch.bool, device=hidden.device), chunk, logp)
             bottom, kth = pl.global_selection(batch, logp, cfg, sel)
-            run.selected_rows(bottom, chunk)
+            if cfg.beta > 0:  # beta = 0 selects nothing (lpreg._loss_terms): pass 2 would add exactly 0
+                run.selected_rows(bottom, chunk)
         sums = run.sums if run.sums is not None else run.empty_sums()
         metrics = pl.finish_metrics(run.loss, sums, batch.valid.sum(), kth)
         ctx.save_for_backward(*mm.grads(hidden, weight, bias))
@@ -145,6 +146,7 @@ def _check_linear(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Non
         raise ValueError(f"bias must be None or a tensor of shape ({V},), got {getattr(bias, 'shape', bias)}")
 
 
+@loss_options()
 def fused_linear_policy_loss(
     hidden: Tensor,
     weight: Tensor,
@@ -155,31 +157,20 @@ def fused_linear_policy_loss(
     *,
     bias: Optional[Tensor] = None,
     chunk_size: Optional[int] = None,
-    compat: str = "released",
-    temperature: float = 1.0,
-    mode: str = "min_p",
-    threshold: float = 0.02,
-    rho: float = 0.01,
-    beta: float = 1.0,
-    clip_low: float = 1.0,
-    clip_high: float = 9.0,
-    loss_agg_mode: str = "token-mean",
     proxy=None,
-    kl_estimator: Optional[str] = None,
     selection_threshold: Optional[SelectionThreshold] = None,
     num_tokens: Optional[Union[int, Tensor]] = None,
-    ignore_index: int = -100,
-    backend: str = "auto",
     return_tensors: bool = False,
+    **options,
 ) -> Tuple[Tensor, Dict]:
     """`lpreg_policy_loss(hidden @ weight.T + bias, ...)` without the (B, L, V) logits.
 
-    hidden: (B, L, H); weight: (V, H); bias: (V,) or None; the other tensors and keywords as
-    in `lpreg.lpreg_policy_loss` (a dense proxy is (B, L, V), a SparseProxy (B, L, k)).
-    old_logp: (B, L), or None for on-policy (old_logp is this pass's detached log-prob: the
-    ratio is exactly 1). num_tokens: the global valid-token count used as the token-mean
-    denominator (int or 0-d tensor), None for this call's count.
-    compat: "released" (default) or "paper"; see `lpreg.lpreg_policy_loss`.
+    hidden: (B, L, H); weight: (V, H); bias: (V,) or None; the other tensors, `options` (the
+    fields of `lpreg.LossConfig`: compat, temperature, mode, threshold, rho, beta, clips, ...)
+    and keywords as in `lpreg.lpreg_policy_loss` (a dense proxy is (B, L, V), a SparseProxy
+    (B, L, k)). old_logp: (B, L), or None for on-policy (old_logp is this pass's detached
+    log-prob: the ratio is exactly 1). num_tokens: the global valid-token count used as the
+    token-mean denominator (int or 0-d tensor), None for this call's count.
     chunk_size: token rows per chunk; default `default_chunk_size(N, V)`: ~2**25 logits on
     CUDA (e.g. 208 rows at V = 151,936: 121 MiB per fp32 chunk buffer, ~256 MiB live with
     its gradient), just under 32 MiB on CPU. Extra memory besides the chunk: the fp32 hidden
@@ -190,8 +181,7 @@ def fused_linear_policy_loss(
 
     Returns (loss, metrics) as lpreg_policy_loss; gradients flow to hidden, weight and bias.
     """
-    cfg = pl.make_config(compat, temperature, mode, threshold, rho, beta, clip_low, clip_high, loss_agg_mode,
-                         kl_estimator, ignore_index, backend)
+    cfg = LossConfig.from_options(options)
     _check_linear(hidden, weight, bias)
     pl.check_selection_threshold(selection_threshold, cfg)
     B, L = hidden.shape[:2]
@@ -201,10 +191,7 @@ def fused_linear_policy_loss(
                        num_tokens=num_tokens)
     N = B * L
     chunk = check_chunk_size(chunk_size, N, V, hidden.device)
-    if isinstance(proxy, Tensor):
-        proxy = proxy.detach().reshape(N, V)
-    elif isinstance(proxy, SparseProxy):
-        proxy = proxy.flatten()
-    out = _FusedLinearPolicyLoss.apply(hidden, weight, bias, batch, proxy, cfg, selection_threshold, chunk)
+    out = _FusedLinearPolicyLoss.apply(hidden, weight, bias, batch, pl.flat_proxy(proxy, N, V), cfg,
+                                       selection_threshold, chunk)
     loss, metrics = out[0], dict(zip(pl.METRIC_KEYS, out[1:]))
     return loss, (metrics if return_tensors else pl.to_floats(metrics))

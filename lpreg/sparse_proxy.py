@@ -9,7 +9,7 @@ also stores each label's exact log q (`label_logq`), so that a kept label outsid
 is still a candidate of the Lp-Reg selection (its log q is finite, as with the dense proxy).
 
 Layers, as for token stats: this module (validation, reshapes) -> the `lpreg::sparse_proxy_stats`
-custom op in lpreg._sparse_proxy_ops -> the backend resolved by lpreg._backends: Triton
+custom op in lpreg._sparse_proxy_ops -> the backend resolved by lpreg._contract: Triton
 (lpreg.kernels.sparse_proxy_stats) or PyTorch (lpreg._sparse_proxy_torch_backend).
 """
 
@@ -21,8 +21,7 @@ from torch import Tensor
 
 from . import _validate
 from ._rows import as_rows
-from ._sparse_proxy_ops import sparse_proxy_stats_op
-from ._sparse_proxy_torch_backend import build_proxy_rows
+from ._sparse_proxy_ops import build_proxy_op, sparse_proxy_stats_op
 from .token_stats import TokenStats
 
 
@@ -49,7 +48,8 @@ class SparseProxy(NamedTuple):
 
 @torch.no_grad()
 def build_proxy(logits: Tensor, labels: Optional[Tensor] = None, *, temperature: float = 1.0,
-                mode: str = "min_p", threshold: float = 0.02, k: int = 64, ignore_index: int = -100) -> SparseProxy:
+                mode: str = "min_p", threshold: float = 0.02, k: int = 64, ignore_index: int = -100,
+                backend: str = "auto") -> SparseProxy:
     """Top-k sparse proxy of `logits`: (..., V) -> SparseProxy((..., k), (..., k), (...), (...) or None).
 
     labels: (...) integer sampled tokens, optional. When given, the proxy carries each label's
@@ -58,6 +58,8 @@ def build_proxy(logits: Tensor, labels: Optional[Tensor] = None, *, temperature:
         for these labels.
     Indices are int32 (half the rollout storage of int64); k > V pads with logq = -inf. A row
     holding a NaN, or only -inf, gives NaN logq, coverage and label_logq.
+    backend: resolved as for token stats; every backend runs the same no-grad PyTorch top-k (the
+    forward that made `logits` costs far more than this one read of them).
     """
     _validate.check_logits(logits)
     temperature = _validate.check_temperature(temperature)
@@ -70,11 +72,12 @@ def build_proxy(logits: Tensor, labels: Optional[Tensor] = None, *, temperature:
         _validate.check_labels(labels, logits, ignore_index)
         _validate.check_label_range(labels, V, ignore_index)
         lab = labels.reshape(-1).long()
-    idx, logq, cov, label_logq = build_proxy_rows(
-        logits.reshape(-1, V), lab, 1.0 / temperature, mode == "fixed", math.log(threshold), k, int(ignore_index))
+    _validate.check_backend(backend)
+    idx, logq, cov, label_logq = build_proxy_op(as_rows(logits.detach()), lab, 1.0 / temperature, mode == "fixed",
+                                                math.log(threshold), k, int(ignore_index), backend)
     lead = logits.shape[:-1]
     return SparseProxy(idx.reshape(*lead, k), logq.reshape(*lead, k), cov.reshape(lead),
-                       None if label_logq is None else label_logq.reshape(lead))
+                       None if labels is None else label_logq.reshape(lead))
 
 
 def _check_sparse_proxy(proxy, logits) -> None:

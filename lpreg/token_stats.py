@@ -4,7 +4,7 @@ Both read the logits once per pass, never materialise a probability tensor, and 
 per-token statistics whose gradients (docs/spec.md §2) come from one fused backward pass.
 
 Layers: this module (validation, reshapes) -> the `lpreg::token_stats` custom op in
-lpreg._token_stats_ops -> the backend resolved by lpreg._backends: Triton (lpreg.kernels.token_stats),
+lpreg._token_stats_ops -> the backend resolved by lpreg._contract: Triton (lpreg.kernels.token_stats),
 PyTorch (lpreg._token_stats_torch_backend) or the compiled extension (lpreg._native -> csrc/).
 """
 

@@ -171,11 +171,10 @@ def assert_same(got, want, rtol=1e-5):
 
 def bottom_rows(data, **kw):
     """The selection's candidate rows (bottom-k mask) as the materialised path fixes them."""
-    from lpreg import policy_loss as pl
+    from lpreg import _loss_terms as pl
 
     hidden, weight, bias, labels, adv, old, mask = data
-    cfg = pl.make_config(kw.get("compat", "released"), 1.0, "min_p", 0.02, kw.get("rho", 0.01), 1.0, 1.0, 9.0,
-                         "token-mean", None, -100, "torch")
+    cfg = lpreg.LossConfig(compat=kw.get("compat", "released"), rho=kw.get("rho", 0.01), backend="torch")
     batch = pl.prepare(tuple(hidden.shape[:2]), hidden.device, labels, adv, old, mask, cfg)
     logits = (hidden @ weight.T + (0 if bias is None else bias)).reshape(-1, weight.shape[0])
     logp = pl.compute_token_stats(logits, batch.labels, None, cfg)[0]

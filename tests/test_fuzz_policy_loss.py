@@ -19,10 +19,10 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 import lpreg
-from lpreg import _backends
+from lpreg import _contract
 from tests.fuzz_profiles import fuzz
 
-BACKENDS = ["torch", "triton"] + (["cpu"] if _backends.native_available("cpu") else [])
+BACKENDS = ["torch", "triton"] + (["cpu"] if _contract.native_available("cpu") else [])
 EPS32 = torch.finfo(torch.float32).eps
 AGGS = ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"]
 F32_MAX = torch.finfo(torch.float32).max
@@ -125,6 +125,8 @@ def spec_loss(logits, labels, adv, old, mask, proxy, *, compat, temperature, mod
     else:
         selected = bottom & (k > 1) & (lpd < proxy_logp)
         ambiguous |= bool((bottom & ((lpd - proxy_logp).abs() <= margin) & (lpd != proxy_logp)).any())
+    if beta == 0:  # docs/spec.md §3: beta = 0 turns Lp-Reg off, so nothing is selected
+        selected = torch.zeros_like(selected)
     pg1 = -a * ratio
     pg2 = -a * ratio.clamp(1 - clip_low, 1 + clip_high)
     pg = torch.maximum(pg1, pg2)

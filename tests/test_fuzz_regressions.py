@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import lpreg
-from lpreg import _backends
+from lpreg import _contract
 
-BACKENDS = ["torch", "triton"] + (["cpu"] if _backends.native_available("cpu") else [])
+BACKENDS = ["torch", "triton"] + (["cpu"] if _contract.native_available("cpu") else [])
 F32_MAX = torch.finfo(torch.float32).max
 
 

@@ -55,7 +55,7 @@ def make_batch(B=6, L=10, V=64, seed=0, adv_per_token=False):
 
 
 def oracle(logits, labels, adv, old, mask, *, compat, rho, beta=1.0, clip_low=1.0, clip_high=9.0,
-           temperature=1.0, agg="token-mean", kl_estimator=None):
+           temperature=1.0, agg="token-mean", kl_estimator=None, clip_ratio_c=None):
     """(loss, grad wrt logits, number selected), all float64, token by token from docs/spec.md §3."""
     kl_estimator = kl_estimator or ("full" if compat == "paper" else "k3")
     x = logits.double().clone().requires_grad_(True)
@@ -88,6 +88,8 @@ def oracle(logits, labels, adv, old, mask, *, compat, rho, beta=1.0, clip_low=1.
         k = max(1, int(len(neg) * rho))
         bottom = sorted(neg, key=key)[:k] if k > 1 else []
         selected = {bt for bt in bottom if key(bt) < float(logq(*bt))}
+    if beta == 0:  # docs/spec.md §3: beta = 0 turns Lp-Reg off, so nothing is selected
+        selected = set()
     per_token = {}
     for bt in valid:
         a = adv[bt]
@@ -102,6 +104,9 @@ def oracle(logits, labels, adv, old, mask, *, compat, rho, beta=1.0, clip_low=1.
                 d = (dd.exp() - dd - 1).clamp(-10, 10)
             if compat == "released":
                 pg = -a * r
+        if clip_ratio_c is not None and a < 0:  # dual-clip PPO: at most -A c for A < 0
+            pg = torch.minimum(pg, -a * clip_ratio_c)
+        if bt in selected:
             pg = pg + beta * d
         per_token[bt] = pg
     if agg == "token-mean":
@@ -330,10 +335,10 @@ def test_on_policy_with_selection_threshold():
 
 def test_global_selection_needs_logp_on_policy():
     """The fused path's contract: on-policy the selection reads the current log-probs."""
-    from lpreg import policy_loss as pl
+    from lpreg import _loss_terms as pl
 
     logits, labels, adv, _, mask = make_batch(B=2, L=4, seed=15)
-    cfg = pl.make_config("paper", 1.0, "min_p", 0.02, 0.5, 1.0, 1.0, 9.0, "token-mean", None, -100, "torch")
+    cfg = lpreg.LossConfig(compat="paper", rho=0.5, backend="torch")
     batch = pl.prepare((2, 4), logits.device, labels, adv, None, mask, cfg)
     sel = lpreg.selection_threshold(torch.zeros(2, 4), mask, rho=0.5)
     assert batch.on_policy and pl.needs_current_logp(batch, sel)
@@ -460,3 +465,67 @@ def test_from_stats_bad_input():
         policy_loss_from_stats(stats, adv, old, None)
     with pytest.raises(ValueError, match="compat"):
         policy_loss_from_stats(stats, adv, old, mask, compat="x")
+
+
+# ---- beta = 0 and the dual clip (the adapters' exactness at beta = 0 rests on both)
+
+
+@pytest.mark.parametrize("compat", ["paper", "released"])
+def test_beta_zero_is_the_plain_clipped_surrogate(compat):
+    """beta = 0 selects nothing: even a bottom-k token whose ratio is below 1 - clip_low keeps the
+    clipped surrogate (the released code would switch it to -A r at coefficient 0)."""
+    logits, labels, adv, old, mask = make_batch(seed=30, adv_per_token=True)
+    old = old.clone()
+    old[2:, :] += 1.0  # ratios ~ e^-1 < 1 - 0.2 on many tokens: the lower clip binds for A < 0
+    kw = dict(compat=compat, rho=0.6, beta=0.0, clip_low=0.2, clip_high=0.2)
+    loss, grad, n_sel, m = run(logits, labels, adv, old, mask, **kw)
+    x = logits.double().clone().requires_grad_(True)
+    logp = torch.log_softmax(x, -1).gather(-1, labels[..., None])[..., 0]
+    a = adv.double()
+    r = torch.exp(logp - old.double())
+    pg = torch.maximum(-a * r, -a * r.clamp(0.8, 1.2))
+    want = (pg * mask).sum() / mask.sum()
+    (want_grad,) = torch.autograd.grad(want, x)
+    assert n_sel == 0 and m["actor/lpreg_frac"] == 0.0
+    assert m["actor/pg_clipfrac"] > 0  # the clip really acts on this batch
+    torch.testing.assert_close(loss.double(), want.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad.double(), want_grad, rtol=1e-4, atol=1e-6)
+    ref_sel = oracle(logits, labels, adv, old, mask, compat=compat, rho=0.6, beta=1.0, clip_low=0.2, clip_high=0.2)
+    assert ref_sel[2] > 0  # at beta > 0 the same batch does select tokens
+
+
+@pytest.mark.parametrize("compat", ["paper", "released"])
+@pytest.mark.parametrize("beta", [0.0, 0.7])
+def test_dual_clip_matches_the_spec(compat, beta):
+    """clip_ratio_c = 3: an A < 0 token's surrogate is capped at -3 A (verl's dual-clip PPO), selected
+    tokens included; actor/pg_clipfrac_lower is the share of valid tokens where the cap binds."""
+    logits, labels, adv, old, mask = make_batch(seed=22)
+    old = old.clone()
+    old[:, :4] -= 1.5  # ratios ~ e^1.5 > 3 on the first tokens of every row
+    kw = dict(compat=compat, rho=0.6, beta=beta, clip_low=0.2, clip_high=0.28)
+    want, want_grad, want_n, _ = oracle(logits, labels, adv, old, mask, clip_ratio_c=3.0, **kw)
+    loss, grad, n_sel, m = run(logits, labels, adv, old, mask, clip_ratio_c=3.0, **kw)
+    torch.testing.assert_close(loss.double(), want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad.double(), want_grad, rtol=1e-4, atol=1e-6)
+    assert n_sel == want_n
+    # the cap binds exactly where A < 0 and max(-A r, -A clip(r)) > -3 A, i.e. r > 3
+    logp = torch.log_softmax(logits.double(), -1).gather(-1, labels[..., None])[..., 0]
+    a = adv.double()[:, None].expand_as(logp)
+    binds = (a < 0) & (torch.exp(logp - old.double()) > 3.0) & (mask > 0)
+    assert binds.sum() > 0
+    assert m["actor/pg_clipfrac_lower"] == pytest.approx(float(binds.sum() / (mask > 0).sum()), abs=1e-7)
+    no_cap = run(logits, labels, adv, old, mask, **kw)
+    assert no_cap[3]["actor/pg_clipfrac_lower"] == 0.0 and abs(no_cap[0].item() - loss.item()) > 1e-4
+
+
+def test_dual_clip_same_in_the_fused_path():
+    from tests.test_fused_linear import fused, make_selectable, materialised
+
+    data = make_selectable(seed=3)
+    old = data[5].clone() - 1.5
+    data = (*data[:5], old, data[6])
+    kw = dict(compat="released", rho=0.4, clip_ratio_c=3.0)
+    want, got = materialised(*data, **kw), fused(*data, chunk_size=7, **kw)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6)
+    assert got[2]["actor/pg_clipfrac_lower"] == pytest.approx(want[2]["actor/pg_clipfrac_lower"])
+    assert want[2]["actor/pg_clipfrac_lower"] > 0

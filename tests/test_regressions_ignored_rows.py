@@ -2,7 +2,7 @@
 
 The backward recomputed p = exp(x - lse) from the zeroed row statistics of an ignored row:
 with a logit above about 88 (fp32 exp overflow) p = inf, and the zero upstream coefficients
-turned it into NaN (0 * inf). The ignored-row invariant (lpreg.kernels.row_stats) forbids any
+turned it into NaN (0 * inf). The ignored-row invariant (lpreg._contract) forbids any
 arithmetic on an ignored row: every backend must give it an exact zero gradient. Checked for
 token stats, the sparse-proxy op and lpreg_policy_loss (padding becomes ignore_index rows).
 """
@@ -11,10 +11,10 @@ import pytest
 import torch
 
 import lpreg
-from lpreg import _backends
+from lpreg import _contract
 
-BACKENDS = ["torch", "triton"] + (["cpu"] if _backends.native_available("cpu") else [])
-SPARSE_BACKENDS = ["torch", "triton"] + (["cpu"] if _backends.native_available("cpu") else [])
+BACKENDS = ["torch", "triton"] + (["cpu"] if _contract.native_available("cpu") else [])
+SPARSE_BACKENDS = ["torch", "triton"] + (["cpu"] if _contract.native_available("cpu") else [])
 
 
 def issue_logits(seed=0):

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 import lpreg
-from lpreg import _backends
+from lpreg import _contract
 from tests.spec_oracle import OUTPUTS, assert_backend_matches_spec, make_logits, spec_grad, spec_token_stats
 
-BACKENDS = ["torch", "triton"] + (["cpu"] if _backends.native_available("cpu") else [])
+BACKENDS = ["torch", "triton"] + (["cpu"] if _contract.native_available("cpu") else [])
 # The interpreter executes Triton programs in numpy: keep its rows short.
 TRITON_MAX_V = 1000
 
@@ -61,7 +61,7 @@ def test_low_precision_within_twice_eager_error(backend, dtype, V, mode):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("mode,proxy", [("min_p", False), ("fixed", False), ("min_p", True), ("fixed", True)])
 def test_cuda_backends_match_spec(backend, V, dtype, mode, proxy):
-    if not _backends.native_available("cuda") and backend == "cuda":
+    if not _contract.native_available("cuda") and backend == "cuda":
         pytest.fail("the CUDA extension was not built on this CUDA machine")
     _check_against_spec(backend, V, dtype, mode, 0.9, rows=7, seed=V, proxy=proxy, device="cuda")
 

@@ -6,14 +6,14 @@ import re
 
 import pytest
 import torch
-from lpreg.kernels import row_stats as layout
 
 import lpreg
-from lpreg import _backends, _rows
+from lpreg import _contract, _rows
+from lpreg import _contract as layout
 from lpreg._token_stats_ops import token_stats_backward_op, token_stats_op
 from tests.spec_oracle import make_logits, spec_token_stats
 
-BACKENDS = ["torch", "triton"] + (["cpu"] if _backends.native_available("cpu") else [])
+BACKENDS = ["torch", "triton"] + (["cpu"] if _contract.native_available("cpu") else [])
 
 
 def _op_args(backend, with_proxy, with_labels, requires_grad=True):
@@ -137,7 +137,7 @@ def test_torch_backend_chunks_rows(monkeypatch):
 
 
 def test_row_stats_layout_is_one_definition():
-    # Python / Triton read kernels/row_stats.py; C++ and CUDA name the same slots in
+    # Python / Triton read lpreg/_contract.py; C++ and CUDA name the same slots in
     # csrc/row_stats.h. Both must agree.
     header = os.path.join(os.path.dirname(__file__), "..", "csrc", "row_stats.h")
     with open(header) as f:

@@ -50,7 +50,8 @@ from trl.models.utils import _ForwardRedirection
 
 from .._validate import check_mode_threshold
 from ..fused_linear import fused_linear_token_stats
-from ..policy_loss import COMPATS, policy_loss_from_stats
+from ..loss_config import COMPATS
+from ..policy_loss import policy_loss_from_stats
 from ..selection import SelectionThreshold, selection_threshold
 from ..token_stats import TokenStats, lpreg_token_stats
 

@@ -49,7 +49,8 @@ from verl.workers.utils import losses as verl_losses
 from verl.workers.utils.padding import no_padding_2_padding
 
 from .._validate import check_mode_threshold
-from ..policy_loss import COMPATS, KL_ESTIMATORS, policy_loss_from_stats
+from ..loss_config import COMPATS, KL_ESTIMATORS
+from ..policy_loss import policy_loss_from_stats
 from ..selection import SelectionThreshold, selection_threshold
 from ..token_stats import TokenStats, lpreg_token_stats
 
