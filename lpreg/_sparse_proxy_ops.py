@@ -87,6 +87,8 @@ def build_proxy_op(logits: Tensor, labels: Optional[Tensor], inv_temperature: fl
                    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(indices (N, k) int32, logq (N, k) fp32, coverage (N,) fp32, label_logq (N,) fp32); label_logq is
     all zeros without labels (the public function then drops it)."""
+    if labels is not None:
+        _validate.check_label_range(labels, logits.shape[-1], ignore_index)
     impl = _contract.implementation(_contract.resolve(backend, logits.device), "build_proxy")
     idx, logq, cov, label_logq = impl.build_proxy_rows(logits, labels, inv_temperature, fixed, log_threshold, k,
                                                        ignore_index)

@@ -66,11 +66,9 @@ def build_proxy(logits: Tensor, labels: Optional[Tensor] = None, *, temperature:
     threshold = _validate.check_mode_threshold(mode, threshold)
     if not isinstance(k, int) or isinstance(k, bool) or k < 1:
         raise ValueError(f"k must be an int >= 1, got {k!r}")
-    V = logits.shape[-1]
     lab = None
     if labels is not None:
-        _validate.check_labels(labels, logits, ignore_index)
-        _validate.check_label_range(labels, V, ignore_index)
+        _validate.check_labels(labels, logits, ignore_index)  # the range is checked inside the op
         lab = labels.reshape(-1).long()
     _validate.check_backend(backend)
     idx, logq, cov, label_logq = build_proxy_op(as_rows(logits.detach()), lab, 1.0 / temperature, mode == "fixed",
