@@ -140,3 +140,36 @@ def test_sigkill_mid_step_then_resume_matches_an_uninterrupted_run(tmp_path):
     sa = [json.loads(x) for x in (ref / "samples.jsonl").read_text().splitlines()]
     sb = [json.loads(x) for x in (run / "samples.jsonl").read_text().splitlines()]
     assert [s for s in sa if s["step"] >= 3] == [s for s in sb if s["step"] >= 3]
+
+
+class _MakesADirectory:
+    """An object whose unpickling runs code: os.mkdir(path)."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (os.mkdir, (self.path,))
+
+
+def test_a_checkpoint_holding_an_arbitrary_object_is_refused(tmp_path, tiny):
+    """--resume of someone else's checkpoint must not run its code: trainer_state.pt is loaded with
+    weights_only=True, and our own state is plain tensors and values (the round trip above)."""
+    model, tok = tiny
+    opt = torch.optim.AdamW(model.parameters())
+    path = ckpt.save_checkpoint(str(tmp_path), 1, model=model, tokenizer=tok, optimizer=opt, scheduler=None,
+                                data_position=1, config=preset_config("test-micro"))
+    file = os.path.join(path, "trainer_state.pt")
+    state = torch.load(file, weights_only=True)
+    target = str(tmp_path / "ran")
+    torch.save({**state, "config": {"lr": 1e-3, "payload": _MakesADirectory(target)}}, file)
+    with pytest.raises(ValueError, match="refused because loading it could run code") as exc:
+        ckpt.load_checkpoint(path)
+    assert "--resume" in str(exc.value) and "trainer_state.pt" in str(exc.value)
+    assert not os.path.exists(target)  # nothing ran
+    torch.load(file, weights_only=False)  # what an unguarded load would have done
+    assert os.path.isdir(target)
+    # a file of plain values that is not a trainer state is refused too, naming what it holds
+    torch.save({"step": 1}, file)
+    with pytest.raises(ValueError, match=r"not a trainer state .*\['step'\]"):
+        ckpt.load_checkpoint(path)

@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from lpreg.trainer.data import load_problems, reduce_answer
-from lpreg.trainer.tasks import Problem
+from lpreg.trainer.problem import Problem
 
 
 def write_jsonl(path, rows):

@@ -127,6 +127,7 @@ def test_warm_start_cache_key_covers_the_warm_start_data(monkeypatch, tmp_path):
     assert warm_start_cache_dir(cfg) != before
 
 
+@pytest.mark.slow
 def test_two_steps_log_the_sweep_metrics(two_steps):
     rows, out = two_steps
     assert [r["step"] for r in rows] == [1, 2]
@@ -157,6 +158,7 @@ def _released_selection_oracle(logits, labels, mask, adv, cfg) -> int:
     return int(kept[neg][order].sum())
 
 
+@pytest.mark.slow
 def test_lpreg_released_selects_dozens_of_tokens_in_a_step(two_steps):
     """A real step of the preset (setup from the warm-start cache, rollout, scoring pass, update).
     A 30-step warm start scores ~0, so every group has zero reward std and no token has A < 0:

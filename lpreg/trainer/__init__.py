@@ -9,11 +9,12 @@ The loop itself is `lpreg/train.py` (`lpreg-train`); this package holds its part
                       `write_logs`, `maybe_checkpoint`
     rollout.py        seeded per-prompt generation and packing (`generate_group`, `pack`, `RolloutBatch`)
     advantage.py      GRPO group advantages
-    losses.py         Lp-Reg and the baselines per micro-batch (`method_loss`), step-wide token
-                      choices, loss aggregation
+    losses.py         the loss table `LOSSES` (Lp-Reg and the baselines: terms, step-wide choice,
+                      off-policy default, label, sweep arms), `method_loss`, loss aggregation
     checkpoint.py     atomic checkpoints and exact resume
     logging_utils.py  metrics.jsonl, samples.jsonl, plots, progress bar
-    tasks.py          built-in tasks (`TASKS`; arithmetic: `Problem`, `arithmetic_problems`)
+    problem.py        `Problem` (question, gold answer, warm-start target) and the plain prompt template
+    tasks.py          built-in tasks (`TASKS`; arithmetic: `arithmetic_problems`)
     sparks.py         the `sparks` task of `--preset cpu-sparks`: a locally trained 3,000-token BPE
                       vocabulary (a noise tail) and a rare valuable "check" token
     diversity.py      per-step spark probability / usage and distinct answers per group

@@ -3,8 +3,14 @@
 Layout: `<output_dir>/checkpoints/step_000040/` holding
     model/            save_pretrained of the (unwrapped) policy, plus its tokenizer
     trainer_state.pt  optimizer, scheduler, RNG states (python, numpy, torch, cuda), step,
-                      data position, config
+                      data position, config: tensors and plain Python values only
     COMPLETE          marker written last
+
+Safe to load: `load_checkpoint` reads trainer_state.pt with `torch.load(weights_only=True)`, which
+rebuilds tensors, numbers, strings, None and lists / tuples / dicts of them and refuses anything
+else, since unpickling an arbitrary object can run code. The state is written in exactly those
+types (the RNG states as tensors and numbers, the config as a dict), so nothing needs
+allow-listing, and a file holding anything else is refused with a ValueError naming it.
 
 Atomicity: everything is written into `step_000040.tmp-<pid>/`, each file is fsync'ed, the
 marker is written, then the directory is renamed into place with `os.replace` (atomic on one
@@ -14,6 +20,7 @@ leftover `.tmp-*`, is never loaded; `latest_checkpoint` ignores it and the next 
 
 import dataclasses
 import os
+import pickle
 import random
 import re
 import shutil
@@ -25,18 +32,29 @@ __all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "capture_r
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 MARKER = "COMPLETE"
+# the keys of trainer_state.pt, all of them (load_checkpoint refuses a file with others or fewer)
+STATE_KEYS = frozenset({"step", "data_position", "optimizer", "scheduler", "rng", "config"})
 
 
 def capture_rng() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every RNG stream the trainer draws from, as tensors and numbers (loadable with weights_only)."""
+    version, mt, gauss = random.getstate()  # Mersenne Twister: 624 words and a position, each < 2**32
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": {"version": version, "state": torch.tensor(mt, dtype=torch.int64), "gauss_next": gauss},
+             "numpy": {"name": str(name), "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def restore_rng(state) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    """Set every stream `capture_rng` recorded."""
+    py, npy = state["python"], state["numpy"]
+    random.setstate((py["version"], tuple(py["state"].tolist()), py["gauss_next"]))
+    np.random.set_state((npy["name"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
+                         npy["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -144,6 +162,18 @@ def resolve_resume(resume, output_dir) -> str | None:
 
 def load_checkpoint(path, *, map_location="cpu") -> tuple[str, dict]:
     """Returns (model directory, trainer state dict). RNG states are restored by the caller
-    (after everything that consumes randomness at start-up, e.g. model construction)."""
-    state = torch.load(os.path.join(path, "trainer_state.pt"), map_location=map_location, weights_only=False)
+    (after everything that consumes randomness at start-up, e.g. model construction).
+
+    Raises ValueError when trainer_state.pt holds anything but tensors and plain Python values
+    (module docstring), or other keys than a trainer state's."""
+    file = os.path.join(path, "trainer_state.pt")
+    try:
+        state = torch.load(file, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        reason = str(err).strip().splitlines()[-1]  # torch's last line names the refused global
+        raise ValueError(f"--resume {path!r}: {file} holds an object other than tensors and plain Python values, "
+                         f"refused because loading it could run code ({reason})") from err
+    if not isinstance(state, dict) or set(state) != STATE_KEYS:
+        got = sorted(state) if isinstance(state, dict) else type(state).__name__
+        raise ValueError(f"--resume {path!r}: {file} is not a trainer state (keys {sorted(STATE_KEYS)}), got {got}")
     return os.path.join(path, "model"), state

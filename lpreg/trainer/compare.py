@@ -6,9 +6,10 @@
     python -m lpreg.trainer.compare --preset cpu-tiny --arms grpo lpreg_released --seeds 0 1 2 \\
         --figure docs/cpu_tiny_lpreg_vs_grpo.png         # the negative control
 
-Arms (`ARMS`; a bare loss name is also an arm, with that loss's defaults): GRPO, Lp-Reg in the
-released code's form and in the paper's Eq. 6 form, the entropy bonus (coefficient 0.002, the
-paper's §5.1.2), 80/20 and clip-higher (off-policy: 8 updates per rollout, as published).
+Arms (`ARMS`, read from the loss table `lpreg.trainer.losses.LOSSES`; a bare loss name is also an
+arm, with that loss's defaults): GRPO, Lp-Reg in the released code's form and in the paper's Eq. 6
+form, the entropy bonus (coefficient 0.002, the paper's §5.1.2), 80/20 and clip-higher (off-policy:
+8 updates per rollout, as published).
 
 Each (arm, seed) runs as its own `lpreg-train` process (one torch thread), `--jobs` at a time.
 The warm start is done once per seed and shared through `--warm-start-cache` (the arms differ
@@ -30,22 +31,18 @@ import sys
 import time
 from typing import Dict, List, Optional, Sequence
 
-from lpreg.trainer.config import LOSSES, PRESETS, preset_config
+from lpreg.trainer.config import PRESETS, load_config, preset_config
 from lpreg.trainer.logging_utils import plot_bands, read_metrics
+from lpreg.trainer.losses import LOSSES
+from lpreg.trainer.setup import warm_start_cache_dir
 
-__all__ = ["ARMS", "BAND_KEYS", "arm_flags", "run_sweep", "summarise", "summarise_sweep", "main"]
+__all__ = ["ARMS", "LABELS", "BAND_KEYS", "arm_flags", "run_sweep", "summarise", "summarise_sweep", "main"]
 
-ARMS: Dict[str, List[str]] = {
-    "grpo": ["--loss", "grpo"],
-    "lpreg_released": ["--loss", "lpreg", "--lpreg-compat", "released"],
-    "lpreg_paper": ["--loss", "lpreg", "--lpreg-compat", "paper"],
-    "entropy_bonus": ["--loss", "entropy_bonus", "--entropy-coef", "0.002"],
-    "80_20": ["--loss", "80_20"],
-    "clip_higher": ["--loss", "clip_higher", "--mini-batches", "0"],  # 0: the published 8 updates per rollout
-}
-LABELS = {"grpo": "GRPO", "lpreg_released": "Lp-Reg (released)", "lpreg_paper": "Lp-Reg (paper)",
-          "entropy_bonus": "entropy bonus 0.002", "80_20": "80/20", "clip_higher": "clip-higher (off-policy)",
-          "lpreg": "Lp-Reg"}
+# every arm of the loss table: {arm: lpreg-train flags}, and the labels of arms and bare losses
+ARMS: Dict[str, List[str]] = {arm.name: ["--loss", loss, *arm.flags] for loss, spec in LOSSES.items()
+                              for arm in spec.arms}
+LABELS: Dict[str, str] = {**{loss: spec.label for loss, spec in LOSSES.items()},
+                          **{arm.name: arm.label for spec in LOSSES.values() for arm in spec.arms}}
 # (metrics.jsonl key, panel title); "train/lpreg_selected" is derived (summarise_rows)
 BAND_KEYS = (("critic/score/mean", "train reward"), ("actor/entropy", "entropy (nats/token)"),
              ("spark/prob", "p(spark) at the first answer token"), ("eval/pass@8", "held-out pass@8"),
@@ -60,7 +57,7 @@ def arm_flags(arm: str) -> List[str]:
         return list(ARMS[arm])
     if arm in LOSSES:
         return ["--loss", arm]
-    raise ValueError(f"arm must be one of {tuple(ARMS)} or a loss {LOSSES}, got {arm!r}")
+    raise ValueError(f"arm must be one of {tuple(ARMS)} or a loss {tuple(LOSSES)}, got {arm!r}")
 
 
 def _complete(run_dir: str, steps: int) -> bool:
@@ -81,9 +78,6 @@ def _steps(preset: str, extra: Sequence[str]) -> int:
 def _cache_entry(preset: str, seed: int, cache: str, extra: Sequence[str]) -> Optional[str]:
     """The warm-start cache entry of `seed`'s runs (lpreg.trainer.setup's key; it hashes the
     warm-start data, so it is computed once per seed, not at every poll)."""
-    from lpreg.trainer.config import load_config
-    from lpreg.trainer.setup import warm_start_cache_dir
-
     return warm_start_cache_dir(load_config(["--preset", preset, *extra, "--seed", str(seed),
                                              "--warm-start-cache", cache]))
 

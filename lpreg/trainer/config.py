@@ -5,7 +5,8 @@ flags. Every field is a flag (`--prompts-per-step 8` or `--prompts_per_step 8`).
 
 Adding a preset: one `PRESETS[name] = dict(field=value, ...)` entry (or `register_preset`);
 it is then a `--preset` choice, a `python -m lpreg.trainer.compare --preset` choice and a
-`preset_config(name)` argument. Adding a built-in task: see `lpreg.trainer.tasks.TASKS`.
+`preset_config(name)` argument. Adding a built-in task: see `lpreg.trainer.tasks.TASKS`. Adding a
+loss: see `lpreg.trainer.losses.LOSSES` (the `--loss` choices are its names).
 """
 
 import argparse
@@ -13,13 +14,16 @@ import dataclasses
 from dataclasses import dataclass, field, fields
 from typing import Any, List, Optional
 
-LOSSES = ("lpreg", "grpo", "clip_higher", "entropy_bonus", "80_20", "kl_cov", "clip_cov")
+import yaml
+
+from lpreg.trainer.losses import LOSSES
+
 STD_SCALINGS = ("group", "batch", "none")
 LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
-# On-policy (one update per rollout) these two are exactly GRPO: at r = 1 the ratio clip never
-# acts and |logp - old_logp| has zero gradient. Their papers' Table 1 runs used 8 updates per
-# rollout, so they default to that (`--mini-batches 0` = auto) and refuse `--mini-batches 1`.
-OFF_POLICY_LOSSES = ("clip_higher", "kl_cov")
+# A loss published off-policy (`Loss.off_policy`: clip_higher, kl_cov) is exactly GRPO on-policy: at
+# r = 1 the ratio clip never acts and |logp - old_logp| has zero gradient. Their papers' Table 1 runs
+# used 8 updates per rollout, so they default to that (`--mini-batches 0` = auto) and refuse
+# `--mini-batches 1`.
 PUBLISHED_UPDATES_PER_ROLLOUT = 8
 
 
@@ -81,7 +85,7 @@ class TrainConfig:
     adv_eps: float = 1e-6
 
     # --- loss ------------------------------------------------------------------------------
-    loss: str = "lpreg"  # one of LOSSES
+    loss: str = "lpreg"  # a name in lpreg.trainer.losses.LOSSES
     # token-mean: over every valid token of the mini-batch, all ranks (80_20: over its selected
     # tokens); seq-mean-token-mean / seq-mean-token-sum: per sequence, then mean over sequences
     loss_agg_mode: str = "token-mean"
@@ -121,7 +125,7 @@ class TrainConfig:
     def validate(self) -> "TrainConfig":
         """Check every field (errors name the flag and the value); resolves `mini_batches` 0."""
         if self.loss not in LOSSES:
-            raise ValueError(f"--loss must be one of {LOSSES}, got {self.loss!r}")
+            raise ValueError(f"--loss must be one of {tuple(LOSSES)}, got {self.loss!r}")
         if self.loss_agg_mode not in LOSS_AGG_MODES:
             raise ValueError(f"--loss-agg-mode must be one of {LOSS_AGG_MODES}, got {self.loss_agg_mode!r}")
         if self.std_scaling not in STD_SCALINGS:
@@ -144,14 +148,14 @@ class TrainConfig:
 
     def _resolve_mini_batches(self) -> None:
         if self.mini_batches == 0:
-            want = PUBLISHED_UPDATES_PER_ROLLOUT if self.loss in OFF_POLICY_LOSSES else 1
+            want = PUBLISHED_UPDATES_PER_ROLLOUT if LOSSES[self.loss].off_policy else 1
             # the largest divisor of prompts_per_step not above the published count
             self.mini_batches = max(d for d in range(1, want + 1) if self.prompts_per_step % d == 0)
         if self.mini_batches < 1 or (self.prompts_per_step % self.mini_batches):
             raise ValueError(
                 f"--mini-batches must divide --prompts-per-step ({self.prompts_per_step}), got {self.mini_batches}"
             )
-        if self.loss in OFF_POLICY_LOSSES and self.mini_batches == 1:
+        if LOSSES[self.loss].off_policy and self.mini_batches == 1:
             raise ValueError(
                 f"--loss {self.loss} with --mini-batches 1 (on-policy) is exactly grpo: the ratio is 1, so its "
                 f"clip / covariance penalty never acts. Use --mini-batches > 1 (the published runs used "
@@ -267,8 +271,6 @@ def load_config(argv: Optional[List[str]] = None) -> TrainConfig:
     args = vars(build_parser().parse_args(argv))
     yaml_values = {}
     if args.get("config"):
-        import yaml
-
         with open(args["config"]) as fh:
             yaml_values = yaml.safe_load(fh) or {}
         if not isinstance(yaml_values, dict):

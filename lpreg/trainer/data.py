@@ -31,8 +31,8 @@ import json
 import os
 import re
 
-from .reward import last_boxed
-from .tasks import Problem
+from lpreg.trainer.problem import Problem
+from lpreg.trainer.reward import last_boxed
 
 QUESTION_COLUMNS = ("question", "problem", "prompt")
 ANSWER_COLUMNS = ("answer", "solution", "ground_truth", "final_answer", "reward_model")
@@ -59,7 +59,7 @@ def _read_jsonl(path: str) -> tuple[list[dict], int]:
 
 
 def _read_parquet(path: str) -> tuple[list[dict], int]:
-    try:
+    try:  # imported here: pyarrow is optional (the "train" extra) and only parquet files need it
         import pyarrow.parquet as pq
     except ImportError as err:  # pyarrow is in the "train" extra
         raise ValueError(f"reading {path!r} needs pyarrow (pip install 'lpreg[train]')") from err

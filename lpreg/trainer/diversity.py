@@ -14,7 +14,7 @@ from typing import List, Sequence
 
 import torch
 
-from .reward import extract_answer
+from lpreg.trainer.reward import extract_answer
 
 __all__ = ["spark_probability", "spark_usage", "distinct_answers"]
 

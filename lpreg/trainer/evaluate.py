@@ -29,6 +29,13 @@ import math
 import time
 from collections import Counter
 
+import torch
+
+from lpreg.trainer.data import load_problems
+from lpreg.trainer.model import format_prompt, generate_completions, load_policy
+from lpreg.trainer.reward import RewardWorker, extract_answer
+from lpreg.trainer.tasks import arithmetic_problems, split_size
+
 BUILTIN = "builtin"
 
 
@@ -53,8 +60,6 @@ def majority_correct(completions: list[str], rewards: list[float], *, number_fal
     """maj@n for one problem: the reward of the most common extracted answer (0 if none).
 
     Answers are extracted as the reward does (`number_fallback` as in `RewardWorker`)."""
-    from .reward import extract_answer
-
     votes: Counter[str] = Counter()
     reward_of: dict[str, float] = {}
     for text, reward in zip(completions, rewards):
@@ -84,9 +89,6 @@ def evaluate(model, tokenizer, problems, *, k: int, temperature: float, greedy: 
     closed here. With `return_records`, "records" lists per problem the question, gold
     answer, completions and rewards.
     """
-    from .model import format_prompt, generate_completions
-    from .reward import RewardWorker
-
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     if not problems:
@@ -164,12 +166,6 @@ def _parse_args(argv=None) -> argparse.Namespace:
 def run(argv=None) -> dict:
     """The command's work: parse `argv`, evaluate, print and optionally save; returns metrics."""
     args = _parse_args(argv)
-    import torch
-
-    from .data import load_problems
-    from .model import load_policy
-    from .tasks import arithmetic_problems, split_size
-
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.startswith("cuda") else "float32"))
     if args.data == BUILTIN:

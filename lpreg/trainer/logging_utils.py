@@ -87,7 +87,7 @@ def format_row(row, keys=("critic/score/mean", "actor/entropy", "actor/pg_loss",
 def progress_bar(total, initial, enabled) -> object:
     """A tqdm bar with ETA over RL steps (a no-op object when disabled or tqdm is missing)."""
     if enabled:
-        try:
+        try:  # imported here: tqdm is needed only for a bar on a terminal, and may be missing
             from tqdm.auto import tqdm
 
             return tqdm(total=total, initial=initial, desc="rl", unit="step", dynamic_ncols=True)
@@ -124,6 +124,17 @@ PLOT_KEYS = (("critic/score/mean", "reward (mean score)"), ("actor/entropy", "po
              ("actor/lpreg_frac", "Lp-Reg selected fraction"))
 
 
+def _pyplot():
+    """matplotlib.pyplot on the file-only Agg backend. Imported here, not at the top: matplotlib is
+    a heavy import that only the end of a run (and the sweep) needs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def _save_figure(plt, fig, path: str, title) -> str:
     """Title, lay out and write `fig` as a PNG at `path` (its folder created); returns the path."""
     if title:
@@ -138,11 +149,7 @@ def _save_figure(plt, fig, path: str, title) -> str:
 def plot_metrics(runs, path, *, keys=PLOT_KEYS, title=None, smooth=5) -> str:
     """runs: {label: list of metric rows}. One panel per key, one line per run (raw, faint, and
     a moving average). Writes a small PNG at `path`; returns the path."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.2), dpi=90)
     axes = axes if len(keys) > 1 else [axes]
     for ax, (key, label) in zip(axes, keys):
@@ -168,11 +175,7 @@ def plot_bands(runs, path, *, keys, title=None, ncols=4, smooth=5) -> str:
     prompts, so raw per-step values are noisy; held-out evaluations are sparse and drawn raw).
     A key no run logged (a task without spark tokens, a run without held-out evaluation) gets no
     panel. Writes a PNG at `path`; returns the path."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     logged = [(key, label) for key, label in keys
               if any(r.get(key) is not None for seeds in runs.values() for rows in seeds for r in rows)]
     keys = logged or list(keys)[:1]

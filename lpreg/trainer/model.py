@@ -37,10 +37,10 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from .tasks import Problem
-from .tokenizer import build_char_tokenizer
+from lpreg.trainer.problem import PLAIN_TEMPLATE, Problem
+from lpreg.trainer.reward import extract_answer
+from lpreg.trainer.tokenizer import build_char_tokenizer
 
-PLAIN_TEMPLATE = "Q: {question}\nA: "
 # Defaults of `python -m lpreg.trainer.sft` (full task, operands 0..99), chosen by
 # measurement (figures in `warm_start`'s docstring): under 2 CPU-minutes on one thread
 # for partial competence, ~30-40% greedy and ~20-25% sampled accuracy on held-out problems.
@@ -290,8 +290,6 @@ def answer_accuracy(completions: list[str], problems: list[Problem]) -> float:
 
     Cheap and exact for the built-in integer tasks; RL and evaluation use the math-verify
     reward instead."""
-    from .reward import extract_answer
-
     if not problems:
         return 0.0
     hits = sum(extract_answer(c.strip().split("\n")[0]) == p.answer.strip() for c, p in zip(completions, problems))

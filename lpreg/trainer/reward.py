@@ -37,8 +37,10 @@ lpreg), so it starts in about a second and restarts cheaply.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
+import signal
 import subprocess
 import sys
 from multiprocessing.connection import Connection
@@ -247,11 +249,8 @@ class _SoftTimeout(BaseException):
 
 
 def _worker_main(read_fd: int, write_fd: int) -> None:
-    import logging
-    import signal
-
     recv, send = Connection(read_fd, writable=False), Connection(write_fd, readable=False)
-    try:
+    try:  # imported here: only the worker process runs math-verify; the trainer never imports it
         from math_verify import parse, verify
         from math_verify.errors import TimeoutException
     except Exception as err:  # reported to the parent, which raises RuntimeError

@@ -24,7 +24,7 @@ from typing import List, Sequence
 import torch
 from transformers import GenerationConfig
 
-from .model import eos_token_ids, fresh_generation_config
+from lpreg.trainer.model import eos_token_ids, fresh_generation_config
 
 __all__ = ["RolloutBatch", "rollout_seed", "eos_token_ids", "response_lengths", "generate_group", "pack"]
 

@@ -4,18 +4,26 @@
 (and the few things they update), so that `lpreg.train.train` is a short loop over steps.
 """
 
+import hashlib
 import json
 import os
 import random
+import shutil
+import tempfile
 from dataclasses import dataclass
 from typing import Any, List, Optional, Tuple
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
 
 from lpreg.trainer import checkpoint as ckpt
+from lpreg.trainer.data import load_problems
 from lpreg.trainer.logging_utils import MetricsLog, progress_bar, truncate_jsonl
-from lpreg.trainer.tasks import TASKS, Problem
+from lpreg.trainer.model import build_tiny_model, eos_token_ids, load_policy, warm_start
+from lpreg.trainer.problem import Problem
+from lpreg.trainer.reward import RewardWorker
+from lpreg.trainer.tasks import TASKS
 
 # Test hook: SIGKILL this process in the middle of that step (after the backward, before the
 # optimizer step), to test that a crashed run resumes exactly.
@@ -55,8 +63,6 @@ class Run:
 
 def build_policy(cfg, device) -> Tuple[torch.nn.Module, Any]:
     """(model, tokenizer) from --model, or the tiny model over the built-in task's tokenizer."""
-    from lpreg.trainer.model import build_tiny_model, load_policy
-
     if cfg.model is None:
         tok = TASKS[cfg.task].tokenizer()
         model = build_tiny_model(tok, hidden_size=cfg.hidden_size, num_layers=cfg.num_layers,
@@ -75,8 +81,6 @@ def builtin_problems(cfg, n: int, seed: int, split: str) -> List[Problem]:
 
 
 def _problem_file(flag: str, path: str) -> Tuple[List[Problem], int]:
-    from lpreg.trainer.data import load_problems
-
     if not os.path.isfile(path):
         raise ValueError(f"{flag} must be a .jsonl or .parquet file; {path!r} does not exist")
     try:
@@ -116,8 +120,6 @@ def load_eval_problems(cfg) -> Optional[List[Problem]]:
 def load_weights(model: torch.nn.Module, model_dir: str) -> None:
     """Load a checkpoint's weights (one safetensors file or an indexed set of shards) into the
     already-built model, which keeps its tokenizer and config."""
-    from safetensors.torch import load_file
-
     index = os.path.join(model_dir, "model.safetensors.index.json")
     if os.path.exists(index):
         with open(index) as fh:
@@ -137,6 +139,8 @@ def load_weights(model: torch.nn.Module, model_dir: str) -> None:
 
 
 def _accelerator(cfg):
+    # imported here: accelerate (and through it torch.distributed) is a heavy import, and only a run
+    # needs it, not the config, data, sweep and checkpoint code that import this module
     from accelerate import Accelerator
     from transformers.utils import logging as hf_logging
 
@@ -158,8 +162,6 @@ def _accelerator(cfg):
 def run_warm_start(cfg, model, tok, warm_problems: List[Problem], log=print) -> dict:
     """The SFT warm start `cfg` asks for (no cache); held-out accuracy on the built-in task's
     test split, or on a slice of `warm_problems` with --data. Returns `model.warm_start`'s metrics."""
-    from lpreg.trainer.model import warm_start
-
     held_out = builtin_problems(cfg, cfg.warmup_eval_problems, cfg.seed + 1, "test") if cfg.data is None else None
     return warm_start(model, tok, warm_problems, steps=cfg.warmup_steps, lr=cfg.warmup_lr,
                       batch_size=cfg.warmup_batch_size, seed=cfg.seed, log=log, eval_problems=held_out)
@@ -200,8 +202,6 @@ def warm_start_cache_dir(cfg) -> Optional[str]:
     problems' text, or None when unset (or when --data is a file)."""
     if not cfg.warm_start_cache or cfg.data is not None:
         return None
-    import hashlib
-
     # the warm-start data's text too, so that a changed task never loads a stale entry
     texts = "\n".join(f"{p.question}\t{p.target or p.answer}" for p in load_task(cfg)[1])
     key = json.dumps({**{k: getattr(cfg, k) for k in WARM_START_KEYS},
@@ -212,9 +212,6 @@ def warm_start_cache_dir(cfg) -> Optional[str]:
 def _save_warm_start(model: torch.nn.Module, ws: dict, path: str) -> None:
     """Write the warm-started weights atomically (another run may be writing the same entry:
     whichever renames first wins, and the entries are identical)."""
-    import shutil
-    import tempfile
-
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = tempfile.mkdtemp(dir=os.path.dirname(path), prefix=".tmp-")
     model.save_pretrained(tmp)
@@ -255,9 +252,6 @@ def _run_files(cfg, acc, start_step: int, resumed: bool) -> Tuple[Optional[Metri
 
 def setup(cfg) -> Run:
     """Everything before the first step: policy, task, warm start or resume, optimizer, files."""
-    from lpreg.trainer.model import eos_token_ids
-    from lpreg.trainer.reward import RewardWorker
-
     acc = _accelerator(cfg)
     problems, warm_problems, n_skipped = load_task(cfg)
     eval_problems = load_eval_problems(cfg)

@@ -32,7 +32,7 @@ import random
 from functools import lru_cache
 from typing import Any
 
-from .tasks import Problem
+from lpreg.trainer.problem import PLAIN_TEMPLATE, Problem
 
 SPARK = "check"  # the rare valuable token: the first token of the scratch form
 SPARK_RATE_HARD = 0.08  # share of hard items whose warm-start target is the scratch form
@@ -145,8 +145,6 @@ def sparks_split(split: str, seed: int, max_operand: int = 99) -> list[Problem]:
 def corpus() -> list[str]:
     """The text the tokenizer is trained on: every question of both splits in its prompt, and
     both answer forms of every expression (bare and scratch), and the drills' prompts."""
-    from .model import PLAIN_TEMPLATE
-
     lines = []
     for p, _ in _universe():
         terms = tuple(int(x) for x in p.question.rsplit(": ", 1)[1][:-2].split("+"))
@@ -157,9 +155,11 @@ def corpus() -> list[str]:
 
 @lru_cache(maxsize=None)
 def _tokenizer_json() -> str:
+    # imported here: `import lpreg.trainer.tasks` (which imports this module) stays free of
+    # tokenizers and transformers (lpreg/trainer/__init__.py)
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    from .tokenizer import SPECIAL_TOKENS, UNK
+    from lpreg.trainer.tokenizer import SPECIAL_TOKENS, UNK
 
     core = Tokenizer(models.BPE(unk_token=UNK))
     # Metaspace keeps spaces as "▁" (so decode(encode(s)) == s); punctuation is split off so
@@ -179,10 +179,11 @@ def _tokenizer_json() -> str:
 def sparks_tokenizer() -> Any:
     """The task's byte-pair tokenizer (a transformers PreTrainedTokenizerFast), trained locally
     and deterministically on `corpus()`; pads on the left, adds no special tokens on encode."""
+    # imported here, as in `_tokenizer_json`: the task's module stays light
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
 
-    from .tokenizer import BOS, EOS, PAD, UNK
+    from lpreg.trainer.tokenizer import BOS, EOS, PAD, UNK
 
     tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(_tokenizer_json()), pad_token=PAD,
                                   bos_token=BOS, eos_token=EOS, unk_token=UNK, clean_up_tokenization_spaces=False,

@@ -9,11 +9,12 @@
     write_logs, maybe_checkpoint
 
 When does the scoring pass run? Only when something must be known for the whole step before
-the first gradient: with `--mini-batches > 1` (later mini-batches are off-policy: they need the
-rollout policy's log-probs and, for Lp-Reg, its proxy q, docs/spec.md §1), or when a step-wide
-token choice (Lp-Reg's paper-form rho-percentile, 80/20, KL-Cov, Clip-Cov) spans several
-micro-batches or ranks. Otherwise the update is on-policy in one micro-batch per rank and
-old_logp = None: the loss uses this pass's own log-probs (ratio exactly 1), no extra forward.
+the first gradient: when the step is off-policy (`--mini-batches > 1`: later mini-batches need the
+rollout policy's log-probs and, for Lp-Reg, its proxy q, docs/spec.md §1; decided once, in
+`StepPlan.off_policy`), or when a step-wide choice (`Loss.selects`: Lp-Reg's paper-form
+rho-percentile, 80/20, KL-Cov, Clip-Cov) spans several micro-batches or ranks. Otherwise the
+update is on-policy in one micro-batch per rank and old_logp = None: the loss uses this pass's
+own log-probs (ratio exactly 1), no extra forward.
 The paper form split over micro-batches keeps the pass: its rho-percentile needs every
 token's log-prob before any token's gradient, and recovering them during the update instead
 would mean re-running the forward (with grad) of each micro-batch that holds a selected token,
@@ -33,19 +34,17 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from lpreg import build_proxy, lpreg_token_stats
 from lpreg.trainer import checkpoint as ckpt
 from lpreg.trainer.advantage import group_advantages
+from lpreg.trainer.diversity import distinct_answers, spark_probability, spark_usage
+from lpreg.trainer.evaluate import evaluate
 from lpreg.trainer.logging_utils import format_row
-from lpreg.trainer.losses import (
-    NEEDS_SELECTION,
-    loss_denominator,
-    method_loss,
-    scatter_selection,
-    select_tokens,
-    summarise_loss_metrics,
-)
+from lpreg.trainer.losses import LOSSES, StepTokens, loss_denominator, method_loss, summarise_loss_metrics
+from lpreg.trainer.model import format_prompt
+from lpreg.trainer.problem import Problem
 from lpreg.trainer.rollout import RolloutBatch, generate_group, pack, rollout_seed
-from lpreg.trainer.tasks import TASKS, Problem
+from lpreg.trainer.tasks import TASKS
 
 
 def problem_at(problems: list, position: int, seed: int) -> Problem:
@@ -84,6 +83,8 @@ def reduce_sum(acc, x: float) -> float:
 def full_params_for_generation(acc, model) -> contextlib.AbstractContextManager:
     """Under FSDP (v1) every rank generates with its own full copy of the parameters (gathered
     once per step, not written back); under DDP or a single process the module already is one."""
+    # imported here: only this call needs accelerate's types, and torch.distributed.fsdp is a heavy
+    # import that only an FSDP run reaches
     from accelerate.utils import DistributedType
 
     if acc.distributed_type == DistributedType.FSDP:
@@ -119,8 +120,6 @@ def rollout(run, step: int) -> Rollout:
     """Generate n samples for each of this rank's prompts, score them, and compute advantages on
     the global batch (so batch-std scaling sees every rank)."""
     cfg, acc = run.cfg, run.acc
-    from lpreg.trainer.model import format_prompt
-
     P, n, world = cfg.prompts_per_step, cfg.samples_per_prompt, acc.num_processes
     per_rank = P // world
     first = step * P + acc.process_index * per_rank  # global data position of this rank's first prompt
@@ -162,25 +161,19 @@ class StepPlan:
     micro: List[List[Tensor]]  # row indices: micro[mini][k]
     old_logp: List[Optional[Tensor]]  # None: on-policy, this pass's own log-probs
     proxies: list  # lpreg.SparseProxy of the rollout policy, or None (on-policy q)
-    chosen: List[Optional[Tensor]]  # step-wide baseline token choice, (B, T) bool
-    thresholds: list  # lpreg.SelectionThreshold (Lp-Reg paper form), or None
+    # the step-wide choice (`Loss.choose`): (B, T) bool token choice, lpreg.SelectionThreshold, or None
+    choices: list
     denominators: List[float]  # per mini-batch, all ranks (losses.loss_denominator)
     n_tokens: int  # valid tokens of the step, all ranks
+    off_policy: bool  # several updates per rollout: later ones need the rollout policy's log-probs (and q)
     scored: bool  # whether the no-grad scoring pass ran
 
 
-def _needs_scoring_pass(cfg, n_micro: int, world: int) -> bool:
-    step_wide = cfg.loss in NEEDS_SELECTION or (cfg.loss == "lpreg" and cfg.lpreg_compat == "paper")
-    return cfg.mini_batches > 1 or (step_wide and (n_micro > 1 or world > 1))
-
-
 @torch.no_grad()
-def _score(run, batch: RolloutBatch, flat: List[Tensor]):
+def _score(run, batch: RolloutBatch, flat: List[Tensor], off_policy: bool = True):
     """The no-grad pass: per micro-batch old log-probs, entropies and (off-policy Lp-Reg) the
-    rollout policy's sparse proxy, built from the same logits (no further forward)."""
-    from lpreg.sparse_proxy import build_proxy
-    from lpreg.token_stats import lpreg_token_stats
-
+    rollout policy's sparse proxy, built from the same logits (no further forward). off_policy:
+    `StepPlan.off_policy` (the default builds everything an off-policy step needs)."""
     cfg = run.cfg
     old_logp, ents, proxies = [], [], []
     for mb in flat:
@@ -189,31 +182,20 @@ def _score(run, batch: RolloutBatch, flat: List[Tensor]):
         st = lpreg_token_stats(logits, b.labels, temperature=cfg.temperature, backend=cfg.token_stats_backend)
         old_logp.append(st.logp)
         ents.append(st.entropy)
-        off_policy_lpreg = cfg.loss == "lpreg" and cfg.mini_batches > 1
         proxies.append(build_proxy(logits, labels=b.labels, temperature=cfg.temperature, mode=cfg.lpreg_mode,
-                                   threshold=cfg.lpreg_threshold, k=cfg.lpreg_proxy_k) if off_policy_lpreg else None)
+                                   threshold=cfg.lpreg_threshold, k=cfg.lpreg_proxy_k)
+                       if off_policy and cfg.loss == "lpreg" else None)
     return old_logp, ents, proxies
 
 
-def _step_wide_choice(run, step: int, plan: StepPlan, flat: List[Tensor], ents: List[Tensor]) -> None:
-    """Fix Lp-Reg's paper-form threshold or a baseline's token choice for the whole step."""
-    from lpreg.selection import selection_threshold
-
-    cfg, acc = run.cfg, run.acc
+def _step_tokens(run, step: int, plan: StepPlan, flat: List[Tensor], ents: List[Tensor]) -> StepTokens:
+    """This rank's per-token statistics for a step-wide choice, and how to see every rank's."""
+    acc = run.acc
     masks = [plan.batch.loss_mask[mb] for mb in flat]
-    if cfg.loss == "lpreg" and cfg.lpreg_compat == "paper":
-        # chosen on the old log-probs: exactly the values the threshold compares against
-        plan.thresholds = selection_threshold(plan.old_logp, masks, rho=cfg.lpreg_rho)
-    elif cfg.loss in NEEDS_SELECTION:
-        def gathered(ts, masks=masks):
-            return gather_varlen(acc, torch.cat([t[m > 0] for t, m in zip(ts, masks)])).cpu()
-
-        gen = torch.Generator().manual_seed(rollout_seed(cfg.seed, step, -1))
-        sel = select_tokens(cfg.loss, gathered(plan.old_logp), gathered(ents),
-                            gathered([plan.tok_adv[mb] for mb in flat]), cfg, generator=gen)
-        counts = gather_floats(acc, [float(sum(int((m > 0).sum()) for m in masks))])
-        lo = int(sum(counts[: acc.process_index]))  # this rank's tokens in the gathered order
-        plan.chosen = scatter_selection(sel[lo:lo + int(counts[acc.process_index])], masks)
+    counts = gather_floats(acc, [float(sum(int((m > 0).sum()) for m in masks))])
+    return StepTokens(old_logp=plan.old_logp, entropy=ents, adv=[plan.tok_adv[mb] for mb in flat], masks=masks,
+                      gather=lambda t: gather_varlen(acc, t), offset=int(sum(counts[: acc.process_index])),
+                      generator=torch.Generator().manual_seed(rollout_seed(run.cfg.seed, step, -1)))
 
 
 def scoring_pass(run, ro: Rollout, step: int) -> StepPlan:
@@ -226,16 +208,19 @@ def scoring_pass(run, ro: Rollout, step: int) -> StepPlan:
              for m in rows.chunk(cfg.mini_batches)]
     flat = [mb for mini in micro for mb in mini]
     none = [None] * len(flat)
+    spec, off_policy = LOSSES[cfg.loss], cfg.mini_batches > 1
+    step_wide = spec.selects(cfg) and (len(flat) > 1 or acc.num_processes > 1)
     plan = StepPlan(batch=batch, tok_adv=ro.seq_adv.to(acc.device)[:, None] * batch.loss_mask, micro=micro,
-                    old_logp=list(none), proxies=list(none), chosen=list(none), thresholds=list(none),
-                    denominators=[], n_tokens=int(reduce_sum(acc, float(batch.loss_mask.sum()))),
-                    scored=_needs_scoring_pass(cfg, len(flat), acc.num_processes))
+                    old_logp=list(none), proxies=list(none), choices=list(none), denominators=[],
+                    n_tokens=int(reduce_sum(acc, float(batch.loss_mask.sum()))), off_policy=off_policy,
+                    scored=off_policy or step_wide)
     if plan.scored:
-        plan.old_logp, ents, plan.proxies = _score(run, batch, flat)
-        _step_wide_choice(run, step, plan, flat, ents)
+        plan.old_logp, ents, plan.proxies = _score(run, batch, flat, off_policy)
+        if spec.selects(cfg):
+            plan.choices = spec.choose(_step_tokens(run, step, plan, flat, ents), cfg)
     j = 0
     for mini in micro:
-        part = loss_denominator(cfg, [batch.loss_mask[mb] for mb in mini], plan.chosen[j:j + len(mini)],
+        part = loss_denominator(cfg, [batch.loss_mask[mb] for mb in mini], plan.choices[j:j + len(mini)],
                                 plan.n_tokens)
         plan.denominators.append(reduce_sum(acc, part))
         j += len(mini)
@@ -256,13 +241,14 @@ def update(run, plan: StepPlan, step: int) -> tuple[dict, list]:
             b = plan.batch.slice(mb)
             with contextlib.nullcontext() if k == len(mini) - 1 else acc.no_sync(model):
                 logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False).logits
-                numerator, mb_sums = method_loss(
+                loss, mb_sums = method_loss(
                     cfg.loss, logits[:, :-1], b.labels, plan.tok_adv[mb], plan.old_logp[j], b.loss_mask, cfg,
-                    selected=plan.chosen[j], lpreg_threshold=plan.thresholds[j], proxy=plan.proxies[j])
-                # DDP averages gradients over ranks: times world / (all ranks' denominator)
-                acc.backward(numerator * (acc.num_processes / max(denom, 1.0)))
+                    selected=plan.choices[j], proxy=plan.proxies[j], denominator=max(denom, 1.0))
+                # this micro-batch's share of the mini-batch loss (all ranks' denominator); DDP
+                # averages gradients over ranks, so times world
+                acc.backward(loss * acc.num_processes)
             # logged pg_loss: the mean over mini-batches of the loss each optimizer step took
-            mb_sums["actor/pg_loss"] = mb_sums["actor/pg_loss"] * (plan.n_tokens / (max(denom, 1.0) * len(plan.micro)))
+            mb_sums["actor/pg_loss"] = mb_sums["actor/pg_loss"] * (plan.n_tokens / len(plan.micro))
             for key, v in mb_sums.items():
                 sums[key] = sums.get(key, 0.0) + v.detach().float().cpu()
             j += 1
@@ -315,8 +301,6 @@ def step_metrics(run, step: int, ro: Rollout, plan: StepPlan, sums, grad_norms, 
 def diversity_metrics(run, ro: Rollout) -> Dict[str, float]:
     """train/distinct_answers per group, and (a built-in task with spark tokens, the built-in
     policy) spark/prob and spark/usage: lpreg.trainer.diversity. Every rank calls this."""
-    from lpreg.trainer.diversity import distinct_answers, spark_probability, spark_usage
-
     cfg, acc, n = run.cfg, run.acc, run.cfg.samples_per_prompt
     out = {"train/distinct_answers": float(np.mean(gather_floats(acc, distinct_answers(ro.texts, n))))}
     sparks = TASKS[cfg.task].spark_tokens if cfg.data is None and cfg.task in TASKS else ()
@@ -334,8 +318,6 @@ def held_out_eval(run, step: int) -> Dict[str, float]:
     """avg@k, pass@1..k and maj@k on the held-out problems every `eval_every` steps and at the
     last step (main process; the others wait). Sampling at the rollout temperature, under a
     forked RNG seeded by (seed, step), so training's random streams are untouched."""
-    from lpreg.trainer.evaluate import evaluate
-
     cfg, acc = run.cfg, run.acc
     if not cfg.eval_every or not ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
         return {}

@@ -32,18 +32,15 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Callable
 
+from lpreg.trainer.problem import Problem
+from lpreg.trainer.sparks import SPARK, sparks_split, sparks_tokenizer, warm_start_drills
+
+__all__ = ["Problem", "BuiltinTask", "TASKS", "arithmetic_problems", "arithmetic_split", "split_size",
+           "operands_within"]
+
 SPLITS = ("train", "test")
 TEST_FRACTION_PERCENT = 10  # share of the universe held out for the test split
 MAX_OPERAND = 99
-
-
-@dataclass(frozen=True)
-class Problem:
-    """One problem: the question text and its gold answer (a string math-verify parses)."""
-
-    question: str
-    answer: str
-    target: str | None = None  # the warm start's target text when it is not the bare answer
 
 
 def _make(a: int, op: str, b: int) -> Problem:
@@ -133,7 +130,8 @@ def arithmetic_split(split: str, seed: int, max_operand: int) -> list[Problem]:
 
 
 def _char_tokenizer() -> Any:
-    from .tokenizer import build_char_tokenizer  # imported here: this module must not need transformers
+    # imported here: `import lpreg.trainer.tasks` stays free of transformers (lpreg/trainer/__init__.py)
+    from lpreg.trainer.tokenizer import build_char_tokenizer
 
     return build_char_tokenizer()
 
@@ -155,28 +153,10 @@ class BuiltinTask:
     warm_start_extra: Callable[[], list[Problem]] | None = None
 
 
-def _sparks_split(split: str, seed: int, max_operand: int) -> list[Problem]:
-    from .sparks import sparks_split  # imported here: sparks imports this module
-
-    return sparks_split(split, seed, max_operand)
-
-
-def _sparks_drills() -> list[Problem]:
-    from .sparks import warm_start_drills
-
-    return warm_start_drills()
-
-
-def _sparks_tokenizer() -> Any:
-    from .sparks import sparks_tokenizer
-
-    return sparks_tokenizer()
-
-
 # Adding a task: write its two functions and register it here; a preset can then set task=NAME.
 TASKS: dict[str, BuiltinTask] = {
     "arithmetic": BuiltinTask(split_problems=arithmetic_split, tokenizer=_char_tokenizer),
     # lpreg.trainer.sparks: a subword noise tail and a rare valuable "check" token (cpu-sparks)
-    "sparks": BuiltinTask(split_problems=_sparks_split, tokenizer=_sparks_tokenizer, spark_tokens=("check",),
-                          warm_start_extra=_sparks_drills),
+    "sparks": BuiltinTask(split_problems=sparks_split, tokenizer=sparks_tokenizer, spark_tokens=(SPARK,),
+                          warm_start_extra=warm_start_drills),
 }
