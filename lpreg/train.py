@@ -8,11 +8,14 @@ One step, top to bottom in `train` (each a function of `lpreg.trainer.step`):
                   (std_group + eps) (or batch std, or none) on the global batch
     scoring_pass  only when needed: a no-grad forward fixing old log-probs, the rollout policy's sparse
                   proxy q (off-policy Lp-Reg) and the step-wide token choice (see lpreg.trainer.step)
+    probe         every `mechanism_every` steps: one update with beta = 1 and one with beta = 0 on
+                  copies, p_y after / before for the tokens Lp-Reg selects (lpreg.trainer.mechanism)
     update        `mini_batches` optimizer steps per rollout (default 1: on-policy; 8 for clip_higher and
                   kl_cov, as published), each over micro-batches; the loss is aggregated by
                   `loss_agg_mode` exactly across micro-batches and ranks; grad clip 1.0; AdamW
     metrics       metrics.jsonl (verl names), samples.jsonl, progress bar; held-out avg@k / pass@k every
-                  `eval_every` steps (lpreg.trainer.evaluate); PNG plots at the end
+                  `eval_every` steps and, with `eval_start`, before the first (lpreg.trainer.evaluate);
+                  PNG plots and a summary (lpreg.trainer.summary) at the end
     checkpoint    atomic, every `save_every` steps; `--resume auto` continues exactly
 
 Set-up (policy, task, warm start or resume, optimizer, files) is `lpreg.trainer.setup.setup`; the
@@ -33,10 +36,11 @@ Where this departs from the paper:
   how prompts are sharded across ranks (a 2-rank run equals a 1-rank run at the same batch).
 
 Run:
-    lpreg-train --preset cpu-tiny                       # the CPU demo, < 10 min on 2 cores
+    lpreg-train --preset cpu-demo                       # the main job: Lp-Reg at work, < 5 min on 2 cores
+    lpreg-train --preset cpu-tiny                       # the negative control (and the test fixture)
     lpreg-train --preset cpu-tiny --loss grpo --output-dir runs/grpo
     lpreg-train --preset cpu-sparks                     # a subword noise tail + a rare "check" token
-    python -m lpreg.trainer.compare                     # the cpu-sparks sweep: 6 arms x 3 seeds
+    python -m lpreg.trainer.compare --preset cpu-sweep ...   # the paired sweep (docs/cpu_sweep.md)
     lpreg-train --preset qwen2.5-math-1.5b --model /models/Qwen2.5-Math-1.5B --data train.parquet
     accelerate launch --num_processes 8 -m lpreg.train --preset ...   # GPUs: DDP (or FSDP via config)
     torchrun --nproc_per_node 2 -m lpreg.train --preset test-micro     # CPU processes (gloo)
@@ -53,16 +57,19 @@ import torch
 
 from lpreg.trainer.config import TrainConfig, load_config
 from lpreg.trainer.logging_utils import plot_metrics, read_metrics
+from lpreg.trainer.mechanism import probe
 from lpreg.trainer.setup import Run, load_weights, setup
 from lpreg.trainer.step import (
     held_out_eval,
     maybe_checkpoint,
     rollout,
     scoring_pass,
+    start_eval,
     step_metrics,
     update,
     write_logs,
 )
+from lpreg.trainer.summary import format_summary
 
 __all__ = ["train", "main", "load_weights"]
 
@@ -71,16 +78,19 @@ def train(cfg: TrainConfig) -> torch.nn.Module:
     """Run the whole job described by `cfg`; returns the trained (unwrapped) policy."""
     run = setup(cfg)
     try:
+        start_eval(run)
         for step in range(run.start_step, cfg.steps):
             t_step = time.perf_counter()
             ro = rollout(run, step)
-            t_update = time.perf_counter()
             plan = scoring_pass(run, ro, step)
+            measured = probe(run, plan, step)  # {} unless a mechanism step: the run itself is untouched
+            t_update = time.perf_counter()
             sums, grad_norms = update(run, plan, step)
             timing = {"rollout": ro.seconds_generate, "reward": ro.seconds_reward,
                       "update": time.perf_counter() - t_update}
             timing["step"] = time.perf_counter() - t_step
             row = step_metrics(run, step, ro, plan, sums, grad_norms, timing)
+            row.update(measured)
             row.update(held_out_eval(run, step))
             write_logs(run, step, ro, row)
             maybe_checkpoint(run, step)
@@ -91,12 +101,13 @@ def train(cfg: TrainConfig) -> torch.nn.Module:
 
 
 def _finish(run: Run) -> None:
+    """The figure and the end-of-run summary (main process)."""
     cfg, acc = run.cfg, run.acc
-    if acc.is_main_process and cfg.plot:
+    if acc.is_main_process:
         rows = read_metrics(os.path.join(cfg.output_dir, "metrics.jsonl"))
         path = plot_metrics({cfg.loss: rows}, os.path.join(cfg.output_dir, "training_curves.png"),
-                            title=f"{cfg.preset}, loss={cfg.loss}")
-        acc.print(f"plots: {path}")
+                            title=f"{cfg.preset}, loss={cfg.loss}") if cfg.plot else None
+        acc.print(format_summary(rows, cfg.output_dir, figure=path, mechanism=read_metrics(run.mechanism_path)))
     acc.wait_for_everyone()
     acc.end_training()
 

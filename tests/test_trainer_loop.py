@@ -219,3 +219,28 @@ def test_the_loop_fits_one_screen():
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 length = node.end_lineno - node.lineno + 1
                 assert length <= 80, f"{path}:{node.name} is {length} lines"
+
+
+def test_end_of_run_summary_reads_the_logs(tmp_path):
+    """What lpreg-train prints when a run ends (lpreg.trainer.summary)."""
+    from lpreg.trainer.summary import format_summary, summarise
+
+    rows = [{"step": 0, "eval/pass@8": 0.5, "eval/avg@8": 0.25}]
+    rows += [{"step": s, "critic/score/mean": s / 20, "actor/entropy": 1.0 - s / 40, "spark/prob": 0.01 * s,
+              "actor/lpreg_frac": 0.0 if s == 3 else 0.1, "train/n_tokens": 200} for s in range(1, 21)]
+    rows[-1].update({"eval/pass@8": 0.75, "eval/avg@8": 0.5})
+    (tmp_path / "metrics.jsonl").write_text("")
+    s = summarise(rows, window=10)
+    assert s["steps"] == 20 and s["reward_first"] == pytest.approx(5.5 / 20)
+    assert s["reward_last"] == pytest.approx(15.5 / 20)
+    assert s["lpreg_selected_per_step"] == pytest.approx(19 * 20 / 20) and s["frac_steps_selecting"] == 0.95
+    assert (s["pass@8_first"], s["pass@8_last"], s["eval_step_first"], s["eval_step_last"]) == (0.5, 0.75, 0, 20)
+    mech = [{"step": 1, "p_before": [0.01, 0.02, 0.03], "kept_mass": [0.9, 0.8, 0.9], "ratio_beta1": [1.2, 1.1, 1.0],
+             "ratio_beta0": [0.9, 0.8, 0.7]}]
+    text = format_summary(rows, str(tmp_path), figure="fig.png", mechanism=mech)
+    assert "train reward         0.275 -> 0.775" in text
+    assert "held-out pass@8      0.500 -> 0.750   avg@8 0.250 -> 0.500   (step 0 -> step 20)" in text
+    assert "p(spark)             0.0550 -> 0.1550" in text
+    assert "19.0 tokens per step on average; on 95% of steps" in text
+    assert "3 selected tokens (median kept mass 0.900)" in text and "1.100 with Lp-Reg, 0.800 at beta = 0" in text
+    assert "figure: fig.png" in text and str(tmp_path / "metrics.jsonl") in text

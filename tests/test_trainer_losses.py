@@ -194,3 +194,29 @@ def test_unknown_loss_is_an_error():
     logits, labels, adv, old, mask = _inputs()
     with pytest.raises(ValueError, match="bogus"):
         method_loss("bogus", logits, labels, adv, old, mask, cfg)
+
+
+def test_a_new_loss_is_one_function_and_one_entry(monkeypatch):
+    """Issue 18 item 3: the config, the update (method_loss), the step-wide choice and compare read
+    one table. A baseline registered there is a --loss choice, trains, and is a compare arm."""
+    from lpreg.train import main
+    from lpreg.trainer.compare import arm_flags
+    from lpreg.trainer.losses import LOSSES, Loss
+
+    def terms(t, cfg):  # GRPO's surrogate minus 0.01 H per token
+        return t.pg - 0.01 * t.entropy
+
+    monkeypatch.setitem(LOSSES, "my_bonus", Loss("my bonus", terms=terms))
+    cfg = preset_config("test-micro", loss="my_bonus", token_stats_backend="torch")
+    assert cfg.loss == "my_bonus" and cfg.mini_batches == 1 and arm_flags("my_bonus") == ["--loss", "my_bonus"]
+    logits, labels, adv, old, mask = _inputs(seed=2)
+    loss, sums = method_loss("my_bonus", logits, labels, adv, old, mask, cfg)
+    ref = _ref_loss("entropy_bonus", logits, labels, adv, old, mask, preset_config("test-micro", entropy_coef=0.01),
+                    torch.zeros(B, T))
+    assert abs(loss.item() - ref.item()) <= 1e-5 * max(1.0, abs(ref.item()))
+    assert float(sums["actor/selected_frac"]) == 0.0  # it makes no step-wide choice
+    # an off-policy entry gets the published 8 updates per rollout (cpu-tiny: 16 prompts)
+    monkeypatch.setitem(LOSSES, "my_off", Loss("my off-policy", terms=terms, off_policy=True))
+    assert preset_config("cpu-tiny", loss="my_off").mini_batches == 8
+    with pytest.raises(SystemExit, match="my_other"):
+        main(["--preset", "test-micro", "--loss", "my_other"])

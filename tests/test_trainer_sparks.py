@@ -248,3 +248,26 @@ def test_sweep_figure_has_a_panel_per_logged_metric_only(tmp_path):
     big = matplotlib.image.imread(plot_bands({"grpo": [full]}, str(tmp_path / "b.png"), keys=BAND_KEYS))
     # two panels fit in one row of four, all eight need two rows: the figure is about half as tall
     assert small.shape[0] < 0.7 * big.shape[0], (small.shape, big.shape)
+
+
+@pytest.mark.slow
+def test_the_main_job_preset_runs_two_steps_and_prints_its_summary(two_steps, capsys):
+    """README's main job, `--preset cpu-demo` (the cpu-sparks task and warm start, shortened as above
+    and served by the same warm-start cache entry): held-out evaluation before the first step and
+    after the last, the mechanism probe, and the end-of-run summary."""
+    from lpreg.train import train
+
+    _, out = two_steps
+    cfg = preset_config("cpu-demo", **{**SHORT, "eval_every": 2, "plot": True}, mechanism_every=2,
+                        output_dir=str(out / "demo"), warm_start_cache=str(out / "cache"))
+    train(cfg)
+    rows = [json.loads(line) for line in open(out / "demo" / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    assert "eval/pass@8" in rows[0] and "eval/pass@8" in rows[2] and "eval/pass@8" not in rows[1]
+    assert all("mechanism/n_selected" in r for r in rows[1:])  # the first step and every 2nd
+    assert len(open(out / "demo" / "mechanism.jsonl").read().splitlines()) == 2
+    printed = capsys.readouterr().out
+    assert "warm start: loaded" in printed  # the cached warm start of the cpu-sparks runs above
+    for needle in ("summary (2 steps", "train reward", "entropy (nats/token)", "held-out pass@8", "(step 0 -> step 2)",
+                   "p(spark)", "Lp-Reg selected", "training_curves.png", "metrics.jsonl"):
+        assert needle in printed, needle

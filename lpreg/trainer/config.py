@@ -76,6 +76,7 @@ class TrainConfig:
 
     # --- held-out evaluation (lpreg.trainer.evaluate) -------------------------------------------
     eval_every: int = 0  # evaluate every N steps (and at the end); 0 = never
+    eval_start: bool = False  # also evaluate before the first step (logged as step 0: the warm-started policy)
     eval_problems: int = 64  # held-out problems: the built-in task's test split, or the first N of eval_data
     eval_k: int = 8  # samples per problem at the rollout temperature: avg@k, pass@1..k, maj@k
     eval_data: Optional[str] = None  # jsonl / parquet of held-out problems (needed with --data)
@@ -120,6 +121,12 @@ class TrainConfig:
     # and kl_cov, 1 for the others
     mini_batches: int = 0
 
+    # --- Lp-Reg's mechanism, measured (lpreg.trainer.mechanism) ---------------------------------
+    # at the first step and every N steps: from the state before the update, one update with
+    # beta = 1 and one with beta = 0 (on copies), and p_y after / before for the tokens the released
+    # form selects (mechanism.jsonl); 0 = never. One process, one update per rollout.
+    mechanism_every: int = 0
+
     extra: dict = field(default_factory=dict)  # free-form notes recorded with the run
 
     def validate(self) -> "TrainConfig":
@@ -139,11 +146,16 @@ class TrainConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)!r}")
         if self.samples_per_prompt < 2 and self.std_scaling == "group":
             raise ValueError(f"--samples-per-prompt must be >= 2 for group advantages, got {self.samples_per_prompt}")
-        for name in ("eval_every", "lpreg_proxy_k", "eval_problems", "eval_k"):
-            if getattr(self, name) < (0 if name == "eval_every" else 1):
-                raise ValueError(f"--{name.replace('_', '-')} must be >= {0 if name == 'eval_every' else 1}, "
-                                 f"got {getattr(self, name)!r}")
+        for name in ("eval_every", "mechanism_every", "lpreg_proxy_k", "eval_problems", "eval_k"):
+            least = 0 if name.endswith("_every") else 1
+            if getattr(self, name) < least:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= {least}, got {getattr(self, name)!r}")
+        if self.eval_start and not self.eval_every:
+            raise ValueError(f"--eval-start needs --eval-every > 0 (held-out problems), got {self.eval_every}")
         self._resolve_mini_batches()
+        if self.mechanism_every and self.mini_batches > 1:
+            raise ValueError(f"--mechanism-every measures one update per rollout: it needs --mini-batches 1, "
+                             f"got {self.mini_batches}")
         return self
 
     def _resolve_mini_batches(self) -> None:
@@ -187,6 +199,28 @@ PRESETS = {
         warmup_batch_size=32, warmup_eval_problems=64, n_problems=96, prompts_per_step=16, samples_per_prompt=8,
         max_new_tokens=16, lr=1e-3, micro_batch_size=128, eval_every=10, eval_problems=48, eval_k=8,
         lr_warmup_steps=10, lpreg_rho=0.25, save_every=0, keep_checkpoints=1, sample_every=10, torch_threads=1,
+    ),
+    # The README's main job, < 5 minutes on 2 CPU cores from a fresh clone, warm start included: the
+    # cpu-sparks task and warm start (the same warm-start cache entry), 60 RL steps of Lp-Reg
+    # (released form, rho 0.25: it selects tokens at every step), held-out pass@8 / avg@8 before the
+    # first and after the last step, and the mechanism measured at steps 1, 30 and 60
+    # (lpreg.trainer.mechanism). It ends with a summary in the terminal (lpreg.trainer.summary).
+    "cpu-demo": dict(
+        task="sparks", steps=60, hidden_size=128, num_layers=2, num_heads=4, warmup_steps=900, warmup_lr=3e-3,
+        warmup_batch_size=32, warmup_eval_problems=64, n_problems=96, prompts_per_step=16, samples_per_prompt=8,
+        max_new_tokens=16, lr=1e-3, micro_batch_size=128, eval_every=60, eval_start=True, eval_problems=64,
+        eval_k=8, lr_warmup_steps=10, lpreg_rho=0.25, mechanism_every=30, save_every=0, keep_checkpoints=1,
+        sample_every=10, torch_threads=1,
+    ),
+    # The decisive sweep's runs (python -m lpreg.trainer.compare --preset cpu-sweep, docs/cpu_sweep.md):
+    # cpu-sparks with held-out pass@8 / avg@8 over 192 problems x 8 samples before the first and after
+    # the last step only (more problems rather than more evaluations).
+    "cpu-sweep": dict(
+        task="sparks", steps=80, hidden_size=128, num_layers=2, num_heads=4, warmup_steps=900, warmup_lr=3e-3,
+        warmup_batch_size=32, warmup_eval_problems=64, n_problems=96, prompts_per_step=16, samples_per_prompt=8,
+        max_new_tokens=16, lr=1e-3, micro_batch_size=128, eval_every=80, eval_start=True, eval_problems=192,
+        eval_k=8, lr_warmup_steps=10, lpreg_rho=0.25, save_every=0, keep_checkpoints=1, sample_every=10,
+        torch_threads=1,
     ),
     # The unit/integration tests: seconds per run. Operands up to 2 (one-character answers) so
     # that a few warm-start steps already give some reward.

@@ -9,7 +9,8 @@ import json
 import math
 import os
 
-__all__ = ["MetricsLog", "read_metrics", "truncate_jsonl", "plot_metrics", "plot_bands", "progress_bar", "format_row"]
+__all__ = ["MetricsLog", "read_metrics", "truncate_jsonl", "plot_metrics", "plot_bands", "progress_bar", "format_row",
+           "pyplot", "save_figure"]
 
 
 def read_metrics(path) -> list[dict]:
@@ -124,7 +125,7 @@ PLOT_KEYS = (("critic/score/mean", "reward (mean score)"), ("actor/entropy", "po
              ("actor/lpreg_frac", "Lp-Reg selected fraction"))
 
 
-def _pyplot():
+def pyplot():
     """matplotlib.pyplot on the file-only Agg backend. Imported here, not at the top: matplotlib is
     a heavy import that only the end of a run (and the sweep) needs."""
     import matplotlib
@@ -135,7 +136,7 @@ def _pyplot():
     return plt
 
 
-def _save_figure(plt, fig, path: str, title) -> str:
+def save_figure(plt, fig, path: str, title) -> str:
     """Title, lay out and write `fig` as a PNG at `path` (its folder created); returns the path."""
     if title:
         fig.suptitle(title, fontsize=10)
@@ -149,7 +150,7 @@ def _save_figure(plt, fig, path: str, title) -> str:
 def plot_metrics(runs, path, *, keys=PLOT_KEYS, title=None, smooth=5) -> str:
     """runs: {label: list of metric rows}. One panel per key, one line per run (raw, faint, and
     a moving average). Writes a small PNG at `path`; returns the path."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.2), dpi=90)
     axes = axes if len(keys) > 1 else [axes]
     for ax, (key, label) in zip(axes, keys):
@@ -165,7 +166,7 @@ def plot_metrics(runs, path, *, keys=PLOT_KEYS, title=None, smooth=5) -> str:
         ax.set_title(label, fontsize=10)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    return _save_figure(plt, fig, path, title)
+    return save_figure(plt, fig, path, title)
 
 
 def plot_bands(runs, path, *, keys, title=None, ncols=4, smooth=5) -> str:
@@ -175,7 +176,7 @@ def plot_bands(runs, path, *, keys, title=None, ncols=4, smooth=5) -> str:
     prompts, so raw per-step values are noisy; held-out evaluations are sparse and drawn raw).
     A key no run logged (a task without spark tokens, a run without held-out evaluation) gets no
     panel. Writes a PNG at `path`; returns the path."""
-    plt = _pyplot()
+    plt = pyplot()
     logged = [(key, label) for key, label in keys
               if any(r.get(key) is not None for seeds in runs.values() for rows in seeds for r in rows)]
     keys = logged or list(keys)[:1]
@@ -203,4 +204,4 @@ def plot_bands(runs, path, *, keys, title=None, ncols=4, smooth=5) -> str:
     for ax in list(axes.flat)[len(keys):]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=7)
-    return _save_figure(plt, fig, path, title)
+    return save_figure(plt, fig, path, title)

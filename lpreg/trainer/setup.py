@@ -50,6 +50,7 @@ class Run:
     pad_id: int
     metrics_log: Optional[MetricsLog]  # main process only
     samples_path: str
+    mechanism_path: str  # lpreg.trainer.mechanism's rows
     bar: Any
     reward_worker: Any
     kill_at: int
@@ -238,16 +239,18 @@ def _optimizer(cfg, acc, model, state):
     return model, optimizer, scheduler
 
 
-def _run_files(cfg, acc, start_step: int, resumed: bool) -> Tuple[Optional[MetricsLog], str]:
-    """metrics.jsonl (truncated to the checkpoint on resume) and samples.jsonl (likewise)."""
+def _run_files(cfg, acc, start_step: int, resumed: bool) -> Tuple[Optional[MetricsLog], str, str]:
+    """metrics.jsonl, samples.jsonl and mechanism.jsonl: each truncated to the checkpoint's step on
+    resume, and started afresh otherwise."""
     metrics_log = MetricsLog(os.path.join(cfg.output_dir, "metrics.jsonl"),
                              resume_step=start_step if resumed else None) if acc.is_main_process else None
-    samples_path = os.path.join(cfg.output_dir, "samples.jsonl")
-    if acc.is_main_process and not resumed and os.path.exists(samples_path):
-        os.remove(samples_path)
-    elif acc.is_main_process and resumed:
-        truncate_jsonl(samples_path, start_step)
-    return metrics_log, samples_path
+    paths = [os.path.join(cfg.output_dir, name) for name in ("samples.jsonl", "mechanism.jsonl")]
+    for path in paths:
+        if acc.is_main_process and not resumed and os.path.exists(path):
+            os.remove(path)
+        elif acc.is_main_process and resumed:
+            truncate_jsonl(path, start_step)
+    return metrics_log, *paths
 
 
 def setup(cfg) -> Run:
@@ -266,12 +269,12 @@ def setup(cfg) -> Run:
     start_step = state["step"] if state is not None else 0
     policy = acc.unwrap_model(model)
     eos_ids = eos_token_ids(policy, tok)
-    metrics_log, samples_path = _run_files(cfg, acc, start_step, state is not None)
+    metrics_log, samples_path, mechanism_path = _run_files(cfg, acc, start_step, state is not None)
     return Run(
         cfg=cfg, acc=acc, model=model, policy=policy, tok=tok, optimizer=optimizer, scheduler=scheduler,
         problems=problems, eval_problems=eval_problems, start_step=start_step, resumed=state is not None,
         eos_ids=eos_ids, pad_id=tok.pad_token_id if tok.pad_token_id is not None else eos_ids[0],
-        metrics_log=metrics_log, samples_path=samples_path,
+        metrics_log=metrics_log, samples_path=samples_path, mechanism_path=mechanism_path,
         bar=progress_bar(cfg.steps, start_step, cfg.progress and acc.is_main_process),
         reward_worker=RewardWorker(timeout_s=cfg.reward_timeout_s),  # closed by Run.close
         kill_at=int(os.environ.get(KILL_ENV, "-1")),

@@ -314,10 +314,22 @@ def diversity_metrics(run, ro: Rollout) -> Dict[str, float]:
     return out
 
 
+def start_eval(run) -> None:
+    """With --eval-start, the held-out evaluation of the policy before the first step, written as
+    the step-0 row of metrics.jsonl (a fresh run only: a resumed one has it already)."""
+    if not run.cfg.eval_start or run.start_step > 0:
+        return
+    row = {"step": 0, **held_out_eval(run, -1)}
+    if run.acc.is_main_process:
+        run.metrics_log.write(row)
+        run.bar.write(format_row(row, keys=sorted(k for k in row if k.startswith("eval/"))))
+
+
 def held_out_eval(run, step: int) -> Dict[str, float]:
-    """avg@k, pass@1..k and maj@k on the held-out problems every `eval_every` steps and at the
-    last step (main process; the others wait). Sampling at the rollout temperature, under a
-    forked RNG seeded by (seed, step), so training's random streams are untouched."""
+    """avg@k, pass@1..k and maj@k on the held-out problems every `eval_every` steps, at the last
+    step and, as step -1, before the first (main process; the others wait). Sampling at the
+    rollout temperature, under a forked RNG seeded by (seed, step), so training's random streams
+    are untouched."""
     cfg, acc = run.cfg, run.acc
     if not cfg.eval_every or not ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
         return {}

@@ -1,0 +1,131 @@
+"""Lp-Reg's mechanism, measured directly: what one update does to the tokens it protects.
+
+The paper's claim (arXiv 2510.03222, docs/spec.md §3a): under a negative advantage, GRPO drives
+valuable low-probability tokens towards zero; Lp-Reg's penalty keeps them. At a probed step
+(`--mechanism-every N`: the first step and every N-th), from the state before that step's update
+and on that step's own rollout:
+
+    S            the tokens the released form selects: A < 0, p_y among the k = int(rho n_neg) lowest
+                 of the call's negative-advantage tokens (none when k <= 1), and y kept by the proxy
+                 filter (logp < proxy_logp); per micro-batch, as the loss selects them
+    update_1     one optimizer step of the trainer's update with Lp-Reg at beta = 1 (released form)
+    update_0     the same step from the same state at beta = 0: the base loss alone (GRPO with the
+                 ratio clip [0, 10]), with no token selected
+    r_beta       p_y after update_beta / p_y before, for every token in S (the same tokens for both)
+
+Both updates run on copies of the policy and the optimizer (AdamW state, learning rate, gradient
+clip), so the run itself is untouched. Each probe writes one row to `mechanism.jsonl` (step, and per
+selected token p_y before, the proxy's kept mass m at its position, r_1 and r_0) and logs
+`mechanism/*` means in metrics.jsonl. The claim
+predicts r_0 < 1 (the tokens are pushed down) and r_1 > r_0. One process, one update per rollout
+(the config checks it). Cost per probe: two updates and three forwards of the step's batch.
+A sweep's probes are pooled over seeds and drawn by lpreg.trainer.mechanism_report.
+"""
+
+import copy
+import dataclasses
+import json
+import math
+from types import SimpleNamespace
+from typing import Dict, List
+
+import torch
+from torch import Tensor
+
+from lpreg import lpreg_token_stats
+from lpreg.trainer.losses import loss_denominator
+from lpreg.trainer.step import update
+
+__all__ = ["released_selection", "due", "probe", "summarise_probe"]
+
+
+def released_selection(logp: Tensor, proxy_logp: Tensor, adv: Tensor, mask: Tensor, rho: float) -> Tensor:
+    """(B, T) bool: the tokens the released form selects in one call (docs/spec.md §3): among the
+    valid tokens with A < 0, the k = int(rho n_neg) smallest log p_y (ties by position; none when
+    k <= 1), of which those whose label the proxy keeps, logp < proxy_logp."""
+    neg = ((mask > 0) & (adv < 0)).reshape(-1)
+    k = int(rho * int(neg.sum()))
+    out = torch.zeros_like(neg)
+    if k > 1:
+        key = torch.where(neg, logp.reshape(-1).double(), torch.full_like(logp.reshape(-1).double(), math.inf))
+        out[torch.sort(key, stable=True).indices[:k]] = True
+    return out.reshape(mask.shape) & (logp < proxy_logp)
+
+
+def due(cfg, step: int) -> bool:
+    """Whether step (0-based) is probed: the first and every `mechanism_every`-th."""
+    return bool(cfg.mechanism_every) and (step == 0 or (step + 1) % cfg.mechanism_every == 0)
+
+
+@torch.no_grad()
+def _token_stats(model, plan, cfg) -> List:
+    """Per micro-batch, the policy's TokenStats of the step's labels (logp, proxy_logp, ...)."""
+    out = []
+    for mini in plan.micro:
+        for mb in mini:
+            b = plan.batch.slice(mb)
+            logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False).logits[:, :-1]
+            out.append(lpreg_token_stats(logits, b.labels, temperature=cfg.temperature, mode=cfg.lpreg_mode,
+                                         threshold=cfg.lpreg_threshold, backend=cfg.token_stats_backend))
+    return out
+
+
+def _one_update(run, plan, step: int, beta: float) -> Tensor:
+    """The trainer's update of this step, Lp-Reg released at `beta`, on copies of the policy and the
+    optimizer; returns log p_y after it, per micro-batch concatenated over the step's rows."""
+    cfg = dataclasses.replace(run.cfg, loss="lpreg", lpreg_compat="released", lpreg_beta=float(beta))
+    model = copy.deepcopy(run.policy)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # deep-copied: load_state_dict may keep the very tensors it is given, and AdamW updates them in place
+    optimizer.load_state_dict(copy.deepcopy(run.optimizer.state_dict()))
+    masks = [[plan.batch.loss_mask[mb] for mb in mini] for mini in plan.micro]
+    probe_plan = dataclasses.replace(plan, choices=[None] * sum(len(m) for m in masks), proxies=[None] * len(
+        plan.proxies), denominators=[loss_denominator(cfg, m, [None] * len(m), plan.n_tokens) for m in masks])
+    frozen = SimpleNamespace(step=lambda: None)  # the learning rate of this step, as the real update uses it
+    update(SimpleNamespace(cfg=cfg, acc=run.acc, model=model, optimizer=optimizer, scheduler=frozen, kill_at=-1),
+           probe_plan, step)
+    return [s.logp for s in _token_stats(model, plan, cfg)]
+
+
+def probe(run, plan, step: int) -> Dict[str, float]:
+    """Measure the mechanism at `step` if it is due (module docstring); returns the metrics row's
+    `mechanism/*` entries ({} when not due) and appends the step's row to mechanism.jsonl."""
+    cfg = run.cfg
+    if not due(cfg, step):
+        return {}
+    if run.acc.num_processes > 1:
+        raise ValueError(f"--mechanism-every needs one process, got {run.acc.num_processes}")
+    before = _token_stats(run.policy, plan, cfg)
+    flat = [mb for mini in plan.micro for mb in mini]
+    chosen = [released_selection(s.logp, s.proxy_logp, plan.tok_adv[mb], plan.batch.loss_mask[mb], cfg.lpreg_rho)
+              for s, mb in zip(before, flat)]
+    logp0 = torch.cat([s.logp[c] for s, c in zip(before, chosen)])
+    after = {beta: torch.cat([lp[c] for lp, c in zip(_one_update(run, plan, step, beta), chosen)])
+             for beta in (1.0, 0.0)}
+    # the proxy's kept mass m at each selected token (q_y = p_y / m): k3's push on y is (1/m - 1)(1 - p_y)
+    kept = torch.cat([(s.logp - s.proxy_logp)[c] for s, c in zip(before, chosen)]).exp()
+    row = {"step": step + 1, "p_before": logp0.exp().tolist(), "kept_mass": kept.tolist(),
+           "ratio_beta1": (after[1.0] - logp0).exp().tolist(), "ratio_beta0": (after[0.0] - logp0).exp().tolist()}
+    if run.acc.is_main_process:
+        with open(run.mechanism_path, "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+    return {f"mechanism/{k}": v for k, v in summarise_probe(row).items()}
+
+
+def summarise_probe(row: dict) -> Dict[str, float]:
+    """One probe's numbers: selected tokens, mean p_y before, the mean of log r under each update
+    (NaN with none selected) and the share of selected tokens whose p_y fell."""
+    n = len(row["p_before"])
+    out = {"n_selected": float(n)}
+    if not n:
+        return {**out, "p_before": math.nan, "log_ratio_beta1": math.nan, "log_ratio_beta0": math.nan,
+                "frac_down_beta1": math.nan, "frac_down_beta0": math.nan}
+    out["p_before"] = sum(row["p_before"]) / n
+    if "kept_mass" in row:
+        out["kept_mass"] = sum(row["kept_mass"]) / n
+    for beta in ("beta1", "beta0"):
+        ratios = row[f"ratio_{beta}"]
+        out[f"log_ratio_{beta}"] = sum(math.log(r) for r in ratios) / n
+        out[f"frac_down_{beta}"] = sum(r < 1.0 for r in ratios) / n
+    return out
+
