@@ -244,3 +244,16 @@ def test_end_of_run_summary_reads_the_logs(tmp_path):
     assert "19.0 tokens per step on average; on 95% of steps" in text
     assert "3 selected tokens (median kept mass 0.900)" in text and "1.100 with Lp-Reg, 0.800 at beta = 0" in text
     assert "figure: fig.png" in text and str(tmp_path / "metrics.jsonl") in text
+
+
+@pytest.mark.parametrize("flag, value, needle", [
+    ("lpreg_rho", 2.0, "--lpreg-rho: rho must be in (0, 1], got 2.0"),
+    ("lpreg_compat", "paperish", "--lpreg-compat: compat must be one of"),
+    ("token_stats_backend", "gpu", "--token-stats-backend: backend must be one of"),
+])
+def test_lpreg_options_are_checked_by_the_config_before_any_work(flag, value, needle):
+    """The package's LossConfig checks every --lpreg-* option when the config is built, not at the
+    first step after a minutes-long warm start."""
+    with pytest.raises(ValueError) as exc:
+        preset_config("test-micro", **{flag: value})
+    assert needle in str(exc.value)

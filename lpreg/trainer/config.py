@@ -16,6 +16,7 @@ from typing import Any, List, Optional
 
 import yaml
 
+from lpreg import LossConfig
 from lpreg.trainer.losses import LOSSES
 
 STD_SCALINGS = ("group", "batch", "none")
@@ -137,8 +138,7 @@ class TrainConfig:
             raise ValueError(f"--loss-agg-mode must be one of {LOSS_AGG_MODES}, got {self.loss_agg_mode!r}")
         if self.std_scaling not in STD_SCALINGS:
             raise ValueError(f"--std-scaling must be one of {STD_SCALINGS}, got {self.std_scaling!r}")
-        if self.lpreg_compat not in ("paper", "released"):
-            raise ValueError(f"--lpreg-compat must be 'paper' or 'released', got {self.lpreg_compat!r}")
+        self.lpreg_loss_config()  # every --lpreg-* option checked now, not at the first step after the warm start
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"--dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
         for name in ("steps", "prompts_per_step", "samples_per_prompt", "max_new_tokens", "micro_batch_size"):
@@ -157,6 +157,20 @@ class TrainConfig:
             raise ValueError(f"--mechanism-every measures one update per rollout: it needs --mini-batches 1, "
                              f"got {self.mini_batches}")
         return self
+
+    def lpreg_loss_config(self) -> LossConfig:
+        """The package's Lp-Reg loss options these fields set (`lpreg.LossConfig`, validated on
+        construction); a bad one raises ValueError naming its flag and the value."""
+        names = {"compat": "lpreg_compat", "temperature": "temperature", "mode": "lpreg_mode",
+                 "threshold": "lpreg_threshold", "rho": "lpreg_rho", "beta": "lpreg_beta",
+                 "clip_low": "lpreg_clip_low", "clip_high": "lpreg_clip_high", "loss_agg_mode": "loss_agg_mode",
+                 "backend": "token_stats_backend"}
+        try:
+            return LossConfig(**{option: getattr(self, field) for option, field in names.items()})
+        except ValueError as err:
+            option = str(err).split(" ", 1)[0]  # LossConfig's message starts with the option's name
+            flag = f"--{names[option].replace('_', '-')}" if option in names else "an --lpreg-* option"
+            raise ValueError(f"{flag}: {err}") from err
 
     def _resolve_mini_batches(self) -> None:
         if self.mini_batches == 0:

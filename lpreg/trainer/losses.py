@@ -53,11 +53,7 @@ from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 import torch
 from torch import Tensor
 
-import lpreg
-from lpreg import lpreg_policy_loss, lpreg_token_stats, selection_threshold
-
-# SHIM until main's "core: one loss configuration" lands (core_api.md item 2); removed on rebase
-_needs_step_selection = getattr(lpreg, "needs_step_selection", lambda compat: compat == "paper")
+from lpreg import lpreg_policy_loss, lpreg_token_stats, needs_step_selection, selection_threshold
 
 __all__ = ["Arm", "Loss", "LOSSES", "PPOTerms", "StepTokens", "top_entropy_count", "select_tokens",
            "scatter_selection", "counted_tokens", "aggregate", "loss_denominator", "method_loss",
@@ -276,7 +272,7 @@ def _lpreg_loss(spec: Loss, logits, labels, adv, old_logp, mask, cfg, choice, pr
 
 LOSSES: Dict[str, Loss] = {
     "lpreg": Loss("Lp-Reg", micro=_lpreg_loss, step_select=_lpreg_thresholds,
-                  needs_selection=lambda cfg: _needs_step_selection(cfg.lpreg_compat),
+                  needs_selection=lambda cfg: needs_step_selection(cfg.lpreg_compat),
                   arms=(Arm("lpreg_released", "Lp-Reg (released)", ("--lpreg-compat", "released")),
                         Arm("lpreg_paper", "Lp-Reg (paper)", ("--lpreg-compat", "paper")))),
     "grpo": Loss("GRPO", terms=_terms_grpo, arms=(Arm("grpo", "GRPO"),)),
