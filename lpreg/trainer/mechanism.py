@@ -16,10 +16,11 @@ and on that step's own rollout:
 Both updates run on copies of the policy and the optimizer (AdamW state, learning rate, gradient
 clip), so the run itself is untouched. Each probe writes one row to `mechanism.jsonl` (step, and per
 selected token p_y before, the proxy's kept mass m at its position, r_1 and r_0) and logs
-`mechanism/*` means in metrics.jsonl. The claim
-predicts r_0 < 1 (the tokens are pushed down) and r_1 > r_0. One process, one update per rollout
-(the config checks it). Cost per probe: two updates and three forwards of the step's batch.
-A sweep's probes are pooled over seeds and drawn by lpreg.trainer.mechanism_report.
+`mechanism/*` means in metrics.jsonl. The claim predicts r_0 < 1 (the tokens are pushed down) and
+r_1 > r_0; k3 lifts a selected token's logit by (1/m - 1)(1 - p_y) per unit step (docs/spec.md §3a),
+so the gap between r_1 and r_0 grows as m falls below 1. One process (setup checks it), one update
+per rollout (the config checks it). Cost per probe: two updates and three forwards of the step's
+batch. A sweep's probes are pooled over seeds and drawn by lpreg.trainer.mechanism_report.
 """
 
 import copy
@@ -93,8 +94,6 @@ def probe(run, plan, step: int) -> Dict[str, float]:
     cfg = run.cfg
     if not due(cfg, step):
         return {}
-    if run.acc.num_processes > 1:
-        raise ValueError(f"--mechanism-every needs one process, got {run.acc.num_processes}")
     before = _token_stats(run.policy, plan, cfg)
     flat = [mb for mini in plan.micro for mb in mini]
     chosen = [released_selection(s.logp, s.proxy_logp, plan.tok_adv[mb], plan.batch.loss_mask[mb], cfg.lpreg_rho)

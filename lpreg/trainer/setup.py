@@ -151,6 +151,8 @@ def _accelerator(cfg):
     if cfg.prompts_per_step % acc.num_processes:
         raise ValueError(f"--prompts-per-step ({cfg.prompts_per_step}) must be divisible by the "
                          f"{acc.num_processes} processes")
+    if cfg.mechanism_every and acc.num_processes > 1:  # the probe copies one process's whole policy
+        raise ValueError(f"--mechanism-every needs one process, got {acc.num_processes}")
     if cfg.torch_threads > 0:
         torch.set_num_threads(cfg.torch_threads)
     random.seed(cfg.seed)
