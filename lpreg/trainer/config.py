@@ -227,12 +227,12 @@ PRESETS = {
         sample_every=10, torch_threads=1,
     ),
     # The decisive sweep's runs (python -m lpreg.trainer.compare --preset cpu-sweep, docs/cpu_sweep.md):
-    # cpu-sparks with held-out pass@8 / avg@8 over 192 problems x 8 samples before the first and after
-    # the last step only (more problems rather than more evaluations).
+    # cpu-sparks with held-out pass@8 / avg@8 over 384 of the 513 test problems x 8 samples, before the
+    # first and after the last step only (more problems rather than more evaluations).
     "cpu-sweep": dict(
         task="sparks", steps=80, hidden_size=128, num_layers=2, num_heads=4, warmup_steps=900, warmup_lr=3e-3,
         warmup_batch_size=32, warmup_eval_problems=64, n_problems=96, prompts_per_step=16, samples_per_prompt=8,
-        max_new_tokens=16, lr=1e-3, micro_batch_size=128, eval_every=80, eval_start=True, eval_problems=192,
+        max_new_tokens=16, lr=1e-3, micro_batch_size=128, eval_every=80, eval_start=True, eval_problems=384,
         eval_k=8, lr_warmup_steps=10, lpreg_rho=0.25, save_every=0, keep_checkpoints=1, sample_every=10,
         torch_threads=1,
     ),

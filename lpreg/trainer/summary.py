@@ -22,9 +22,10 @@ EVAL_KEYS = ("eval/pass@8", "eval/avg@8", "eval/pass@1")
 
 
 def with_selected(rows: List[dict]) -> List[dict]:
-    """Rows plus train/lpreg_selected = actor/lpreg_frac x train/n_tokens (tokens per step)."""
+    """Rows plus train/lpreg_selected = actor/lpreg_frac x train/n_tokens (tokens per step); the
+    step-0 row of `--eval-start` (no training step) is left as it is."""
     return [{**r, "train/lpreg_selected": r.get("actor/lpreg_frac", 0.0) * r.get("train/n_tokens", 0)}
-            for r in rows]
+            if r["step"] >= 1 else r for r in rows]
 
 
 def mean_of(values: Sequence[Optional[float]]) -> float:
