@@ -16,6 +16,7 @@ from typing import Any, List, Optional, Tuple
 import numpy as np
 import torch
 from safetensors.torch import load_file
+from transformers.utils import logging as hf_logging
 
 from lpreg.trainer import checkpoint as ckpt
 from lpreg.trainer.data import load_problems
@@ -143,7 +144,6 @@ def _accelerator(cfg):
     # imported here: accelerate (and through it torch.distributed) is a heavy import, and only a run
     # needs it, not the config, data, sweep and checkpoint code that import this module
     from accelerate import Accelerator
-    from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # save_pretrained's per-checkpoint bar would drown the log
     # cpu=True without CUDA: accelerate only sets up a multi-process CPU (gloo) run when told
