@@ -117,7 +117,7 @@ def _sparse_proxy_bwd_kernel(
     logits_ptr, labels_ptr, idx_ptr, logq_ptr, row_stats_ptr,  # inputs
     g_logp_ptr, g_kl_ptr, g_entropy_ptr,  # upstream gradients: (N,) fp32 each, or dummies
     V, K, logits_row_stride, idx_row_stride, logq_row_stride, grad_row_stride,  # shapes / strides
-    inv_temperature, ignore_index,  # scalars
+    inv_temperature, ignore_index, vocab_offset,  # scalars (vocab_offset: the shard's first global column)
     HAS_LABELS: tl.constexpr, HAS_G_LOGP: tl.constexpr, HAS_G_KL: tl.constexpr,  # features
     HAS_G_ENTROPY: tl.constexpr,
     BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,  # tiles
@@ -131,6 +131,7 @@ def _sparse_proxy_bwd_kernel(
         entropy = load_stat(row_stats_ptr, row, _WIDTH, ENTROPY)
         g_logp, g_kl, g_entropy = upstream_coefficients(
             g_logp_ptr, g_kl_ptr, g_entropy_ptr, row, inv_temperature, HAS_G_LOGP, HAS_G_KL, HAS_G_ENTROPY)
+        label = label - vocab_offset  # a column of this shard (outside [0, V) on another shard's)
         # ---- dense pass: g_logp (e_y - p) + g_kl p - g_H p (log p + H)
         cols0 = tl.arange(0, BLOCK_V)
         for start in range(0, V, BLOCK_V):
@@ -147,9 +148,10 @@ def _sparse_proxy_bwd_kernel(
             tl.debug_barrier()
             ks = tl.arange(0, BLOCK_K)
             in_k = ks < K
-            idx = tl.load(idx_ptr + row * idx_row_stride + ks, mask=in_k, other=0)
+            # the recorded global columns as this shard's; entries another shard holds are skipped
+            idx = tl.load(idx_ptr + row * idx_row_stride + ks, mask=in_k, other=0) - vocab_offset
             q = tl.exp(tl.load(logq_ptr + row * logq_row_stride + ks, mask=in_k, other=float("-inf")).to(tl.float32))
-            upd = in_k & (q > 0)
+            upd = in_k & (q > 0) & (idx >= 0) & (idx < V)
             # recompute the whole fp32 gradient at idx_j and overwrite: rounded once, like the
             # dense entries
             x = tl.load(x_row + idx, mask=upd, other=0.0).to(tl.float32) * inv_temperature
@@ -204,8 +206,9 @@ def sparse_proxy_forward(logits, labels, indices, logq, label_logq, inv_temperat
 
 
 def sparse_proxy_backward(logits, labels, indices, logq, row_stats, g_logp, g_kl, g_entropy,
-                          inv_temperature, ignore_index):
-    """g_*: (N,) fp32 or None. Returns grad_logits (N, V) in logits.dtype."""
+                          inv_temperature, ignore_index, vocab_offset=0):
+    """g_*: (N,) fp32 or None. Returns grad_logits (N, V) in logits.dtype of the shard holding
+    columns [vocab_offset, vocab_offset + V) (labels and indices are global columns)."""
     import torch
 
     assert logits.dim() == 2 and unit_stride_rows(logits)  # V = 1 or N = 0: any stride
@@ -222,7 +225,7 @@ def sparse_proxy_backward(logits, labels, indices, logq, row_stats, g_logp, g_kl
         g_logp if g_logp is not None else dummy, g_kl if g_kl is not None else dummy,
         g_entropy if g_entropy is not None else dummy,
         V, K, logits.stride(0), indices.stride(0), logq.stride(0), grad.stride(0),
-        float(inv_temperature), int(ignore_index),
+        float(inv_temperature), int(ignore_index), int(vocab_offset),
         HAS_LABELS=labels is not None, HAS_G_LOGP=g_logp is not None, HAS_G_KL=g_kl is not None,
         HAS_G_ENTROPY=g_entropy is not None,
         BLOCK_V=block_v, BLOCK_K=block_k,

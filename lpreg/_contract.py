@@ -34,10 +34,15 @@ name (`implementation`):
 
 Token-stats modules expose `token_stats_forward` / `token_stats_backward`, sparse-proxy modules
 `sparse_proxy_forward` / `sparse_proxy_backward` and `build_proxy_rows`, with the contracts written
-in their Triton kernel files. The compiled extension has no sparse-proxy kernel: "cpu" and "cuda"
-are checked exactly as for token stats and then served by the PyTorch module. Imports are lazy
-(importlib), so `import lpreg` needs neither Triton nor a GPU nor the compiled extension, and the
-backend is resolved inside the custom-op bodies, which torch.compile never traces.
+in their Triton kernel files. For vocabulary-parallel logits (a shard of columns [offset, offset + V)
+on each rank) the token-stats modules also expose the two halves of the forward's row pass,
+`token_stats_shard_pass1` / `token_stats_shard_pass2` (the partials below; lpreg._vocab_parallel
+combines them across ranks, for the sparse proxy and build_proxy too), and both backwards take a
+`vocab_offset`: labels, the argmax slot and proxy indices stay global vocabulary indices. The
+compiled extension has no sparse-proxy kernel: "cpu" and "cuda" are checked exactly as for token
+stats and then served by the PyTorch module. Imports are lazy (importlib), so `import lpreg` needs
+neither Triton nor a GPU nor the compiled extension, and the backend is resolved inside the
+custom-op bodies, which torch.compile never traces.
 """
 
 import importlib
@@ -62,6 +67,27 @@ SPARSE_PROXY_SLOTS = TOKEN_STATS_SLOTS[:2]
 SPARSE_PROXY_WIDTH = len(SPARSE_PROXY_SLOTS)
 
 NO_ARGMAX = -1  # the argmax slot of an ignored row, and of "min_p" rows
+
+# ---------------------------------------------------------------------------- vocab-parallel row partials
+
+# What one rank's shard of a row contributes before the ranks combine (lpreg._vocab_parallel; the
+# math is docs/spec.md §6). Pass 1, (N, 7) fp32, needs nothing but the shard:
+PART_MAX = 0  # m_r = max of x over the shard (-inf for an all -inf shard)
+PART_SUM = 1  # s_r = sum e^(x - m_r)
+PART_MOMENT = 2  # t_r = sum e^(x - m_r) (x - m_r), the entropy moment
+PART_MAX_Y = 3  # max of y (= m_r on-policy)
+PART_SUM_Y = 4  # sum e^(y - max y) ("fixed" mode; = s_r on-policy, 0 with a proxy in "min_p")
+PART_ARGMAX_Y = 5  # first argmax of y in the shard, a local column ("fixed" mode; -1 otherwise)
+PART_BAD = 6  # 1 when the shard holds a NaN or a +inf (x or y), else 0
+PASS1_SLOTS = ("max", "sum", "moment", "max_y", "sum_y", "argmax_y", "bad")
+PASS1_WIDTH = len(PASS1_SLOTS)
+# Pass 2, (N, 2) fp32, needs the combined cutoff, max of y and argmax of every row:
+PART_KEPT = 0  # sum over the shard's kept tokens of e^(y - max y)
+PART_CROSS = 1  # sum over them of e^(y - max y) (y - x), +inf at x = -inf (with a proxy; 0 on-policy)
+PASS2_SLOTS = ("kept", "cross")
+PASS2_WIDTH = len(PASS2_SLOTS)
+# An ignored row's partials: it is skipped, its combined statistics are the ignored-row zeros.
+NEUTRAL_PASS1 = (float("-inf"), 0.0, 0.0, float("-inf"), 0.0, float(NO_ARGMAX), 0.0)
 
 # ---------------------------------------------------------------------------- fake (meta) kernels
 

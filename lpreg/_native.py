@@ -12,8 +12,8 @@ import functools
 
 import torch
 
+from ._contract import PASS1_WIDTH, PASS2_WIDTH, fake_grad, fake_row_outputs  # csrc/row_partials.h
 from ._contract import TOKEN_STATS_WIDTH as ROW_STATS_WIDTH  # csrc/row_stats.h: kRowStatsWidth
-from ._contract import fake_grad, fake_row_outputs
 
 
 @functools.lru_cache(maxsize=None)
@@ -38,8 +38,17 @@ def _register_fakes():
         return fake_row_outputs(logits, ROW_STATS_WIDTH)
 
     @torch.library.register_fake("lpreg_C::token_stats_bwd")
-    def _bwd_fake(logits, labels, proxy, row_stats, g_logp, g_kl, g_entropy, inv_temperature, ignore_index):
+    def _bwd_fake(logits, labels, proxy, row_stats, g_logp, g_kl, g_entropy, inv_temperature, ignore_index,
+                  vocab_offset=0):
         return fake_grad(logits)
+
+    @torch.library.register_fake("lpreg_C::token_stats_shard_pass1")
+    def _pass1_fake(logits, labels, proxy, inv_temperature, fixed, ignore_index):
+        return logits.new_empty((logits.shape[0], PASS1_WIDTH), dtype=torch.float32)
+
+    @torch.library.register_fake("lpreg_C::token_stats_shard_pass2")
+    def _pass2_fake(logits, labels, proxy, inv_temperature, cutoff, max_y, argmax, ignore_index):
+        return logits.new_empty((logits.shape[0], PASS2_WIDTH), dtype=torch.float32)
 
 
 def available(device_type: str) -> bool:
@@ -73,11 +82,28 @@ def token_stats_forward(logits, labels, proxy, inv_temperature, fixed, log_thres
     ))
 
 
-def token_stats_backward(logits, labels, proxy, row_stats, g_logp, g_kl, g_entropy, inv_temperature, ignore_index):
-    """g_*: (N,) or None. Returns grad_logits (N, V) in logits.dtype."""
+def token_stats_backward(logits, labels, proxy, row_stats, g_logp, g_kl, g_entropy, inv_temperature, ignore_index,
+                         vocab_offset=0):
+    """g_*: (N,) or None. Returns grad_logits (N, V) in logits.dtype of the shard holding columns
+    [vocab_offset, vocab_offset + V) (labels and the argmax slot are global columns)."""
     labels = None if labels is None else labels.long()
     if labels is None:
         g_logp = None  # logp is not defined without a sampled token (the op rejects it)
     return _ops().token_stats_bwd(
-        logits, labels, proxy, row_stats, g_logp, g_kl, g_entropy, float(inv_temperature), int(ignore_index)
+        logits, labels, proxy, row_stats, g_logp, g_kl, g_entropy, float(inv_temperature), int(ignore_index),
+        int(vocab_offset)
     )
+
+
+def token_stats_shard_pass1(logits, labels, proxy, inv_temperature, fixed, ignore_index):
+    """The shard's pass-1 partials (N, 7) fp32 (lpreg._contract.PASS1_SLOTS)."""
+    labels = None if labels is None else labels.long()
+    return _ops().token_stats_shard_pass1(logits, labels, proxy, float(inv_temperature), bool(fixed), int(ignore_index))
+
+
+def token_stats_shard_pass2(logits, labels, proxy, inv_temperature, cutoff, my_ref, argmax_y, ignore_index):
+    """The shard's pass-2 partials (N, 2) fp32 (lpreg._contract.PASS2_SLOTS) given the rows' combined
+    cutoff, max of y and argmax (a local column, -1 elsewhere)."""
+    labels = None if labels is None else labels.long()
+    return _ops().token_stats_shard_pass2(logits, labels, proxy, float(inv_temperature), cutoff.float().contiguous(),
+                                          my_ref.float().contiguous(), argmax_y.long().contiguous(), int(ignore_index))

@@ -13,19 +13,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import _contract, _validate
+from . import _contract, _validate, _vocab_parallel
 from ._contract import as_upstream, fake_grad, fake_row_outputs
 
 _OP = "sparse_proxy_stats"
-
-
-def _check_indices(indices: Tensor, V: int) -> None:
-    """Indices in [0, V): an error, never a silent clamp or a wild read (one host sync)."""
-    if indices.numel() == 0:
-        return
-    out = (indices < 0) | (indices >= V)
-    if bool(out.any()):
-        raise ValueError(f"proxy.indices must be in [0, {V}), got {indices[out][0].item()}")
 
 
 @torch.library.custom_op("lpreg::sparse_proxy_stats", mutates_args=())
@@ -34,7 +25,7 @@ def sparse_proxy_stats_op(logits: Tensor, labels: Optional[Tensor], indices: Ten
                           ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     if labels is not None:
         _validate.check_label_range(labels, logits.shape[-1], ignore_index)
-    _check_indices(indices, logits.shape[-1])
+    _validate.check_index_range(indices, logits.shape[-1])
     impl = _contract.implementation(_contract.resolve(backend, logits.device), _OP)
     return impl.sparse_proxy_forward(logits, labels, indices, logq, label_logq, inv_temperature, ignore_index)
 
@@ -48,21 +39,24 @@ def _(logits, labels, indices, logq, label_logq, inv_temperature, ignore_index, 
 def sparse_proxy_stats_backward_op(logits: Tensor, labels: Optional[Tensor], indices: Tensor, logq: Tensor,
                                    row_stats: Tensor, g_logp: Optional[Tensor], g_kl: Optional[Tensor],
                                    g_entropy: Optional[Tensor], inv_temperature: float, ignore_index: int,
-                                   backend: str) -> Tensor:
+                                   backend: str, vocab_offset: int = 0) -> Tensor:
+    """The gradient (N, V) of a shard holding the columns [vocab_offset, vocab_offset + V) of the
+    vocabulary (the whole row: vocab_offset = 0); labels and indices are global columns."""
     impl = _contract.implementation(_contract.resolve(backend, logits.device), _OP)
     return impl.sparse_proxy_backward(logits, labels, indices, logq, row_stats, g_logp, g_kl, g_entropy,
-                                      inv_temperature, ignore_index)
+                                      inv_temperature, ignore_index, vocab_offset)
 
 
 @sparse_proxy_stats_backward_op.register_fake
-def _(logits, labels, indices, logq, row_stats, g_logp, g_kl, g_entropy, inv_temperature, ignore_index, backend):
+def _(logits, labels, indices, logq, row_stats, g_logp, g_kl, g_entropy, inv_temperature, ignore_index, backend,
+      vocab_offset=0):
     return fake_grad(logits)
 
 
 def _setup_context(ctx, inputs, output):
     logits, labels, indices, logq, label_logq, inv_temperature, ignore_index, backend = inputs
     ctx.save_for_backward(logits, labels, indices, logq, output[4])
-    ctx.inv_temperature, ctx.ignore_index, ctx.backend = inv_temperature, ignore_index, backend
+    ctx.inv_temperature, ctx.ignore_index, ctx.backend, ctx.offset = inv_temperature, ignore_index, backend, 0
     ctx.mark_non_differentiable(output[1], output[4])
 
 
@@ -70,11 +64,14 @@ def _backward(ctx, g_logp, g_proxy_logp, g_kl, g_entropy, g_row_stats):
     logits, labels, indices, logq, row_stats = ctx.saved_tensors
     grad = None
     if ctx.needs_input_grad[0]:
-        grad = sparse_proxy_stats_backward_op(
-            logits, labels, indices, logq, row_stats,
-            as_upstream(g_logp) if labels is not None else None, as_upstream(g_kl), as_upstream(g_entropy),
-            ctx.inv_temperature, ctx.ignore_index, ctx.backend,
-        )
+        if logits.shape[1] == 0:  # an empty shard of a vocabulary-parallel row
+            grad = torch.zeros_like(logits)
+        else:
+            grad = sparse_proxy_stats_backward_op(
+                logits, labels, indices, logq, row_stats,
+                as_upstream(g_logp) if labels is not None else None, as_upstream(g_kl), as_upstream(g_entropy),
+                ctx.inv_temperature, ctx.ignore_index, ctx.backend, ctx.offset,
+            )
     return grad, None, None, None, None, None, None, None
 
 
@@ -100,3 +97,37 @@ def _(logits, labels, inv_temperature, fixed, log_threshold, k, ignore_index, ba
     N = logits.shape[0]
     return (logits.new_empty((N, k), dtype=torch.int32), logits.new_empty((N, k), dtype=torch.float32),
             logits.new_empty((N,), dtype=torch.float32), logits.new_empty((N,), dtype=torch.float32))
+
+
+class ShardedSparseProxyStats(torch.autograd.Function):
+    """`lpreg::sparse_proxy_stats` on vocabulary-parallel logits (N, V_r), this rank's shard, against a
+    proxy whose indices are global columns (lpreg._vocab_parallel): two all_gathers forward, none
+    backward. Pass 1 on the shard is the token-stats backend's (max, sum and entropy moment)."""
+
+    @staticmethod
+    def forward(ctx, logits, labels, indices, logq, label_logq, inv_temperature, ignore_index, backend, group):
+        resolved = _contract.resolve(backend, logits.device)
+        out, shard = _vocab_parallel.sparse_proxy_forward(
+            _contract.implementation(resolved, "token_stats"), logits, labels, indices, logq, label_logq,
+            inv_temperature, ignore_index, group)
+        ctx.save_for_backward(logits, labels, indices, logq, out[4])
+        ctx.inv_temperature, ctx.ignore_index, ctx.backend, ctx.offset = inv_temperature, ignore_index, backend, \
+            shard.offset
+        ctx.set_materialize_grads(False)  # an output left out of the loss has no gradient term
+        ctx.mark_non_differentiable(out[1], out[4])
+        return out
+
+    @staticmethod
+    def backward(ctx, g_logp, g_proxy_logp, g_kl, g_entropy, g_row_stats):
+        return (*_backward(ctx, g_logp, g_proxy_logp, g_kl, g_entropy, g_row_stats), None)
+
+
+def build_proxy_sharded(logits, labels, inv_temperature, fixed, log_threshold, k, ignore_index, backend, group):
+    """`build_proxy_op` on vocabulary-parallel logits (N, V_r): the same four tensors, with global
+    columns, on every rank (two all_gathers; lpreg._vocab_parallel). Pass 1 is the token-stats
+    backend's, the top-k PyTorch's, as for the unsharded op."""
+    resolved = _contract.resolve(backend, logits.device)
+    idx, logq, cov, label_logq = _vocab_parallel.build_proxy(
+        _contract.implementation(resolved, "token_stats"), logits, labels, inv_temperature, fixed, log_threshold, k,
+        ignore_index, group)
+    return idx, logq, cov, (torch.zeros_like(cov) if label_logq is None else label_logq)

@@ -11,7 +11,19 @@ backend="cpu" and "cuda": the compiled extension has no sparse-proxy kernel.
 import torch
 
 from . import _contract as layout
-from ._rows import entropy_term, kept_cutoff, kept_mask, lse_and_entropy, masked_rows, row_chunks, upstream, valid_rows
+from ._rows import (
+    dense_backward,
+    kept_cutoff,
+    kept_mask,
+    local_index,
+    lse_and_entropy,
+    mask_outputs,
+    row_chunks,
+    sparse_kl,
+    sparse_proxy_logp,
+    upstream,
+    valid_rows,
+)
 
 _NEG_INF = float("-inf")
 
@@ -68,60 +80,36 @@ def sparse_proxy_forward(logits, labels, indices, logq, label_logq, inv_temperat
     for a, b in row_chunks(N, V):
         x = logits[a:b].float() * inv_temperature
         m, lse, entropy = lse_and_entropy(x)
-        lq = logq[a:b].float()
-        q = lq.exp()
-        x_idx = x.gather(-1, indices[a:b])
-        # KL(q || p) = sum_j q_j (log q_j - (x_idx_j - lse)), 0 log 0 = 0 for padding (log q =
-        # -inf); a finite log q has q > 0 even where q underflows fp32, so at x_idx = -inf (p = 0)
-        # its term is +inf, not 0 * inf = NaN
-        term = torch.where(x_idx == _NEG_INF, torch.full_like(q, float("inf")), q * (lq - (x_idx - lse[:, None])))
-        kl = torch.where(lq > _NEG_INF, term, torch.zeros_like(q)).sum(-1)
+        kl = sparse_kl(x.gather(-1, indices[a:b]), logq[a:b].float(), lse, True)  # KL(q || p) over the k entries
         bad = ~torch.isfinite(m)  # a NaN (amax propagates it), a +inf, or only -inf
         valid = valid_rows(labels, a, b, ignore_index, x)
+        logp = proxy_logp = torch.zeros_like(lse)
         if labels is not None:
             safe = torch.where(valid, labels[a:b], torch.zeros_like(labels[a:b]))
             logp = x.gather(-1, safe[:, None])[:, 0] - lse
-            if label_logq is not None:
-                proxy_logp = label_logq[a:b].float()  # exact, even for a label outside the top-k
-            else:
-                hit = indices[a:b] == safe[:, None]
-                proxy_logp = torch.where(hit, lq, torch.full_like(lq, _NEG_INF)).amax(-1)
-        else:
-            logp = proxy_logp = torch.zeros_like(lse)
-        nan = torch.full_like(lse, float("nan"))
-        for i, v in enumerate((logp, proxy_logp, kl, entropy)):
-            out[i][a:b] = torch.where(valid, torch.where(bad, nan, v), torch.zeros_like(v))
+            proxy_logp = sparse_proxy_logp(safe, indices[a:b], logq[a:b].float(),
+                                           None if label_logq is None else label_logq[a:b])
+        for o, v in zip(out, mask_outputs((logp, proxy_logp, kl, entropy), bad, valid)):
+            o[a:b] = v
         stats = [None] * layout.SPARSE_PROXY_WIDTH
-        stats[layout.LSE], stats[layout.ENTROPY] = torch.where(bad, nan, lse), entropy
+        stats[layout.LSE], stats[layout.ENTROPY] = torch.where(bad, torch.full_like(lse, float("nan")), lse), entropy
         stats = torch.stack(stats, -1)
         row_stats[a:b] = torch.where(valid[:, None], stats, torch.zeros_like(stats))
     return out[0], out[1], out[2], out[3], row_stats
 
 
 def sparse_proxy_backward(logits, labels, indices, logq, row_stats, g_logp, g_kl, g_entropy, inv_temperature,
-                          ignore_index):
-    N, V = logits.shape
-    grad = torch.empty_like(logits)
-    for a, b in row_chunks(N, V):
-        valid = valid_rows(labels, a, b, ignore_index, logits)
-        x = masked_rows(logits[a:b], valid, inv_temperature)  # ignored rows: all -inf, p = 0
-        st = torch.where(valid[:, None], row_stats[a:b], torch.zeros_like(row_stats[a:b]))
-        lse, entropy = st[:, layout.LSE], st[:, layout.ENTROPY]
-        logp = x - lse[:, None]
-        p = logp.exp()
-        g = torch.zeros_like(x)
-        if g_logp is not None:
-            c = upstream(g_logp, a, b, valid)
-            g -= c[:, None] * p
-            safe = torch.where(valid, labels[a:b], torch.zeros_like(labels[a:b]))
-            g.scatter_add_(-1, safe[:, None], c[:, None])
-        if g_kl is not None:
-            c = upstream(g_kl, a, b, valid)
-            # ignored rows: q = 0 too (their logq may be anything, NaN included)
-            q = torch.where(valid[:, None], logq[a:b].float().exp(), torch.zeros_like(logq[a:b], dtype=torch.float32))
-            g += c[:, None] * p
-            g.scatter_add_(-1, indices[a:b], -c[:, None] * q)  # - g_kl q_sparse
-        if g_entropy is not None:
-            g -= upstream(g_entropy, a, b, valid)[:, None] * entropy_term(p, logp, entropy)
-        grad[a:b] = (g * inv_temperature).to(grad.dtype)
-    return grad
+                          ignore_index, vocab_offset=0):
+    V = logits.shape[1]
+
+    def kl_term(a, b, valid, x, p, st):  # g_kl (p - q_sparse): q_j at the k recorded global indices idx_j
+        if g_kl is None:
+            return None
+        c = upstream(g_kl, a, b, valid)
+        col, here = local_index(indices[a:b], vocab_offset, V)
+        # ignored rows: q = 0 too (their logq may be anything, NaN included); entries of other shards: 0
+        q = torch.where(valid[:, None] & here, logq[a:b].float().exp(), torch.zeros((), device=x.device))
+        return (c[:, None] * p).scatter_add_(-1, col, -c[:, None] * q)
+
+    return dense_backward(logits, labels, row_stats, g_logp, g_entropy, inv_temperature, ignore_index, vocab_offset,
+                          kl_term)

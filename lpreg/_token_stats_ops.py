@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import _contract, _validate
+from . import _contract, _validate, _vocab_parallel
 from ._contract import as_upstream, fake_grad, fake_row_outputs
 
 
@@ -53,15 +53,19 @@ def token_stats_backward_op(
     inv_temperature: float,
     ignore_index: int,
     backend: str,
+    vocab_offset: int = 0,
 ) -> Tensor:
+    """The gradient (N, V) of a shard holding the columns [vocab_offset, vocab_offset + V) of the
+    vocabulary (the whole row: vocab_offset = 0); labels and the argmax slot are global columns."""
     impl = _contract.implementation(_contract.resolve(backend, logits.device), "token_stats")
     return impl.token_stats_backward(
-        logits, labels, proxy, row_stats, g_logp, g_kl, g_entropy, inv_temperature, ignore_index
+        logits, labels, proxy, row_stats, g_logp, g_kl, g_entropy, inv_temperature, ignore_index, vocab_offset
     )
 
 
 @token_stats_backward_op.register_fake
-def _(logits, labels, proxy, row_stats, g_logp, g_kl, g_entropy, inv_temperature, ignore_index, backend):
+def _(logits, labels, proxy, row_stats, g_logp, g_kl, g_entropy, inv_temperature, ignore_index, backend,
+      vocab_offset=0):
     return fake_grad(logits)
 
 
@@ -71,6 +75,7 @@ def _setup_context(ctx, inputs, output):
     ctx.inv_temperature = inv_temperature
     ctx.ignore_index = ignore_index
     ctx.backend = backend
+    ctx.offset = 0  # the whole vocabulary
     ctx.mark_non_differentiable(output[1], output[4])
 
 
@@ -80,12 +85,38 @@ def _backward(ctx, g_logp, g_proxy_logp, g_kl, g_entropy, g_row_stats):
         g_logp = None
     grad = None
     if ctx.needs_input_grad[0]:
-        grad = token_stats_backward_op(
-            logits, labels, proxy, row_stats,
-            as_upstream(g_logp), as_upstream(g_kl), as_upstream(g_entropy),
-            ctx.inv_temperature, ctx.ignore_index, ctx.backend,
-        )
+        if logits.shape[1] == 0:  # an empty shard of a vocabulary-parallel row
+            grad = torch.zeros_like(logits)
+        else:
+            grad = token_stats_backward_op(
+                logits, labels, proxy, row_stats,
+                as_upstream(g_logp), as_upstream(g_kl), as_upstream(g_entropy),
+                ctx.inv_temperature, ctx.ignore_index, ctx.backend, ctx.offset,
+            )
     return grad, None, None, None, None, None, None, None
 
 
 token_stats_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class ShardedTokenStats(torch.autograd.Function):
+    """The token-stats op on vocabulary-parallel logits (N, V_r), this rank's shard
+    (lpreg._vocab_parallel): the forward's two all_gathers combine the rows; the backward is the op's
+    backward on the shard, with no collective (its inputs are the shard, the combined row_stats and
+    the upstream gradients, which are the same on every rank). Eager only: collectives do not trace."""
+
+    @staticmethod
+    def forward(ctx, logits, labels, proxy, inv_temperature, fixed, log_threshold, ignore_index, backend, group):
+        impl = _contract.implementation(_contract.resolve(backend, logits.device), "token_stats")
+        out, shard = _vocab_parallel.token_stats_forward(impl, logits, labels, proxy, inv_temperature, fixed,
+                                                         log_threshold, ignore_index, group)
+        ctx.save_for_backward(logits, labels, proxy, out[4])
+        ctx.inv_temperature, ctx.ignore_index, ctx.backend, ctx.offset = inv_temperature, ignore_index, backend, \
+            shard.offset
+        ctx.set_materialize_grads(False)  # an output left out of the loss has no gradient term
+        ctx.mark_non_differentiable(out[1], out[4])
+        return out
+
+    @staticmethod
+    def backward(ctx, g_logp, g_proxy_logp, g_kl, g_entropy, g_row_stats):
+        return (*_backward(ctx, g_logp, g_proxy_logp, g_kl, g_entropy, g_row_stats), None)

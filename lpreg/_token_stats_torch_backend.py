@@ -5,13 +5,26 @@ math, and lpreg._contract for the layout and the ignored-row invariant). It runs
 any device, processes rows in chunks (`lpreg._rows.row_chunks`) so that no more than a chunk
 of fp32 temporaries (about 16 MiB each) is alive at once, and its backward writes the
 gradient chunk by chunk. It is the portable fallback when neither Triton nor the compiled
-extension can serve a tensor.
+extension can serve a tensor. The two halves of the row pass for vocabulary-parallel logits
+(`token_stats_shard_pass1` / `_pass2`) return the partials of lpreg._contract.
 """
 
 import torch
 
 from . import _contract as layout
-from ._rows import entropy_term, kept_cutoff, kept_mask, lse_and_entropy, masked_rows, row_chunks, upstream, valid_rows
+from ._rows import (
+    dense_backward,
+    finish_rows,
+    kept_cutoff,
+    kept_mask,
+    local_index,
+    lse_and_entropy,
+    masked_rows,
+    row_chunks,
+    softmax_moments,
+    upstream,
+    valid_rows,
+)
 
 _NEG_INF = float("-inf")
 
@@ -21,22 +34,6 @@ def cross_term(e, y, x):
     where x = -inf, since q > 0 = p there makes KL(q || p) = +inf even when e = e^(y-my)
     underflows fp32 to 0 (0 * inf would be NaN). A NaN in x or y stays NaN."""
     return torch.where(x == _NEG_INF, torch.full_like(e, float("inf")), e * (y - x))
-
-
-def _stats_row(lse, entropy, lse_kept, cutoff, argmax_y):
-    """Stack per-row vectors into row_stats columns, in the layout's slot order."""
-    cols = [None] * layout.TOKEN_STATS_WIDTH
-    cols[layout.LSE], cols[layout.ENTROPY], cols[layout.LSE_KEPT] = lse, entropy, lse_kept
-    cols[layout.CUTOFF], cols[layout.ARGMAX] = cutoff, argmax_y.float()
-    return torch.stack(cols, -1)
-
-
-def ignored_row_stats(n, width, device):
-    """Row statistics of ignored rows (the ignored-row invariant): zeros, argmax -1."""
-    stats = torch.zeros((n, width), dtype=torch.float32, device=device)
-    if width > layout.ARGMAX:
-        stats[:, layout.ARGMAX] = layout.NO_ARGMAX
-    return stats
 
 
 def token_stats_forward(logits, labels, proxy, inv_temperature, fixed, log_threshold, ignore_index):
@@ -60,54 +57,80 @@ def token_stats_forward(logits, labels, proxy, inv_temperature, fixed, log_thres
         del ey, kept
         # amax propagates NaN: a NaN, a +inf or only -inf in x or y makes its max non-finite
         bad = ~torch.isfinite(m) | ~torch.isfinite(my)
-        nan = torch.full_like(lse, float("nan"))
+        valid = valid_rows(labels, a, b, ignore_index, x)
+        label = x_label = y_label = None
         if labels is not None:
-            lab = labels[a:b]
-            valid = lab != ignore_index
-            safe = torch.where(valid, lab, torch.zeros_like(lab)).long()[:, None]
-            x_lab = x.gather(-1, safe)[:, 0]
-            y_lab = y.gather(-1, safe)[:, 0]
-            logp = x_lab - lse
-            lab_kept = (y_lab >= cutoff) | (safe[:, 0] == argmax_y)
-            proxy_logp = torch.where(lab_kept, y_lab - lse_kept, torch.full_like(lse, _NEG_INF))
-        else:
-            valid = torch.ones_like(bad)
-            logp = torch.zeros_like(lse)
-            proxy_logp = torch.zeros_like(lse)
-        cols = [logp, proxy_logp, kl, entropy]
-        for i, v in enumerate(cols):
-            v = torch.where(bad, nan, v)
-            out[i][a:b] = torch.where(valid, v, torch.zeros_like(v))
-        stats = _stats_row(torch.where(bad, nan, lse), entropy, lse_kept, cutoff, argmax_y)
-        ignored = ignored_row_stats(b - a, layout.TOKEN_STATS_WIDTH, dev)
-        row_stats[a:b] = torch.where(valid[:, None], stats, ignored)
+            label = torch.where(valid, labels[a:b], torch.zeros_like(labels[a:b])).long()
+            x_label, y_label = x.gather(-1, label[:, None])[:, 0], y.gather(-1, label[:, None])[:, 0]
+        outs, row_stats[a:b] = finish_rows(lse, entropy, lse_kept, cutoff, argmax_y, kl, bad, valid, label, x_label,
+                                           y_label)
+        for o, v in zip(out, outs):
+            o[a:b] = v
     return out[0], out[1], out[2], out[3], row_stats
 
 
-def token_stats_backward(logits, labels, proxy, row_stats, g_logp, g_kl, g_entropy, inv_temperature, ignore_index):
+def token_stats_backward(logits, labels, proxy, row_stats, g_logp, g_kl, g_entropy, inv_temperature, ignore_index,
+                         vocab_offset=0):
+    V = logits.shape[1]
+
+    def kl_term(a, b, valid, x, p, st):  # g_kl (p - q), q recomputed from the kept set of row_stats
+        if g_kl is None:
+            return None
+        coef = upstream(g_kl, a, b, valid)
+        y = x if proxy is None else masked_rows(proxy[a:b], valid, inv_temperature)
+        argmax_y, here = local_index(st[:, layout.ARGMAX].long(), vocab_offset, V)
+        kept = kept_mask(y, st[:, layout.CUTOFF], torch.where(here, argmax_y, torch.full_like(argmax_y, -1)))
+        q = torch.where(kept, (y - st[:, layout.LSE_KEPT, None]).exp(), torch.zeros_like(y))
+        return coef[:, None] * (p - q)
+
+    return dense_backward(logits, labels, row_stats, g_logp, g_entropy, inv_temperature, ignore_index, vocab_offset,
+                          kl_term)
+
+
+# ---------------------------------------------------------------------------- vocabulary-parallel halves
+
+
+def token_stats_shard_pass1(logits, labels, proxy, inv_temperature, fixed, ignore_index):
+    """The shard's pass-1 partials (N, 7) fp32 (lpreg._contract.PASS1_SLOTS): max, sum and entropy
+    moment of x, max of y, ("fixed") sum of y and first argmax (a local column), and the NaN / +inf
+    flag. Ignored rows hold the neutral partials."""
     N, V = logits.shape
-    grad = torch.empty_like(logits)
+    out = torch.tensor(layout.NEUTRAL_PASS1, device=logits.device).repeat(N, 1)
     for a, b in row_chunks(N, V):
-        valid = valid_rows(labels, a, b, ignore_index, logits)
-        x = masked_rows(logits[a:b], valid, inv_temperature)
-        st = torch.where(valid[:, None], row_stats[a:b], torch.zeros_like(row_stats[a:b]))
-        lse, entropy, lse_kept = st[:, layout.LSE], st[:, layout.ENTROPY], st[:, layout.LSE_KEPT]
-        cutoff, argmax_y = st[:, layout.CUTOFF], st[:, layout.ARGMAX].long()
-        logp = x - lse[:, None]
-        p = logp.exp()
-        g = torch.zeros_like(x)
-        if g_logp is not None:
-            coef = upstream(g_logp, a, b, valid)
-            g -= coef[:, None] * p
-            safe = torch.where(valid, labels[a:b], torch.zeros_like(labels[a:b])).long()[:, None]
-            g.scatter_add_(-1, safe, coef[:, None])
-        if g_kl is not None:
-            coef = upstream(g_kl, a, b, valid)
-            y = x if proxy is None else masked_rows(proxy[a:b], valid, inv_temperature)
-            kept = kept_mask(y, cutoff, argmax_y)
-            q = torch.where(kept, (y - lse_kept[:, None]).exp(), torch.zeros_like(y))
-            g += coef[:, None] * (p - q)
-        if g_entropy is not None:
-            g -= upstream(g_entropy, a, b, valid)[:, None] * entropy_term(p, logp, entropy)
-        grad[a:b] = (g * inv_temperature).to(grad.dtype)
-    return grad
+        x = logits[a:b].float() * inv_temperature
+        m, _, s, t = softmax_moments(x)
+        if proxy is None:
+            y, my, sy = x, m, s
+        else:
+            y = proxy[a:b].float() * inv_temperature
+            my = y.amax(-1)
+            sy = torch.zeros_like(my)
+            if fixed:
+                sy = (y - torch.where(my == _NEG_INF, torch.zeros_like(my), my)[:, None]).exp().sum(-1)
+        # amax propagates NaN; a +inf has no finite softmax
+        bad = torch.isnan(m) | (m == float("inf")) | torch.isnan(my) | (my == float("inf"))
+        argmax_y = y.argmax(-1).float() if fixed else torch.full_like(m, layout.NO_ARGMAX)
+        part = torch.stack([m, s, t, my, sy, argmax_y, bad.float()], -1)  # the PASS1_SLOTS order
+        valid = valid_rows(labels, a, b, ignore_index, x)
+        out[a:b] = torch.where(valid[:, None], part, out[a:b])
+    return out
+
+
+def token_stats_shard_pass2(logits, labels, proxy, inv_temperature, cutoff, my_ref, argmax_y, ignore_index):
+    """The shard's pass-2 partials (N, 2) fp32 (lpreg._contract.PASS2_SLOTS) given the combined
+    cutoff, max of y (as a reference, 0 for a bad row) and argmax (a local column, -1 when
+    another shard holds it) of every row: the kept sum, and the cross term with a proxy."""
+    N, V = logits.shape
+    out = torch.zeros((N, layout.PASS2_WIDTH), dtype=torch.float32, device=logits.device)
+    for a, b in row_chunks(N, V):
+        x = logits[a:b].float() * inv_temperature
+        y = x if proxy is None else proxy[a:b].float() * inv_temperature
+        kept = kept_mask(y, cutoff[a:b], argmax_y[a:b])
+        e = (y - my_ref[a:b, None]).exp()
+        kept_sum = torch.where(kept, e, torch.zeros_like(e)).sum(-1)
+        cross = torch.zeros_like(kept_sum)
+        if proxy is not None:
+            cross = torch.where(kept, cross_term(e, y, x), torch.zeros_like(e)).sum(-1)
+        valid = valid_rows(labels, a, b, ignore_index, x)
+        out[a:b] = torch.where(valid[:, None], torch.stack([kept_sum, cross], -1), torch.zeros_like(out[a:b]))
+    return out

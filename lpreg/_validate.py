@@ -10,14 +10,15 @@ REDUCTIONS = ("none", "mean", "sum")
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
-def check_logits(logits, name="logits"):
+def check_logits(logits, name="logits", allow_empty=False):
+    """allow_empty: a vocabulary-parallel shard may hold no column (torch.chunk's last blocks)."""
     if not isinstance(logits, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(logits).__name__}")
     if logits.dtype not in FLOAT_DTYPES:
         raise ValueError(f"{name} must be a float tensor (float32, bfloat16, float16), got dtype {logits.dtype}")
     if logits.dim() == 0:
         raise ValueError(f"{name} must have shape (..., V), got a 0-d tensor")
-    if logits.shape[-1] == 0:
+    if logits.shape[-1] == 0 and not allow_empty:
         raise ValueError(f"{name} must have a non-empty vocabulary dimension V, got shape {tuple(logits.shape)}")
 
 
@@ -83,3 +84,12 @@ def check_label_range(labels, V, ignore_index):
     if bool(bad.any()):  # one host sync: the price of a clear error instead of a wild read
         value = labels[bad].flatten()[0].item()
         raise ValueError(f"labels must be in [0, {V}) or ignore_index={ignore_index}, got {value}")
+
+
+def check_index_range(indices, V, name="proxy.indices"):
+    """Vocabulary indices in [0, V): an error, never a silent clamp or a wild read (one host sync)."""
+    if indices.numel() == 0:
+        return
+    out = (indices < 0) | (indices >= V)
+    if bool(out.any()):
+        raise ValueError(f"{name} must be in [0, {V}), got {indices[out][0].item()}")

@@ -19,9 +19,9 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from . import _validate
+from . import _validate, _vocab_parallel
 from ._rows import as_rows
-from ._sparse_proxy_ops import build_proxy_op, sparse_proxy_stats_op
+from ._sparse_proxy_ops import ShardedSparseProxyStats, build_proxy_op, build_proxy_sharded, sparse_proxy_stats_op
 from .token_stats import TokenStats
 
 
@@ -49,7 +49,7 @@ class SparseProxy(NamedTuple):
 @torch.no_grad()
 def build_proxy(logits: Tensor, labels: Optional[Tensor] = None, *, temperature: float = 1.0,
                 mode: str = "min_p", threshold: float = 0.02, k: int = 64, ignore_index: int = -100,
-                backend: str = "auto") -> SparseProxy:
+                backend: str = "auto", process_group=None) -> SparseProxy:
     """Top-k sparse proxy of `logits`: (..., V) -> SparseProxy((..., k), (..., k), (...), (...) or None).
 
     labels: (...) integer sampled tokens, optional. When given, the proxy carries each label's
@@ -60,19 +60,29 @@ def build_proxy(logits: Tensor, labels: Optional[Tensor] = None, *, temperature:
     holding a NaN, or only -inf, gives NaN logq, coverage and label_logq.
     backend: resolved as for token stats; every backend runs the same no-grad PyTorch top-k (the
     forward that made `logits` costs far more than this one read of them).
+    process_group: None, or the group over which the vocabulary is sharded (see
+        `lpreg_token_stats`): logits are this rank's (..., V_r) block, and every rank gets the same
+        proxy, with global indices (two all_gathers: pass 1's partials, then each shard's k largest
+        kept entries; docs/spec.md §6).
     """
-    _validate.check_logits(logits)
+    sharded = process_group is not None
+    if sharded:
+        _vocab_parallel.check_group(process_group)
+    _validate.check_logits(logits, allow_empty=sharded)
     temperature = _validate.check_temperature(temperature)
     threshold = _validate.check_mode_threshold(mode, threshold)
     if not isinstance(k, int) or isinstance(k, bool) or k < 1:
         raise ValueError(f"k must be an int >= 1, got {k!r}")
     lab = None
     if labels is not None:
-        _validate.check_labels(labels, logits, ignore_index)  # the range is checked inside the op
+        # the range is checked inside the op (sharded: against the whole vocabulary, once the ranks'
+        # widths are known)
+        _validate.check_labels(labels, logits, ignore_index)
         lab = labels.reshape(-1).long()
     _validate.check_backend(backend)
-    idx, logq, cov, label_logq = build_proxy_op(as_rows(logits.detach()), lab, 1.0 / temperature, mode == "fixed",
-                                                math.log(threshold), k, int(ignore_index), backend)
+    args = (as_rows(logits.detach()), lab, 1.0 / temperature, mode == "fixed", math.log(threshold), k,
+            int(ignore_index), backend)
+    idx, logq, cov, label_logq = build_proxy_sharded(*args, process_group) if sharded else build_proxy_op(*args)
     lead = logits.shape[:-1]
     return SparseProxy(idx.reshape(*lead, k), logq.reshape(*lead, k), cov.reshape(lead),
                        None if labels is None else label_logq.reshape(lead))
@@ -90,7 +100,7 @@ def _check_sparse_proxy(proxy, logits) -> None:
 
 
 def sparse_proxy_stats(logits: Tensor, labels: Optional[Tensor], proxy: SparseProxy, *, temperature: float = 1.0,
-                       ignore_index: int = -100, backend: str = "auto") -> TokenStats:
+                       ignore_index: int = -100, backend: str = "auto", process_group=None) -> TokenStats:
     """Statistics against a sparse proxy: logits (..., V), labels (...), proxy ((..., k) x2, (...)).
 
     Returns TokenStats(logp, proxy_logp, kl, entropy), each (...) fp32; logp, kl and entropy
@@ -99,8 +109,14 @@ def sparse_proxy_stats(logits: Tensor, labels: Optional[Tensor], proxy: SparsePr
     the captured entry's log q (-inf for a label outside the top k).
     backend: "auto" | "triton" | "torch" | "cpu" | "cuda", resolved as for token stats
     ("cpu" / "cuda" run the PyTorch implementation: the extension has no sparse-proxy kernel).
+    process_group: None, or the group over which the vocabulary is sharded (see
+        `lpreg_token_stats`): logits are this rank's (..., V_r) block; the proxy, its indices global
+        columns, is the same on every rank (two all_gathers; the gradient is this shard's).
     """
-    _validate.check_logits(logits)
+    sharded = process_group is not None
+    if sharded:
+        _vocab_parallel.check_group(process_group)
+    _validate.check_logits(logits, allow_empty=sharded)
     temperature = _validate.check_temperature(temperature)
     _check_sparse_proxy(proxy, logits)
     if labels is not None:
@@ -113,6 +129,6 @@ def sparse_proxy_stats(logits: Tensor, labels: Optional[Tensor], proxy: SparsePr
     label_logq = None
     if labels is not None and proxy.label_logq is not None:
         label_logq = proxy.label_logq.detach().reshape(-1).float().contiguous()
-    out = sparse_proxy_stats_op(as_rows(logits), lab, idx, lq, label_logq, 1.0 / temperature, int(ignore_index),
-                                backend)
+    args = (as_rows(logits), lab, idx, lq, label_logq, 1.0 / temperature, int(ignore_index), backend)
+    out = ShardedSparseProxyStats.apply(*args, process_group) if sharded else sparse_proxy_stats_op(*args)
     return TokenStats(*(o.reshape(logits.shape[:-1]) for o in out[:4]))

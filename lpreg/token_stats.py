@@ -13,9 +13,9 @@ from typing import NamedTuple, Optional
 
 from torch import Tensor
 
-from . import _validate
+from . import _validate, _vocab_parallel
 from ._rows import as_rows
-from ._token_stats_ops import token_stats_op
+from ._token_stats_ops import ShardedTokenStats, token_stats_op
 
 
 class TokenStats(NamedTuple):
@@ -27,8 +27,11 @@ class TokenStats(NamedTuple):
     entropy: Tensor  # H(p); differentiable
 
 
-def _run(logits, labels, temperature, mode, threshold, proxy_logits, ignore_index, backend):
-    _validate.check_logits(logits)
+def _run(logits, labels, temperature, mode, threshold, proxy_logits, ignore_index, backend, process_group=None):
+    sharded = process_group is not None
+    if sharded:
+        _vocab_parallel.check_group(process_group)
+    _validate.check_logits(logits, allow_empty=sharded)  # a vocabulary shard may be empty
     temperature = _validate.check_temperature(temperature)
     threshold = _validate.check_mode_threshold(mode, threshold)
     _validate.check_backend(backend)
@@ -38,9 +41,8 @@ def _run(logits, labels, temperature, mode, threshold, proxy_logits, ignore_inde
     x = as_rows(logits)
     proxy = None if proxy_logits is None else as_rows(proxy_logits.detach())
     lab = None if labels is None else labels.reshape(-1).long()
-    return token_stats_op(
-        x, lab, proxy, 1.0 / temperature, mode == "fixed", math.log(threshold), int(ignore_index), backend
-    )
+    args = (x, lab, proxy, 1.0 / temperature, mode == "fixed", math.log(threshold), int(ignore_index), backend)
+    return ShardedTokenStats.apply(*args, process_group) if sharded else token_stats_op(*args)
 
 
 def lpreg_token_stats(
@@ -53,6 +55,7 @@ def lpreg_token_stats(
     proxy_logits: Optional[Tensor] = None,
     ignore_index: int = -100,
     backend: str = "auto",
+    process_group=None,
 ) -> TokenStats:
     """Fused Lp-Reg statistics of the sampled tokens.
 
@@ -64,10 +67,17 @@ def lpreg_token_stats(
     proxy_logits: (..., V) dense logits of the data-generating policy (off-policy); default:
         the current logits, detached. The proxy is a target and carries no gradient.
     backend: "auto" | "triton" | "torch" | "cpu" | "cuda".
+    process_group: None, or the torch.distributed group over which the vocabulary is sharded
+        (tensor parallelism): logits (and proxy_logits) are then this rank's (..., V_r) block of
+        columns [r W, r W + V_r) (W: rank 0's width; the last block may be narrower, as
+        torch.chunk makes them), labels are global columns, and every other input is the same on
+        every rank. Two all_gathers of a few floats per row combine the rows (docs/spec.md §6);
+        every rank gets the same statistics, and the backward gives this shard's gradient with
+        no further collective.
 
     Returns TokenStats(logp, proxy_logp, kl, entropy), each (...) fp32.
     """
-    out = _run(logits, labels, temperature, mode, threshold, proxy_logits, ignore_index, backend)
+    out = _run(logits, labels, temperature, mode, threshold, proxy_logits, ignore_index, backend, process_group)
     shape = logits.shape[:-1]
     return TokenStats(*(o.reshape(shape) for o in out[:4]))
 
@@ -81,14 +91,16 @@ def lpreg_kl(
     proxy_logits: Optional[Tensor] = None,
     reduction: str = "none",
     backend: str = "auto",
+    process_group=None,
 ) -> Tensor:
     """Full-vocabulary D_KL(proxy || policy) per position.
 
     logits: (..., V); returns (...) fp32 for reduction="none", a scalar for "mean" / "sum".
-    Gradient w.r.t. logits: (p - q) / T per row.
+    Gradient w.r.t. logits: (p - q) / T per row. process_group: as for `lpreg_token_stats`
+    (logits are then this rank's vocabulary shard).
     """
     _validate.check_reduction(reduction)
-    out = _run(logits, None, temperature, mode, threshold, proxy_logits, -100, backend)
+    out = _run(logits, None, temperature, mode, threshold, proxy_logits, -100, backend, process_group)
     kl = out[2].reshape(logits.shape[:-1])
     if reduction == "mean":
         return kl.mean()

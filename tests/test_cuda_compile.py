@@ -306,46 +306,49 @@ class EmulatedKernels:
         self.lib = ctypes.CDLL(lib_path)
         p, i64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 
-        class Fwd(ctypes.Structure):  # csrc/token_stats_args.h, field for field
-            _fields_ = [("logp", p), ("proxy_logp", p), ("kl", p), ("entropy", p), ("row_stats", p),
-                        ("logits", p), ("proxy", p), ("labels", p), ("logits_dtype", ctypes.c_int),
+        class Rows(ctypes.Structure):  # csrc/token_stats_args.h, field for field: RowInputs, the base
+            _fields_ = [("logits", p), ("proxy", p), ("labels", p), ("logits_dtype", ctypes.c_int),
                         ("proxy_dtype", ctypes.c_int), ("N", i64), ("V", i64), ("logits_row_stride", i64),
-                        ("proxy_row_stride", i64), ("inv_temperature", f32), ("log_threshold", f32),
-                        ("fixed", ctypes.c_bool), ("ignore_index", i64)]
+                        ("proxy_row_stride", i64), ("inv_temperature", f32), ("ignore_index", i64)]
 
-        class Bwd(ctypes.Structure):
-            _fields_ = [("grad", p), ("logits", p), ("proxy", p), ("labels", p), ("row_stats", p), ("g_logp", p),
-                        ("g_kl", p), ("g_entropy", p), ("logits_dtype", ctypes.c_int), ("proxy_dtype", ctypes.c_int),
-                        ("N", i64), ("V", i64), ("logits_row_stride", i64), ("proxy_row_stride", i64),
-                        ("grad_row_stride", i64), ("inv_temperature", f32), ("ignore_index", i64)]
+        class Fwd(ctypes.Structure):  # TokenStatsFwdArgs: the base's fields, then its own
+            _fields_ = [("rows", Rows), ("logp", p), ("proxy_logp", p), ("kl", p), ("entropy", p), ("row_stats", p),
+                        ("log_threshold", f32), ("fixed", ctypes.c_bool)]
 
-        self.Fwd, self.Bwd = Fwd, Bwd
+        class Bwd(ctypes.Structure):  # TokenStatsBwdArgs
+            _fields_ = [("rows", Rows), ("grad", p), ("row_stats", p), ("g_logp", p), ("g_kl", p), ("g_entropy", p),
+                        ("grad_row_stride", i64), ("vocab_offset", i64)]
+
+        self.Rows, self.Fwd, self.Bwd = Rows, Fwd, Bwd
         self.dtypes = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
     @staticmethod
     def _ptr(t):
         return None if t is None else t.data_ptr()
 
+    def rows(self, x, labels, proxy, inv_t, ignore_index):
+        """The RowInputs of (N, V) logits x, (N,) int64 labels or None and a proxy or None."""
+        ptr = self._ptr
+        pdt = self.dtypes[(proxy if proxy is not None else x).dtype]
+        return self.Rows(ptr(x), ptr(proxy), ptr(labels), self.dtypes[x.dtype], pdt, x.shape[0], x.shape[1],
+                         x.stride(0), proxy.stride(0) if proxy is not None else 0, inv_t, ignore_index)
+
     def forward(self, x, labels, proxy, inv_t, fixed, log_threshold, ignore_index=-100):
         torch, ptr = self.torch, self._ptr
         N, V = x.shape
         outs = [torch.empty(N) for _ in range(4)]
         stats = torch.empty(N, 5)
-        pdt = self.dtypes[(proxy if proxy is not None else x).dtype]
-        a = self.Fwd(*map(ptr, outs), ptr(stats), ptr(x), ptr(proxy), ptr(labels), self.dtypes[x.dtype], pdt, N, V,
-                     x.stride(0), proxy.stride(0) if proxy is not None else 0, inv_t, log_threshold, fixed,
-                     ignore_index)
+        a = self.Fwd(self.rows(x, labels, proxy, inv_t, ignore_index), *map(ptr, outs), ptr(stats), log_threshold,
+                     fixed)
         assert self.lib.emu_fwd(self.ctypes.byref(a)) == 0
         return (*outs, stats)
 
-    def backward(self, x, labels, proxy, stats, g_logp, g_kl, g_h, inv_t, ignore_index=-100):
+    def backward(self, x, labels, proxy, stats, g_logp, g_kl, g_h, inv_t, ignore_index=-100, vocab_offset=0):
         ptr = self._ptr
         N, V = x.shape
         grad = self.torch.empty(N, V, dtype=x.dtype)
-        pdt = self.dtypes[(proxy if proxy is not None else x).dtype]
-        a = self.Bwd(ptr(grad), ptr(x), ptr(proxy), ptr(labels), ptr(stats), ptr(g_logp), ptr(g_kl), ptr(g_h),
-                     self.dtypes[x.dtype], pdt, N, V, x.stride(0), proxy.stride(0) if proxy is not None else 0,
-                     grad.stride(0), inv_t, ignore_index)
+        a = self.Bwd(self.rows(x, labels, proxy, inv_t, ignore_index), ptr(grad), ptr(stats), ptr(g_logp), ptr(g_kl),
+                     ptr(g_h), grad.stride(0), vocab_offset)
         assert self.lib.emu_bwd(self.ctypes.byref(a)) == 0
         return grad
 

@@ -60,7 +60,7 @@ SCRIPT = textwrap.dedent(
     bwd_types = dict(grad_ptr="*" + dt, logits_ptr="*" + dt, proxy_ptr="*" + dt, labels_ptr="*i64",
                      row_stats_ptr=f32, g_logp_ptr=f32, g_kl_ptr=f32, g_entropy_ptr=f32, V="i32",
                      logits_row_stride="i64", proxy_row_stride="i64", grad_row_stride="i64",
-                     inv_temperature="fp32", ignore_index="i32")
+                     inv_temperature="fp32", ignore_index="i32", vocab_offset="i64")
     for proxy, gl, gk, gh in itertools.product([False, True], repeat=4):
         c = compile_kernel(token_stats._token_stats_bwd_kernel, bwd_types,
                            dict(HAS_PROXY=proxy, HAS_LABELS=True, HAS_G_LOGP=gl, HAS_G_KL=gk, HAS_G_ENTROPY=gh,
@@ -71,7 +71,7 @@ SCRIPT = textwrap.dedent(
                     label_logq_ptr=f32,
                     g_logp_ptr=f32, g_kl_ptr=f32, g_entropy_ptr=f32, V="i32", K="i32",
                     logits_row_stride="i64", idx_row_stride="i64", logq_row_stride="i64", grad_row_stride="i64",
-                    inv_temperature="fp32", ignore_index="i32")
+                    inv_temperature="fp32", ignore_index="i32", vocab_offset="i64")
     c = compile_kernel(sparse_proxy_stats._sparse_proxy_fwd_kernel, sp_types,
                        dict(HAS_LABELS=True, HAS_LABEL_LOGQ=True, BLOCK_V=4096, BLOCK_K=64), arch)
     report["sparse_proxy_fwd"] = vector_ops(c)

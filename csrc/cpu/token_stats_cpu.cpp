@@ -29,6 +29,8 @@
 
 #include "cpu/token_stats_cpu.h"
 
+#include "row_epilogue.h"
+
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
@@ -156,136 +158,198 @@ float online_block(const float* b, int64_t nv, float bmax, float log_threshold, 
   return thr;
 }
 
+// A row's sums after pass 1. m, s, t: max / sum / entropy moment of x; d: the sum of the surely
+// dropped elements (on-policy, relative to m); my, sy: max / sum of y; argmax_y: its first argmax
+// ("fixed"; -1 otherwise); thr[blk]: the candidate threshold of each block for pass 2.
+struct Pass1 {
+  float m = -kInf, s = 0.f, t = 0.f, d = 0.f, my = -kInf, sy = 0.f;
+  int64_t argmax_y = static_cast<int64_t>(kNoArgmax);
+};
+
+// Pass 1 over a row (or a shard of one): online max / sum / entropy moment of x (and, on-policy,
+// the sum of surely dropped elements); max / sum of y; first argmax of y; per block the candidate
+// threshold. xb, yb: kBlock-float buffers; thr: one float per block.
+template <typename TX, typename TY>
+Pass1 pass1_row(const RowInputs& in, const TX* xr, const TY* yr, float log_threshold, bool fixed, float* xb,
+                float* yb, float* thr) {
+  Pass1 r;
+  float unused = 0.f;
+  float best = -kInf;  // running max for the first-argmax search ("fixed" only)
+  for (int64_t start = 0, blk = 0; start < in.V; start += kBlock, ++blk) {
+    const int64_t n = std::min(kBlock, in.V - start), nv = round_up(n);
+    load_block(xr + start, n, in.inv_temperature, xb);
+    const float bx = block_max(xb, nv);
+    float by = bx;
+    const float* ysrc = xb;
+    if (yr) {
+      online_block<true, false>(xb, nv, bx, 0.f, r.m, r.s, r.t, unused);
+      load_block(yr + start, n, in.inv_temperature, yb);
+      by = block_max(yb, nv);
+      thr[blk] = online_block<false, false>(yb, nv, by, log_threshold, r.my, r.sy, unused, unused);
+      ysrc = yb;
+    } else {
+      thr[blk] = online_block<true, true>(xb, nv, bx, log_threshold, r.m, r.s, r.t, r.d);
+    }
+    if (fixed && by > best) {  // strict: an earlier block keeps a tie, as the first index
+      best = by;
+      int64_t j = 0;
+      while (ysrc[j] != by) ++j;
+      r.argmax_y = start + j;
+    }
+  }
+  if (!yr) {
+    r.my = r.m;
+    r.sy = r.s;
+  }
+  return r;
+}
+
+// Pass 2 over a row (or a shard): kept = sum_K e^(y - my_ref) over the candidates y >= thr[blk]
+// only (thr = nullptr: the cutoff itself), a vector without one costing a compare; with a proxy
+// other += sum_K e^(y-my)(y-x), on-policy other += the candidates below the cutoff (the dropped
+// sum). The argmax, when it is in K only as the argmax (cutoff = +inf), is taken out of the vector
+// sums and added alone.
+template <typename TX, typename TY>
+void pass2_row(const RowInputs& in, const TX* xr, const TY* yr, float cutoff, float my_ref, int64_t argmax_y,
+               const float* thr, float* xb, float* yb, float& kept_sum, float& other) {
+  const Vec vcut(cutoff), vmy(my_ref), zero(0.f);
+  constexpr int kNoLane = (1 << kW) - 1;  // zero_mask() of an all-false comparison
+  for (int64_t start = 0, blk = 0; start < in.V; start += kBlock, ++blk) {
+    const int64_t n = std::min(kBlock, in.V - start), nv = round_up(n);
+    float* ybuf = xb;
+    load_block(xr + start, n, in.inv_temperature, xb);
+    if (yr) {
+      load_block(yr + start, n, in.inv_temperature, yb);
+      ybuf = yb;
+    }
+    float lone_y = 0.f, lone_x = 0.f;
+    const bool lone = argmax_y >= start && argmax_y < start + n && !(ybuf[argmax_y - start] >= cutoff);
+    if (lone) {
+      lone_y = ybuf[argmax_y - start];
+      lone_x = xb[argmax_y - start];
+      ybuf[argmax_y - start] = -kInf;
+    }
+    const Vec vthr(thr ? thr[blk] : cutoff);
+    Vec acc_k(0.f), acc_o(0.f);
+    for (int64_t i = 0; i < nv; i += kW) {
+      const Vec y = Vec::loadu(ybuf + i);
+      const Vec cand = y >= vthr;
+      if (cand.zero_mask() == kNoLane) continue;
+      const Vec e = (y - vmy).exp();
+      const Vec kept = y >= vcut;  // a subset of cand
+      acc_k = acc_k + Vec::blendv(zero, e, kept);
+      if (yr) {
+        acc_o = acc_o + Vec::blendv(zero, cross_term(e, y, Vec::loadu(xb + i)), kept);
+      } else {
+        acc_o = acc_o + Vec::blendv(Vec::blendv(zero, e, cand), zero, kept);
+      }
+    }
+    kept_sum += hsum(acc_k);
+    other += hsum(acc_o);
+    if (lone) {
+      const float e = std::exp(lone_y - my_ref);
+      kept_sum += e;
+      if (yr) other += cross_term(e, lone_y, lone_x);
+    }
+  }
+}
+
+template <typename TX, typename TY>
+const TX* x_row(const RowInputs& in, int64_t row) {
+  return static_cast<const TX*>(in.logits) + row * in.logits_row_stride;
+}
+
+template <typename TX, typename TY>
+const TY* y_row(const RowInputs& in, int64_t row) {
+  return in.proxy ? static_cast<const TY*>(in.proxy) + row * in.proxy_row_stride : nullptr;
+}
+
+inline bool ignored(const RowInputs& in, int64_t row) { return in.labels && in.labels[row] == in.ignore_index; }
+
 template <typename TX, typename TY>
 void fwd_rows(const TokenStatsFwdArgs& a, int64_t begin, int64_t end) {
   alignas(64) float xb[kBlock];
   alignas(64) float yb[kBlock];
   std::vector<float> thr((a.V + kBlock - 1) / kBlock);  // per block: candidate threshold of pass 2
-  const bool has_proxy = a.proxy != nullptr;
-  const int64_t V = a.V;
-  const float inv_t = a.inv_temperature;
+  const RowInputs& in = a;
   for (int64_t row = begin; row < end; ++row) {
-    float* stats = a.row_stats + row * kRowStatsWidth;
-    const int64_t label = a.labels ? a.labels[row] : 0;
-    if (a.labels && label == a.ignore_index) {  // ignored row: zeros, no gradient
-      a.logp[row] = a.proxy_logp[row] = a.kl[row] = a.entropy[row] = 0.f;
-      stats[kStatLse] = stats[kStatEntropy] = stats[kStatLseKept] = stats[kStatCutoff] = 0.f;
-      stats[kStatArgmax] = kNoArgmax;
+    if (ignored(in, row)) {  // ignored row: zeros, no gradient
+      store_ignored_row(a, row);
       continue;
     }
-    const TX* xr = static_cast<const TX*>(a.logits) + row * a.logits_row_stride;
-    const TY* yr = has_proxy ? static_cast<const TY*>(a.proxy) + row * a.proxy_row_stride : nullptr;
-
-    // ---- pass 1: online max / sum / entropy moment of x (and, on-policy, the sum of surely
-    // dropped elements); max / sum of y; first argmax of y; per block the candidate threshold
-    float m = -kInf, s = 0.f, t = 0.f, d = 0.f, my = -kInf, sy = 0.f, unused = 0.f;
-    float best = -kInf;  // running max for the first-argmax search ("fixed" only)
-    int64_t argmax_y = static_cast<int64_t>(kNoArgmax);
-    for (int64_t start = 0, blk = 0; start < V; start += kBlock, ++blk) {
-      const int64_t n = std::min(kBlock, V - start), nv = round_up(n);
-      load_block(xr + start, n, inv_t, xb);
-      const float bx = block_max(xb, nv);
-      float by = bx;
-      const float* ysrc = xb;
-      if (has_proxy) {
-        online_block<true, false>(xb, nv, bx, 0.f, m, s, t, unused);
-        load_block(yr + start, n, inv_t, yb);
-        by = block_max(yb, nv);
-        thr[blk] = online_block<false, false>(yb, nv, by, a.log_threshold, my, sy, unused, unused);
-        ysrc = yb;
-      } else {
-        thr[blk] = online_block<true, true>(xb, nv, bx, a.log_threshold, m, s, t, d);
-      }
-      if (a.fixed && by > best) {  // strict: an earlier block keeps a tie, as the first index
-        best = by;
-        int64_t j = 0;
-        while (ysrc[j] != by) ++j;
-        argmax_y = start + j;
-      }
-    }
-    if (!has_proxy) {
-      my = m;
-      sy = s;
-    }
+    const TX* xr = x_row<TX, TY>(in, row);
+    const TY* yr = y_row<TX, TY>(in, row);
+    const Pass1 p = pass1_row(in, xr, yr, a.log_threshold, a.fixed, xb, yb, thr.data());
+    RowResult r{};
     // NaN anywhere propagates into m / my through the NaN-propagating max; all -inf: m = -inf;
     // a +inf: m = +inf. Each makes the row's outputs NaN.
-    const bool bad = !std::isfinite(m) || !std::isfinite(my);
-    const float lse = m + std::log(s);
-    const float entropy = std::log(s) - t / s;
-    float cutoff;  // >= every block's thr (fp32 addition is monotone)
-    if (a.fixed) {
-      cutoff = my + std::log(sy) + a.log_threshold;
-      if (my < cutoff) cutoff = kInf;  // no token reaches tau: K = {first argmax}
+    r.bad = !std::isfinite(p.m) || !std::isfinite(p.my);
+    r.lse = p.m + std::log(p.s);
+    r.entropy = std::log(p.s) - p.t / p.s;
+    if (a.fixed) {  // >= every block's thr (fp32 addition is monotone)
+      r.cutoff = p.my + std::log(p.sy) + a.log_threshold;
+      if (p.my < r.cutoff) r.cutoff = kInf;  // no token reaches tau: K = {first argmax}
     } else {
-      cutoff = my + a.log_threshold;
+      r.cutoff = p.my + a.log_threshold;
     }
-    const float my_ref = bad ? 0.f : my;
-
-    // ---- pass 2: kept-set sums relative to max y, over the candidates y >= thr only (a vector
-    // without one costs a compare). kept = sum_K e^(y-my); with a proxy, cross = sum_K e^(y-my)
-    // (y-x); on-policy, drop = d (pass 1) + the candidates below the cutoff. The argmax, when it
-    // is in K only as the argmax (cutoff = +inf), is taken out of the vector sums and added alone.
-    float kept_sum = 0.f, drop_sum = d, cross = 0.f;
-    const Vec vcut(cutoff), vmy(my_ref), zero(0.f);
-    constexpr int kNoLane = (1 << kW) - 1;  // zero_mask() of an all-false comparison
-    for (int64_t start = 0, blk = 0; start < V; start += kBlock, ++blk) {
-      const int64_t n = std::min(kBlock, V - start), nv = round_up(n);
-      float* ybuf = xb;
-      load_block(xr + start, n, inv_t, xb);
-      if (has_proxy) {
-        load_block(yr + start, n, inv_t, yb);
-        ybuf = yb;
-      }
-      float lone_y = 0.f, lone_x = 0.f;
-      const bool lone = argmax_y >= start && argmax_y < start + n && !(ybuf[argmax_y - start] >= cutoff);
-      if (lone) {
-        lone_y = ybuf[argmax_y - start];
-        lone_x = xb[argmax_y - start];
-        ybuf[argmax_y - start] = -kInf;
-      }
-      const Vec vthr(thr[blk]);
-      Vec acc_k(0.f), acc_o(0.f);
-      for (int64_t i = 0; i < nv; i += kW) {
-        const Vec y = Vec::loadu(ybuf + i);
-        const Vec cand = y >= vthr;
-        if (cand.zero_mask() == kNoLane) continue;
-        const Vec e = (y - vmy).exp();
-        const Vec kept = y >= vcut;  // a subset of cand
-        acc_k = acc_k + Vec::blendv(zero, e, kept);
-        if (has_proxy) {
-          acc_o = acc_o + Vec::blendv(zero, cross_term(e, y, Vec::loadu(xb + i)), kept);
-        } else {
-          acc_o = acc_o + Vec::blendv(Vec::blendv(zero, e, cand), zero, kept);
-        }
-      }
-      kept_sum += hsum(acc_k);
-      (has_proxy ? cross : drop_sum) += hsum(acc_o);
-      if (lone) {
-        const float e = std::exp(lone_y - my_ref);
-        kept_sum += e;
-        if (has_proxy) cross += cross_term(e, lone_y, lone_x);
-      }
-    }
-    const float lse_kept = my_ref + std::log(kept_sum);
-    const float kl = has_proxy ? cross / kept_sum + lse - lse_kept : std::log1p(drop_sum / kept_sum);
-
+    r.argmax_y = p.argmax_y;
+    const float my_ref = r.bad ? 0.f : p.my;
+    // pass 2: kept = sum_K e^(y-my); cross (proxy) or drop = d (pass 1) + candidates below the cutoff
+    float kept_sum = 0.f, other = yr ? 0.f : p.d;
+    pass2_row(in, xr, yr, r.cutoff, my_ref, p.argmax_y, thr.data(), xb, yb, kept_sum, other);
+    r.lse_kept = my_ref + std::log(kept_sum);
+    r.kl = yr ? other / kept_sum + r.lse - r.lse_kept : std::log1p(other / kept_sum);
     float logp = 0.f, proxy_logp = 0.f;
-    if (a.labels) {
-      const float x_lab = static_cast<float>(xr[label]) * inv_t;
-      const float y_lab = has_proxy ? static_cast<float>(yr[label]) * inv_t : x_lab;
-      logp = x_lab - lse;
-      const bool lab_kept = y_lab >= cutoff || label == argmax_y;
-      proxy_logp = lab_kept ? y_lab - lse_kept : -kInf;
+    if (in.labels) {
+      const int64_t label = in.labels[row];
+      const float x_lab = static_cast<float>(xr[label]) * in.inv_temperature;
+      label_logps(r, label, x_lab, yr ? static_cast<float>(yr[label]) * in.inv_temperature : x_lab, logp,
+                  proxy_logp);
     }
-    a.logp[row] = bad ? kNaN : logp;
-    a.proxy_logp[row] = bad ? kNaN : proxy_logp;
-    a.kl[row] = bad ? kNaN : kl;
-    a.entropy[row] = bad ? kNaN : entropy;
-    stats[kStatLse] = bad ? kNaN : lse;  // a NaN lse makes the backward NaN for the whole row
-    stats[kStatEntropy] = bad ? kNaN : entropy;
-    stats[kStatLseKept] = lse_kept;
-    stats[kStatCutoff] = cutoff;
-    stats[kStatArgmax] = static_cast<float>(argmax_y);
+    store_row(a, row, r, logp, proxy_logp);
+  }
+}
+
+// Vocabulary-parallel pass 1 (row_partials.h): pass1_row over the shard, written as partials.
+template <typename TX, typename TY>
+void shard_pass1_rows(const ShardPass1Args& a, int64_t begin, int64_t end) {
+  alignas(64) float xb[kBlock];
+  alignas(64) float yb[kBlock];
+  std::vector<float> thr((a.V + kBlock - 1) / kBlock);
+  for (int64_t row = begin; row < end; ++row) {
+    float* part = a.partials + row * kPass1Width;
+    if (ignored(a, row)) {
+      store_neutral_pass1(part);
+      continue;
+    }
+    const Pass1 p = pass1_row(a, x_row<TX, TY>(a, row), y_row<TX, TY>(a, row), 0.f, a.fixed, xb, yb,
+                              thr.data());
+    part[kPartMax] = p.m;
+    part[kPartSum] = p.s;
+    part[kPartMoment] = p.t;
+    part[kPartMaxY] = p.my;
+    part[kPartSumY] = p.sy;
+    part[kPartArgmaxY] = static_cast<float>(p.argmax_y);
+    // a NaN propagates into the max; a +inf has no finite softmax
+    part[kPartBad] = (std::isnan(p.m) || p.m == kInf || std::isnan(p.my) || p.my == kInf) ? 1.f : 0.f;
+  }
+}
+
+// Vocabulary-parallel pass 2 (row_partials.h): the kept sums given the combined statistics; the
+// combined cutoff is final, so it is also the candidate threshold.
+template <typename TX, typename TY>
+void shard_pass2_rows(const ShardPass2Args& a, int64_t begin, int64_t end) {
+  alignas(64) float xb[kBlock];
+  alignas(64) float yb[kBlock];
+  for (int64_t row = begin; row < end; ++row) {
+    float* part = a.partials + row * kPass2Width;
+    float kept_sum = 0.f, other = 0.f;
+    if (!ignored(a, row)) {
+      pass2_row(a, x_row<TX, TY>(a, row), y_row<TX, TY>(a, row), a.cutoff[row], a.max_y[row],
+                a.argmax[row], nullptr, xb, yb, kept_sum, other);
+    }
+    part[kPartKept] = kept_sum;
+    part[kPartCross] = a.proxy ? other : 0.f;
   }
 }
 
@@ -294,24 +358,26 @@ void bwd_rows(const TokenStatsBwdArgs& a, int64_t begin, int64_t end) {
   alignas(64) float xb[kBlock];
   alignas(64) float yb[kBlock];
   alignas(64) float gb[kBlock];
-  const bool has_proxy = a.proxy != nullptr;
-  const int64_t V = a.V;
-  const float inv_t = a.inv_temperature;
+  const RowInputs& in = a;
+  const bool has_proxy = in.proxy != nullptr;
+  const int64_t V = in.V;
+  const float inv_t = in.inv_temperature;
   for (int64_t row = begin; row < end; ++row) {
     TX* gr = static_cast<TX*>(a.grad) + row * a.grad_row_stride;
-    const int64_t label = a.labels ? a.labels[row] : -1;
-    if (a.labels && label == a.ignore_index) {  // the ignored-row invariant: exact zeros, no p
+    if (ignored(in, row)) {  // the ignored-row invariant: exact zeros, no p
       std::fill(gr, gr + V, static_cast<TX>(0.f));
       continue;
     }
-    const TX* xr = static_cast<const TX*>(a.logits) + row * a.logits_row_stride;
-    const TY* yr = has_proxy ? static_cast<const TY*>(a.proxy) + row * a.proxy_row_stride : nullptr;
+    // the label and the argmax as columns of this shard (out of [0, V) when another shard holds them)
+    const int64_t label = in.labels ? in.labels[row] - a.vocab_offset : -1;
+    const TX* xr = x_row<TX, TY>(in, row);
+    const TY* yr = y_row<TX, TY>(in, row);
     const float* st = a.row_stats + row * kRowStatsWidth;
     const float lse = st[kStatLse], entropy = st[kStatEntropy], lse_kept = st[kStatLseKept];
     const float cutoff = st[kStatCutoff];
-    const int64_t argmax_y = static_cast<int64_t>(st[kStatArgmax]);
+    const int64_t argmax_y = st[kStatArgmax] < 0.f ? -1 : static_cast<int64_t>(st[kStatArgmax]) - a.vocab_offset;
     // per-row coefficients, already divided by T
-    const float c_logp = (a.g_logp && a.labels) ? a.g_logp[row] * inv_t : 0.f;
+    const float c_logp = (a.g_logp && in.labels) ? a.g_logp[row] * inv_t : 0.f;
     const float c_kl = a.g_kl ? a.g_kl[row] * inv_t : 0.f;
     const float c_h = a.g_entropy ? a.g_entropy[row] * inv_t : 0.f;
     const bool use_kl = a.g_kl != nullptr, use_h = a.g_entropy != nullptr;
@@ -368,32 +434,46 @@ void dispatch(Dtype d, F&& f) {
 // rows per task: enough elements (about 64K) to amortise a task, at least one row
 inline int64_t grain(int64_t V) { return std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(V, 1)); }
 
+// rows(a, begin, end) instantiated for the storage types of the logits and the proxy, over the
+// rows in parallel (without a proxy, TY is never read: it is instantiated as TX only)
+template <template <typename, typename> class Rows, typename Args>
+void parallel_rows(const Args& a) {
+  if (a.N == 0) return;
+  dispatch(a.logits_dtype, [&](auto* tx) {
+    using TX = std::remove_pointer_t<decltype(tx)>;
+    dispatch(a.proxy ? a.proxy_dtype : a.logits_dtype, [&](auto* ty) {
+      using TY = std::remove_pointer_t<decltype(ty)>;
+      at::parallel_for(0, a.N, grain(a.V), [&](int64_t b, int64_t e) { Rows<TX, TY>::run(a, b, e); });
+    });
+  });
+}
+
+template <typename TX, typename TY>
+struct FwdRows {
+  static void run(const TokenStatsFwdArgs& a, int64_t b, int64_t e) { fwd_rows<TX, TY>(a, b, e); }
+};
+template <typename TX, typename TY>
+struct BwdRows {
+  static void run(const TokenStatsBwdArgs& a, int64_t b, int64_t e) { bwd_rows<TX, TY>(a, b, e); }
+};
+template <typename TX, typename TY>
+struct ShardPass1Rows {
+  static void run(const ShardPass1Args& a, int64_t b, int64_t e) { shard_pass1_rows<TX, TY>(a, b, e); }
+};
+template <typename TX, typename TY>
+struct ShardPass2Rows {
+  static void run(const ShardPass2Args& a, int64_t b, int64_t e) { shard_pass2_rows<TX, TY>(a, b, e); }
+};
+
 }  // namespace
 
-void token_stats_fwd(const TokenStatsFwdArgs& args) {
-  if (args.N == 0) return;
-  dispatch(args.logits_dtype, [&](auto* tx) {
-    using TX = std::remove_pointer_t<decltype(tx)>;
-    // without a proxy, TY is never read: instantiate it as TX only
-    const Dtype dy = args.proxy ? args.proxy_dtype : args.logits_dtype;
-    dispatch(dy, [&](auto* ty) {
-      using TY = std::remove_pointer_t<decltype(ty)>;
-      at::parallel_for(0, args.N, grain(args.V), [&](int64_t b, int64_t e) { fwd_rows<TX, TY>(args, b, e); });
-    });
-  });
-}
+void token_stats_fwd(const TokenStatsFwdArgs& args) { parallel_rows<FwdRows>(args); }
 
-void token_stats_bwd(const TokenStatsBwdArgs& args) {
-  if (args.N == 0) return;
-  dispatch(args.logits_dtype, [&](auto* tx) {
-    using TX = std::remove_pointer_t<decltype(tx)>;
-    const Dtype dy = args.proxy ? args.proxy_dtype : args.logits_dtype;
-    dispatch(dy, [&](auto* ty) {
-      using TY = std::remove_pointer_t<decltype(ty)>;
-      at::parallel_for(0, args.N, grain(args.V), [&](int64_t b, int64_t e) { bwd_rows<TX, TY>(args, b, e); });
-    });
-  });
-}
+void token_stats_bwd(const TokenStatsBwdArgs& args) { parallel_rows<BwdRows>(args); }
+
+void token_stats_shard_pass1(const ShardPass1Args& args) { parallel_rows<ShardPass1Rows>(args); }
+
+void token_stats_shard_pass2(const ShardPass2Args& args) { parallel_rows<ShardPass2Rows>(args); }
 
 const char* compiled_isa() {
 #if defined(CPU_CAPABILITY_AVX512)
