@@ -16,8 +16,10 @@ per call: V x H x 4 bytes).
 from typing import Optional, Union
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
+from ._vocab_parallel import vocab_shard
 from .sparse_proxy import SparseProxy, sparse_proxy_stats
 from .token_stats import TokenStats, lpreg_token_stats
 
@@ -75,14 +77,26 @@ def take_rows(t, rows: Rows):
 
 
 def chunk_stats(logits: Tensor, labels: Tensor, proxy, temperature: float, mode: str, threshold: float,
-                ignore_index: int, backend: str) -> TokenStats:
+                ignore_index: int, backend: str, process_group=None) -> TokenStats:
     """(logp, proxy_logp, kl, entropy), each (n,) fp32, for (n, V) logits and a proxy slice
-    (None: on-policy; (n, V) dense logits; or a SparseProxy, which carries its own filter)."""
+    (None: on-policy; (n, V) dense logits; or a SparseProxy, which carries its own filter); with a
+    process_group, the logits are this rank's vocabulary shard."""
     if isinstance(proxy, SparseProxy):
         return sparse_proxy_stats(logits, labels, proxy, temperature=temperature, ignore_index=ignore_index,
-                                  backend=backend)
+                                  backend=backend, process_group=process_group)
     return lpreg_token_stats(logits, labels, temperature=temperature, mode=mode, threshold=threshold,
-                             proxy_logits=proxy, ignore_index=ignore_index, backend=backend)
+                             proxy_logits=proxy, ignore_index=ignore_index, backend=backend,
+                             process_group=process_group)
+
+
+def sharded_chunk_size(chunk_size: Optional[int], N: int, weight: Tensor, device: torch.device, group) -> int:
+    """check_chunk_size for a weight that is this rank's vocabulary shard: every rank of `group` must
+    walk the same chunks (each chunk's statistics are two collectives), so the default comes from the
+    widest shard, W, which one all_gather of the widths gives (it also checks their layout)."""
+    W = weight.shape[0]
+    if group is not None:
+        W = vocab_shard(W, device, group).block
+    return check_chunk_size(chunk_size, N, W, device)
 
 
 class ChunkMatmuls:
@@ -147,6 +161,12 @@ class ChunkMatmuls:
                 self.grad_w.addmm_(g.t(), h.float())  # in place: no (V, H) temporary
         if self.grad_b is not None:
             self.grad_b += g.sum(0)
+
+    def sum_hidden_grad(self, group) -> None:
+        """With the weight a vocabulary shard, dh = g W_r is this rank's share of the hidden states'
+        gradient: the sum over the ranks of `group` (one all_reduce of N x H fp32) is the whole one."""
+        if group is not None and self.grad_h is not None:
+            dist.all_reduce(self.grad_h, group=group)
 
     def grads(self, hidden: Tensor, weight: Tensor, bias: Optional[Tensor]):
         """The accumulated gradients in the inputs' shapes and dtypes (None where not needed)."""

@@ -21,7 +21,8 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from . import _validate
-from ._fused_linear_chunks import ChunkMatmuls, check_chunk_size, chunk_stats, take_rows
+from ._fused_linear_chunks import ChunkMatmuls, chunk_stats, sharded_chunk_size, take_rows
+from ._vocab_parallel import check_group
 from .sparse_proxy import SparseProxy
 from .token_stats import TokenStats
 
@@ -32,11 +33,12 @@ class _Opts(NamedTuple):
     threshold: float
     ignore_index: int
     backend: str
+    process_group: object  # None, or the group over which the weight is sharded by vocabulary
 
 
 def _stats(logits: Tensor, labels: Tensor, proxy, rows, opts: _Opts) -> TokenStats:
     return chunk_stats(logits, labels[rows], take_rows(proxy, rows), opts.temperature, opts.mode, opts.threshold,
-                       opts.ignore_index, opts.backend)
+                       opts.ignore_index, opts.backend, opts.process_group)
 
 
 class _FusedLinearTokenStats(torch.autograd.Function):
@@ -74,11 +76,12 @@ class _FusedLinearTokenStats(torch.autograd.Function):
                 g = torch.autograd.grad(outs, logits, [u[rows].float() for _, u in upstream])[0]
             mm.accumulate(rows, g)
             del logits, stats, outs, g
+        mm.sum_hidden_grad(ctx.opts.process_group)  # vocabulary-parallel: each rank's dh is its shard's share
         grad_h, grad_w, grad_b = mm.grads(hidden2d, weight, bias)
         return grad_h, grad_w, grad_b, None, None, None, None
 
 
-def _check_inputs(hidden, weight, bias, labels) -> None:
+def _check_inputs(hidden, weight, bias, labels, sharded=False) -> None:
     for name, t in (("hidden", hidden), ("weight", weight)):
         if not isinstance(t, Tensor) or not t.dtype.is_floating_point:
             raise ValueError(f"{name} must be a float torch.Tensor, got {getattr(t, 'dtype', type(t).__name__)}")
@@ -88,7 +91,7 @@ def _check_inputs(hidden, weight, bias, labels) -> None:
         raise ValueError(f"weight must have shape (V, H) with H = {hidden.shape[-1]}, got {tuple(weight.shape)}")
     if weight.dtype != hidden.dtype:
         raise ValueError(f"weight must have the dtype of hidden ({hidden.dtype}), got {weight.dtype}")
-    if weight.shape[0] == 0:
+    if weight.shape[0] == 0 and not sharded:  # a vocabulary shard may be empty
         raise ValueError(f"weight must have a non-empty vocabulary dimension V, got shape {tuple(weight.shape)}")
     V = weight.shape[0]
     if bias is not None and (not isinstance(bias, Tensor) or tuple(bias.shape) != (V,)):
@@ -133,6 +136,7 @@ def fused_linear_token_stats(
     ignore_index: int = -100,
     chunk_size: Optional[int] = None,
     backend: str = "auto",
+    process_group=None,
 ) -> TokenStats:
     """`lpreg_token_stats(hidden @ weight.T + bias, labels, ...)` without the (..., V) logits.
 
@@ -144,20 +148,30 @@ def fused_linear_token_stats(
     chunk_size: token rows per chunk, default `default_chunk_size(N, V)` (just under 32 MiB of fp32
     logits on CPU, 128 MiB on CUDA).
 
+    process_group: None, or the tensor-parallel group over which the LM head is sharded by
+    vocabulary: weight (and bias, and a dense proxy) are this rank's block of V_r rows (see
+    `lpreg_token_stats`), everything else the same on every rank, and so are the statistics. The
+    backward gives this shard's weight and bias gradients and the whole hidden gradient (each
+    rank's share summed by one all_reduce of N x H fp32). Collectives: one all_gather of the
+    widths, then two all_gathers per chunk of rows, forward, and again in the backward, which
+    recomputes each chunk's statistics.
+
     Returns TokenStats(logp, proxy_logp, kl, entropy), each (...) fp32; logp, kl and entropy
     are differentiable w.r.t. hidden, weight and bias (backward recomputes the logits chunk
     by chunk; memory stays flat in N).
     """
-    _check_inputs(hidden, weight, bias, labels)
+    if process_group is not None:
+        check_group(process_group)
+    _check_inputs(hidden, weight, bias, labels, sharded=process_group is not None)
     temperature = _validate.check_temperature(temperature)
     threshold = _validate.check_mode_threshold(mode, threshold)
     _validate.check_backend(backend)
     lead = tuple(hidden.shape[:-1])
     V, H = weight.shape
     N = labels.numel()
-    chunk = check_chunk_size(chunk_size, N, V, hidden.device)
+    chunk = sharded_chunk_size(chunk_size, N, weight, hidden.device, process_group)
     flat_proxy = _flat_proxy(proxy, lead, V, hidden.device)
-    opts = _Opts(temperature, mode, threshold, int(ignore_index), backend)
+    opts = _Opts(temperature, mode, threshold, int(ignore_index), backend, process_group)
     out = _FusedLinearTokenStats.apply(hidden.reshape(N, H), weight, bias, labels.reshape(N).long(), flat_proxy,
                                        opts, max(1, chunk))
     return TokenStats(*(o.reshape(lead) for o in out))

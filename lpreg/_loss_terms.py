@@ -146,14 +146,15 @@ def flat_proxy(proxy: Union[None, Tensor, SparseProxy], N: int, V: int) -> Union
 
 
 def compute_token_stats(logits2d: Tensor, labels: Tensor, proxy: Union[None, Tensor, SparseProxy],
-                        cfg: LossConfig) -> TokenStats:
-    """(logp, proxy_logp, kl, entropy), each (n,) fp32, for (n, V) logits and a proxy slice."""
+                        cfg: LossConfig, process_group=None) -> TokenStats:
+    """(logp, proxy_logp, kl, entropy), each (n,) fp32, for (n, V) logits and a proxy slice; with a
+    process_group, (n, V_r) vocabulary shards combined across it (the same statistics on every rank)."""
     if isinstance(proxy, SparseProxy):
         return sparse_proxy_stats(logits2d, labels, proxy, temperature=cfg.temperature,
-                                  ignore_index=cfg.ignore_index, backend=cfg.backend)
+                                  ignore_index=cfg.ignore_index, backend=cfg.backend, process_group=process_group)
     return lpreg_token_stats(logits2d, labels, temperature=cfg.temperature, mode=cfg.mode,
                              threshold=cfg.threshold, proxy_logits=proxy, ignore_index=cfg.ignore_index,
-                             backend=cfg.backend)
+                             backend=cfg.backend, process_group=process_group)
 
 
 def needs_current_logp(batch: Batch, sel: Optional[SelectionThreshold]) -> bool:

@@ -80,6 +80,13 @@ def shard_layout(widths, rank: int) -> Shard:
     return Shard(rank, len(widths), W, rank * W, widths[rank], V)
 
 
+def vocab_shard(width: int, device, group) -> Shard:
+    """This rank's Shard from one all_gather of the ranks' widths (for a caller that needs the layout
+    before any row is read: the fused linear paths size their chunks alike on every rank)."""
+    widths = gather(torch.tensor([width], dtype=torch.int64, device=device), group)
+    return shard_layout([int(w) for w in widths.reshape(-1).tolist()], dist.get_rank(group))
+
+
 def gather_pass1(part: Tensor, width: int, group):
     """Collective 1: every rank's pass-1 partials (N, 7) and width -> ((ranks, N, 7), this Shard).
     The width rides in one extra row: no separate collective."""

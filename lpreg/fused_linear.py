@@ -31,8 +31,9 @@ import torch
 from torch import Tensor
 
 from . import _loss_terms as pl
-from ._fused_linear_chunks import ChunkMatmuls, check_chunk_size, default_chunk_size, take_rows
+from ._fused_linear_chunks import ChunkMatmuls, default_chunk_size, sharded_chunk_size, take_rows
 from ._fused_linear_stats import fused_linear_token_stats
+from ._vocab_parallel import check_group
 from .loss_config import LossConfig, loss_options
 from .selection import SelectionThreshold
 
@@ -46,15 +47,16 @@ def _add(a: Dict[str, Tensor], b: Dict[str, Tensor]) -> Dict[str, Tensor]:
 class _Passes:
     """The two passes over token rows for one call: loss, metric sums and gradients."""
 
-    def __init__(self, mm: ChunkMatmuls, batch: pl.Batch, proxy, cfg: LossConfig):
-        self.mm, self.batch, self.proxy, self.cfg = mm, batch, proxy, cfg
+    def __init__(self, mm: ChunkMatmuls, batch: pl.Batch, proxy, cfg: LossConfig, group):
+        self.mm, self.batch, self.proxy, self.cfg, self.group = mm, batch, proxy, cfg, group
         self.loss = torch.zeros((), dtype=torch.float32, device=mm.h.device)
         self.sums: Optional[Dict[str, Tensor]] = None
 
     def _stats(self, rows):
         """Recompute the LM head for `rows` and take the per-token statistics (with grad)."""
         logits = self.mm.logits(rows).requires_grad_(self.mm.need_grad)
-        return logits, pl.compute_token_stats(logits, self.batch.labels[rows], take_rows(self.proxy, rows), self.cfg)
+        return logits, pl.compute_token_stats(logits, self.batch.labels[rows], take_rows(self.proxy, rows), self.cfg,
+                                              self.group)
 
     def _finish(self, chunk_loss: Tensor, logits: Tensor, rows, part: Dict[str, Tensor]) -> None:
         if self.mm.need_grad:
@@ -103,10 +105,10 @@ class _Passes:
 
 class _FusedLinearPolicyLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, batch, proxy, cfg, sel, chunk):
+    def forward(ctx, hidden, weight, bias, batch, proxy, cfg, sel, chunk, group):
         N = batch.labels.shape[0]
         mm = ChunkMatmuls(hidden.reshape(N, hidden.shape[-1]), weight, bias, *ctx.needs_input_grad[:3])
-        run = _Passes(mm, batch, proxy, cfg)
+        run = _Passes(mm, batch, proxy, cfg, group)
         if not pl.needs_current_logp(batch, sel):  # the selection is known up front: one pass
             bottom, kth = pl.global_selection(batch, None, cfg, sel)
             run.all_rows(bottom, chunk, None)
@@ -118,6 +120,7 @@ class _FusedLinearPolicyLoss(torch.autograd.Function):
                 run.selected_rows(bottom, chunk)
         sums = run.sums if run.sums is not None else run.empty_sums()
         metrics = pl.finish_metrics(run.loss, sums, batch.valid.sum(), kth)
+        mm.sum_hidden_grad(group)  # vocabulary-parallel: each rank's dh is its shard's share
         ctx.save_for_backward(*mm.grads(hidden, weight, bias))
         values = [metrics[key].clone() for key in pl.METRIC_KEYS]  # no output aliases another
         ctx.mark_non_differentiable(*values)
@@ -127,7 +130,7 @@ class _FusedLinearPolicyLoss(torch.autograd.Function):
     def backward(ctx, g_loss, *g_metrics):
         grad_h, grad_w, grad_b = ctx.saved_tensors
         scale = lambda t: None if t is None else t * g_loss.to(t.dtype)  # noqa: E731
-        return scale(grad_h), scale(grad_w), scale(grad_b), None, None, None, None, None
+        return scale(grad_h), scale(grad_w), scale(grad_b), None, None, None, None, None, None
 
 
 def _check_linear(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]) -> None:
@@ -161,6 +164,7 @@ def fused_linear_policy_loss(
     selection_threshold: Optional[SelectionThreshold] = None,
     num_tokens: Optional[Union[int, Tensor]] = None,
     return_tensors: bool = False,
+    process_group=None,
     **options,
 ) -> Tuple[Tensor, Dict]:
     """`lpreg_policy_loss(hidden @ weight.T + bias, ...)` without the (B, L, V) logits.
@@ -178,10 +182,19 @@ def fused_linear_policy_loss(
 
     Without `selection_threshold` the call makes one pass over all N rows and a second over
     the ~rho N candidate rows of the selection (module docstring); with it, one pass.
+    process_group: None, or the tensor-parallel group over which the LM head is sharded by
+    vocabulary: weight (and bias, and a dense proxy) are this rank's block of V_r rows (columns
+    [r W, r W + V_r), `lpreg_token_stats` says which), hidden and the rest the same on every rank.
+    The loss and metrics are the same on every rank; the weight and bias gradients are this
+    shard's, the hidden gradient the whole one (each rank's share summed by one all_reduce of
+    N x H fp32 per call: do not all-reduce it again). Collectives: one all_gather of the widths
+    (the chunks must be the same on every rank), two all_gathers per chunk of rows.
 
     Returns (loss, metrics) as lpreg_policy_loss; gradients flow to hidden, weight and bias.
     """
     cfg = LossConfig.from_options(options)
+    if process_group is not None:
+        check_group(process_group)
     _check_linear(hidden, weight, bias)
     pl.check_selection_threshold(selection_threshold, cfg)
     B, L = hidden.shape[:2]
@@ -190,8 +203,8 @@ def fused_linear_policy_loss(
     batch = pl.prepare((B, L), hidden.device, labels, advantages, old_logp, response_mask, cfg,
                        num_tokens=num_tokens)
     N = B * L
-    chunk = check_chunk_size(chunk_size, N, V, hidden.device)
+    chunk = sharded_chunk_size(chunk_size, N, weight, hidden.device, process_group)
     out = _FusedLinearPolicyLoss.apply(hidden, weight, bias, batch, pl.flat_proxy(proxy, N, V), cfg,
-                                       selection_threshold, chunk)
+                                       selection_threshold, chunk, process_group)
     loss, metrics = out[0], dict(zip(pl.METRIC_KEYS, out[1:]))
     return loss, (metrics if return_tensors else pl.to_floats(metrics))

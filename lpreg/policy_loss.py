@@ -65,6 +65,8 @@ def policy_loss_from_stats(
         (a target: detached here), kl = D_KL(q || p) (read only when the estimator is
         "full"; pass zeros for k3), entropy = H(p) (a metric only, detached here).
         Entries where response_mask is 0 are never read, whatever they hold (NaN included).
+        Statistics of vocabulary-parallel logits (`lpreg_token_stats(..., process_group=...)`)
+        are whole-row values, the same on every rank: they go in as they are, no group needed.
     advantages: (B, L) or (B,); response_mask: (B, L), > 0 where a token counts.
     old_logp: (B, L) rollout log-probs of the labels, or None for on-policy: old_logp is
         stats.logp detached (ratio exactly 1, no extra forward) and selection uses it.
@@ -105,6 +107,7 @@ def lpreg_policy_loss(
     selection_threshold: Optional[SelectionThreshold] = None,
     num_tokens: terms.NumTokens = None,
     return_tensors: bool = False,
+    process_group=None,
     **options,
 ) -> Tuple[Tensor, Metrics]:
     """Lp-Reg GRPO policy loss; returns (loss 0-d fp32, metrics dict).
@@ -135,6 +138,11 @@ def lpreg_policy_loss(
         `policy_loss_from_stats`); None: this call's count.
     return_tensors: False gives python floats (one host sync for all of them); True gives
         0-d tensors and no sync, for callers that accumulate over micro-batches.
+    process_group: None, or the tensor-parallel group over which the vocabulary is sharded:
+        logits (and a dense proxy) are then this rank's (B, L, V_r) block (`lpreg_token_stats`
+        says which), everything else is the same on every rank, and so are the loss and the
+        metrics; the backward gives this shard's gradient. A data-parallel split is the caller's,
+        as without it (num_tokens, and `selection_threshold(..., group=<data-parallel group>)`).
 
     Metrics: actor/pg_loss (the returned loss), actor/lpreg_kl (mean D over selected tokens),
     actor/lpreg_frac (selected / valid), actor/lpreg_threshold (p at the rho-percentile),
@@ -142,7 +150,7 @@ def lpreg_policy_loss(
     actor/pg_clipfrac_lower (the dual clip's share; 0 without clip_ratio_c).
     """
     cfg = LossConfig.from_options(options)
-    _validate.check_logits(logits)
+    _validate.check_logits(logits, allow_empty=process_group is not None)  # a vocabulary shard may be empty
     if logits.dim() != 3:
         raise ValueError(f"logits must have shape (B, L, V), got {tuple(logits.shape)}")
     terms.check_selection_threshold(selection_threshold, cfg)
@@ -151,6 +159,7 @@ def lpreg_policy_loss(
     batch = terms.prepare((B, L), logits.device, labels, advantages, old_logp, response_mask, cfg,
                           num_tokens=num_tokens)
     # labels are ignore_index off the valid tokens, so every statistic there is exactly 0
-    stats = terms.compute_token_stats(logits.reshape(B * L, V), batch.labels, terms.flat_proxy(proxy, B * L, V), cfg)
+    stats = terms.compute_token_stats(logits.reshape(B * L, V), batch.labels, terms.flat_proxy(proxy, B * L, V), cfg,
+                                      process_group)
     loss, metrics = terms.loss_from_flat(stats, batch, cfg, selection_threshold)
     return loss, (metrics if return_tensors else terms.to_floats(metrics))
