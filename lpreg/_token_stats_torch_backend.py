@@ -109,7 +109,9 @@ def token_stats_shard_pass1(logits, labels, proxy, inv_temperature, fixed, ignor
                 sy = (y - torch.where(my == _NEG_INF, torch.zeros_like(my), my)[:, None]).exp().sum(-1)
         # amax propagates NaN; a +inf has no finite softmax
         bad = torch.isnan(m) | (m == float("inf")) | torch.isnan(my) | (my == float("inf"))
-        argmax_y = y.argmax(-1).float() if fixed else torch.full_like(m, layout.NO_ARGMAX)
+        argmax_y = torch.full_like(m, layout.NO_ARGMAX)
+        if fixed:  # the first argmax; none in a shard without a finite entry (as the kernels)
+            argmax_y = torch.where(my == _NEG_INF, argmax_y, y.argmax(-1).float())
         part = torch.stack([m, s, t, my, sy, argmax_y, bad.float()], -1)  # the PASS1_SLOTS order
         valid = valid_rows(labels, a, b, ignore_index, x)
         out[a:b] = torch.where(valid[:, None], part, out[a:b])

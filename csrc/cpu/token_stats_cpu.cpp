@@ -328,7 +328,7 @@ void shard_pass1_rows(const ShardPass1Args& a, int64_t begin, int64_t end) {
     part[kPartSum] = p.s;
     part[kPartMoment] = p.t;
     part[kPartMaxY] = p.my;
-    part[kPartSumY] = p.sy;
+    part[kPartSumY] = (a.fixed || !a.proxy) ? p.sy : 0.f;  // only "fixed" needs it (on-policy it is s)
     part[kPartArgmaxY] = static_cast<float>(p.argmax_y);
     // a NaN propagates into the max; a +inf has no finite softmax
     part[kPartBad] = (std::isnan(p.m) || p.m == kInf || std::isnan(p.my) || p.my == kInf) ? 1.f : 0.f;

@@ -38,7 +38,7 @@ __global__ void token_stats_shard_pass1_kernel(const ShardPass1Args a) {
     part[kPartSum] = p.sx.s;
     part[kPartMoment] = p.sx.t;
     part[kPartMaxY] = p.sy.m;
-    part[kPartSumY] = p.sy.s;
+    part[kPartSumY] = (a.fixed || !kHasProxy) ? p.sy.s : 0.f;  // only "fixed" needs it (on-policy it is s)
     part[kPartArgmaxY] = static_cast<float>(p.argmax_y);
     // a +inf has no finite softmax (push() keeps it as the max); a NaN is counted aside
     part[kPartBad] = (p.any_nan || p.sx.m == INFINITY || p.sy.m == INFINITY) ? 1.f : 0.f;
