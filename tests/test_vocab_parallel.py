@@ -17,6 +17,7 @@ import re
 import tempfile
 import time
 import traceback
+import types
 from datetime import timedelta
 
 import pytest
@@ -410,36 +411,57 @@ def case_errors_on_every_rank(env):
     lpreg.lpreg_token_stats(x, torch.tensor([1, 2]), process_group=group)
 
 
+def _docs_block(heading):
+    """The first ```python block after `heading` in docs/integrations.md."""
+    with open(os.path.join(os.path.dirname(__file__), "..", "docs", "integrations.md")) as f:
+        text = f.read()
+    start = text.index("```python\n", text.index(heading)) + len("```python\n")
+    return text[start:text.index("```\n", start)]
+
+
+class _TinyLM(torch.nn.Module):
+    """A model with an `lm_head`, whose output has `.logits`, as the docs' block expects."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(11, 16)
+        self.lm_head = torch.nn.Linear(16, V)
+
+    def forward(self, input_ids):
+        return types.SimpleNamespace(logits=self.lm_head(torch.tanh(self.embed(input_ids))))
+
+
 def case_dtensor_loss_parallel(env):
-    """A torchtitan-style tensor-parallel LM head: ColwiseParallel(use_local_output=False) leaves the
-    logits a DTensor sharded over the vocabulary (Shard(-1)), as `loss_parallel` expects; Lp-Reg
-    takes its local shard and the mesh's group. The parameters' gradients (the head's shards, and
-    the replicated layer before it through DTensor's own reduction) equal the unsharded model's."""
+    """docs/integrations.md's DTensor block, run as it stands: a torchtitan-style tensor-parallel LM
+    head (ColwiseParallel(use_local_output=False) leaves the logits a DTensor sharded over the
+    vocabulary, Shard(-1), as `loss_parallel` expects) on a 2 x 2 (data x tensor) mesh. The head's
+    weight and bias shards and the replicated embedding (through DTensor's own reduction of the
+    hidden states' gradient) get the unsharded model's gradients."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard
-    from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
 
     mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
-    tp = mesh["tp"]
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, V))
-    ref_model = copy.deepcopy(model)
-    parallelize_module(model, tp, {"2": ColwiseParallel(output_layouts=Shard(-1), use_local_output=False)})
-    _, labels, adv, old, mask = _batch(seed=30 + env.dp_rank)
-    inputs = torch.randn(2, 6, 8, generator=torch.Generator().manual_seed(31 + env.dp_rank))
-    logits = model(inputs)  # a DTensor, Shard(-1) over the tp mesh
-    assert logits.placements == (Shard(logits.ndim - 1),)
-    loss, _ = lpreg.lpreg_policy_loss(logits.to_local(), labels, adv, old, mask, process_group=tp.get_group(),
-                                      rho=0.2)
-    loss.backward()
-    ref, _ = lpreg.lpreg_policy_loss(ref_model(inputs), labels, adv, old, mask, rho=0.2)
+    model = _TinyLM()
+    reference = copy.deepcopy(model)
+    _, labels, advantages, old_logp, response_mask = _batch(seed=30 + env.dp_rank)
+    input_ids = torch.randint(0, 11, (2, 6), generator=torch.Generator().manual_seed(31 + env.dp_rank))
+    scope = dict(model=model, tp_mesh=mesh["tp"], input_ids=input_ids, labels=labels, advantages=advantages,
+                 old_logp=old_logp, response_mask=response_mask)
+    exec(_docs_block("## Vocabulary-parallel (tensor-parallel) logits"), scope)
+    assert scope["logits"].placements == (Shard(2),) and scope["logits"].to_local().shape[-1] < V
+    ref, ref_metrics = lpreg.lpreg_policy_loss(reference(input_ids).logits, labels, advantages, old_logp,
+                                               response_mask, compat="released", rho=0.01, beta=1.0)
     ref.backward()
-    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
-    r = tp.get_local_rank()
+    torch.testing.assert_close(scope["loss"], ref, rtol=1e-5, atol=1e-6)
+    assert scope["metrics"] == pytest.approx(ref_metrics, rel=1e-5, abs=1e-6)
+    r = mesh["tp"].get_local_rank()
     # fp32 sums in other orders (the head's shards, DTensor's reduction of the hidden gradient)
-    torch.testing.assert_close(model[2].weight.grad.to_local(), shard(ref_model[2].weight.grad, r, 2, dim=0),
+    torch.testing.assert_close(model.lm_head.weight.grad.to_local(), shard(reference.lm_head.weight.grad, r, 2, dim=0),
                                rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(model[0].weight.grad, ref_model[0].weight.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(model.lm_head.bias.grad.to_local(), shard(reference.lm_head.bias.grad, r, 2),
+                               rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(model.embed.weight.grad, reference.embed.weight.grad, rtol=1e-4, atol=1e-6)
 
 
 CASES = {name[5:]: fn for name, fn in sorted(globals().items()) if name.startswith("case_")}
