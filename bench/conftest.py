@@ -115,7 +115,38 @@ def time_row_op(benchmark, step, reset, *, device, N, V, elem, logits_mb, provid
     )
 
 
+def run_row_case(benchmark, smoke, fn, logits, weights, *args, device, provider, check, **info):
+    """The body of a per-row op's benchmark case: one step is the forward fn(x, *args) -> (logp, kl,
+    entropy) of logits x (N, V) and the backward of sum_rows w1 logp + w2 kl + w3 H. Records
+    extra_info (provider, N, V, dtype, logits_mb, compulsory_bytes and `info`); then, when
+    benchmarks are disabled, check() and one run, else time_row_op."""
+    N, V = logits.shape
+    x = logits.detach().clone().requires_grad_(True)
+
+    def step():
+        x.grad = None
+        logp, kl, ent = fn(x, *args)
+        (weights[0] * logp + weights[1] * kl + weights[2] * ent).sum().backward()
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    elem = logits.element_size()
+    logits_mb = N * V * elem / 2**20
+    benchmark.extra_info.update(provider=provider, N=N, V=V, dtype=str(logits.dtype).replace("torch.", ""),
+                                logits_mb=logits_mb, compulsory_bytes=3 * N * V * elem, **info)
+    if smoke:
+        check()
+        benchmark(step)
+        return
+
+    def reset():
+        x.grad = None
+
+    time_row_op(benchmark, step, reset, device=device, N=N, V=V, elem=elem, logits_mb=logits_mb, provider=provider)
+
+
 @pytest.fixture
 def measure():
     """The helpers above, as a fixture (bench/ is not a package, so conftest is not importable)."""
-    return {"peak_memory_mb": peak_memory_mb, "median_ms": median_ms, "time_row_op": time_row_op}
+    return {"peak_memory_mb": peak_memory_mb, "median_ms": median_ms, "time_row_op": time_row_op,
+            "run_row_case": run_row_case}

@@ -102,31 +102,11 @@ def _run_case(benchmark, measure, smoke, provider, N, V, dtype, device):
         N = min(N, SMOKE_ROWS)
     fn = PROVIDERS[provider]
     logits, labels, weights, proxy = _inputs(N, V, dtype, device)
-    x = logits.detach().clone().requires_grad_(True)
-
-    def step():
-        x.grad = None
-        logp, kl, ent = fn(x, labels, proxy)
-        (weights[0] * logp + weights[1] * kl + weights[2] * ent).sum().backward()
-        if device == "cuda":
-            torch.cuda.synchronize()
-
-    elem = logits.element_size()
-    logits_mb = N * V * elem / 2**20
-    benchmark.extra_info.update(provider=provider, N=N, V=V, k=K, dtype=str(dtype).replace("torch.", ""),
-                                logits_mb=logits_mb, compulsory_bytes=3 * N * V * elem)
-    if smoke:
-        _check(fn, logits, labels, weights, proxy)
-        benchmark(step)
-        return
-
-    def reset():
-        x.grad = None
-
-    measure["time_row_op"](benchmark, step, reset, device=device, N=N, V=V, elem=elem, logits_mb=logits_mb,
-                           provider=provider)
+    measure["run_row_case"](benchmark, smoke, fn, logits, weights, labels, proxy, device=device, provider=provider,
+                            check=lambda: _check(fn, logits, labels, weights, proxy), k=K)
 
 
+# The case declarations below repeat bench/test_bench_token_stats.py's: one file per op (house style).
 def _size_id(size):
     N, V, dtype = size
     return f"N{N}-V{V}-{str(dtype).replace('torch.', '')}"

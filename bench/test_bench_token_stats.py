@@ -117,30 +117,8 @@ def _run_case(benchmark, measure, smoke, provider, N, V, dtype, device):
         N = min(N, SMOKE_ROWS)
     fn = PROVIDERS[provider]
     logits, labels, weights = _inputs(N, V, dtype, device)
-    x = logits.detach().clone().requires_grad_(True)
-
-    def step():
-        x.grad = None
-        logp, kl, ent = fn(x, labels)
-        (weights[0] * logp + weights[1] * kl + weights[2] * ent).sum().backward()
-        if device == "cuda":
-            torch.cuda.synchronize()
-
-    elem = logits.element_size()
-    logits_mb = N * V * elem / 2**20
-    info = dict(provider=provider, N=N, V=V, dtype=str(dtype).replace("torch.", ""), logits_mb=logits_mb,
-                compulsory_bytes=3 * N * V * elem)
-    benchmark.extra_info.update(info)
-    if smoke:
-        _check(fn, logits, labels, weights)
-        benchmark(step)
-        return
-
-    def reset():
-        x.grad = None
-
-    measure["time_row_op"](benchmark, step, reset, device=device, N=N, V=V, elem=elem, logits_mb=logits_mb,
-                           provider=provider)
+    measure["run_row_case"](benchmark, smoke, fn, logits, weights, labels, device=device, provider=provider,
+                            check=lambda: _check(fn, logits, labels, weights))
 
 
 def _size_id(size):

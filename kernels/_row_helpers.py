@@ -4,11 +4,13 @@ Each kernel program owns one row (one token position) and walks its vocabulary i
 BLOCK_V; these helpers are the pieces both ops compute alike:
 
 - `unit_stride_rows`: the launchers' layout precondition (host side, not jitted);
-- `row_label`: the label / valid prologue (a row counts unless its label is ignore_index);
+- `row_pointers`, `row_label`: the row prologue (its logits and proxy, its label, and whether it
+  counts: unless its label is ignore_index);
 - `load_scaled`: a tile of x = z / T in fp32, -inf past the row's end (neutral for every sum);
 - `online_softmax_update` / `lse_entropy`: the one-pass max, logsumexp and entropy moment;
 - `cross_term`: a kept token's term of the KL against a separate proxy (+inf at x = -inf);
-- `nan_epilogue`, `store_outputs`, `store_stat`: a bad row's NaN outputs, and the stores;
+- `zero_outputs`, `nan_epilogue`, `store_outputs`, `store_stat`: an ignored row's zeros, a bad row's
+  NaN outputs, and the stores;
 - `upstream_coefficients`: the per-row upstream gradients, already divided by T;
 - `entropy_grad`, `zero_row`: the entropy term of the backward, and an ignored row's zeros.
 
@@ -35,6 +37,17 @@ def unit_stride_rows(t):
     stride, or a layout torch calls contiguous whatever that stride is -- V = 1, or no row at
     all (N = 0, nothing to launch). The same test as csrc/lpreg_ops.cpp's."""
     return t.stride(-1) == 1 or t.shape[-1] == 1 or t.shape[0] == 0
+
+
+@triton.jit
+def row_pointers(logits_ptr, proxy_ptr, row, logits_row_stride, proxy_row_stride, HAS_PROXY: tl.constexpr):
+    """(x_row, y_row): the row's logits and its proxy source (the logits themselves on-policy)."""
+    x_row = logits_ptr + row * logits_row_stride
+    if HAS_PROXY:
+        y_row = proxy_ptr + row * proxy_row_stride
+    else:
+        y_row = x_row
+    return x_row, y_row
 
 
 @triton.jit
@@ -85,6 +98,14 @@ def lse_entropy(m, s, t):
     """(logsumexp, entropy) of the row: lse = m + log s, H = log s - t / s."""
     log_s = tl.log(s)
     return m + log_s, log_s - t / s
+
+
+@triton.jit
+def zero_outputs():
+    """(logp, proxy_logp, kl, entropy, lse) = 0 as typed fp32 scalars: both sides of a kernel's
+    runtime `if valid` must agree on types, and an ignored row keeps these zeros."""
+    zero = tl.zeros((), tl.float32)
+    return zero, zero, zero, zero, zero
 
 
 @triton.jit

@@ -36,22 +36,7 @@ import triton
 import triton.language as tl
 
 from .. import _contract as _layout
-from ._row_helpers import (
-    ENTROPY,
-    LSE,
-    entropy_grad,
-    load_scaled,
-    load_stat,
-    lse_entropy,
-    nan_epilogue,
-    online_softmax_update,
-    row_label,
-    store_outputs,
-    store_stat,
-    unit_stride_rows,
-    upstream_coefficients,
-    zero_row,
-)
+from . import _row_helpers as rh
 
 ROW_STATS_WIDTH = _layout.SPARSE_PROXY_WIDTH  # [lse, entropy]
 _WIDTH = tl.constexpr(ROW_STATS_WIDTH)
@@ -68,14 +53,9 @@ def _sparse_proxy_fwd_kernel(
 ):
     row = tl.program_id(0).to(tl.int64)
     x_row = logits_ptr + row * logits_row_stride
-    label, valid = row_label(labels_ptr, row, ignore_index, HAS_LABELS)
+    label, valid = rh.row_label(labels_ptr, row, ignore_index, HAS_LABELS)
     neg_inf = float("-inf")
-    # typed scalars (both sides of `if valid` agree); an ignored row keeps these zeros
-    logp = tl.zeros((), tl.float32)
-    proxy_logp = tl.zeros((), tl.float32)
-    kl = tl.zeros((), tl.float32)
-    entropy = tl.zeros((), tl.float32)
-    lse = tl.zeros((), tl.float32)
+    logp, proxy_logp, kl, entropy, lse = rh.zero_outputs()  # an ignored row keeps these zeros
     if valid:
         # ---- one pass: online max, sum e^(x-m) and the entropy moment t
         cols0 = tl.arange(0, BLOCK_V)
@@ -83,10 +63,10 @@ def _sparse_proxy_fwd_kernel(
         s = tl.zeros((), tl.float32)
         t = tl.zeros((), tl.float32)
         for start in range(0, V, BLOCK_V):
-            x = load_scaled(x_row, start + cols0, V, inv_temperature)
-            m, s, t = online_softmax_update(m, s, t, x, tl.max(x, 0))  # a NaN in x makes s NaN
+            x = rh.load_scaled(x_row, start + cols0, V, inv_temperature)
+            m, s, t = rh.online_softmax_update(m, s, t, x, tl.max(x, 0))  # a NaN in x makes s NaN
         bad = (s != s) | (m == neg_inf) | (m == float("inf"))  # a NaN, +inf, or only -inf
-        lse, entropy = lse_entropy(m, s, t)
+        lse, entropy = rh.lse_entropy(m, s, t)
 
         # ---- the k proxy entries: KL = sum_j q_j (log q_j - log p_idx_j)
         ks = tl.arange(0, BLOCK_K)
@@ -105,10 +85,10 @@ def _sparse_proxy_fwd_kernel(
                 proxy_logp = tl.load(label_logq_ptr + row)  # exact, even for a label outside the top-k
             else:
                 proxy_logp = tl.max(tl.where((idx == label) & in_k, logq, neg_inf), 0)
-        logp, proxy_logp, kl, entropy, lse = nan_epilogue(bad, logp, proxy_logp, kl, entropy, lse)
-    store_outputs(logp_ptr, proxy_logp_ptr, kl_ptr, entropy_ptr, row, logp, proxy_logp, kl, entropy)
-    store_stat(row_stats_ptr, row, _WIDTH, LSE, lse)
-    store_stat(row_stats_ptr, row, _WIDTH, ENTROPY, entropy)
+        logp, proxy_logp, kl, entropy, lse = rh.nan_epilogue(bad, logp, proxy_logp, kl, entropy, lse)
+    rh.store_outputs(logp_ptr, proxy_logp_ptr, kl_ptr, entropy_ptr, row, logp, proxy_logp, kl, entropy)
+    rh.store_stat(row_stats_ptr, row, _WIDTH, rh.LSE, lse)
+    rh.store_stat(row_stats_ptr, row, _WIDTH, rh.ENTROPY, entropy)
 
 
 @triton.jit
@@ -125,23 +105,23 @@ def _sparse_proxy_bwd_kernel(
     row = tl.program_id(0).to(tl.int64)
     x_row = logits_ptr + row * logits_row_stride
     g_row = grad_ptr + row * grad_row_stride
-    label, valid = row_label(labels_ptr, row, ignore_index, HAS_LABELS)
+    label, valid = rh.row_label(labels_ptr, row, ignore_index, HAS_LABELS)
     if valid:
-        lse = load_stat(row_stats_ptr, row, _WIDTH, LSE)
-        entropy = load_stat(row_stats_ptr, row, _WIDTH, ENTROPY)
-        g_logp, g_kl, g_entropy = upstream_coefficients(
+        lse = rh.load_stat(row_stats_ptr, row, _WIDTH, rh.LSE)
+        entropy = rh.load_stat(row_stats_ptr, row, _WIDTH, rh.ENTROPY)
+        g_logp, g_kl, g_entropy = rh.upstream_coefficients(
             g_logp_ptr, g_kl_ptr, g_entropy_ptr, row, inv_temperature, HAS_G_LOGP, HAS_G_KL, HAS_G_ENTROPY)
         label = label - vocab_offset  # a column of this shard (outside [0, V) on another shard's)
         # ---- dense pass: g_logp (e_y - p) + g_kl p - g_H p (log p + H)
         cols0 = tl.arange(0, BLOCK_V)
         for start in range(0, V, BLOCK_V):
             cols = start + cols0
-            x = load_scaled(x_row, cols, V, inv_temperature)
+            x = rh.load_scaled(x_row, cols, V, inv_temperature)
             logp = x - lse
             p = tl.exp(logp)
             grad = (g_kl - g_logp) * p + tl.where(cols == label, g_logp, 0.0)
             if HAS_G_ENTROPY:
-                grad -= g_entropy * entropy_grad(p, logp, entropy)
+                grad -= g_entropy * rh.entropy_grad(p, logp, entropy)
             tl.store(g_row + cols, grad.to(grad_ptr.dtype.element_ty), mask=cols < V)
         if HAS_G_KL:
             # ---- sparse pass: - g_kl q_j at idx_j (after the dense stores of this row are visible)
@@ -159,10 +139,10 @@ def _sparse_proxy_bwd_kernel(
             p = tl.exp(logp)
             grad = (g_kl - g_logp) * p + tl.where(idx == label, g_logp, 0.0) - g_kl * q
             if HAS_G_ENTROPY:
-                grad -= g_entropy * entropy_grad(p, logp, entropy)
+                grad -= g_entropy * rh.entropy_grad(p, logp, entropy)
             tl.store(g_row + idx, grad.to(grad_ptr.dtype.element_ty), mask=upd)
     else:
-        zero_row(g_row, V, BLOCK_V)  # the ignored-row invariant: no p, no row_stats read
+        rh.zero_row(g_row, V, BLOCK_V)  # the ignored-row invariant: no p, no row_stats read
 
 
 def _blocks(V, K, on_gpu):
@@ -180,9 +160,9 @@ def sparse_proxy_forward(logits, labels, indices, logq, label_logq, inv_temperat
     """
     import torch
 
-    assert logits.dim() == 2 and unit_stride_rows(logits)  # V = 1 or N = 0: any stride
+    assert logits.dim() == 2 and rh.unit_stride_rows(logits)  # V = 1 or N = 0: any stride
     assert indices.shape == logq.shape and indices.shape[0] == logits.shape[0]
-    assert indices.dtype == torch.int64 and unit_stride_rows(indices) and unit_stride_rows(logq)
+    assert indices.dtype == torch.int64 and rh.unit_stride_rows(indices) and rh.unit_stride_rows(logq)
     assert label_logq is None or (label_logq.shape == (logits.shape[0],) and label_logq.dtype == torch.float32)
     N, V = logits.shape
     K = indices.shape[1]
@@ -211,7 +191,7 @@ def sparse_proxy_backward(logits, labels, indices, logq, row_stats, g_logp, g_kl
     columns [vocab_offset, vocab_offset + V) (labels and indices are global columns)."""
     import torch
 
-    assert logits.dim() == 2 and unit_stride_rows(logits)  # V = 1 or N = 0: any stride
+    assert logits.dim() == 2 and rh.unit_stride_rows(logits)  # V = 1 or N = 0: any stride
     N, V = logits.shape
     K = indices.shape[1]
     grad = torch.empty((N, V), dtype=logits.dtype, device=logits.device)

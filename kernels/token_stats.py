@@ -56,10 +56,12 @@ from ._row_helpers import (
     nan_epilogue,
     online_softmax_update,
     row_label,
+    row_pointers,
     store_outputs,
     store_stat,
     unit_stride_rows,
     upstream_coefficients,
+    zero_outputs,
     zero_row,
 )
 
@@ -158,21 +160,13 @@ def _token_stats_fwd_kernel(
     BLOCK_V: tl.constexpr, MAX_BLOCKS: tl.constexpr,  # tiles (MAX_BLOCKS >= cdiv(V, BLOCK_V))
 ):
     row = tl.program_id(0).to(tl.int64)
-    x_row = logits_ptr + row * logits_row_stride
-    if HAS_PROXY:
-        y_row = proxy_ptr + row * proxy_row_stride
-    else:
-        y_row = x_row
+    x_row, y_row = row_pointers(logits_ptr, proxy_ptr, row, logits_row_stride, proxy_row_stride, HAS_PROXY)
     label, valid = row_label(labels_ptr, row, ignore_index, HAS_LABELS)
     neg_inf = float("-inf")
 
     # typed scalars: both sides of the runtime `if valid` below must agree on types; an
     # ignored row keeps these zeros (and argmax -1): the ignored-row invariant
-    logp = tl.zeros((), tl.float32)
-    proxy_logp = tl.zeros((), tl.float32)
-    kl = tl.zeros((), tl.float32)
-    entropy = tl.zeros((), tl.float32)
-    lse = tl.zeros((), tl.float32)
+    logp, proxy_logp, kl, entropy, lse = zero_outputs()
     lse_kept = tl.zeros((), tl.float32)
     cutoff = tl.zeros((), tl.float32)
     argmax_y = tl.full((), NO_ARGMAX, tl.int32)
@@ -230,11 +224,7 @@ def _shard_pass1_kernel(
     BLOCK_V: tl.constexpr, MAX_BLOCKS: tl.constexpr,  # tiles
 ):
     row = tl.program_id(0).to(tl.int64)
-    x_row = logits_ptr + row * logits_row_stride
-    if HAS_PROXY:
-        y_row = proxy_ptr + row * proxy_row_stride
-    else:
-        y_row = x_row
+    x_row, y_row = row_pointers(logits_ptr, proxy_ptr, row, logits_row_stride, proxy_row_stride, HAS_PROXY)
     label, valid = row_label(labels_ptr, row, ignore_index, HAS_LABELS)
     # an ignored row keeps the neutral partials
     m = tl.full((), float("-inf"), tl.float32)
@@ -269,11 +259,7 @@ def _shard_pass2_kernel(
     BLOCK_V: tl.constexpr,  # tile
 ):
     row = tl.program_id(0).to(tl.int64)
-    x_row = logits_ptr + row * logits_row_stride
-    if HAS_PROXY:
-        y_row = proxy_ptr + row * proxy_row_stride
-    else:
-        y_row = x_row
+    x_row, y_row = row_pointers(logits_ptr, proxy_ptr, row, logits_row_stride, proxy_row_stride, HAS_PROXY)
     label, valid = row_label(labels_ptr, row, ignore_index, HAS_LABELS)
     kept_sum = tl.zeros((), tl.float32)
     cross = tl.zeros((), tl.float32)

@@ -105,6 +105,16 @@ def fake_grad(logits: Tensor) -> Tensor:
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
+def keep_for_backward(ctx, inputs, output, inv_temperature: float, ignore_index: int, backend: str,
+                      offset: int = 0) -> None:
+    """What a per-row op's backward reads: its tensor inputs and the forward's row_stats (output[4]),
+    the scalars, and the first global column of the logits (a vocabulary shard's offset; 0 for whole
+    rows). proxy_logp (output[1]) and row_stats are not differentiable."""
+    ctx.save_for_backward(*inputs, output[4])
+    ctx.inv_temperature, ctx.ignore_index, ctx.backend, ctx.offset = inv_temperature, ignore_index, backend, offset
+    ctx.mark_non_differentiable(output[1], output[4])
+
+
 def as_upstream(g: Optional[Tensor]) -> Optional[Tensor]:
     """An upstream gradient as the kernels read it: fp32 and contiguous; None when the output took
     no part in the loss."""

@@ -27,6 +27,14 @@ def row_chunks(N: int, V: int) -> Iterator[tuple[int, int]]:
         yield start, min(N, start + step)
 
 
+def forward_outputs(logits: Tensor, width: int):
+    """A per-row forward's outputs, zero-filled: four (N,) fp32 vectors (logp, proxy_logp, kl,
+    entropy) and row_stats (N, width) fp32."""
+    N, dev = logits.shape[0], logits.device
+    out = [torch.zeros((N,), dtype=torch.float32, device=dev) for _ in range(4)]
+    return out, torch.zeros((N, width), dtype=torch.float32, device=dev)
+
+
 def as_rows(t: Tensor) -> Tensor:
     """(..., V) -> (N, V) with unit-stride rows (a view whenever possible)."""
     t2 = t.reshape(-1, t.shape[-1])

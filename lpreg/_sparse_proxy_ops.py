@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from . import _contract, _validate, _vocab_parallel
-from ._contract import as_upstream, fake_grad, fake_row_outputs
+from ._contract import as_upstream, fake_grad, fake_row_outputs, keep_for_backward
 
 _OP = "sparse_proxy_stats"
 
@@ -42,6 +42,8 @@ def sparse_proxy_stats_backward_op(logits: Tensor, labels: Optional[Tensor], ind
                                    backend: str, vocab_offset: int = 0) -> Tensor:
     """The gradient (N, V) of a shard holding the columns [vocab_offset, vocab_offset + V) of the
     vocabulary (the whole row: vocab_offset = 0); labels and indices are global columns."""
+    if logits.shape[1] == 0:  # an empty shard of a vocabulary-parallel row
+        return torch.zeros_like(logits)
     impl = _contract.implementation(_contract.resolve(backend, logits.device), _OP)
     return impl.sparse_proxy_backward(logits, labels, indices, logq, row_stats, g_logp, g_kl, g_entropy,
                                       inv_temperature, ignore_index, vocab_offset)
@@ -55,23 +57,18 @@ def _(logits, labels, indices, logq, row_stats, g_logp, g_kl, g_entropy, inv_tem
 
 def _setup_context(ctx, inputs, output):
     logits, labels, indices, logq, label_logq, inv_temperature, ignore_index, backend = inputs
-    ctx.save_for_backward(logits, labels, indices, logq, output[4])
-    ctx.inv_temperature, ctx.ignore_index, ctx.backend, ctx.offset = inv_temperature, ignore_index, backend, 0
-    ctx.mark_non_differentiable(output[1], output[4])
+    keep_for_backward(ctx, (logits, labels, indices, logq), output, inv_temperature, ignore_index, backend)
 
 
 def _backward(ctx, g_logp, g_proxy_logp, g_kl, g_entropy, g_row_stats):
     logits, labels, indices, logq, row_stats = ctx.saved_tensors
     grad = None
     if ctx.needs_input_grad[0]:
-        if logits.shape[1] == 0:  # an empty shard of a vocabulary-parallel row
-            grad = torch.zeros_like(logits)
-        else:
-            grad = sparse_proxy_stats_backward_op(
-                logits, labels, indices, logq, row_stats,
-                as_upstream(g_logp) if labels is not None else None, as_upstream(g_kl), as_upstream(g_entropy),
-                ctx.inv_temperature, ctx.ignore_index, ctx.backend, ctx.offset,
-            )
+        grad = sparse_proxy_stats_backward_op(
+            logits, labels, indices, logq, row_stats,
+            as_upstream(g_logp) if labels is not None else None, as_upstream(g_kl), as_upstream(g_entropy),
+            ctx.inv_temperature, ctx.ignore_index, ctx.backend, ctx.offset,
+        )
     return grad, None, None, None, None, None, None, None
 
 
@@ -110,11 +107,9 @@ class ShardedSparseProxyStats(torch.autograd.Function):
         out, shard = _vocab_parallel.sparse_proxy_forward(
             _contract.implementation(resolved, "token_stats"), logits, labels, indices, logq, label_logq,
             inv_temperature, ignore_index, group)
-        ctx.save_for_backward(logits, labels, indices, logq, out[4])
-        ctx.inv_temperature, ctx.ignore_index, ctx.backend, ctx.offset = inv_temperature, ignore_index, backend, \
-            shard.offset
+        keep_for_backward(ctx, (logits, labels, indices, logq), out, inv_temperature, ignore_index, backend,
+                          shard.offset)
         ctx.set_materialize_grads(False)  # an output left out of the loss has no gradient term
-        ctx.mark_non_differentiable(out[1], out[4])
         return out
 
     @staticmethod

@@ -13,6 +13,7 @@ import torch
 from . import _contract as layout
 from ._rows import (
     dense_backward,
+    forward_outputs,
     kept_cutoff,
     kept_mask,
     local_index,
@@ -74,9 +75,7 @@ def build_proxy_rows(x, labels, inv_temperature, fixed, log_threshold, k, ignore
 
 def sparse_proxy_forward(logits, labels, indices, logq, label_logq, inv_temperature, ignore_index):
     N, V = logits.shape
-    dev = logits.device
-    out = [torch.zeros((N,), dtype=torch.float32, device=dev) for _ in range(4)]
-    row_stats = torch.zeros((N, layout.SPARSE_PROXY_WIDTH), dtype=torch.float32, device=dev)
+    out, row_stats = forward_outputs(logits, layout.SPARSE_PROXY_WIDTH)
     for a, b in row_chunks(N, V):
         x = logits[a:b].float() * inv_temperature
         m, lse, entropy = lse_and_entropy(x)

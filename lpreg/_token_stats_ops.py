@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from . import _contract, _validate, _vocab_parallel
-from ._contract import as_upstream, fake_grad, fake_row_outputs
+from ._contract import as_upstream, fake_grad, fake_row_outputs, keep_for_backward
 
 
 @torch.library.custom_op("lpreg::token_stats", mutates_args=())
@@ -57,6 +57,8 @@ def token_stats_backward_op(
 ) -> Tensor:
     """The gradient (N, V) of a shard holding the columns [vocab_offset, vocab_offset + V) of the
     vocabulary (the whole row: vocab_offset = 0); labels and the argmax slot are global columns."""
+    if logits.shape[1] == 0:  # an empty shard of a vocabulary-parallel row
+        return torch.zeros_like(logits)
     impl = _contract.implementation(_contract.resolve(backend, logits.device), "token_stats")
     return impl.token_stats_backward(
         logits, labels, proxy, row_stats, g_logp, g_kl, g_entropy, inv_temperature, ignore_index, vocab_offset
@@ -71,12 +73,7 @@ def _(logits, labels, proxy, row_stats, g_logp, g_kl, g_entropy, inv_temperature
 
 def _setup_context(ctx, inputs, output):
     logits, labels, proxy, inv_temperature, fixed, log_threshold, ignore_index, backend = inputs
-    ctx.save_for_backward(logits, labels, proxy, output[4])
-    ctx.inv_temperature = inv_temperature
-    ctx.ignore_index = ignore_index
-    ctx.backend = backend
-    ctx.offset = 0  # the whole vocabulary
-    ctx.mark_non_differentiable(output[1], output[4])
+    keep_for_backward(ctx, (logits, labels, proxy), output, inv_temperature, ignore_index, backend)
 
 
 def _backward(ctx, g_logp, g_proxy_logp, g_kl, g_entropy, g_row_stats):
@@ -85,14 +82,11 @@ def _backward(ctx, g_logp, g_proxy_logp, g_kl, g_entropy, g_row_stats):
         g_logp = None
     grad = None
     if ctx.needs_input_grad[0]:
-        if logits.shape[1] == 0:  # an empty shard of a vocabulary-parallel row
-            grad = torch.zeros_like(logits)
-        else:
-            grad = token_stats_backward_op(
-                logits, labels, proxy, row_stats,
-                as_upstream(g_logp), as_upstream(g_kl), as_upstream(g_entropy),
-                ctx.inv_temperature, ctx.ignore_index, ctx.backend, ctx.offset,
-            )
+        grad = token_stats_backward_op(
+            logits, labels, proxy, row_stats,
+            as_upstream(g_logp), as_upstream(g_kl), as_upstream(g_entropy),
+            ctx.inv_temperature, ctx.ignore_index, ctx.backend, ctx.offset,
+        )
     return grad, None, None, None, None, None, None, None
 
 
@@ -110,11 +104,8 @@ class ShardedTokenStats(torch.autograd.Function):
         impl = _contract.implementation(_contract.resolve(backend, logits.device), "token_stats")
         out, shard = _vocab_parallel.token_stats_forward(impl, logits, labels, proxy, inv_temperature, fixed,
                                                          log_threshold, ignore_index, group)
-        ctx.save_for_backward(logits, labels, proxy, out[4])
-        ctx.inv_temperature, ctx.ignore_index, ctx.backend, ctx.offset = inv_temperature, ignore_index, backend, \
-            shard.offset
+        keep_for_backward(ctx, (logits, labels, proxy), out, inv_temperature, ignore_index, backend, shard.offset)
         ctx.set_materialize_grads(False)  # an output left out of the loss has no gradient term
-        ctx.mark_non_differentiable(out[1], out[4])
         return out
 
     @staticmethod

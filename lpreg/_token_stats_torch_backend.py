@@ -15,6 +15,7 @@ from . import _contract as layout
 from ._rows import (
     dense_backward,
     finish_rows,
+    forward_outputs,
     kept_cutoff,
     kept_mask,
     local_index,
@@ -38,9 +39,7 @@ def cross_term(e, y, x):
 
 def token_stats_forward(logits, labels, proxy, inv_temperature, fixed, log_threshold, ignore_index):
     N, V = logits.shape
-    dev = logits.device
-    out = [torch.zeros((N,), dtype=torch.float32, device=dev) for _ in range(4)]
-    row_stats = torch.zeros((N, layout.TOKEN_STATS_WIDTH), dtype=torch.float32, device=dev)
+    out, row_stats = forward_outputs(logits, layout.TOKEN_STATS_WIDTH)
     for a, b in row_chunks(N, V):
         x = logits[a:b].float() * inv_temperature
         y = x if proxy is None else proxy[a:b].float() * inv_temperature

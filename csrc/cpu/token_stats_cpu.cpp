@@ -434,46 +434,47 @@ void dispatch(Dtype d, F&& f) {
 // rows per task: enough elements (about 64K) to amortise a task, at least one row
 inline int64_t grain(int64_t V) { return std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(V, 1)); }
 
-// rows(a, begin, end) instantiated for the storage types of the logits and the proxy, over the
-// rows in parallel (without a proxy, TY is never read: it is instantiated as TX only)
-template <template <typename, typename> class Rows, typename Args>
-void parallel_rows(const Args& a) {
+// rows(TX tag, TY tag, begin, end) over the rows in parallel, for the storage types of the logits and
+// the proxy (tags are null pointers of those types; without a proxy TY is never read and is TX)
+template <typename Args, typename F>
+void parallel_rows(const Args& a, F&& rows) {
   if (a.N == 0) return;
   dispatch(a.logits_dtype, [&](auto* tx) {
-    using TX = std::remove_pointer_t<decltype(tx)>;
     dispatch(a.proxy ? a.proxy_dtype : a.logits_dtype, [&](auto* ty) {
-      using TY = std::remove_pointer_t<decltype(ty)>;
-      at::parallel_for(0, a.N, grain(a.V), [&](int64_t b, int64_t e) { Rows<TX, TY>::run(a, b, e); });
+      at::parallel_for(0, a.N, grain(a.V), [&](int64_t b, int64_t e) { rows(tx, ty, b, e); });
     });
   });
 }
 
-template <typename TX, typename TY>
-struct FwdRows {
-  static void run(const TokenStatsFwdArgs& a, int64_t b, int64_t e) { fwd_rows<TX, TY>(a, b, e); }
-};
-template <typename TX, typename TY>
-struct BwdRows {
-  static void run(const TokenStatsBwdArgs& a, int64_t b, int64_t e) { bwd_rows<TX, TY>(a, b, e); }
-};
-template <typename TX, typename TY>
-struct ShardPass1Rows {
-  static void run(const ShardPass1Args& a, int64_t b, int64_t e) { shard_pass1_rows<TX, TY>(a, b, e); }
-};
-template <typename TX, typename TY>
-struct ShardPass2Rows {
-  static void run(const ShardPass2Args& a, int64_t b, int64_t e) { shard_pass2_rows<TX, TY>(a, b, e); }
-};
+template <typename P>
+using Elem = std::remove_pointer_t<P>;
 
 }  // namespace
 
-void token_stats_fwd(const TokenStatsFwdArgs& args) { parallel_rows<FwdRows>(args); }
+// Alike but for the row function each runs: the four plain functions token_stats_cpu.h declares.
+void token_stats_fwd(const TokenStatsFwdArgs& a) {
+  parallel_rows(a, [&](auto* tx, auto* ty, int64_t b, int64_t e) {
+    fwd_rows<Elem<decltype(tx)>, Elem<decltype(ty)>>(a, b, e);
+  });
+}
 
-void token_stats_bwd(const TokenStatsBwdArgs& args) { parallel_rows<BwdRows>(args); }
+void token_stats_bwd(const TokenStatsBwdArgs& a) {
+  parallel_rows(a, [&](auto* tx, auto* ty, int64_t b, int64_t e) {
+    bwd_rows<Elem<decltype(tx)>, Elem<decltype(ty)>>(a, b, e);
+  });
+}
 
-void token_stats_shard_pass1(const ShardPass1Args& args) { parallel_rows<ShardPass1Rows>(args); }
+void token_stats_shard_pass1(const ShardPass1Args& a) {
+  parallel_rows(a, [&](auto* tx, auto* ty, int64_t b, int64_t e) {
+    shard_pass1_rows<Elem<decltype(tx)>, Elem<decltype(ty)>>(a, b, e);
+  });
+}
 
-void token_stats_shard_pass2(const ShardPass2Args& args) { parallel_rows<ShardPass2Rows>(args); }
+void token_stats_shard_pass2(const ShardPass2Args& a) {
+  parallel_rows(a, [&](auto* tx, auto* ty, int64_t b, int64_t e) {
+    shard_pass2_rows<Elem<decltype(tx)>, Elem<decltype(ty)>>(a, b, e);
+  });
+}
 
 const char* compiled_isa() {
 #if defined(CPU_CAPABILITY_AVX512)
