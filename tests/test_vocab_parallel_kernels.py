@@ -155,6 +155,7 @@ def emulated_shard(tmp_path_factory):
     return pass1, pass2
 
 
+@pytest.mark.slow  # a g++ build of the emulation, then 128 OS threads a row: seconds
 @needs_emulation
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_emulated_cuda_shard_passes_match_the_cpu_kernel(emulated_shard, dtype):
