@@ -2,10 +2,7 @@
 
 import dataclasses
 
-try:
-    from .. import LossConfig, needs_step_selection
-except ImportError:  # TEMPORARY until issue 18's core lands on main
-    from ._shim import LossConfig, needs_step_selection
+from .. import LossConfig, needs_step_selection
 
 __all__ = ["LossConfig", "needs_step_selection", "lpreg_error", "LOSS_FIELDS"]
 

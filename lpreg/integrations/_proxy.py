@@ -65,11 +65,11 @@ def record(logits: Tensor, labels: Tensor, *, temperature: float, mode: str, thr
            sparse: bool, topk: int, ignore_index: int = -100) -> Dict[str, Tensor]:
     """The rollout record of rows of logits: (n, V), labels (n,) -> {key: (n,) or (n, k)}.
 
-    Also returns "logp" (n,): log p(y) of the same logits, the old log-probs of this forward.
+    Also returns "logp" and "entropy" (n,) of the same logits: the old log-probs of this forward.
     """
     stats = lpreg_token_stats(logits, labels, temperature=temperature, mode=mode, threshold=threshold,
                               ignore_index=ignore_index)
-    out = {"logp": stats.logp, ROLLOUT_LOGQ: stats.proxy_logp}
+    out = {"logp": stats.logp, "entropy": stats.entropy, ROLLOUT_LOGQ: stats.proxy_logp}
     if sparse:
         p = build_proxy(logits, labels, temperature=temperature, mode=mode, threshold=threshold, k=topk,
                         ignore_index=ignore_index)

@@ -214,7 +214,7 @@ class LpRegGRPOTrainer(GRPOTrainer):
                 fused=self.args.lpreg_fused, chunk_size=self.args.lpreg_chunk_size, opts=self._lpreg_opts,
                 sparse=self._lpreg_sparse, topk=self.args.lpreg_proxy_topk))
         record = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
-        capture.update({k: v for k, v in record.items() if k != "logp"})
+        capture.update({k: v for k, v in record.items() if k not in ("logp", "entropy")})
         return record["logp"], None, None
 
     def _generate_and_score_completions(self, inputs):
