@@ -18,7 +18,6 @@ log-probs):
 import functools
 import json
 from contextlib import contextmanager
-from types import SimpleNamespace
 from typing import Any, Dict, Optional
 
 import torch
@@ -166,8 +165,10 @@ class LpRegFSDPEngineWithLMHead(FSDPEngineWithLMHead):
                 labels = torch.roll(micro_batch["input_ids"].values().to(hidden.device), shifts=-1, dims=0)
             head = inner.get_output_embeddings()
             weight, bias = _full(head.weight), _full(head.bias)
-            return SimpleNamespace(lpreg=self._lpreg_rows(hidden, weight, bias, labels, float(temperature), opts,
-                                                          micro_batch, record))
+            # a dict: FSDP2 finds the output tensors (a pytree) and unshards the root again before
+            # their backward, which re-reads the LM head
+            return {"lpreg": self._lpreg_rows(hidden, weight, bias, labels, float(temperature), opts, micro_batch,
+                                              record)}
 
         inner.forward = forward
         try:
@@ -215,7 +216,7 @@ class LpRegFSDPEngineWithLMHead(FSDPEngineWithLMHead):
                 raise NotImplementedError(f"{key}=True is not supported with loss_mode=lpreg")
         rmpad = get(key="use_remove_padding", default=True)
         if get(key="use_fused_kernels", default=False):
-            rows = output.lpreg  # computed in the redirected forward
+            rows = output["lpreg"]  # computed in the redirected forward
         else:
             rows = self._lpreg_logits_rows(output, output_args, micro_batch, config, record, rmpad)
         if isinstance(rows, TokenStats):

@@ -22,9 +22,11 @@ import zlib
 
 import torch
 
-sys.path.append(os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))  # after the installed lpreg
+# siblings by their own names: a `tests` package in site-packages would shadow this repository's,
+# and the repository root on sys.path would shadow the installed lpreg
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from tests.integrations.tiny_lm import tiny_model, tiny_tokenizer  # noqa: E402
+from tiny_lm import tiny_model, tiny_tokenizer  # noqa: E402
 
 PROMPTS = ["ab", "cd", "ef", "gh", "ij", "kl", "mn", "op"]
 
@@ -166,7 +168,7 @@ def from_json(d):
 
 
 def main(spec_path, out_dir):
-    from tests.integrations.accelerate_cpu import enable_sharding_on_cpu
+    from accelerate_cpu import enable_sharding_on_cpu
 
     enable_sharding_on_cpu()
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
