@@ -37,8 +37,8 @@ class LpRegPolicyLossConfig(PolicyLossConfig):
         check_options(lpreg_options(self))
 
 
-_DEFAULTS = {f: LpRegPolicyLossConfig.__dataclass_fields__[f].default for f in LpRegPolicyLossConfig.__dataclass_fields__
-             if f.startswith("lpreg_")}
+_FIELDS = LpRegPolicyLossConfig.__dataclass_fields__
+_DEFAULTS = {f: _FIELDS[f].default for f in _FIELDS if f.startswith("lpreg_")}
 
 
 def lpreg_options(policy_loss: Any) -> Dict[str, Any]:

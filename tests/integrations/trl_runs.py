@@ -63,8 +63,6 @@ def deterministic_rollout(prompts, trainer):
         end = out.index(eos) + 1 if eos in out else len(out)
         prompt_ids.append(ids)
         completion_ids.append(out[:end])
-    if os.environ.get("LPREG_DEBUG_ROLLOUT"):
-        print("ROLLOUT", os.environ.get("RANK", "0"), trainer.state.global_step, prompts, completion_ids, flush=True)
     return {"prompt_ids": prompt_ids, "completion_ids": completion_ids, "logprobs": None}
 
 
@@ -133,8 +131,41 @@ def full_params(model):
     return out
 
 
-def train(case, out_dir, world: int = 1, model=None, callbacks=()):
-    """Run one case; returns {"logs", "grads" (per step), "params", "trainer"}."""
+class Spies:
+    """Counts of the ZeRO-3 head gathers, and per micro-batch the paper selection's
+    (k, tokens of this micro-batch in the step-wide set, valid tokens here, n of the step)."""
+
+    def __init__(self, record_selection: bool):
+        import lpreg.integrations._trl_forward as fwd
+        import lpreg.integrations.trl as lt
+
+        self.gathers, self.selection, self._undo = 0, [], []
+        real_gather, real_loss = fwd.maybe_gather_lm_head_ctx, lt.policy_loss_from_stats
+
+        def gather(*params):
+            self.gathers += 1
+            return real_gather(*params)
+
+        def loss(stats, adv, old, mask, **kw):
+            sel = kw.get("selection_threshold")
+            if sel is not None:
+                ref = stats.logp.detach() if old is None else old
+                self.selection.append([sel.k, int(sel.mask(ref, mask > 0).sum()), int((mask > 0).sum()), sel.n_valid])
+            return real_loss(stats, adv, old, mask, **kw)
+
+        fwd.maybe_gather_lm_head_ctx = gather
+        self._undo.append(lambda: setattr(fwd, "maybe_gather_lm_head_ctx", real_gather))
+        if record_selection:
+            lt.policy_loss_from_stats = loss
+            self._undo.append(lambda: setattr(lt, "policy_loss_from_stats", real_loss))
+
+    def close(self):
+        for undo in self._undo:
+            undo()
+
+
+def train(case, out_dir, world: int = 1, model=None, callbacks=(), trainer_cls=None):
+    """Run one case; returns {"logs", "grads" (per step), "params", "gathers", "selection", "trainer"}."""
     from trl import GRPOConfig, GRPOTrainer
 
     from lpreg.integrations.trl import LpRegGRPOConfig, LpRegGRPOTrainer
@@ -142,7 +173,9 @@ def train(case, out_dir, world: int = 1, model=None, callbacks=()):
     case = dict(case)
     kind = case.pop("trainer", "lpreg")
     deterministic = case.pop("deterministic", True)
-    cfg_cls, trainer_cls = (LpRegGRPOConfig, LpRegGRPOTrainer) if kind == "lpreg" else (GRPOConfig, GRPOTrainer)
+    spies = Spies(case.pop("record_selection", False))
+    cfg_cls, default_cls = (LpRegGRPOConfig, LpRegGRPOTrainer) if kind == "lpreg" else (GRPOConfig, GRPOTrainer)
+    trainer_cls = trainer_cls or default_cls
     args = cfg_cls(**base_args(out_dir, world, **case))
     rec = GradRecorder()
     torch.manual_seed(0)
@@ -150,21 +183,24 @@ def train(case, out_dir, world: int = 1, model=None, callbacks=()):
     trainer = trainer_cls(model=model if model is not None else tiny_model(), reward_funcs=reward_len_a, args=args,
                           train_dataset=dataset(), processing_class=tiny_tokenizer(),
                           callbacks=[rec.callback, *callbacks], **kwargs)
-    if os.environ.get("LPREG_DEBUG_ROLLOUT"):
-        print("STATE", trainer.accelerator.distributed_type, trainer.is_fsdp_enabled, flush=True)
-    trainer.train()
+    try:
+        trainer.train()
+    finally:
+        spies.close()
     logs = [h for h in trainer.state.log_history if "loss" in h]
-    return {"logs": logs, "grads": rec.steps, "params": full_params(trainer.model), "trainer": trainer}
+    return {"logs": logs, "grads": rec.steps, "params": full_params(trainer.model), "gathers": spies.gathers,
+            "selection": spies.selection, "trainer": trainer}
 
 
 def to_json(run):
     flat = lambda d: {k: (None if v is None else v.reshape(-1).tolist()) for k, v in d.items()}  # noqa: E731
-    return {"logs": run["logs"], "grads": [flat(g) for g in run["grads"]], "params": flat(run["params"])}
+    return {"logs": run["logs"], "grads": [flat(g) for g in run["grads"]], "params": flat(run["params"]),
+            "gathers": run["gathers"], "selection": run["selection"]}
 
 
 def from_json(d):
     t = lambda d: {k: (None if v is None else torch.tensor(v)) for k, v in d.items()}  # noqa: E731
-    return {"logs": d["logs"], "grads": [t(g) for g in d["grads"]], "params": t(d["params"])}
+    return {**d, "grads": [t(g) for g in d["grads"]], "params": t(d["params"])}
 
 
 def main(spec_path, out_dir):

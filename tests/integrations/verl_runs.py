@@ -36,8 +36,13 @@ from verl import DataProto  # noqa: E402
 from verl.trainer.config import CheckpointConfig  # noqa: E402
 from verl.utils import tensordict_utils as tu  # noqa: E402
 from verl.utils.model import compute_position_id_with_mask  # noqa: E402
-from verl.workers.config import ActorConfig, FSDPEngineConfig, FSDPOptimizerConfig, HFModelConfig  # noqa: E402
-from verl.workers.config import PolicyLossConfig  # noqa: E402
+from verl.workers.config import (  # noqa: E402
+    ActorConfig,
+    FSDPEngineConfig,
+    FSDPOptimizerConfig,
+    HFModelConfig,
+    PolicyLossConfig,  # noqa: E402
+)
 from verl.workers.engine import EngineRegistry  # noqa: E402
 from verl.workers.utils.losses import ppo_loss  # noqa: E402
 from verl.workers.utils.padding import left_right_2_no_padding  # noqa: E402
@@ -140,7 +145,7 @@ def shard(batch: DataProto, world: int, rank: int, mini: int) -> DataProto:
     if world > 1:
         return batch.chunk(world)[rank]
     half, per = B // 2, mini // 2
-    order = [i for k in range(half // per) for r in range(2) for i in range(r * half + k * per, r * half + (k + 1) * per)]
+    order = [r * half + k * per + j for k in range(half // per) for r in range(2) for j in range(per)]
     return batch.select_idxs(torch.tensor(order))
 
 
@@ -154,9 +159,12 @@ def run(path, case, world=1, rank=0):
     fused, rmpad = case.pop("fused", False), case.pop("remove_padding", True)
     loss_mode = case.pop("loss_mode", "lpreg")
     seed = case.pop("seed", 1)
+    keep_states = case.pop("keep_states", False)
+    lr = case.pop("lr", LR)
     config = actor_config(loss_mode, **case)
     torch.manual_seed(0)
-    engine = make_engine(path, rmpad, fused)
+    engine = make_engine(path, rmpad, fused, lr)
+    rollout_state = params(engine) if keep_states else None
     batch = shard(rollout_batch(path, seed), world, rank, config.ppo_mini_batch_size)
     trainer = SimpleNamespace(config=SimpleNamespace(actor_rollout_ref=SimpleNamespace(actor=config),
                                                      data=SimpleNamespace(train_batch_size=B)),
@@ -175,15 +183,16 @@ def run(path, case, world=1, rank=0):
                                  use_fused_kernels=fused, calculate_entropy=config.entropy_coeff != 0,
                                  compute_loss=True)
             engine.optimizer_zero_grad()
+            state = params(engine) if keep_states else None  # the weights this step's forward sees
             out = engine.forward_backward_batch(mb, loss_function=loss_fn)
             g = grads(engine)
             grad_norm = float(engine.optimizer_step())
             loss = torch.tensor(float(sum(out["loss"])))
             if world > 1:  # verl's TrainingWorker: the loss averaged over the dp group
                 dist.all_reduce(loss, op=dist.ReduceOp.AVG)
-            steps.append({"loss": float(loss), "grad_norm": grad_norm, "grads": g,
+            steps.append({"loss": float(loss), "grad_norm": grad_norm, "grads": g, "state": state,
                           "metrics": {k: metric(out["metrics"], k) for k in out["metrics"]}})
-    return {"steps": steps, "params": params(engine), "batch": batch}
+    return {"steps": steps, "params": params(engine), "batch": batch, "rollout_state": rollout_state}
 
 
 def lpreg_verl_loss(config):
@@ -207,9 +216,14 @@ def metric(metrics, key):
         return float("nan")
 
 
+def from_json(d):
+    t = lambda d: {k: (None if v is None else torch.tensor(v)) for k, v in d.items()}  # noqa: E731
+    return {"steps": [{**s, "grads": t(s["grads"])} for s in d["steps"]], "params": t(d["params"])}
+
+
 def to_json(result):
     flat = lambda d: {k: (None if v is None else v.reshape(-1).tolist()) for k, v in d.items()}  # noqa: E731
-    steps = [{**s, "grads": flat(s["grads"])} for s in result["steps"]]
+    steps = [{**{k: v for k, v in s.items() if k != "state"}, "grads": flat(s["grads"])} for s in result["steps"]]
     return {"steps": steps, "params": flat(result["params"])}
 
 
