@@ -160,7 +160,7 @@ def run(path, case, world=1, rank=0):
     loss_mode = case.pop("loss_mode", "lpreg")
     seed = case.pop("seed", 1)
     keep_states = case.pop("keep_states", False)
-    lr = case.pop("lr", LR)
+    lr, shift = case.pop("lr", LR), case.pop("old_logp_shift", 0.0)
     config = actor_config(loss_mode, **case)
     torch.manual_seed(0)
     engine = make_engine(path, rmpad, fused, lr)
@@ -171,6 +171,9 @@ def run(path, case, world=1, rank=0):
                               actor_rollout_wg=WorkerGroup(engine, config, fused, rmpad))
     old, _ = RayPPOTrainer._compute_old_log_prob(trainer, batch)
     batch = batch.union(old)
+    # a test knob: old log-probs lowered by shift x U(0, 1) per token, ratios from 1 to e^shift (the dual clip acts)
+    noise = torch.rand(batch.batch["old_log_probs"].shape, generator=torch.Generator().manual_seed(5))
+    batch.batch["old_log_probs"] = batch.batch["old_log_probs"] - shift * noise
     loss_fn = lpreg_verl_loss(config)
     td = left_right_2_no_padding(batch.to_tensordict())
     per_gpu = config.ppo_mini_batch_size // world
