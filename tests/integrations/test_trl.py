@@ -72,7 +72,7 @@ def test_beta0_reproduces_trl(tmp_path, loss_type, compat, fused, iterations):
                  "entropy")
     loss, grad, excess, extra = compare(ref, ours, f"beta=0 {loss_type} {compat} fused={fused} it={iterations}",
                                         clip_keys)
-    assert abs(ref["logs"][0]["loss"]) > 1e-4
+    assert ref["logs"][0]["grad_norm"] > 1e-3  # a loss that trains (grpo's step-1 loss is ~0 by construction)
     assert loss <= LOSS_ATOL and grad <= GRAD_RTOL and excess <= 0
     # TRL's clip metrics, logged the way TRL logs them (a clip decision differs only at a ratio within
     # ~1e-6 of its bound: none here); entropy: the same fp32 bound as the loss
