@@ -101,8 +101,9 @@ def test_beta0_reproduces_verl_vanilla_with_its_defaults(model_path, agg, compat
 
 def test_dual_clip_acts_and_is_verls(model_path):
     """Old log-probs lowered by U(0, 1) per token (ratios from 1 to e = 2.7, across clip_ratio_c =
-    1.5): verl's dual clip caps the A < 0 tokens above it; lpreg's pg_clipfrac_lower equals verl's and is > 0, the losses
-    agree; with lpreg_dual_clip=False the loss is another (the Lp-Reg objective has no dual clip)."""
+    1.5): verl's dual clip caps the A < 0 tokens above it; lpreg's pg_clipfrac_lower equals verl's
+    and is > 0, the losses agree; with lpreg_dual_clip=False the loss is another (the Lp-Reg
+    objective has no dual clip)."""
     case = dict(mini=4, clip_ratio_c=1.5, old_logp_shift=1.0)
     ref = V.run(model_path, {**case, "loss_mode": "vanilla"})
     ours = V.run(model_path, {**case, "lpreg_beta": 0.0})

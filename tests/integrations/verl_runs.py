@@ -113,11 +113,13 @@ class WorkerGroup:
     """Stands in for the actor's Ray worker group: `compute_log_prob` is TrainingWorker.infer_batch
     (verl's default keys, the engine's forward-only pass, model outputs + metrics) on this rank."""
 
-    def __init__(self, engine, config: ActorConfig, fused: bool, remove_padding: bool):
+    def __init__(self, engine, config: ActorConfig, fused: bool, remove_padding: bool, max_token_len=None):
         self.engine, self.config, self.fused, self.remove_padding = engine, config, fused, remove_padding
+        self.max_token_len = max_token_len
 
     def compute_log_prob(self, td):
-        defaults = dict(use_remove_padding=self.remove_padding, use_dynamic_bsz=False,
+        defaults = dict(use_remove_padding=self.remove_padding, use_dynamic_bsz=bool(self.config.use_dynamic_bsz),
+                        max_token_len_per_gpu=self.max_token_len,
                         micro_batch_size_per_gpu=self.config.ppo_micro_batch_size_per_gpu,
                         use_fused_kernels=self.fused)
         tu.assign_non_tensor(td, **{k: v for k, v in defaults.items() if k not in td.keys()})
@@ -150,11 +152,7 @@ def shard(batch: DataProto, world: int, rank: int, mini: int) -> DataProto:
 
 
 def run(path, case, world=1, rank=0):
-    """One rollout batch, verl's way (module docstring): per optimiser step (loss, grad_norm,
-    metrics, gradients), the parameters after the last step, and the batch after the
-    old-log-prob pass."""
-    from verl.trainer.ppo.ray_trainer import RayPPOTrainer
-
+    """One rollout batch trained on with the actor config `case` describes (see `train_rollouts`)."""
     case = dict(case)
     fused, rmpad = case.pop("fused", False), case.pop("remove_padding", True)
     loss_mode = case.pop("loss_mode", "lpreg")
@@ -164,37 +162,52 @@ def run(path, case, world=1, rank=0):
     config = actor_config(loss_mode, **case)
     torch.manual_seed(0)
     engine = make_engine(path, rmpad, fused, lr)
+    return train_rollouts(path, engine, config, world=world, rank=rank, rmpad=rmpad, fused=fused, seed=seed,
+                          keep_states=keep_states, shift=shift)
+
+
+def train_rollouts(path, engine, config, *, world=1, rank=0, rmpad=True, fused=False, seed=1, rollouts=1,
+                   n_prompts=B, keep_states=False, shift=0.0, max_token_len=None):
+    """`rollouts` rollout batches, verl's way (module docstring): per optimiser step (loss, grad_norm,
+    metrics, gradients), the parameters after the last step, and the last batch after the
+    old-log-prob pass. Responses come from the saved initial model (HF generate: no vLLM on CPU)."""
+    from verl.trainer.ppo.ray_trainer import RayPPOTrainer
+
+    dynamic = bool(config.use_dynamic_bsz)
+    mini = config.ppo_mini_batch_size * max(int(config.rollout_n), 1)  # responses (verl's driver: x rollout.n)
     rollout_state = params(engine) if keep_states else None
-    batch = shard(rollout_batch(path, seed), world, rank, config.ppo_mini_batch_size)
-    trainer = SimpleNamespace(config=SimpleNamespace(actor_rollout_ref=SimpleNamespace(actor=config),
-                                                     data=SimpleNamespace(train_batch_size=B)),
-                              actor_rollout_wg=WorkerGroup(engine, config, fused, rmpad))
-    old, _ = RayPPOTrainer._compute_old_log_prob(trainer, batch)
-    batch = batch.union(old)
-    # a test knob: old log-probs lowered by shift x U(0, 1) per token, ratios from 1 to e^shift (the dual clip acts)
-    noise = torch.rand(batch.batch["old_log_probs"].shape, generator=torch.Generator().manual_seed(5))
-    batch.batch["old_log_probs"] = batch.batch["old_log_probs"] - shift * noise
-    loss_fn = lpreg_verl_loss(config)
-    td = left_right_2_no_padding(batch.to_tensordict())
-    per_gpu = config.ppo_mini_batch_size // world
     steps = []
-    with engine.train_mode():
-        for mb in tu.make_iterator(td, mini_batch_size=per_gpu, epochs=config.ppo_epochs, seed=42,
-                                   dataloader_kwargs={"shuffle": False}):
-            tu.assign_non_tensor(mb, global_batch_size=config.ppo_mini_batch_size, use_remove_padding=rmpad,
-                                 use_dynamic_bsz=False, micro_batch_size_per_gpu=config.ppo_micro_batch_size_per_gpu,
-                                 use_fused_kernels=fused, calculate_entropy=config.entropy_coeff != 0,
-                                 compute_loss=True)
-            engine.optimizer_zero_grad()
-            state = params(engine) if keep_states else None  # the weights this step's forward sees
-            out = engine.forward_backward_batch(mb, loss_function=loss_fn)
-            g = grads(engine)
-            grad_norm = float(engine.optimizer_step())
-            loss = torch.tensor(float(sum(out["loss"])))
-            if world > 1:  # verl's TrainingWorker: the loss averaged over the dp group
-                dist.all_reduce(loss, op=dist.ReduceOp.AVG)
-            steps.append({"loss": float(loss), "grad_norm": grad_norm, "grads": g, "state": state,
-                          "metrics": {k: metric(out["metrics"], k) for k in out["metrics"]}})
+    for i in range(rollouts):
+        batch = shard(rollout_batch(path, seed + i), world, rank, mini)
+        trainer = SimpleNamespace(config=SimpleNamespace(actor_rollout_ref=SimpleNamespace(actor=config),
+                                                         data=SimpleNamespace(train_batch_size=n_prompts)),
+                                  actor_rollout_wg=WorkerGroup(engine, config, fused, rmpad, max_token_len))
+        old, _ = RayPPOTrainer._compute_old_log_prob(trainer, batch)
+        batch = batch.union(old)
+        # a test knob: old log-probs lowered by shift x U(0, 1) per token, ratios from 1 to e^shift
+        noise = torch.rand(batch.batch["old_log_probs"].shape, generator=torch.Generator().manual_seed(5))
+        batch.batch["old_log_probs"] = batch.batch["old_log_probs"] - shift * noise
+        loss_fn = lpreg_verl_loss(config)
+        td = left_right_2_no_padding(batch.to_tensordict())
+        per_gpu = mini // world
+        with engine.train_mode():
+            for mb in tu.make_iterator(td, mini_batch_size=per_gpu, epochs=config.ppo_epochs, seed=42,
+                                       dataloader_kwargs={"shuffle": False}):
+                tu.assign_non_tensor(mb, global_batch_size=mini, use_remove_padding=rmpad,
+                                     use_dynamic_bsz=dynamic, max_token_len_per_gpu=max_token_len,
+                                     micro_batch_size_per_gpu=config.ppo_micro_batch_size_per_gpu,
+                                     use_fused_kernels=fused, calculate_entropy=config.entropy_coeff != 0,
+                                     compute_loss=True)
+                engine.optimizer_zero_grad()
+                state = params(engine) if keep_states else None  # the weights this step's forward sees
+                out = engine.forward_backward_batch(mb, loss_function=loss_fn)
+                g = grads(engine)
+                grad_norm = float(engine.optimizer_step())
+                loss = torch.tensor(float(sum(out["loss"])))
+                if world > 1:  # verl's TrainingWorker: the loss averaged over the dp group
+                    dist.all_reduce(loss, op=dist.ReduceOp.AVG)
+                steps.append({"loss": float(loss), "grad_norm": grad_norm, "grads": g, "state": state,
+                              "metrics": {k: metric(out["metrics"], k) for k in out["metrics"]}})
     return {"steps": steps, "params": params(engine), "batch": batch, "rollout_state": rollout_state}
 
 
