@@ -5,7 +5,8 @@
 # environments, so the suites test the `cpu` kernels users get. Usage:
 #   bash .ci/integrations.sh [trl|verl ...]
 # VENVS (default /tmp/lpreg-venvs) holds the environments and the wheel; REUSE_VENVS=1 keeps
-# existing environments (the wheel is rebuilt from this tree every time).
+# existing environments. LPREG_WHEEL_DIR: a directory holding an lpreg wheel already built from this
+# tree against the same torch (.ci/run passes the package check's); else the wheel is built here.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENVS=${VENVS:-/tmp/lpreg-venvs}
@@ -65,7 +66,12 @@ for fw in "${FWS[@]}"; do
 done
 status=0
 wait "${PID[trl]}" || { cat "$LOGS/venv-trl.log"; exit 1; }
-build_wheel
+if [[ -n "${LPREG_WHEEL_DIR:-}" ]] && compgen -G "$LPREG_WHEEL_DIR/lpreg-*.whl" > /dev/null; then
+    WHEELS=$LPREG_WHEEL_DIR
+    echo "integrations: using $(ls "$WHEELS"/lpreg-*.whl)"
+else
+    build_wheel
+fi
 for fw in "${FWS[@]}"; do
     if [[ $fw != trl ]]; then wait "${PID[$fw]}" || { cat "$LOGS/venv-$fw.log"; exit 1; }; fi
     install_lpreg "$fw"

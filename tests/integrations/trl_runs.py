@@ -10,8 +10,8 @@ Two choices make runs of different world sizes comparable on the same global bat
   the micro-batches are the same consecutive slices of the global batch at any world size.
 With num_generations = per_device_train_batch_size every group lies on one rank.
 
-As a script (`accelerate launch ... trl_runs.py SPEC OUT`): runs every case of the JSON list
-SPEC in order and writes OUT/rank{r}.json with each case's logs, per-step gradients and
+As a script (`accelerate launch ... trl_runs.py CASES_JSON OUT`): runs every case listed in the
+file CASES_JSON, in order, and writes OUT/rank{r}.json with each case's logs, per-step gradients and
 parameters.
 """
 
@@ -203,13 +203,13 @@ def from_json(d):
     return {**d, "grads": [t(g) for g in d["grads"]], "params": t(d["params"])}
 
 
-def main(spec_path, out_dir):
+def main(cases_json, out_dir):
     from accelerate_cpu import enable_sharding_on_cpu
 
     enable_sharding_on_cpu()
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     no_shuffle()
-    cases = json.load(open(spec_path))
+    cases = json.load(open(cases_json))
     results = []
     for i, case in enumerate(cases):
         run = train(case, os.path.join(out_dir, f"case{i}"), world=int(os.environ.get("WORLD_SIZE", "1")))

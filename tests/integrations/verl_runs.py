@@ -12,8 +12,8 @@ batch, and each rank then takes its mini-batches in order. The one-rank run gets
 the order that makes its k-th mini-batch the union of the ranks' k-th mini-batches, and the same
 micro-batch size, so every micro-batch (the released form selects per micro-batch) is the same.
 
-As a script (`torchrun --nproc_per_node 2 verl_runs.py SPEC OUT`): runs every case of the JSON
-list SPEC and writes OUT/rank{r}.json.
+As a script (`torchrun --nproc_per_node 2 verl_runs.py CASES_JSON OUT`): runs every case listed
+in the file CASES_JSON and writes OUT/rank{r}.json.
 """
 
 import json
@@ -243,7 +243,7 @@ def to_json(result):
     return {"steps": steps, "params": flat(result["params"])}
 
 
-def main(spec_path, out_dir):
+def main(cases_json, out_dir):
     from tiny_lm import save_tiny
 
     init()
@@ -252,7 +252,7 @@ def main(spec_path, out_dir):
     if rank == 0:
         save_tiny(path)
     dist.barrier()
-    results = [to_json(run(path, case, world, rank)) for case in json.load(open(spec_path))]
+    results = [to_json(run(path, case, world, rank)) for case in json.load(open(cases_json))]
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(results, f)
 
