@@ -47,10 +47,17 @@ install_lpreg() {  # $1: trl | verl
 }
 
 run_tests() {  # $1: trl | verl. importlib mode: the installed lpreg, not ./lpreg (no lpreg.kernels there)
-    local venv="$VENVS/$1" t0=$SECONDS
-    OMP_NUM_THREADS=1 "$venv/bin/pytest" --import-mode=importlib -p no:cacheprovider -q -rs --durations=15 \
-        tests/integrations/test_"$1"*.py
+    local venv="$VENVS/$1" t0=$SECONDS rc=0 log="$VENVS/tolerances-$1.jsonl"
+    rm -f "$log"
+    LPREG_TOLERANCE_LOG="$log" OMP_NUM_THREADS=1 "$venv/bin/pytest" --import-mode=importlib -p no:cacheprovider \
+        -q -rs --durations=15 tests/integrations/test_"$1"*.py || rc=$?
     echo "integrations: tests/integrations/test_$1*.py took $((SECONDS - t0)) s"
+    # every measured difference and its tolerance (tests/integrations/tolerances.py: record)
+    [[ -f "$log" ]] && "$venv/bin/python" -c 'import json, sys
+for line in open(sys.argv[1]):
+    d = json.loads(line)
+    print("  " + d.pop("case") + ": " + ", ".join(f"{k} {v:.2e}" for k, v in d.items()))' "$log"
+    return $rc
 }
 
 # Environments side by side (2 cores: the installs wait on the network and the disk); the wheel

@@ -10,7 +10,9 @@ rollout trains against it.
 """
 
 import functools
-import warnings
+import importlib.abc
+import importlib.util
+import sys
 
 from verl.utils import tensordict_utils as tu
 from verl.workers.utils.padding import no_padding_2_padding
@@ -18,6 +20,8 @@ from verl.workers.utils.padding import no_padding_2_padding
 from . import _proxy
 from ._verl_config import is_lpreg, lpreg_options
 from ._verl_engine import RECORD_KEY, record_spec
+
+_DRIVER = "verl.trainer.ppo.ray_trainer"
 
 
 def off_policy(config) -> bool:
@@ -60,15 +64,9 @@ def compute_old_log_prob_with_proxy(original, trainer, batch):
     return old_log_prob, mfu
 
 
-def install_driver_hook() -> None:
-    try:  # the driver's module: its optional dependencies (cachetools, fastapi, uvicorn) may be absent
-        from verl.trainer.ppo.ray_trainer import RayPPOTrainer  # in a worker-only environment
-    except ImportError as exc:
-        warnings.warn(f"lpreg cannot record the rollout proxy in this process (verl.trainer.ppo.ray_trainer: {exc}); "
-                      "a driver started here would train against the current policy's proxy", RuntimeWarning,
-                      stacklevel=2)
-        return
-    original = RayPPOTrainer._compute_old_log_prob
+def _patch(module) -> None:
+    trainer_cls = module.RayPPOTrainer
+    original = trainer_cls._compute_old_log_prob
     if getattr(original, "_lpreg", False):
         return
 
@@ -77,4 +75,37 @@ def install_driver_hook() -> None:
         return compute_old_log_prob_with_proxy(original, self, batch)
 
     _compute_old_log_prob._lpreg = True
-    RayPPOTrainer._compute_old_log_prob = _compute_old_log_prob
+    trainer_cls._compute_old_log_prob = _compute_old_log_prob
+
+
+class _PatchOnImport(importlib.abc.MetaPathFinder):
+    """Patches verl's driver module right after it is imported: only the driver imports it, and
+    importing it here would pull Ray and the driver's web stack into every worker."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name != _DRIVER:
+            return None
+        sys.meta_path.remove(self)
+        try:
+            spec = importlib.util.find_spec(name)
+        finally:
+            sys.meta_path.insert(0, self)
+        if spec is None or spec.loader is None:
+            return spec
+        exec_module = spec.loader.exec_module
+
+        def exec_and_patch(module):
+            exec_module(module)
+            _patch(module)
+            sys.meta_path[:] = [f for f in sys.meta_path if f is not self]
+
+        spec.loader.exec_module = exec_and_patch
+        return spec
+
+
+def install_driver_hook() -> None:
+    """Wrap RayPPOTrainer._compute_old_log_prob now if verl's driver module is loaded, else as soon as it is."""
+    if _DRIVER in sys.modules:
+        _patch(sys.modules[_DRIVER])
+    elif not any(isinstance(f, _PatchOnImport) for f in sys.meta_path):
+        sys.meta_path.insert(0, _PatchOnImport())

@@ -166,7 +166,6 @@ class LpRegGRPOTrainer(GRPOTrainer):
         check_model(self.args, self.model.config)
         a = self.args
         self._lpreg_redirect = _ForwardRedirection()
-        self._lpreg_loss = a.lpreg_loss_config()
         self._lpreg_opts = dict(temperature=self.temperature, mode=a.lpreg_mode, threshold=a.lpreg_threshold)
         # TRL's own test for old_per_token_logps: the generation batch outlives one optimiser step
         generate_every = a.steps_per_generation * self.num_iterations

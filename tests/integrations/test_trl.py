@@ -54,6 +54,8 @@ def compare(a, b, label, keys=()):
     extra = {k: max(abs(x[k] - y[k]) for x, y in zip(la, lb)) for k in keys}
     print(f"{label}: loss abs {loss:.2e}, grad-norm rel {grad:.2e}, param abs {param:.2e}, {extra}")
     excess = tolerances.sgd_excess(a["params"], b["params"], a["grads"], b["grads"], lr=0.1)
+    tolerances.record(f"test_trl {label}", loss_abs=loss, loss_tol=LOSS_ATOL, grad_rel=grad, grad_tol=GRAD_RTOL,
+                      param_abs=param, param_bound_excess=excess)
     return loss, grad, excess, extra
 
 
@@ -193,12 +195,14 @@ def test_off_policy_rollout_proxy_equals_released_float64(tmp_path):
                 lpreg_threshold=0.2, lpreg_fused=True)
     train(args, tmp_path, trainer_cls=Capture)
     selected = 0
-    for inputs, state, rollout_state, loss in Capture.records:
+    for i, (inputs, state, rollout_state, loss) in enumerate(Capture.records):
         assert "lpreg_rollout_logq" in inputs and inputs.get("old_per_token_logps") is not None
         want, sel, bound = oracle_loss(inputs, state, rollout_state, rho=0.5, beta=1.0, clip_low=0.2, clip_high=0.2,
                                        kappa=0.2, accum=4)
         print(f"micro-batch: loss {loss:.8f} vs float64 {want:.8f}: {abs(loss - want):.2e} (bound {bound:.1e}); "
               f"selected {int(sel.sum())}")
+        tolerances.record(f"test_trl released float64 oracle, micro-batch {i}",
+                          loss_abs=abs(loss - want), loss_tol=bound, selected=int(sel.sum()))
         assert abs(loss - want) <= bound
         selected += int(sel.sum())
     assert len(Capture.records) == 8 and selected >= 2  # 2 steps x 4 micro-batches; Lp-Reg acted
@@ -233,6 +237,8 @@ def test_importance_sampling_rule(tmp_path):
     finally:
         trainer.use_vllm = False
     print(f"IS rule: {ours:.8f} vs float64 {want:.8f} (bound {bound:.1e}); beta=0 {zero:.8f} vs TRL {trl_own:.8f}")
+    tolerances.record("test_trl IS rule vs float64", loss_abs=abs(ours - want), loss_tol=bound)
+    tolerances.record("test_trl IS rule beta=0 vs TRL", loss_abs=abs(zero - trl_own), loss_tol=LOSS_ATOL)
     assert sel.any() and not torch.equal(sel, sel_all)  # the rule changed the selection pool
     assert abs(ours - want) <= bound and abs(ours - unweighted) > bound
     assert abs(zero - trl_own) <= LOSS_ATOL

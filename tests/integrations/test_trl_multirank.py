@@ -109,6 +109,8 @@ def compare(one, two, label):
     excess = tolerances.sgd_excess(shaped, two["params"], grads, two["grads"], lr=0.1)
     print(f"{label}: loss abs {loss:.2e}, grad-norm rel {grad:.2e}, param abs {param:.2e} "
           f"(excess over the SGD bound {excess:.2e})")
+    tolerances.record(f"test_trl_multirank {label}", loss_abs=loss, loss_tol=LOSS_ATOL, grad_rel=grad,
+                      grad_tol=GRAD_RTOL, param_abs=param, param_bound_excess=excess)
     return loss, grad, param, excess
 
 

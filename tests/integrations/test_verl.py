@@ -55,6 +55,8 @@ def compare(a, b, label):
                                      [s["grad_norm"] for s in b["steps"]], lr=V.LR)
     print(f"{label}: loss abs {loss:.2e}, grad-norm rel {grad:.2e}, param abs {param:.2e}, "
           f"AdamW-bound excess {excess:.2e}; losses {[s['loss'] for s in a['steps']]}")
+    tolerances.record(f"test_verl {label}", loss_abs=loss, loss_tol=LOSS_ATOL, grad_rel=grad, grad_tol=GRAD_RTOL,
+                      param_abs=param, param_bound_excess=excess)
     return loss, grad, excess
 
 
@@ -190,6 +192,8 @@ def test_off_policy_rollout_proxy_equals_released_float64(model_path):
         bound = 2 * delta * sens.sum().item() / n
         print(f"step {k}: loss {step['loss']:.8f} vs float64 {want:.8f}: {abs(step['loss'] - want):.2e} "
               f"(bound {bound:.1e}); selected {int(sel.sum())}")
+        tolerances.record(f"test_verl released float64 oracle, step {k}", loss_abs=abs(step["loss"] - want),
+                          loss_tol=bound, selected=int(sel.sum()))
         assert abs(step["loss"] - want) <= bound
         selected += int(sel.sum())
     assert selected >= 2

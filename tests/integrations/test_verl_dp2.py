@@ -74,6 +74,8 @@ def compare(a, b, label):
                                      [s["grad_norm"] for s in b["steps"]], lr=V.LR)
     print(f"{label}: loss abs {loss:.2e}, grad-norm rel {grad:.2e}, param abs {param:.2e}, "
           f"AdamW-bound excess {excess:.2e}")
+    tolerances.record(f"test_verl_dp2 {label}", loss_abs=loss, grad_rel=grad, param_abs=param,
+                      param_bound_excess=excess)
     return loss, grad, excess
 
 

@@ -22,6 +22,8 @@ An element whose gradient is ~0 (small v^) amplifies a last-bit gradient differe
 visible parameter difference; the bound says by how much.
 """
 
+import json
+import os
 from typing import Dict, List, Optional, Sequence
 
 import torch
@@ -82,3 +84,11 @@ def adamw_excess(pa: Dict[str, Tensor], pb: Dict[str, Tensor], ga: Sequence[Dict
         excess = (p.double() - q.double()).abs() - bound - _rounding(p, len(ca)).double()
         worst = max(worst, excess.max().item())
     return worst
+
+
+def record(label: str, **values) -> None:
+    """Append one measured comparison to $LPREG_TOLERANCE_LOG (JSON lines; .ci/integrations.sh prints them)."""
+    path = os.environ.get("LPREG_TOLERANCE_LOG")
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps({"case": label, **{k: float(v) for k, v in values.items()}}) + "\n")
