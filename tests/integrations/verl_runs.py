@@ -152,8 +152,25 @@ def shard(batch: DataProto, world: int, rank: int, mini: int) -> DataProto:
 
 
 def run(path, case, world=1, rank=0):
-    """One rollout batch trained on with the actor config `case` describes (see `train_rollouts`)."""
+    """One rollout batch trained on with the actor config `case` describes (see `train_rollouts`).
+    record_selection=True: the result's "selection" lists, per micro-batch, the paper form's
+    (k, n of the step, tokens of this micro-batch in the step-wide set, valid tokens here)."""
     case = dict(case)
+    if case.pop("record_selection", False):
+        import lpreg.integrations._verl_loss as loss_module
+
+        seen, real = [], loss_module.policy_loss_from_stats
+
+        def spy(stats, adv, old, mask, **kw):
+            sel = kw["selection_threshold"]
+            seen.append([sel.k, sel.n_valid, int(sel.mask(old, mask > 0).sum()), int((mask > 0).sum())])
+            return real(stats, adv, old, mask, **kw)
+
+        loss_module.policy_loss_from_stats = spy
+        try:
+            return {**run(path, case, world, rank), "selection": seen}
+        finally:
+            loss_module.policy_loss_from_stats = real
     fused, rmpad = case.pop("fused", False), case.pop("remove_padding", True)
     loss_mode = case.pop("loss_mode", "lpreg")
     seed = case.pop("seed", 1)
@@ -234,13 +251,14 @@ def metric(metrics, key):
 
 def from_json(d):
     t = lambda d: {k: (None if v is None else torch.tensor(v)) for k, v in d.items()}  # noqa: E731
-    return {"steps": [{**s, "grads": t(s["grads"])} for s in d["steps"]], "params": t(d["params"])}
+    return {"steps": [{**s, "grads": t(s["grads"])} for s in d["steps"]], "params": t(d["params"]),
+            "selection": d.get("selection")}
 
 
 def to_json(result):
     flat = lambda d: {k: (None if v is None else v.reshape(-1).tolist()) for k, v in d.items()}  # noqa: E731
     steps = [{**{k: v for k, v in s.items() if k != "state"}, "grads": flat(s["grads"])} for s in result["steps"]]
-    return {"steps": steps, "params": flat(result["params"])}
+    return {"steps": steps, "params": flat(result["params"]), "selection": result.get("selection")}
 
 
 def main(cases_json, out_dir):
