@@ -1,13 +1,21 @@
 #!/usr/bin/env bash
 # CI for lpreg.integrations: each framework in its own virtual environment (verl pins
-# transformers < 5.11, TRL 1.16 takes newer ones), with lpreg installed from this tree,
-# then its tests against the real package. Usage: bash .ci/integrations.sh [trl|verl ...]
-# VENVS (default /tmp/lpreg-venvs) holds the environments; REUSE_VENVS=1 keeps existing ones.
+# transformers < 5.11, TRL 1.16 takes newer ones), with lpreg installed as README installs it:
+# built WITH its compiled CPU extension. One wheel is built (once) and installed in both
+# environments, so the suites test the `cpu` kernels users get. Usage:
+#   bash .ci/integrations.sh [trl|verl ...]
+# VENVS (default /tmp/lpreg-venvs) holds the environments and the wheel; REUSE_VENVS=1 keeps
+# existing environments. LPREG_WHEEL_DIR: a directory holding an lpreg wheel already built from this
+# tree against the same torch (.ci/run passes the package check's); else the wheel is built here.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENVS=${VENVS:-/tmp/lpreg-venvs}
 TORCH=torch==2.13.0
-declare -A FRAMEWORK=([trl]="trl>=1.16,<1.17" [verl]="verl>=0.9.1,<0.10")
+# deepspeed: the ZeRO-3 tests (its CPU accelerator runs on gloo); setuptools/wheel/ninja: the build;
+# cachetools, fastapi, uvicorn: imported by verl's driver (ray_trainer), not declared by pip's verl 0.9.1
+declare -A FRAMEWORK=([trl]="trl>=1.16,<1.17 deepspeed>=0.18 setuptools wheel ninja"
+                     [verl]="verl>=0.9.1,<0.10 cachetools fastapi uvicorn")
+WHEELS="$VENVS/wheel"
 mkdir -p "$VENVS"
 
 make_venv() {  # $1: trl | verl
@@ -16,41 +24,72 @@ make_venv() {  # $1: trl | verl
     rm -rf "$venv"
     python3 -m venv "$venv"
     # one resolve with torch pinned; --no-compile: byte-compiling ray / transformers costs minutes on 2 cores
-    "$venv/bin/pip" install -q --no-compile "$TORCH" "${FRAMEWORK[$1]}" pytest pytest-benchmark
+    # shellcheck disable=SC2086
+    "$venv/bin/pip" install -q --no-compile "$TORCH" ${FRAMEWORK[$1]} pytest pytest-benchmark
 }
 
-install_lpreg() {  # $1: trl | verl. A copy of the tree: the build never writes into this one.
-    local venv="$VENVS/$1" src
+build_wheel() {  # in the trl environment (it has torch and the build tools). A copy of the tree:
+    local src t0=$SECONDS  # the build never writes into this one
     src=$(mktemp -d)
     git ls-files -co --exclude-standard | while read -r f; do [[ -e "$f" ]] && echo "$f"; done \
         | tar -cf - -T - | tar -xf - -C "$src"
-    LPREG_SKIP_EXT=1 "$venv/bin/pip" install -q --no-compile --no-build-isolation --no-deps --force-reinstall "$src"
+    rm -rf "$WHEELS"
+    MAX_JOBS=${MAX_JOBS:-2} LPREG_SKIP_CUDA=1 "$VENVS/trl/bin/pip" wheel -q --no-build-isolation --no-deps \
+        --wheel-dir "$WHEELS" "$src"
     rm -rf "$src"
+    echo "integrations: wheel with the compiled extension built in $((SECONDS - t0)) s"
+}
+
+install_lpreg() {  # $1: trl | verl
+    local venv="$VENVS/$1"
+    "$venv/bin/pip" install -q --no-compile --no-deps --force-reinstall "$WHEELS"/lpreg-*.whl
+    (cd / && "$venv/bin/python" -c "from lpreg import _native; assert _native.available('cpu'), 'no lpreg._C'")
 }
 
 run_tests() {  # $1: trl | verl. importlib mode: the installed lpreg, not ./lpreg (no lpreg.kernels there)
-    local venv="$VENVS/$1" t0=$SECONDS
-    "$venv/bin/pytest" --import-mode=importlib -p no:cacheprovider -q "tests/integrations/test_$1.py"
-    echo "integrations: tests/integrations/test_$1.py took $((SECONDS - t0)) s"
+    local venv="$VENVS/$1" t0=$SECONDS rc=0 log="$VENVS/tolerances-$1.jsonl"
+    rm -f "$log"
+    LPREG_TOLERANCE_LOG="$log" OMP_NUM_THREADS=1 "$venv/bin/pytest" --import-mode=importlib -p no:cacheprovider \
+        -q -rs --durations=15 tests/integrations/test_"$1"*.py || rc=$?
+    echo "integrations: tests/integrations/test_$1*.py took $((SECONDS - t0)) s"
+    # every measured difference and its tolerance (tests/integrations/tolerances.py: record)
+    [[ -f "$log" ]] && "$venv/bin/python" -c 'import json, sys
+for line in open(sys.argv[1]):
+    d = json.loads(line)
+    print("  " + d.pop("case") + ": " + ", ".join(f"{k} {v:.2e}" for k, v in d.items()))' "$log"
+    return $rc
 }
 
-one() {  # $1: trl | verl: environment, install, tests
-    make_venv "$1"
-    install_lpreg "$1"
-    run_tests "$1"
-}
-
-# The two frameworks run side by side (2 cores: installs wait on disk, tests on one core each),
-# each logging to its own file, printed whole when it ends.
+# Environments side by side (2 cores: the installs wait on the network and the disk); the wheel
+# is compiled as soon as the trl environment exists, while verl's still installs.
 T0=$SECONDS
 LOGS=$(mktemp -d)
-declare -A PID
 FWS=(${@:-trl verl})
+declare -A PID
+make_venv trl > "$LOGS/venv-trl.log" 2>&1 &
+PID[trl]=$!
 for fw in "${FWS[@]}"; do
-    one "$fw" > "$LOGS/$fw.log" 2>&1 &
-    PID[$fw]=$!
+    if [[ $fw != trl ]]; then make_venv "$fw" > "$LOGS/venv-$fw.log" 2>&1 & PID[$fw]=$!; fi
 done
 status=0
+wait "${PID[trl]}" || { cat "$LOGS/venv-trl.log"; exit 1; }
+if [[ -n "${LPREG_WHEEL_DIR:-}" ]] && compgen -G "$LPREG_WHEEL_DIR/lpreg-*.whl" > /dev/null; then
+    WHEELS=$LPREG_WHEEL_DIR
+    echo "integrations: using $(ls "$WHEELS"/lpreg-*.whl)"
+else
+    build_wheel
+fi
+for fw in "${FWS[@]}"; do
+    if [[ $fw != trl ]]; then wait "${PID[$fw]}" || { cat "$LOGS/venv-$fw.log"; exit 1; }; fi
+    install_lpreg "$fw"
+done
+echo "integrations: environments and wheel ready after $((SECONDS - T0)) s"
+
+# The suites side by side, one core each, each logging to its own file, printed whole when it ends.
+for fw in "${FWS[@]}"; do
+    run_tests "$fw" > "$LOGS/$fw.log" 2>&1 &
+    PID[$fw]=$!
+done
 for fw in "${FWS[@]}"; do
     if wait "${PID[$fw]}"; then rc=0; else rc=$?; status=1; fi
     echo "===== integrations: $fw (exit $rc) ====="

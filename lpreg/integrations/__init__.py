@@ -6,5 +6,9 @@
   `actor_rollout_ref.actor.policy_loss.loss_mode=lpreg` work (extra `lpreg[verl]`, verl 0.9.x).
 
 Nothing here is imported by `import lpreg`: each module imports its framework, which the
-core package does not depend on. docs/integrations.md shows both in use.
+core package does not depend on. docs/integrations.md shows both in use, docs/recipes/ the
+authors' runs. Private modules, one job each: `_proxy` (the rollout-time proxy record, shared),
+`_core` (the LossConfig the lpreg_* options are checked with), `_trl_forward` (the TRL model
+forward -> statistics, sharded heads), `_verl_config` / `_verl_loss` / `_verl_engine` /
+`_verl_driver` (verl's config checks, loss, engine and old-log-prob hook).
 """

@@ -7,35 +7,49 @@
 The trainer replaces GRPO's policy loss (docs/spec.md §3) and nothing else: generation,
 rewards, advantages, the optimiser and logging stay TRL's. Per micro-batch:
 
-    stats = lpreg per-token statistics (logp, proxy_logp, kl, entropy) of the completion tokens,
-            from the backbone's hidden states and the output-embedding weight (lpreg_fused=True,
-            no (B, C, V) logits) or from the model's own logits (lpreg_fused=False)
-    loss  = lpreg.policy_loss.policy_loss_from_stats(stats, A, old_logp, mask, ...)
+    stats = lpreg per-token statistics (logp, proxy_logp, kl, entropy) of the completion tokens
+            (lpreg.integrations._trl_forward: fused from the hidden states and the LM head, or
+            from the model's logits), inside the wrapped model's forward
+    loss  = lpreg.policy_loss_from_stats(stats, A, old_logp, mask, ...) / TRL's normaliser
+            - TRL's entropy bonus (entropy_coef / use_adaptive_entropy, as TRL adds it)
+            + TRL's MoE load-balancing loss (router_aux_loss_coef, as TRL adds it)
 
-with TRL's clip range (epsilon, epsilon_high), temperature and normalisation (loss_type):
+Normalisation follows loss_type, exactly as TRL's:
     dapo     token-mean over the generation batch: num_tokens = TRL's num_items_in_batch per
              process and accumulation window (the same denominator TRL divides by)
     bnpo     token-mean over the micro-batch, / gradient-accumulation steps
     grpo     seq-mean-token-mean, / gradient-accumulation steps
     dr_grpo  seq-mean-token-sum / max_completion_length, / gradient-accumulation steps
-At lpreg_beta = 0 this is TRL's own loss (tests/integrations/test_trl.py checks the loss, the
-gradient norm and the parameters after two optimiser steps).
 
-Selection (which tokens Lp-Reg regularises) follows the form:
-    released  per micro-batch, as the released code does (the rho-percentile among the
-              micro-batch's negative-advantage tokens);
+The proxy q (lpreg.integrations._proxy): off-policy (TRL computes old_per_token_logps: a
+generation batch spans several optimiser steps, or num_iterations > 1), q is recorded at the
+forward that gives the old log-probs, which this trainer runs itself (one forward for both),
+and every update of that generation batch reads it. On-policy q is the current policy.
+`lpreg_proxy` chooses ("rollout" / "current"; default: rollout when off-policy).
+
+Selection (which tokens Lp-Reg regularises) follows the form (`lpreg.needs_step_selection`):
+    released  per micro-batch, as the released code does;
     paper     exact over the whole generation batch, across gradient-accumulation steps and
-              ranks: when a generation batch is made, one no-grad forward gives every
-              completion token's log-prob and `lpreg.selection_threshold` (two all_gathers)
-              fixes the step-wide threshold, applied later to each micro-batch's tokens.
+              ranks (`lpreg.selection_threshold` on the old log-probs; on-policy one extra
+              no-grad forward per generation batch gives them).
 
-The loss runs through the wrapped model's forward (TRL's `_ForwardRedirection`, as its
-distillation trainer does), so DDP, FSDP and ZeRO-3 still synchronise gradients. Metrics are
-logged the way TRL logs its own: `lpreg/kl`, `lpreg/frac`, `lpreg/threshold`, plus `entropy`
-and `clip_ratio/*` (means over every process).
+vLLM importance-sampling weights w >= 0 (`vllm_importance_sampling_correction`), the rule:
+    surrogate   multiplied by w, as TRL does (exactly: w is folded into the advantage,
+                -min(rA, clip(r)A) w = -min(r(Aw), clip(r)(Aw)) for w >= 0);
+    Lp-Reg term not weighted: beta S_t D_t pulls p(y) towards the rollout proxy q(y) at the
+                sampled token, a constraint on the sampled tokens (the released code applies
+                it to them as they are), not an estimate of an expectation under the trainer;
+    selection   a token with w = 0 (masked by TRL's token_mask / sequence_mask modes) is not
+                trained on, so it is out of the selection pool of both forms (it neither
+                counts in rho's population nor can be selected); w > 0 leaves the pool as is.
 
-This touches TRL internals (`_compute_loss`, `_prepare_inputs`, `_buffered_inputs`,
-`_metrics`, `_get_per_token_logps_and_entropies`'s inputs), hence the pinned range below.
+Metrics are logged the way TRL logs its own: lpreg/kl, lpreg/frac, lpreg/threshold, entropy,
+clip_ratio/{low_mean, high_mean, region_mean, low_min, high_max}, and policy_loss,
+entropy_coef, aux_loss when TRL would log them.
+
+This touches TRL internals (`_compute_loss`, `_prepare_inputs`, `_generate_and_score_completions`,
+`_get_per_token_logps_and_entropies`, `_buffered_inputs`, `_metrics`, the entropy controller's
+state), hence the pinned range below.
 """
 
 from dataclasses import dataclass, field
@@ -47,13 +61,12 @@ from packaging.version import Version
 from torch import Tensor
 from trl import GRPOConfig, GRPOTrainer
 from trl.models.utils import _ForwardRedirection
+from trl.trainer.utils import nanmax, nanmin
 
-from .._validate import check_mode_threshold
-from ..fused_linear import fused_linear_token_stats
-from ..loss_config import COMPATS
 from ..policy_loss import policy_loss_from_stats
 from ..selection import SelectionThreshold, selection_threshold
-from ..token_stats import TokenStats, lpreg_token_stats
+from . import _proxy, _trl_forward
+from ._core import LossConfig, lpreg_error, needs_step_selection
 
 TRL_RANGE = (Version("1.16"), Version("1.17"))
 if not (TRL_RANGE[0] <= Version(trl.__version__) < TRL_RANGE[1]):
@@ -64,8 +77,9 @@ SUPPORTED_LOSS_TYPES = ("dapo", "bnpo", "grpo", "dr_grpo")
 _AGG = {"dapo": "token-mean", "bnpo": "token-mean", "grpo": "seq-mean-token-mean", "dr_grpo": "seq-mean-token-sum"}
 _MULTIMODAL_KEYS = ("pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask", "spatial_shapes",
                     "num_tiles", "image_sizes", "token_type_ids", "mm_token_type_ids", "image_position_ids")
-_OLD_KEY = "lpreg_old_logps"  # (B, C) no-grad log-probs of the generation batch (paper selection only)
+_OLD_KEY = "lpreg_old_logps"  # (B, C) no-grad log-probs of the generation batch (paper selection, on-policy)
 _SEL_KEY = "lpreg_selection"  # SelectionThreshold of one micro-batch
+_IS_KEY = "importance_sampling_ratio"
 
 
 @dataclass
@@ -79,24 +93,37 @@ class LpRegGRPOConfig(GRPOConfig):
     lpreg_threshold: float = field(default=0.02, metadata={"help": "kappa for min_p, tau for fixed."})
     lpreg_rho: float = field(default=0.01, metadata={"help": "Fraction of lowest-probability tokens regularised."})
     lpreg_beta: float = field(default=1.0, metadata={"help": "Weight of the Lp-Reg term (0: TRL's own loss)."})
+    lpreg_kl_estimator: Optional[str] = field(default=None, metadata={
+        "help": "Divergence D_t: 'k3' (sampled token) or 'full' (KL over the vocabulary); None: k3 for released, "
+                "full for paper."})
+    lpreg_proxy: Optional[str] = field(default=None, metadata={
+        "help": "Where the proxy q comes from: 'rollout' (recorded at the old-log-prob forward, used by every update "
+                "of the generation batch) or 'current' (the policy being trained); None: rollout when off-policy."})
+    lpreg_proxy_topk: int = field(default=64, metadata={
+        "help": "Entries of the sparse rollout proxy (full KL only): 8 k + 8 bytes per completion token."})
     lpreg_fused: bool = field(default=True, metadata={
         "help": "Statistics from hidden states and the output-embedding weight, chunk by chunk, without the "
                 "(B, C, V) logits; False: from the model's own logits."})
     lpreg_chunk_size: Optional[int] = field(default=None, metadata={
-        "help": "Token rows per chunk of the fused path (None: about 16 MiB of fp32 logits on CPU, 128 MiB on CUDA)."})
+        "help": "Token rows per chunk of the fused path (None: about 32 MiB of fp32 logits on CPU, 128 MiB on CUDA)."})
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.lpreg_compat not in COMPATS:
-            raise ValueError(f"lpreg_compat must be one of {COMPATS}, got {self.lpreg_compat!r}")
-        check_mode_threshold(self.lpreg_mode, self.lpreg_threshold)
-        if not (0 < float(self.lpreg_rho) <= 1):
-            raise ValueError(f"lpreg_rho must be in (0, 1], got {self.lpreg_rho!r}")
-        if not (0 <= float(self.lpreg_beta) < float("inf")):
-            raise ValueError(f"lpreg_beta must be a finite number >= 0, got {self.lpreg_beta!r}")
-        if self.lpreg_chunk_size is not None and (not isinstance(self.lpreg_chunk_size, int)
+        self.lpreg_loss_config()
+        _proxy.check_source(self.lpreg_proxy, "lpreg_proxy")
+        _proxy.check_topk(self.lpreg_proxy_topk, "lpreg_proxy_topk")
+        if self.lpreg_chunk_size is not None and (isinstance(self.lpreg_chunk_size, bool)
+                                                  or not isinstance(self.lpreg_chunk_size, int)
                                                   or self.lpreg_chunk_size < 1):
             raise ValueError(f"lpreg_chunk_size must be None or an int >= 1, got {self.lpreg_chunk_size!r}")
+
+    def lpreg_loss_config(self) -> LossConfig:
+        """The lpreg_* settings as an `lpreg.LossConfig` (validated; errors name the lpreg_ field)."""
+        try:
+            return LossConfig(compat=self.lpreg_compat, mode=self.lpreg_mode, threshold=self.lpreg_threshold,
+                              rho=self.lpreg_rho, beta=self.lpreg_beta, kl_estimator=self.lpreg_kl_estimator)
+        except ValueError as exc:
+            raise lpreg_error(exc) from None
 
 
 def check_args(args: GRPOConfig) -> None:
@@ -112,8 +139,6 @@ def check_args(args: GRPOConfig) -> None:
         ("delta", args.delta is not None, "None"),
         ("top_entropy_quantile", args.top_entropy_quantile < 1.0, "1.0"),
         ("off_policy_mask_threshold", args.off_policy_mask_threshold is not None, "None"),
-        ("entropy_coef", args.entropy_coef != 0.0, "0.0"),
-        ("use_adaptive_entropy", bool(args.use_adaptive_entropy), "False"),
     ]
     for name, bad, want in unsupported:
         if bad:
@@ -121,11 +146,8 @@ def check_args(args: GRPOConfig) -> None:
 
 
 def check_model(args: "LpRegGRPOConfig", model_config) -> None:
-    """Raise ValueError for model features this trainer does not implement."""
+    """Raise ValueError for model features the fused path does not implement."""
     text = model_config.get_text_config()
-    if getattr(text, "output_router_logits", False) and (args.router_aux_loss_coef or 0.0) != 0.0:
-        raise ValueError(f"router_aux_loss_coef={args.router_aux_loss_coef!r} (MoE load-balancing loss) is not "
-                         "supported by LpRegGRPOTrainer; set router_aux_loss_coef=0.0")
     if args.lpreg_fused:
         for name in ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier",
                      "logits_scaling"):
@@ -142,31 +164,21 @@ class LpRegGRPOTrainer(GRPOTrainer):
         check_args(args)  # before TRL builds anything (e.g. a reference model for beta != 0)
         super().__init__(model, reward_funcs, args, **kwargs)
         check_model(self.args, self.model.config)
-        self._lpreg_redirect = _ForwardRedirection()
-
-    # ---- per-token statistics: one forward of the wrapped model
-
-    def _lpreg_stats(self, unwrapped, input_ids: Tensor, attention_mask: Tensor, labels: Tensor) -> TokenStats:
-        """TokenStats (B, C) of the completion `labels` (B, C; -100 where masked)."""
         a = self.args
-        C = labels.shape[1]
-        opts = dict(temperature=self.temperature, mode=a.lpreg_mode, threshold=a.lpreg_threshold)
-        base = unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped
-        with self.accelerator.autocast():
-            if not a.lpreg_fused:
-                # logits_to_keep = C + 1: position i predicts token i + 1, so the last C + 1 positions
-                # hold the predictions of the C completion tokens (and one past the end, dropped)
-                out = unwrapped(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=C + 1,
-                                use_cache=False)
-                return lpreg_token_stats(out.logits[:, :-1], labels, **opts)
-            hidden = base.base_model(input_ids=input_ids, attention_mask=attention_mask,
-                                     use_cache=False).last_hidden_state[:, -C - 1:-1]
-        head = base.get_output_embeddings()
-        # FSDP2 shards parameters as DTensors; the hidden states are plain tensors (as in TRL's head)
-        full = lambda t: t.full_tensor() if hasattr(t, "full_tensor") else t  # noqa: E731
-        weight, bias = full(head.weight), None if head.bias is None else full(head.bias)
-        return fused_linear_token_stats(hidden.to(weight.dtype), weight, labels, bias=bias,
-                                        chunk_size=a.lpreg_chunk_size, **opts)
+        self._lpreg_redirect = _ForwardRedirection()
+        self._lpreg_opts = dict(temperature=self.temperature, mode=a.lpreg_mode, threshold=a.lpreg_threshold)
+        # TRL's own test for old_per_token_logps: the generation batch outlives one optimiser step
+        generate_every = a.steps_per_generation * self.num_iterations
+        self.lpreg_off_policy = a.gradient_accumulation_steps % generate_every != 0
+        self._lpreg_record = _proxy.use_rollout(a.lpreg_proxy, self.lpreg_off_policy)
+        self._lpreg_sparse = _proxy.needs_sparse(a.lpreg_compat, a.lpreg_kl_estimator)
+        self._lpreg_capture: Optional[Dict[str, Tensor]] = None
+
+    # ---- forwards, each through the wrapped model's forward (DDP / FSDP2 / ZeRO-3 hooks)
+
+    def _lpreg_forward(self, model, fn, *args, **kwargs):
+        unwrapped = self.accelerator.unwrap_model(model)
+        return self._lpreg_redirect(model, unwrapped, fn, unwrapped, *args, **kwargs)
 
     def _lpreg_inputs(self, inputs: Dict[str, Any]):
         if any(inputs.get(k) is not None for k in _MULTIMODAL_KEYS):
@@ -180,11 +192,39 @@ class LpRegGRPOTrainer(GRPOTrainer):
         labels = completion_ids.masked_fill(mask == 0, -100)
         return input_ids, attention_mask, mask, labels
 
-    # ---- paper form: the step-wide selection, once per generation batch
+    # ---- the old-log-prob forward: TRL's, or ours when it also records the rollout proxy
+
+    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
+                                           compute_entropy=False, compute_aux_loss=False, **kwargs):
+        capture = self._lpreg_capture
+        if capture is None or torch.is_grad_enabled() or any(v is not None for v in kwargs.values()):
+            return super()._get_per_token_logps_and_entropies(
+                model, input_ids, attention_mask, logits_to_keep, batch_size, compute_entropy, compute_aux_loss,
+                **kwargs)
+        # TRL's old_per_token_logps forward of a generation batch: one forward gives the old log-probs
+        # and records q (TRL scores the completion positions whose attention mask is 1)
+        labels = input_ids.masked_fill(attention_mask == 0, -100)[:, -logits_to_keep:]
+        step = batch_size or input_ids.shape[0]
+        parts = []
+        for a in range(0, input_ids.shape[0], step):
+            rows = slice(a, a + step)
+            parts.append(self._lpreg_forward(
+                model, _trl_forward.rollout_record, input_ids[rows], attention_mask[rows], labels[rows],
+                fused=self.args.lpreg_fused, chunk_size=self.args.lpreg_chunk_size, opts=self._lpreg_opts,
+                sparse=self._lpreg_sparse, topk=self.args.lpreg_proxy_topk))
+        record = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+        capture.update({k: v for k, v in record.items() if k not in ("logp", "entropy")})
+        return record["logp"], None, None
 
     def _generate_and_score_completions(self, inputs):
-        out = super()._generate_and_score_completions(inputs)
-        if self.args.lpreg_compat == "paper" and self.model.training and out.get("old_per_token_logps") is None:
+        self._lpreg_capture = {} if self._lpreg_record and self.model.training else None
+        try:
+            out = super()._generate_and_score_completions(inputs)
+            out.update(self._lpreg_capture or {})
+        finally:
+            self._lpreg_capture = None
+        if needs_step_selection(self.args.lpreg_compat) and self.model.training \
+                and out.get("old_per_token_logps") is None:
             out[_OLD_KEY] = self._lpreg_old_logps(out)
         return out
 
@@ -193,24 +233,39 @@ class LpRegGRPOTrainer(GRPOTrainer):
         """(B, C) log-probs of the whole generation batch, per_device_train_batch_size rows at a time
         (the micro-batch size the loss will see, so the same kernels produce the same values)."""
         input_ids, attention_mask, _, labels = self._lpreg_inputs(batch)
-        unwrapped = self.accelerator.unwrap_model(self.model)
         step = self.args.per_device_train_batch_size
-        rows = [slice(i, i + step) for i in range(0, input_ids.shape[0], step)]
-        parts = [self._lpreg_stats(unwrapped, input_ids[r], attention_mask[r], labels[r]).logp for r in rows]
+        parts = [self._lpreg_forward(self.model, _trl_forward.token_stats, input_ids[r], attention_mask[r], labels[r],
+                                     fused=self.args.lpreg_fused, chunk_size=self.args.lpreg_chunk_size,
+                                     opts=self._lpreg_opts)[0].logp
+                 for r in (slice(i, i + step) for i in range(0, input_ids.shape[0], step))]
         return torch.cat(parts).float()
+
+    # ---- paper form: the step-wide selection, once per generation batch
 
     def _prepare_inputs(self, generation_batch):
         before = self._buffered_inputs
         out = super()._prepare_inputs(generation_batch)
         batches: Optional[List[Dict[str, Any]]] = self._buffered_inputs
-        if self.args.lpreg_compat == "paper" and self.model.training and batches is not before:
-            # a new generation batch: one threshold for all of its micro-batches on every rank
+        if needs_step_selection(self.args.lpreg_compat) and self.model.training and batches is not before:
+            # a new generation batch: one threshold for all of its micro-batches on every rank; the
+            # pool is the tokens TRL trains on (w > 0 under vLLM importance sampling)
             olds = [b.get("old_per_token_logps", b.get(_OLD_KEY)) for b in batches]
-            masks = [self._lpreg_inputs(b)[2] for b in batches]
+            masks = [self._lpreg_pool(b) for b in batches]
             sels = selection_threshold(olds, masks, rho=self.args.lpreg_rho)
             for b, s in zip(batches, sels):
                 b[_SEL_KEY] = s
         return out
+
+    def _lpreg_weights(self, inputs) -> Optional[Tensor]:
+        """TRL's importance-sampling weight w (B, C) or (B, 1), or None."""
+        if self.use_vllm and self.vllm_importance_sampling_correction and inputs.get(_IS_KEY) is not None:
+            return inputs[_IS_KEY]
+        return None
+
+    def _lpreg_pool(self, inputs) -> Tensor:
+        mask = self._lpreg_inputs(inputs)[2]
+        w = self._lpreg_weights(inputs)
+        return mask if w is None else mask * (w > 0)
 
     # ---- the loss
 
@@ -233,28 +288,68 @@ class LpRegGRPOTrainer(GRPOTrainer):
         a = self.args
         mode = "train" if self.model.training else "eval"
         input_ids, attention_mask, mask, labels = self._lpreg_inputs(inputs)
-        unwrapped = self.accelerator.unwrap_model(model)
-        # through the wrapper's forward: DDP / FSDP / ZeRO-3 see a forward and sync gradients
-        stats = self._lpreg_redirect(model, unwrapped, self._lpreg_stats, unwrapped, input_ids, attention_mask, labels)
+        proxy = _proxy.sparse_proxy(inputs)
+        stats, aux_loss = self._lpreg_forward(
+            model, _trl_forward.token_stats, input_ids, attention_mask, labels, fused=a.lpreg_fused,
+            chunk_size=a.lpreg_chunk_size, opts=self._lpreg_opts, proxy=proxy, aux=self.aux_loss_enabled)
+        if proxy is None and inputs.get(_proxy.ROLLOUT_LOGQ) is not None:
+            stats = _proxy.with_rollout_logq(stats, inputs[_proxy.ROLLOUT_LOGQ])
         adv = inputs["advantages"]
-        adv = adv[:, None] if adv.dim() == 1 else adv
-        if inputs.get("importance_sampling_ratio") is not None and self.use_vllm \
-                and self.vllm_importance_sampling_correction:
-            # TRL multiplies the clipped surrogate by the (detached, positive) rollout-correction
-            # weight w; -min(rA, clip(r)A) w = -min(r(Aw), clip(r)(Aw)), so fold w into A (sign kept)
-            adv = adv * inputs["importance_sampling_ratio"]
-        adv = adv.expand_as(mask).float()
+        adv = (adv[:, None] if adv.dim() == 1 else adv).expand_as(mask).float()
+        w = self._lpreg_weights(inputs)
+        if w is not None:  # the rule of the module docstring: w folded into A (w >= 0 keeps its sign)
+            adv = adv * w
         old = inputs.get("old_per_token_logps")  # None: on-policy, ratio exactly 1 (as TRL)
         sel: Optional[SelectionThreshold] = inputs.get(_SEL_KEY) if mode == "train" else None
         agg, num_tokens, divisor = self._normalisation(inputs, mode)
-        loss, m = policy_loss_from_stats(
+        policy_loss, m = policy_loss_from_stats(
             stats, adv, old, mask, compat=a.lpreg_compat, rho=a.lpreg_rho, beta=a.lpreg_beta,
             clip_low=self.epsilon_low, clip_high=self.epsilon_high, loss_agg_mode=agg,
-            selection_threshold=sel, num_tokens=num_tokens, return_tensors=True)
+            kl_estimator=a.lpreg_kl_estimator, selection_threshold=sel, num_tokens=num_tokens, return_tensors=True)
+        loss = policy_loss / divisor
+        if self._entropy_bonus_enabled:
+            loss = self._lpreg_entropy_bonus(loss, policy_loss.detach(), stats.entropy, mask, mode)
+        if self.aux_loss_enabled:  # TRL's MoE load-balancing loss, scaled for accumulation as TRL scales it
+            accum = self.current_gradient_accumulation_steps if mode == "train" else 1.0
+            loss = loss + self.router_aux_loss_coef * aux_loss / accum
+            self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss).mean().item())
         self._lpreg_log(mode, stats, old, adv, mask, m)
-        return loss / divisor
+        return loss
 
-    def _lpreg_log(self, mode: str, stats: TokenStats, old: Optional[Tensor], adv: Tensor, mask: Tensor,
+    def _lpreg_entropy_bonus(self, loss: Tensor, policy_loss: Tensor, entropy: Tensor, mask: Tensor,
+                             mode: str) -> Tensor:
+        """TRL 1.16's entropy bonus (GRPOTrainer._compute_loss), on lpreg's entropy H(p) of the same
+        tokens: loss - c * (token-mean of H over the micro-batch) / accumulation steps, with c the
+        static coefficient, or the adaptive one of the previous optimiser step (applied only while the
+        window entropy was <= entropy_target), updated from the window-global entropy at each step."""
+        fmask = mask.float()
+        accum = self.current_gradient_accumulation_steps if mode == "train" else 1.0
+        entropy_loss = (entropy * fmask).sum() / fmask.sum().clamp(min=1.0) / accum
+        if self.use_adaptive_entropy:
+            coef = self.entropy_coef if self._last_world_entropy <= self.args.entropy_target else 0.0
+        else:
+            coef = self.entropy_coef
+        loss = loss - coef * entropy_loss
+        self._metrics[mode]["policy_loss"].append(self.accelerator.gather(policy_loss).nanmean().item())
+        if self.use_adaptive_entropy and mode == "train":
+            window = torch.stack([(entropy * fmask).sum(), fmask.sum()]).detach()
+            self._entropy_window_stats = window if self._entropy_window_stats is None \
+                else self._entropy_window_stats + window
+            if self.accelerator.sync_gradients:
+                total = self.accelerator.reduce(self._entropy_window_stats, reduction="sum")
+                world = (total[0] / total[1].clamp(min=1.0)).item()
+                a = self.args
+                if world <= a.entropy_target:
+                    self.entropy_coef = min(self.entropy_coef + a.entropy_coef_delta, a.entropy_coef_max)
+                else:
+                    self.entropy_coef = max(self.entropy_coef - a.entropy_coef_delta, a.entropy_coef_min)
+                self._last_world_entropy = world
+                self._entropy_window_stats = None
+        if mode == "train" and self.accelerator.sync_gradients:
+            self._metrics[mode]["entropy_coef"].append(self.entropy_coef)
+        return loss
+
+    def _lpreg_log(self, mode: str, stats, old: Optional[Tensor], adv: Tensor, mask: Tensor,
                    m: Dict[str, Tensor]) -> None:
         """TRL's way: one float per micro-batch in self._metrics[mode], reduced over processes."""
         fmask = mask.float()
@@ -275,6 +370,10 @@ class LpRegGRPOTrainer(GRPOTrainer):
         metrics["clip_ratio/low_mean"].append((tot[1] / count).item())
         metrics["clip_ratio/high_mean"].append((tot[2] / count).item())
         metrics["clip_ratio/region_mean"].append((tot[3] / count).item())
+        # TRL's per-sequence extremes: the mean over each sequence's tokens, min / max over every process
+        seq = fmask.sum(-1)
+        metrics["clip_ratio/low_min"].append(nanmin(self.accelerator.gather((low * fmask).sum(-1) / seq)).item())
+        metrics["clip_ratio/high_max"].append(nanmax(self.accelerator.gather((high * fmask).sum(-1) / seq)).item())
         metrics["lpreg/kl"].append((tot[4] / tot[5].clamp(min=1.0)).item())
         metrics["lpreg/frac"].append((tot[5] / count).item())
         metrics["lpreg/threshold"].append((tot[7] / self.accelerator.num_processes).item())

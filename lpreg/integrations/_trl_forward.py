@@ -1,0 +1,183 @@
+"""One forward of a TRL policy model -> lpreg's per-token statistics of the completion tokens.
+
+Called inside the wrapped model's forward (TRL's `_ForwardRedirection`), so that DDP, FSDP2
+and DeepSpeed ZeRO-3 see a forward of the root module: FSDP2 unshards the root's parameters
+(the embedding, an untied head) and ZeRO-3 arms its gradient hooks.
+
+Two paths, as in `LpRegGRPOConfig.lpreg_fused`:
+    fused     backbone -> hidden states h (B, C, H); statistics of h W^T + b chunk by chunk
+              (`lpreg.fused_linear_token_stats`), never the (B, C, V) logits
+    logits    the model's own forward with logits_to_keep = C + 1, then `lpreg_token_stats`
+              (or `sparse_proxy_stats` against a rollout-time sparse proxy)
+
+The LM head is read the way TRL's own fused head reads it (trl.trainer.utils.add_fused_lm_head):
+FSDP2's DTensor shard -> `full_tensor()` (an all-gather whose backward reduce-scatters the
+gradient); ZeRO-3's empty partition -> gathered for the forward (`maybe_gather_lm_head_ctx`)
+and gathered again for the backward, which recomputes the logits chunk by chunk from the
+head (`_Zero3Gather` below: the same two gathers TRL's ChunkedLogProbFunction makes).
+"""
+
+from contextlib import nullcontext
+from typing import Dict, Optional, Tuple
+
+import torch
+from torch import Tensor
+from trl.trainer.utils import maybe_gather_lm_head_ctx
+
+from ..fused_linear import default_chunk_size, fused_linear_token_stats
+from ..sparse_proxy import SparseProxy, sparse_proxy_stats
+from ..token_stats import TokenStats, lpreg_token_stats
+from . import _proxy
+
+
+def _full(t: Optional[Tensor]) -> Optional[Tensor]:
+    """FSDP2 shards parameters as DTensors; the hidden states are plain tensors (as in TRL)."""
+    return t.full_tensor() if t is not None and hasattr(t, "full_tensor") else t
+
+
+class _Zero3Gather:
+    """Keeps a ZeRO-3 head gathered while autograd recomputes from it in backward.
+
+    `enter_on_backward` wraps the statistics: its backward (the first to run) gathers the head;
+    `exit_on_backward` wraps the hidden states: its backward runs once lpreg's backward has
+    produced the hidden-state gradient, i.e. after the last read of the head, and releases it.
+    """
+
+    def __init__(self, weight: Tensor, bias: Optional[Tensor]):
+        self.params, self.ctx = (weight, bias), None
+
+    def enter(self):
+        self.ctx = maybe_gather_lm_head_ctx(*self.params)
+        self.ctx.__enter__()
+
+    def exit(self):
+        if self.ctx is not None:
+            self.ctx.__exit__(None, None, None)
+            self.ctx = None
+
+
+class _EnterOnBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gather, *stats):
+        ctx.gather = gather
+        ctx.mark_non_differentiable(stats[1])  # proxy_logp is a target
+        return tuple(s.view_as(s) for s in stats)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        ctx.gather.enter()
+        return (None, *grads)
+
+
+class _ExitOnBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gather, hidden):
+        ctx.gather = gather
+        return hidden.view_as(hidden)
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.gather.exit()
+        return None, grad
+
+
+def _head(model) -> Tuple[Tensor, Optional[Tensor]]:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = base.get_output_embeddings()
+    return head.weight, head.bias
+
+
+def _backbone(model):
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.base_model
+
+
+def _moe_aux_loss(model, router_logits, attention_mask: Tensor) -> Tensor:
+    """TRL's MoE load-balancing loss of a fused forward (trl.trainer.utils.add_fused_lm_head)."""
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    text = model.config.get_text_config()
+    return load_balancing_loss_func(router_logits, text.num_experts, text.num_experts_per_tok, attention_mask)
+
+
+def _zero3() -> bool:
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+    return is_deepspeed_zero3_enabled()
+
+
+def hidden_states(model, input_ids: Tensor, attention_mask: Tensor, C: int, aux: bool):
+    """(B, C, H) hidden states predicting the C completion tokens, and the MoE aux loss (or None)."""
+    kwargs = {"output_router_logits": True} if aux else {}
+    out = _backbone(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
+    # position i predicts token i + 1: the C positions before the last predict the C completion tokens
+    h = out.last_hidden_state[:, -C - 1:-1]
+    return h, (_moe_aux_loss(model, out.router_logits, attention_mask) if aux else None)
+
+
+def token_stats(model, input_ids: Tensor, attention_mask: Tensor, labels: Tensor, *, fused: bool,
+                chunk_size: Optional[int], opts: Dict, proxy: Optional[SparseProxy] = None,
+                aux: bool = False) -> Tuple[TokenStats, Optional[Tensor]]:
+    """TokenStats (B, C) of the completion `labels` (B, C; -100 where masked), and the MoE aux
+    loss when `aux`. `proxy`: a rollout-time SparseProxy (B, C, k), else q is the current policy."""
+    C = labels.shape[1]
+    if not fused:
+        kwargs = {"output_router_logits": True} if aux else {}
+        # logits_to_keep = C + 1: the last C + 1 positions predict the C completion tokens (and one
+        # past the end, dropped)
+        out = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=C + 1, use_cache=False,
+                    **kwargs)
+        logits = out.logits[:, :-1]
+        if proxy is not None:
+            stats = sparse_proxy_stats(logits, labels, proxy, temperature=opts["temperature"])
+        else:
+            stats = lpreg_token_stats(logits, labels, **opts)
+        return stats, (out.aux_loss if aux else None)
+    h, aux_loss = hidden_states(model, input_ids, attention_mask, C, aux)
+    weight, bias = _head(model)
+    weight, bias = _full(weight), _full(bias)
+    if not _zero3():
+        stats = fused_linear_token_stats(h.to(weight.dtype), weight, labels, bias=bias, proxy=proxy,
+                                         chunk_size=chunk_size, **_filter(opts, proxy))
+        return stats, aux_loss
+    gather = _Zero3Gather(weight, bias)
+    with maybe_gather_lm_head_ctx(weight, bias):
+        h = _ExitOnBackward.apply(gather, h)
+        stats = fused_linear_token_stats(h.to(weight.dtype), weight, labels, bias=bias, proxy=proxy,
+                                         chunk_size=chunk_size, **_filter(opts, proxy))
+        stats = TokenStats(*_EnterOnBackward.apply(gather, *stats))
+    return stats, aux_loss
+
+
+def _filter(opts: Dict, proxy) -> Dict:
+    """A sparse proxy carries its own filter: only the temperature applies."""
+    return {"temperature": opts["temperature"]} if proxy is not None else dict(opts)
+
+
+@torch.no_grad()
+def rollout_record(model, input_ids: Tensor, attention_mask: Tensor, labels: Tensor, *, fused: bool,
+                   chunk_size: Optional[int], opts: Dict, sparse: bool, topk: int) -> Dict[str, Tensor]:
+    """Old log-probs and the rollout-time proxy record (lpreg.integrations._proxy) of a batch,
+    from one no-grad forward; each entry (B, C) or (B, C, k)."""
+    B, C = labels.shape
+    if not fused:
+        out = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=C + 1, use_cache=False)
+        logits = out.logits[:, :-1]
+        rec = _proxy.record(logits.reshape(B * C, -1), labels.reshape(-1), sparse=sparse, topk=topk, **opts)
+        return {k: v.reshape(B, C, *v.shape[1:]) for k, v in rec.items()}
+    h, _ = hidden_states(model, input_ids, attention_mask, C, False)
+    weight, bias = _head(model)
+    weight, bias = _full(weight), _full(bias)
+    ctx = maybe_gather_lm_head_ctx(weight, bias) if _zero3() else nullcontext()
+    N = B * C
+    h2, lab = h.reshape(N, -1).float(), labels.reshape(-1)
+    parts = []
+    with ctx:
+        w = weight.float()
+        b = None if bias is None else bias.float()
+        step = chunk_size or default_chunk_size(N, w.shape[0], h.device)
+        for a in range(0, N, step):
+            logits = h2[a:a + step] @ w.t()  # the head in fp32, one chunk of rows at a time
+            logits = logits if b is None else logits + b
+            parts.append(_proxy.record(logits, lab[a:a + step], sparse=sparse, topk=topk, **opts))
+    return {k: torch.cat([p[k] for p in parts]).reshape(B, C, *parts[0][k].shape[1:]) for k in parts[0]}
