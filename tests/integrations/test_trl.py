@@ -83,6 +83,23 @@ def test_beta0_reproduces_trl(tmp_path, loss_type, compat, fused, iterations):
         assert ref["logs"][1]["clip_ratio/region_mean"] > 0  # the clip really acted
 
 
+@pytest.mark.parametrize("compat", ["released", "paper"])
+def test_beta_positive_logs_lpreg_metrics_and_fused_matches_unfused(tmp_path, compat):
+    """beta = 1: the fused path (hidden states x LM head, small chunks) equals the logits path, both
+    log Lp-Reg's metrics TRL's way, and the Lp-Reg term changes the loss."""
+    case = dict(loss_type="dapo", num_iterations=2, epsilon=0.02, lpreg_beta=1.0, lpreg_rho=0.5,
+                lpreg_compat=compat, lpreg_threshold=0.2)
+    fused = train({**case, "lpreg_fused": True, "lpreg_chunk_size": 5}, tmp_path)
+    unfused = train({**case, "lpreg_fused": False}, tmp_path)
+    for h in fused["logs"]:
+        assert h["lpreg/frac"] > 0 and h["lpreg/kl"] > 0, h  # logged per step, TRL's way
+        assert 0 < h["lpreg/threshold"] <= 1 and h["entropy"] > 0, h
+    loss, grad, excess, _ = compare(fused, unfused, f"fused vs unfused {compat}")
+    assert loss <= LOSS_ATOL and grad <= GRAD_RTOL and excess <= 0
+    base = train({**case, "lpreg_fused": True, "lpreg_beta": 0.0}, tmp_path)
+    assert abs(base["logs"][0]["loss"] - fused["logs"][0]["loss"]) > 1e-6  # beta > 0 changes the loss
+
+
 @pytest.mark.parametrize("entropy", [dict(entropy_coef=0.05), dict(use_adaptive_entropy=True, entropy_coef=0.05,
                                                                      entropy_target=1.2, entropy_coef_delta=0.02)])
 def test_entropy_bonus_composes_as_trl_aggregates_it(tmp_path, entropy):

@@ -269,6 +269,7 @@ def test_docs_overrides_compose_validate_and_train(model_path):
     validate_config(cfg, use_reference_policy=False, use_critic=False)
     actor = omega_conf_to_dataclass(cfg.actor_rollout_ref.actor)
     assert isinstance(actor.policy_loss, lpreg_verl.LpRegPolicyLossConfig)
+    assert actor.policy_loss.loss_mode == "lpreg"
     from hydra.errors import InstantiationException
 
     with pytest.raises((ValueError, InstantiationException), match="calculate_sum_pi_squared"):
