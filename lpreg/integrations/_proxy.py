@@ -23,6 +23,7 @@ from typing import Dict, Optional
 import torch
 from torch import Tensor
 
+from ..fused_linear import default_chunk_size
 from ..sparse_proxy import SparseProxy, build_proxy
 from ..token_stats import TokenStats, lpreg_token_stats
 
@@ -50,16 +51,6 @@ def use_rollout(source: Optional[str], off_policy: bool) -> bool:
     return source == "rollout" or (source is None and off_policy)
 
 
-def kl_estimator(compat: str, kl_estimator: Optional[str]) -> str:
-    """The divergence the loss reads: the explicit estimator, else k3 (released) / full (paper)."""
-    return kl_estimator or ("full" if compat == "paper" else "k3")
-
-
-def needs_sparse(compat: str, estimator: Optional[str]) -> bool:
-    """The full KL needs q over the kept set (the sparse record); k3 needs log q(y) only."""
-    return kl_estimator(compat, estimator) == "full"
-
-
 @torch.no_grad()
 def record(logits: Tensor, labels: Tensor, *, temperature: float, mode: str, threshold: float,
            sparse: bool, topk: int, ignore_index: int = -100) -> Dict[str, Tensor]:
@@ -75,6 +66,21 @@ def record(logits: Tensor, labels: Tensor, *, temperature: float, mode: str, thr
                         ignore_index=ignore_index)
         out.update(zip(SPARSE_KEYS, (p.indices, p.logq, p.coverage)))
     return out
+
+
+@torch.no_grad()
+def record_hidden(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, *,
+                  chunk_size: Optional[int], **kw) -> Dict[str, Tensor]:
+    """`record` of the logits hidden (n, H) @ weight.T + bias, in fp32, a chunk of rows at a time (the
+    fused paths: no (n, V) logits). kw: record's keywords. Returns {key: (n,) or (n, k)}."""
+    h = hidden.float()
+    w, b = weight.float(), None if bias is None else bias.float()
+    step = chunk_size or default_chunk_size(h.shape[0], w.shape[0], h.device)
+    parts = []
+    for a in range(0, h.shape[0], step):
+        logits = h[a:a + step] @ w.t()
+        parts.append(record(logits if b is None else logits + b, labels[a:a + step], **kw))
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
 
 def sparse_proxy(batch: Dict[str, Tensor]) -> Optional[SparseProxy]:

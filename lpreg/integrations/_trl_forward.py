@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 from trl.trainer.utils import maybe_gather_lm_head_ctx
 
-from ..fused_linear import default_chunk_size, fused_linear_token_stats
+from ..fused_linear import fused_linear_token_stats
 from ..sparse_proxy import SparseProxy, sparse_proxy_stats
 from ..token_stats import TokenStats, lpreg_token_stats
 from . import _proxy
@@ -138,20 +138,15 @@ def token_stats(model, input_ids: Tensor, attention_mask: Tensor, labels: Tensor
     weight, bias = _full(weight), _full(bias)
     if not _zero3():
         stats = fused_linear_token_stats(h.to(weight.dtype), weight, labels, bias=bias, proxy=proxy,
-                                         chunk_size=chunk_size, **_filter(opts, proxy))
+                                         chunk_size=chunk_size, **opts)
         return stats, aux_loss
     gather = _Zero3Gather(weight, bias)
     with maybe_gather_lm_head_ctx(weight, bias):
         h = _ExitOnBackward.apply(gather, h)
         stats = fused_linear_token_stats(h.to(weight.dtype), weight, labels, bias=bias, proxy=proxy,
-                                         chunk_size=chunk_size, **_filter(opts, proxy))
+                                         chunk_size=chunk_size, **opts)
         stats = TokenStats(*_EnterOnBackward.apply(gather, *stats))
     return stats, aux_loss
-
-
-def _filter(opts: Dict, proxy) -> Dict:
-    """A sparse proxy carries its own filter: only the temperature applies."""
-    return {"temperature": opts["temperature"]} if proxy is not None else dict(opts)
 
 
 @torch.no_grad()
@@ -168,16 +163,7 @@ def rollout_record(model, input_ids: Tensor, attention_mask: Tensor, labels: Ten
     h, _ = hidden_states(model, input_ids, attention_mask, C, False)
     weight, bias = _head(model)
     weight, bias = _full(weight), _full(bias)
-    ctx = maybe_gather_lm_head_ctx(weight, bias) if _zero3() else nullcontext()
-    N = B * C
-    h2, lab = h.reshape(N, -1).float(), labels.reshape(-1)
-    parts = []
-    with ctx:
-        w = weight.float()
-        b = None if bias is None else bias.float()
-        step = chunk_size or default_chunk_size(N, w.shape[0], h.device)
-        for a in range(0, N, step):
-            logits = h2[a:a + step] @ w.t()  # the head in fp32, one chunk of rows at a time
-            logits = logits if b is None else logits + b
-            parts.append(_proxy.record(logits, lab[a:a + step], sparse=sparse, topk=topk, **opts))
-    return {k: torch.cat([p[k] for p in parts]).reshape(B, C, *parts[0][k].shape[1:]) for k in parts[0]}
+    with maybe_gather_lm_head_ctx(weight, bias) if _zero3() else nullcontext():
+        rec = _proxy.record_hidden(h.reshape(B * C, -1), weight, bias, labels.reshape(-1), chunk_size=chunk_size,
+                                   sparse=sparse, topk=topk, **opts)
+    return {k: v.reshape(B, C, *v.shape[1:]) for k, v in rec.items()}

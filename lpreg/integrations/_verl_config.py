@@ -9,7 +9,7 @@ from typing import Any, Dict, Optional
 from verl.workers.config import ActorConfig, PolicyLossConfig
 
 from . import _proxy
-from ._core import LossConfig, lpreg_error
+from ._core import loss_config
 
 LOSS_MODE = "lpreg"
 STRATEGIES = ("fsdp", "fsdp2")
@@ -55,15 +55,6 @@ def check_options(o: Dict[str, Any]) -> None:
         raise ValueError(f"lpreg_dual_clip must be True or False, got {o['lpreg_dual_clip']!r}")
 
 
-def loss_config(o: Dict[str, Any], **extra) -> LossConfig:
-    """The lpreg_* options (and `extra` LossConfig fields) as a validated LossConfig."""
-    try:
-        return LossConfig(compat=o["lpreg_compat"], mode=o["lpreg_mode"], threshold=o["lpreg_threshold"],
-                          rho=o["lpreg_rho"], beta=o["lpreg_beta"], kl_estimator=o["lpreg_kl_estimator"], **extra)
-    except ValueError as exc:
-        raise lpreg_error(exc) from None
-
-
 def is_lpreg(actor_config: Any) -> bool:
     policy_loss = actor_config.get("policy_loss", None) if hasattr(actor_config, "get") else None
     return policy_loss is not None and policy_loss.get("loss_mode", "vanilla") == LOSS_MODE
@@ -84,7 +75,7 @@ def check_actor(actor: Any) -> None:
         raise ValueError(f"clip_ratio_c must be > 1 for the dual clip (lpreg_dual_clip=True), "
                          f"got {actor.get('clip_ratio_c')!r}")
     sp = actor.get("ulysses_sequence_parallel_size", 1) or 1
-    if sp > 1 and o["lpreg_proxy"] != "current" and _proxy.needs_sparse(o["lpreg_compat"], o["lpreg_kl_estimator"]):
+    if sp > 1 and o["lpreg_proxy"] != "current" and loss_config(o).kl_estimator == "full":
         raise ValueError(f"the sparse rollout proxy (the full KL: lpreg_compat={o['lpreg_compat']!r}, "
                          f"lpreg_kl_estimator={o['lpreg_kl_estimator']!r}) is not supported with "
                          f"ulysses_sequence_parallel_size={sp}; use lpreg_kl_estimator='k3' or lpreg_proxy='current'")

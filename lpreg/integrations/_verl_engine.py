@@ -28,12 +28,13 @@ from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead
 from verl.workers.engine.utils import prepare_micro_batches
 from verl.workers.utils import losses as verl_losses
 
-from ..fused_linear import default_chunk_size, fused_linear_token_stats
+from .. import needs_step_selection
+from ..fused_linear import fused_linear_token_stats
 from ..selection import selection_threshold
 from ..sparse_proxy import SparseProxy, sparse_proxy_stats
 from ..token_stats import TokenStats, lpreg_token_stats
 from . import _proxy
-from ._core import needs_step_selection
+from ._core import loss_config
 from ._verl_config import is_lpreg, lpreg_options
 from ._verl_loss import STAT_KEYS, lpreg_ppo_loss
 
@@ -54,7 +55,7 @@ def loss_actor_config(loss_function) -> Optional[Any]:
 def record_spec(policy_loss) -> str:
     """The old-log-prob pass's request for a rollout proxy (JSON, a non-tensor batch entry)."""
     o = lpreg_options(policy_loss)
-    sparse = _proxy.needs_sparse(o["lpreg_compat"], o["lpreg_kl_estimator"])
+    sparse = loss_config(o).kl_estimator == "full"  # the full KL reads q over K: the sparse record
     return json.dumps({"mode": o["lpreg_mode"], "threshold": float(o["lpreg_threshold"]), "sparse": sparse,
                        "topk": int(o["lpreg_proxy_topk"])})
 
@@ -178,30 +179,20 @@ class LpRegFSDPEngineWithLMHead(FSDPEngineWithLMHead):
 
     def _lpreg_opts(self, config, record) -> Dict[str, Any]:
         if record is not None:
-            spec = json.loads(record)
-            return {"mode": spec["mode"], "threshold": spec["threshold"], "sparse": spec["sparse"],
-                    "topk": spec["topk"]}
+            return json.loads(record)  # record_spec's keys: mode, threshold, sparse, topk
         o = lpreg_options(config.policy_loss)
         return {"mode": o["lpreg_mode"], "threshold": o["lpreg_threshold"], "sparse": False, "topk": 0}
 
     def _lpreg_rows(self, hidden, weight, bias, labels, temperature, opts, micro_batch, record):
         """Fused: TokenStats of the rows (training), or the rollout record (old-log-prob pass)."""
         if record is None:
-            proxy = sparse_rows(micro_batch, hidden.shape[0])
-            filt = {} if proxy is not None else {"mode": opts["mode"], "threshold": opts["threshold"]}
-            return fused_linear_token_stats(hidden.to(weight.dtype), weight, labels, bias=bias, proxy=proxy,
-                                            temperature=temperature, **filt)
-        with torch.no_grad():
-            w, b = weight.float(), None if bias is None else bias.float()
-            h = hidden.float()
-            step = default_chunk_size(h.shape[0], w.shape[0], h.device)
-            parts = []
-            for a in range(0, h.shape[0], step):
-                logits = h[a:a + step] @ w.t()
-                parts.append(_proxy.record(logits if b is None else logits + b, labels[a:a + step],
-                                           temperature=temperature, mode=opts["mode"], threshold=opts["threshold"],
-                                           sparse=opts["sparse"], topk=opts["topk"]))
-            return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+            # a sparse proxy carries its own filter: fused_linear_token_stats then ignores mode / threshold
+            return fused_linear_token_stats(hidden.to(weight.dtype), weight, labels, bias=bias,
+                                            proxy=sparse_rows(micro_batch, hidden.shape[0]), temperature=temperature,
+                                            mode=opts["mode"], threshold=opts["threshold"])
+        return _proxy.record_hidden(hidden, weight, bias, labels, chunk_size=None, temperature=temperature,
+                                    mode=opts["mode"], threshold=opts["threshold"], sparse=opts["sparse"],
+                                    topk=opts["topk"])
 
     # ---- per-token outputs
 

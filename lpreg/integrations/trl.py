@@ -63,10 +63,11 @@ from trl import GRPOConfig, GRPOTrainer
 from trl.models.utils import _ForwardRedirection
 from trl.trainer.utils import nanmax, nanmin
 
+from .. import LossConfig, needs_step_selection
 from ..policy_loss import policy_loss_from_stats
 from ..selection import SelectionThreshold, selection_threshold
 from . import _proxy, _trl_forward
-from ._core import LossConfig, lpreg_error, needs_step_selection
+from ._core import loss_config
 
 TRL_RANGE = (Version("1.16"), Version("1.17"))
 if not (TRL_RANGE[0] <= Version(trl.__version__) < TRL_RANGE[1]):
@@ -119,11 +120,7 @@ class LpRegGRPOConfig(GRPOConfig):
 
     def lpreg_loss_config(self) -> LossConfig:
         """The lpreg_* settings as an `lpreg.LossConfig` (validated; errors name the lpreg_ field)."""
-        try:
-            return LossConfig(compat=self.lpreg_compat, mode=self.lpreg_mode, threshold=self.lpreg_threshold,
-                              rho=self.lpreg_rho, beta=self.lpreg_beta, kl_estimator=self.lpreg_kl_estimator)
-        except ValueError as exc:
-            raise lpreg_error(exc) from None
+        return loss_config(vars(self))
 
 
 def check_args(args: GRPOConfig) -> None:
@@ -171,7 +168,7 @@ class LpRegGRPOTrainer(GRPOTrainer):
         generate_every = a.steps_per_generation * self.num_iterations
         self.lpreg_off_policy = a.gradient_accumulation_steps % generate_every != 0
         self._lpreg_record = _proxy.use_rollout(a.lpreg_proxy, self.lpreg_off_policy)
-        self._lpreg_sparse = _proxy.needs_sparse(a.lpreg_compat, a.lpreg_kl_estimator)
+        self._lpreg_sparse = a.lpreg_loss_config().kl_estimator == "full"  # the full KL reads q over K
         self._lpreg_capture: Optional[Dict[str, Tensor]] = None
 
     # ---- forwards, each through the wrapped model's forward (DDP / FSDP2 / ZeRO-3 hooks)

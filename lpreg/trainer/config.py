@@ -17,10 +17,9 @@ from typing import Any, List, Optional
 import yaml
 
 from lpreg import LossConfig
-from lpreg.trainer.losses import LOSSES
+from lpreg.trainer.losses import LOSSES, LPREG_OPTIONS, lpreg_options
 
 STD_SCALINGS = ("group", "batch", "none")
-LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
 # A loss published off-policy (`Loss.off_policy`: clip_higher, kl_cov) is exactly GRPO on-policy: at
 # r = 1 the ratio clip never acts and |logp - old_logp| has zero gradient. Their papers' Table 1 runs
 # used 8 updates per rollout, so they default to that (`--mini-batches 0` = auto) and refuse
@@ -134,8 +133,6 @@ class TrainConfig:
         """Check every field (errors name the flag and the value); resolves `mini_batches` 0."""
         if self.loss not in LOSSES:
             raise ValueError(f"--loss must be one of {tuple(LOSSES)}, got {self.loss!r}")
-        if self.loss_agg_mode not in LOSS_AGG_MODES:
-            raise ValueError(f"--loss-agg-mode must be one of {LOSS_AGG_MODES}, got {self.loss_agg_mode!r}")
         if self.std_scaling not in STD_SCALINGS:
             raise ValueError(f"--std-scaling must be one of {STD_SCALINGS}, got {self.std_scaling!r}")
         self.lpreg_loss_config()  # every --lpreg-* option checked now, not at the first step after the warm start
@@ -161,15 +158,11 @@ class TrainConfig:
     def lpreg_loss_config(self) -> LossConfig:
         """The package's Lp-Reg loss options these fields set (`lpreg.LossConfig`, validated on
         construction); a bad one raises ValueError naming its flag and the value."""
-        names = {"compat": "lpreg_compat", "temperature": "temperature", "mode": "lpreg_mode",
-                 "threshold": "lpreg_threshold", "rho": "lpreg_rho", "beta": "lpreg_beta",
-                 "clip_low": "lpreg_clip_low", "clip_high": "lpreg_clip_high", "loss_agg_mode": "loss_agg_mode",
-                 "backend": "token_stats_backend"}
         try:
-            return LossConfig(**{option: getattr(self, field) for option, field in names.items()})
+            return LossConfig(**lpreg_options(self))
         except ValueError as err:
             option = str(err).split(" ", 1)[0]  # LossConfig's message starts with the option's name
-            flag = f"--{names[option].replace('_', '-')}" if option in names else "an --lpreg-* option"
+            flag = f"--{LPREG_OPTIONS[option].replace('_', '-')}" if option in LPREG_OPTIONS else "an --lpreg-* option"
             raise ValueError(f"{flag}: {err}") from err
 
     def _resolve_mini_batches(self) -> None:

@@ -236,6 +236,19 @@ def _ppo_loss(spec: Loss, logits, labels, adv, old_logp, mask, cfg, choice, prox
     return loss, sums
 
 
+# The package's loss options (lpreg.LossConfig fields) and the TrainConfig fields that set them: one list,
+# checked when the config is built (TrainConfig.lpreg_loss_config) and used by every Lp-Reg update.
+LPREG_OPTIONS = {"compat": "lpreg_compat", "temperature": "temperature", "mode": "lpreg_mode",
+                 "threshold": "lpreg_threshold", "rho": "lpreg_rho", "beta": "lpreg_beta",
+                 "clip_low": "lpreg_clip_low", "clip_high": "lpreg_clip_high", "loss_agg_mode": "loss_agg_mode",
+                 "backend": "token_stats_backend"}
+
+
+def lpreg_options(cfg) -> Dict[str, Any]:
+    """{LossConfig field: its value in `cfg`} for the fields of LPREG_OPTIONS."""
+    return {option: getattr(cfg, name) for option, name in LPREG_OPTIONS.items()}
+
+
 def _lpreg_loss(spec: Loss, logits, labels, adv, old_logp, mask, cfg, choice, proxy, denominator):
     """Lp-Reg through the package's `lpreg_policy_loss`. token-mean with a denominator (the update):
     the mini-batch's token count is the package's `num_tokens`, so its loss already is this
@@ -245,11 +258,8 @@ def _lpreg_loss(spec: Loss, logits, labels, adv, old_logp, mask, cfg, choice, pr
     n_local = ((mask > 0) & (labels != -100)).sum().float()
     exact = cfg.loss_agg_mode == "token-mean" and denominator is not None
     loss, m = lpreg_policy_loss(
-        logits, labels, adv, old_logp, mask, compat=cfg.lpreg_compat, temperature=cfg.temperature,
-        mode=cfg.lpreg_mode, threshold=cfg.lpreg_threshold, rho=cfg.lpreg_rho, beta=cfg.lpreg_beta,
-        clip_low=cfg.lpreg_clip_low, clip_high=cfg.lpreg_clip_high, loss_agg_mode=cfg.loss_agg_mode,
-        proxy=proxy, selection_threshold=choice, backend=cfg.token_stats_backend, return_tensors=True,
-        num_tokens=int(round(denominator)) if exact else None,
+        logits, labels, adv, old_logp, mask, proxy=proxy, selection_threshold=choice, return_tensors=True,
+        num_tokens=int(round(denominator)) if exact else None, **lpreg_options(cfg),
     )
     if not exact:
         count = n_local if cfg.loss_agg_mode == "token-mean" else float(mask.shape[0])

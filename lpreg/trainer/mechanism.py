@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from lpreg import lpreg_token_stats
+from lpreg.selection import bottom_k_count, bottom_k_mask
 from lpreg.trainer.losses import loss_denominator
 from lpreg.trainer.step import update
 
@@ -45,12 +46,9 @@ def released_selection(logp: Tensor, proxy_logp: Tensor, adv: Tensor, mask: Tens
     valid tokens with A < 0, the k = int(rho n_neg) smallest log p_y (ties by position; none when
     k <= 1), of which those whose label the proxy keeps, logp < proxy_logp."""
     neg = ((mask > 0) & (adv < 0)).reshape(-1)
-    k = int(rho * int(neg.sum()))
-    out = torch.zeros_like(neg)
-    if k > 1:
-        key = torch.where(neg, logp.reshape(-1).double(), torch.full_like(logp.reshape(-1).double(), math.inf))
-        out[torch.sort(key, stable=True).indices[:k]] = True
-    return out.reshape(mask.shape) & (logp < proxy_logp)
+    k = bottom_k_count(neg.sum(), rho)  # the package's own rule and tie order (lpreg.selection)
+    bottom, _ = bottom_k_mask(logp.reshape(-1), neg, k)
+    return (bottom & (k > 1)).reshape(mask.shape) & (logp < proxy_logp)
 
 
 def due(cfg, step: int) -> bool:

@@ -52,22 +52,12 @@ def recipe_overrides(tmp_path, name):
     return argv[2:]
 
 
-def compose(overrides):
-    import verl
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    conf_dir = os.path.join(os.path.dirname(verl.__file__), "trainer", "config")
-    with initialize_config_dir(config_dir=conf_dir, version_base=None):
-        return hydra_compose(config_name="ppo_trainer", overrides=overrides)
-
-
 @pytest.mark.parametrize("name", ["onpolicy", "offpolicy"])
 def test_recipe_composes_validates_and_trains(tmp_path, name):
     from verl.utils.config import omega_conf_to_dataclass, validate_config
 
     overrides = recipe_overrides(tmp_path, name)
-    cfg = compose(overrides)
+    cfg = V.compose(overrides)
     validate_config(cfg, use_reference_policy=False, use_critic=False)  # the recipe's own 64-GPU cluster
     actor = omega_conf_to_dataclass(cfg.actor_rollout_ref.actor)
     o = lpreg_verl.lpreg_options(actor.policy_loss)
@@ -76,7 +66,7 @@ def test_recipe_composes_validates_and_trains(tmp_path, name):
 
     V.init(29545)
     path = save_tiny(str(tmp_path / "tiny"))
-    tiny = compose(overrides + TINY[name] + TINY_COMMON + [f"actor_rollout_ref.model.path={path}"])
+    tiny = V.compose(overrides + TINY[name] + TINY_COMMON + [f"actor_rollout_ref.model.path={path}"])
     actor = omega_conf_to_dataclass(tiny.actor_rollout_ref.actor)
     # the recipe's rho = 0.01 selects nothing among a tiny batch's few dozen A < 0 tokens (k = max(1, int(0.01
     # n)) = 1, and the released code selects only when k > 1); the run keeps it, so Lp-Reg's term is 0 here

@@ -199,21 +199,10 @@ def test_off_policy_rollout_proxy_equals_released_float64(model_path):
     assert selected >= 2
 
 
-def test_paper_selection_is_exact_over_the_mini_batch(model_path, monkeypatch):
+def test_paper_selection_is_exact_over_the_mini_batch(model_path):
     """Two micro-batches of 4: the step threshold applied to each micro-batch's old log-probs
     selects exactly k = max(1, floor(rho n)) of the mini-batch's n response tokens."""
-    import lpreg.integrations._verl_loss as loss_module
-
-    seen = []
-    real = loss_module.policy_loss_from_stats
-
-    def spy(stats, adv, old, mask, **kw):
-        sel = kw["selection_threshold"]
-        seen.append((sel.k, sel.n_valid, int(sel.mask(old, mask > 0).sum()), int((mask > 0).sum())))
-        return real(stats, adv, old, mask, **kw)
-
-    monkeypatch.setattr(loss_module, "policy_loss_from_stats", spy)
-    V.run(model_path, dict(lpreg_compat="paper", lpreg_rho=0.3, micro=4))
+    seen = V.run(model_path, dict(lpreg_compat="paper", lpreg_rho=0.3, micro=4, record_selection=True))["selection"]
     assert len(seen) == 2
     n = seen[0][3] + seen[1][3]
     assert seen[0][1] == n and seen[0][0] == max(1, int(0.3 * n)) == seen[0][2] + seen[1][2]
@@ -244,16 +233,6 @@ def overrides():
     return [t for t in block.replace("\\\n", " ").split() if "=" in t and not t.startswith("python")]
 
 
-def compose(extra):
-    import verl
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    conf_dir = os.path.join(os.path.dirname(verl.__file__), "trainer", "config")
-    with initialize_config_dir(config_dir=conf_dir, version_base=None):
-        return hydra_compose(config_name="ppo_trainer", overrides=extra)
-
-
 def test_docs_overrides_compose_validate_and_train(model_path):
     """verl's own ppo_trainer config with the docs' overrides -> the driver's validate_config -> the
     actor config verl's worker builds (omega_conf_to_dataclass) -> one update of the lpreg engine;
@@ -265,7 +244,7 @@ def test_docs_overrides_compose_validate_and_train(model_path):
     sizes = ["actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=2", "actor_rollout_ref.actor.ppo_mini_batch_size=8",
              "actor_rollout_ref.rollout.n=1", "data.train_batch_size=8", "trainer.n_gpus_per_node=1",
              "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=2"]
-    cfg = compose(ours + sizes)
+    cfg = V.compose(ours + sizes)
     validate_config(cfg, use_reference_policy=False, use_critic=False)
     actor = omega_conf_to_dataclass(cfg.actor_rollout_ref.actor)
     assert isinstance(actor.policy_loss, lpreg_verl.LpRegPolicyLossConfig)
@@ -273,7 +252,7 @@ def test_docs_overrides_compose_validate_and_train(model_path):
     from hydra.errors import InstantiationException
 
     with pytest.raises((ValueError, InstantiationException), match="calculate_sum_pi_squared"):
-        validate_config(compose(ours + sizes + ["actor_rollout_ref.actor.calculate_sum_pi_squared=True"]),
+        validate_config(V.compose(ours + sizes + ["actor_rollout_ref.actor.calculate_sum_pi_squared=True"]),
                         use_reference_policy=False, use_critic=False)
     engine = V.make_engine(model_path)
     td = V.left_right_2_no_padding(V.rollout_batch(model_path).union(

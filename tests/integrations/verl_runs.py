@@ -277,3 +277,14 @@ def main(cases_json, out_dir):
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2])
+
+
+def compose(overrides):
+    """verl's own ppo_trainer config (its Hydra YAML) with `overrides`."""
+    import verl
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    conf_dir = os.path.join(os.path.dirname(verl.__file__), "trainer", "config")
+    with initialize_config_dir(config_dir=conf_dir, version_base=None):
+        return hydra_compose(config_name="ppo_trainer", overrides=overrides)
