@@ -1,11 +1,19 @@
 """Build lpreg: pure-Python package + Triton kernels + the compiled `lpreg._C` extension.
 
 The Triton kernels live in the top-level `kernels/` folder and are installed as
-`lpreg.kernels` (never as a top-level `kernels` module: PyPI already has one).
+`lpreg.kernels` (never as a top-level `kernels` module: PyPI already has one, and transformers
+imports it). `kernels/` has no `__init__.py`, so it never shadows that distribution when the
+checkout is on sys.path; the package `lpreg.kernels` is `lpreg/kernels/__init__.py`, and build_py
+below adds `kernels/*.py` to it in a built wheel.
 
 The C++ extension is built against the torch that is already installed, so install with
-`pip install --no-build-isolation .`. Environment knobs:
+`pip install --no-build-isolation .`. It is an accelerator, not a requirement: when its build fails
+(no compiler, a compiler error), the install goes on without it after one warning that says why
+and how to retry, and records the reason in `lpreg/_C_build_failed.txt`, which `lpreg.backends()`
+reports. The C++ standard follows the installed torch's headers (C++20 from torch 2.14, else C++17),
+for the host compiler and nvcc alike. Environment knobs:
 
+  LPREG_REQUIRE_EXT=1      a failed extension build fails the install (CI, packagers)
   LPREG_SKIP_EXT=1         build no extension at all (pure Python + Triton)
   LPREG_SKIP_CUDA=1        build the CPU extension only, even where CUDA is available
   TORCH_CUDA_ARCH_LIST     CUDA architectures (default "8.0;9.0": A100 and H100/H200)
@@ -18,10 +26,20 @@ The C++ extension is built against the torch that is already installed, so insta
 import glob
 import os
 import platform
+import sys
 
+import setuptools
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py as _build_py
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+BUILD_FAILURE_FILE = "_C_build_failed.txt"  # beside the extension; lpreg._native reads it
+
+# pyproject.toml's PEP 639 licence string needs setuptools 77; --no-build-isolation skips the check
+# of [build-system] requires, so an older one would fail later with an obscure metadata error
+if int(setuptools.__version__.split(".")[0]) < 77:
+    sys.exit(f"lpreg needs setuptools >= 77 to build (found {setuptools.__version__}): "
+             "pip install -U 'setuptools>=77', then install lpreg again")
 
 
 def _truthy(name):
@@ -52,7 +70,8 @@ def _extensions():
         and torch.version.cuda is not None
         and cpp_extension.CUDA_HOME is not None
     )
-    cxx_flags = ["-O3", "-std=c++17", "-fopenmp"] + _cpu_isa_flags(torch)
+    std = f"-std={_cxx_standard(torch)}"
+    cxx_flags = ["-O3", std, "-fopenmp"] + _cpu_isa_flags(torch)
     common = dict(
         name="lpreg._C",
         include_dirs=[os.path.join(HERE, "csrc")],
@@ -64,7 +83,7 @@ def _extensions():
             sources=binding + cpu_sources + cuda_sources,
             extra_compile_args={
                 "cxx": cxx_flags + ["-DLPREG_WITH_CUDA"],
-                "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo", "-DLPREG_WITH_CUDA"],
+                "nvcc": ["-O3", std, "--use_fast_math", "-lineinfo", "-DLPREG_WITH_CUDA"],
             },
             **common,
         )
@@ -74,8 +93,50 @@ def _extensions():
             extra_compile_args={"cxx": cxx_flags},
             **common,
         )
-    build_ext = cpp_extension.BuildExtension.with_options(use_ninja=_has_ninja())
+    build_ext = _optional(cpp_extension.BuildExtension).with_options(use_ninja=_has_ninja())
     return [ext], {"build_ext": build_ext}
+
+
+def _cxx_standard(torch):
+    """The C++ standard the installed torch's headers need: ATen.h stops C++ below 20 from torch 2.14."""
+    header = os.path.join(os.path.dirname(torch.__file__), "include", "ATen", "ATen.h")
+    try:
+        with open(header) as f:
+            needs_20 = "202002L" in f.read()
+    except OSError:  # no headers where expected: go by the version
+        needs_20 = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 14)
+    return "c++20" if needs_20 else "c++17"
+
+
+def _optional(build_ext_class):
+    """build_ext that lets the install go on without the extension when its build fails."""
+
+    class OptionalBuildExt(build_ext_class):
+        def run(self):
+            marker = os.path.join(os.path.dirname(self.get_ext_fullpath("lpreg._C")), BUILD_FAILURE_FILE)
+            try:
+                super().run()
+            except (Exception, SystemExit) as exc:  # no compiler, a compile or link error
+                if _truthy("LPREG_REQUIRE_EXT"):
+                    raise
+                reason = " ".join(str(exc).split())[-600:] or type(exc).__name__
+                os.makedirs(os.path.dirname(marker), exist_ok=True)
+                with open(marker, "w") as f:
+                    f.write(f"its build failed ({type(exc).__name__}: {reason}). To retry and see the compiler's "
+                            "error: LPREG_REQUIRE_EXT=1 pip install -v --no-build-isolation -e . (or the same "
+                            "without -e).\n")
+                print(
+                    "WARNING: lpreg: the compiled extension lpreg._C could not be built "
+                    f"({type(exc).__name__}: {reason}). lpreg is installed without it: the PyTorch and Triton "
+                    "backends work, backend='cpu'/'cuda' do not, and lpreg.backends() says so. To retry and see "
+                    "the compiler's error: LPREG_REQUIRE_EXT=1 pip install -v --no-build-isolation -e .",
+                    file=sys.stderr,
+                )
+            else:
+                if os.path.exists(marker):
+                    os.remove(marker)
+
+    return OptionalBuildExt
 
 
 def _cpu_isa_flags(torch):
@@ -106,11 +167,21 @@ def _has_ninja():
         return False
 
 
+class build_py(_build_py):
+    """The Triton kernels' files (top-level kernels/*.py) become modules of lpreg.kernels."""
+
+    def find_package_modules(self, package, package_dir):
+        modules = super().find_package_modules(package, package_dir)
+        if package == "lpreg.kernels":
+            for path in sorted(glob.glob(os.path.join("kernels", "*.py"))):
+                modules.append((package, os.path.splitext(os.path.basename(path))[0], path))
+        return modules
+
+
 ext_modules, cmdclass = _extensions()
 
 setup(
-    packages=find_packages(include=["lpreg", "lpreg.*"]) + ["lpreg.kernels"],
-    package_dir={"lpreg.kernels": "kernels"},
+    packages=find_packages(include=["lpreg", "lpreg.*"]),
     ext_modules=ext_modules,
-    cmdclass=cmdclass,
+    cmdclass={"build_py": build_py, **cmdclass},
 )

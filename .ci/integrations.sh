@@ -1,48 +1,46 @@
 #!/usr/bin/env bash
 # CI for lpreg.integrations: each framework in its own virtual environment (verl pins
-# transformers < 5.11, TRL 1.16 takes newer ones), with lpreg installed as README installs it:
-# built WITH its compiled CPU extension. One wheel is built (once) and installed in both
-# environments, so the suites test the `cpu` kernels users get. Usage:
+# transformers < 5.11, TRL 1.16 takes newer ones), made as README tells a user: torch, then lpreg
+# with the framework's extra (`lpreg[trl,deepspeed]`, `lpreg[verl]`), and nothing else by hand but
+# the test runner. lpreg comes from one wheel built WITH its compiled CPU extension, installed in
+# both environments, so the suites test the `cpu` kernels users get. Usage:
 #   bash .ci/integrations.sh [trl|verl ...]
 # VENVS (default /tmp/lpreg-venvs) holds the environments and the wheel; REUSE_VENVS=1 keeps
-# existing environments. LPREG_WHEEL_DIR: a directory holding an lpreg wheel already built from this
-# tree against the same torch (.ci/run passes the package check's); else the wheel is built here.
+# existing environments (and only reinstalls lpreg). LPREG_WHEEL_DIR: a directory holding an lpreg
+# wheel already built from this tree against the same torch (.ci/run passes the package check's);
+# else the wheel is built here, with the active environment's torch and build tools.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENVS=${VENVS:-/tmp/lpreg-venvs}
 TORCH=torch==2.13.0
-# deepspeed: the ZeRO-3 tests (its CPU accelerator runs on gloo); setuptools/wheel/ninja: the build;
-# cachetools, fastapi, uvicorn: imported by verl's driver (ray_trainer), not declared by pip's verl 0.9.1
-declare -A FRAMEWORK=([trl]="trl>=1.16,<1.17 deepspeed>=0.18 setuptools wheel ninja"
-                     [verl]="verl>=0.9.1,<0.10 cachetools fastapi uvicorn")
+# each framework's extras, exactly as README's "Use with TRL / verl" installs them
+declare -A EXTRAS=([trl]="trl,deepspeed" [verl]="verl")
 WHEELS="$VENVS/wheel"
 mkdir -p "$VENVS"
 
-make_venv() {  # $1: trl | verl
-    local venv="$VENVS/$1"
-    if [[ "${REUSE_VENVS:-0}" == 1 && -x "$venv/bin/python" ]]; then return; fi
-    rm -rf "$venv"
-    python3 -m venv "$venv"
-    # one resolve with torch pinned; --no-compile: byte-compiling ray / transformers costs minutes on 2 cores
-    # shellcheck disable=SC2086
-    "$venv/bin/pip" install -q --no-compile "$TORCH" ${FRAMEWORK[$1]} pytest pytest-benchmark
-}
-
-build_wheel() {  # in the trl environment (it has torch and the build tools). A copy of the tree:
-    local src t0=$SECONDS  # the build never writes into this one
+build_wheel() {  # a copy of the tree: the build never writes into this one
+    local src t0=$SECONDS
     src=$(mktemp -d)
     git ls-files -co --exclude-standard | while read -r f; do [[ -e "$f" ]] && echo "$f"; done \
         | tar -cf - -T - | tar -xf - -C "$src"
     rm -rf "$WHEELS"
-    MAX_JOBS=${MAX_JOBS:-2} LPREG_SKIP_CUDA=1 "$VENVS/trl/bin/pip" wheel -q --no-build-isolation --no-deps \
-        --wheel-dir "$WHEELS" "$src"
+    MAX_JOBS=${MAX_JOBS:-2} LPREG_SKIP_CUDA=1 LPREG_REQUIRE_EXT=1 python -m pip wheel -q --no-build-isolation \
+        --no-deps --wheel-dir "$WHEELS" "$src"
     rm -rf "$src"
     echo "integrations: wheel with the compiled extension built in $((SECONDS - t0)) s"
 }
 
-install_lpreg() {  # $1: trl | verl
-    local venv="$VENVS/$1"
-    "$venv/bin/pip" install -q --no-compile --no-deps --force-reinstall "$WHEELS"/lpreg-*.whl
+make_venv() {  # $1: trl | verl
+    local venv="$VENVS/$1" wheel
+    wheel=$(ls "$WHEELS"/lpreg-*.whl)
+    if [[ "${REUSE_VENVS:-0}" == 1 && -x "$venv/bin/python" ]]; then
+        "$venv/bin/pip" install -q --no-compile --no-deps --force-reinstall "$wheel"
+    else
+        rm -rf "$venv"
+        python3 -m venv "$venv"
+        # one resolve with torch pinned; --no-compile: byte-compiling ray / transformers costs minutes on 2 cores
+        "$venv/bin/pip" install -q --no-compile "$TORCH" "lpreg[${EXTRAS[$1]}] @ file://$wheel" pytest pytest-benchmark
+    fi
     (cd / && "$venv/bin/python" -c "from lpreg import _native; assert _native.available('cpu'), 'no lpreg._C'")
 }
 
@@ -60,19 +58,12 @@ for line in open(sys.argv[1]):
     return $rc
 }
 
-# Environments side by side (2 cores: the installs wait on the network and the disk); the wheel
-# is compiled as soon as the trl environment exists, while verl's still installs.
+# The wheel first (the environments install it with their extras), then the environments side by
+# side (2 cores: the installs wait on the network and the disk).
 T0=$SECONDS
 LOGS=$(mktemp -d)
 FWS=(${@:-trl verl})
 declare -A PID
-make_venv trl > "$LOGS/venv-trl.log" 2>&1 &
-PID[trl]=$!
-for fw in "${FWS[@]}"; do
-    if [[ $fw != trl ]]; then make_venv "$fw" > "$LOGS/venv-$fw.log" 2>&1 & PID[$fw]=$!; fi
-done
-status=0
-wait "${PID[trl]}" || { cat "$LOGS/venv-trl.log"; exit 1; }
 if [[ -n "${LPREG_WHEEL_DIR:-}" ]] && compgen -G "$LPREG_WHEEL_DIR/lpreg-*.whl" > /dev/null; then
     WHEELS=$LPREG_WHEEL_DIR
     echo "integrations: using $(ls "$WHEELS"/lpreg-*.whl)"
@@ -80,10 +71,14 @@ else
     build_wheel
 fi
 for fw in "${FWS[@]}"; do
-    if [[ $fw != trl ]]; then wait "${PID[$fw]}" || { cat "$LOGS/venv-$fw.log"; exit 1; }; fi
-    install_lpreg "$fw"
+    make_venv "$fw" > "$LOGS/venv-$fw.log" 2>&1 &
+    PID[$fw]=$!
 done
-echo "integrations: environments and wheel ready after $((SECONDS - T0)) s"
+status=0
+for fw in "${FWS[@]}"; do
+    wait "${PID[$fw]}" || { cat "$LOGS/venv-$fw.log"; exit 1; }
+done
+echo "integrations: environments ready after $((SECONDS - T0)) s"
 
 # The suites side by side, one core each, each logging to its own file, printed whole when it ends.
 for fw in "${FWS[@]}"; do

@@ -27,7 +27,7 @@ import pytest
 import torch
 
 import lpreg
-from lpreg import _contract
+from lpreg import _backends
 
 K = 64
 CPU_SIZES = [(512, 32000, torch.float32), (128, 151936, torch.bfloat16)]
@@ -96,7 +96,7 @@ def _check(fn, logits, labels, weights, proxy):
 
 
 def _run_case(benchmark, measure, smoke, provider, N, V, dtype, device):
-    if provider == "triton" and not _contract.triton_available():
+    if provider == "triton" and not _backends.triton_available():
         pytest.skip("triton is not importable")
     if smoke:
         N = min(N, SMOKE_ROWS)

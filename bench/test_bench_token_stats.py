@@ -28,7 +28,7 @@ import pytest
 import torch
 
 import lpreg
-from lpreg import _contract, reference
+from lpreg import _backends, reference
 
 KAPPA = 0.02
 CPU_SIZES = [(1024, 32000, torch.float32), (256, 151936, torch.float32), (256, 151936, torch.bfloat16)]
@@ -76,9 +76,9 @@ PROVIDERS.update({b: lpreg_provider(b) for b in ("torch", "cpu", "triton", "cuda
 
 
 def _skip_unavailable(provider):
-    if provider in ("cpu", "cuda") and not _contract.native_available(provider):
-        pytest.skip(f"lpreg._C is not built with {provider} support")
-    if provider == "triton" and not _contract.triton_available():
+    if provider in ("cpu", "cuda") and not _backends.native_available(provider):
+        pytest.skip(_backends.native_unavailable_reason(provider))
+    if provider == "triton" and not _backends.triton_available():
         pytest.skip("triton is not importable")
 
 

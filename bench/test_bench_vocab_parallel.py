@@ -32,7 +32,7 @@ import pytest
 import torch
 
 import lpreg
-from lpreg import _contract, _vocab_parallel
+from lpreg import _backends, _vocab_parallel
 
 SIZES = [(1024, 32000, torch.float32), (256, 151936, torch.bfloat16)]
 SMOKE_ROWS = 4
@@ -134,8 +134,8 @@ def _size_id(size):
 
 @pytest.mark.parametrize("size", SIZES, ids=_size_id)
 def test_unsharded(benchmark, measure, smoke, size):
-    if not _contract.native_available("cpu"):
-        pytest.skip("lpreg._C is not built")
+    if not _backends.native_available("cpu"):
+        pytest.skip(_backends.native_unavailable_reason("cpu"))
     N, V, dtype = size
     N = SMOKE_ROWS if smoke else N
     benchmark.group = f"vocab_parallel cpu {_size_id(size)}"
@@ -160,8 +160,8 @@ def test_unsharded(benchmark, measure, smoke, size):
 @pytest.mark.slow
 @pytest.mark.parametrize("size", SIZES, ids=_size_id)
 def test_tp2(benchmark, smoke, size):
-    if not _contract.native_available("cpu"):
-        pytest.skip("lpreg._C is not built")
+    if not _backends.native_available("cpu"):
+        pytest.skip(_backends.native_unavailable_reason("cpu"))
     N, V, dtype = size
     N = SMOKE_ROWS if smoke else N
     benchmark.group = f"vocab_parallel cpu {_size_id(size)}"

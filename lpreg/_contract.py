@@ -1,8 +1,8 @@
-"""The contract every op shares: the row-statistics layout, the fake (meta) kernels, the backend table.
+"""The contract every op shares: the row-statistics layout and the fake (meta) kernels.
 
 This module is the bottom layer of lpreg: it imports nothing of lpreg at module level, and every
 other layer (public API -> op glue -> backends, the Triton kernels included) may import it. Keeping
-these three things here, and nowhere else, is what keeps the op layers free of import cycles: no
+these things here, and nowhere else, is what keeps the op layers free of import cycles: no
 op's glue imports another op's glue, and no backend imports another backend.
 
 ## Row-statistics layout
@@ -21,33 +21,11 @@ its logits, and its backward writes an exact zero gradient without reading the s
 computing p or q: the zeros are not a softmax state, and recomputing p = exp(x - 0) from lse = 0
 overflows to inf for a logit above about 88, which then turns the zero coefficients into NaN.
 
-## Backend table
-
-Every op resolves `backend=` the same way (`resolve`: "auto" picks per device; an explicit backend
-that cannot serve the tensor raises ValueError), then looks up the module that serves the resolved
-name (`implementation`):
-
-    op                   triton                              torch / cpu / cuda
-    token_stats          lpreg.kernels.token_stats           lpreg._token_stats_torch_backend / lpreg._native (x2)
-    sparse_proxy_stats   lpreg.kernels.sparse_proxy_stats    lpreg._sparse_proxy_torch_backend (x3)
-    build_proxy          lpreg._sparse_proxy_torch_backend (every backend: a no-grad top-k, no kernel)
-
-Token-stats modules expose `token_stats_forward` / `token_stats_backward`, sparse-proxy modules
-`sparse_proxy_forward` / `sparse_proxy_backward` and `build_proxy_rows`, with the contracts written
-in their Triton kernel files. For vocabulary-parallel logits (a shard of columns [offset, offset + V)
-on each rank) the token-stats modules also expose the two halves of the forward's row pass,
-`token_stats_shard_pass1` / `token_stats_shard_pass2` (the partials below; lpreg._vocab_parallel
-combines them across ranks, for the sparse proxy and build_proxy too), and both backwards take a
-`vocab_offset`: labels, the argmax slot and proxy indices stay global vocabulary indices. The
-compiled extension has no sparse-proxy kernel: "cpu" and "cuda" are checked exactly as for token
-stats and then served by the PyTorch module. Imports are lazy (importlib), so `import lpreg` needs
-neither Triton nor a GPU nor the compiled extension, and the backend is resolved inside the
-custom-op bodies, which torch.compile never traces.
+The backend table (which module serves which op for which backend name, and how `backend=` is
+resolved) is one layer up, in lpreg._backends: it loads the backend modules, so it must not live in
+the layer they import.
 """
 
-import importlib
-import os
-import warnings
 from typing import Optional
 
 import torch
@@ -119,93 +97,3 @@ def as_upstream(g: Optional[Tensor]) -> Optional[Tensor]:
     """An upstream gradient as the kernels read it: fp32 and contiguous; None when the output took
     no part in the loss."""
     return None if g is None else g.float().contiguous()
-
-
-# ---------------------------------------------------------------------------- backend table
-
-_MODULES = {
-    "token_stats": {
-        "triton": "lpreg.kernels.token_stats",
-        "torch": "lpreg._token_stats_torch_backend",
-        "cpu": "lpreg._native",
-        "cuda": "lpreg._native",
-    },
-    "sparse_proxy_stats": {
-        "triton": "lpreg.kernels.sparse_proxy_stats",
-        "torch": "lpreg._sparse_proxy_torch_backend",
-        "cpu": "lpreg._sparse_proxy_torch_backend",
-        "cuda": "lpreg._sparse_proxy_torch_backend",
-    },
-    "build_proxy": {name: "lpreg._sparse_proxy_torch_backend" for name in ("triton", "torch", "cpu", "cuda")},
-}
-_warned = set()
-
-
-def implementation(backend: str, op: str = "token_stats"):
-    """The module that serves `op` for a resolved backend name."""
-    return importlib.import_module(_MODULES[op][backend])
-
-
-# Availability is a fact of the installation: probed once (resolve() runs inside the custom ops,
-# never under torch.compile's tracing).
-_available = {}
-
-
-def _probe(key, check) -> bool:
-    if key not in _available:
-        try:
-            _available[key] = bool(check())
-        except Exception:
-            _available[key] = False
-    return _available[key]
-
-
-def triton_available() -> bool:
-    return _probe("triton", lambda: importlib.import_module("triton") is not None)
-
-
-def triton_interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def native_available(device_type: str) -> bool:
-    return _probe(device_type, lambda: importlib.import_module("lpreg._native").available(device_type))
-
-
-def _warn_once(key, message) -> None:
-    if key not in _warned:
-        _warned.add(key)
-        warnings.warn(message, RuntimeWarning, stacklevel=4)
-
-
-def resolve(backend: str, device: torch.device) -> str:
-    """Turn backend="auto" into a concrete backend for `device`, and check explicit ones."""
-    kind = device.type
-    if backend == "auto":
-        if kind == "cuda":
-            # Triton first on CUDA (design grounds until a GPU run measures both); CUDA C++ the fallback
-            if triton_available():
-                return "triton"
-            if native_available("cuda"):
-                return "cuda"
-            _warn_once("cuda", "lpreg: neither Triton nor lpreg._C (CUDA) is available; using backend='torch'")
-            return "torch"
-        if kind == "cpu":
-            if native_available("cpu"):
-                return "cpu"
-            _warn_once("cpu", "lpreg: the compiled extension lpreg._C is not available; using backend='torch'")
-            return "torch"
-        return "torch"
-    if backend == "triton":
-        if not triton_available():
-            raise ValueError("backend='triton' needs the triton package, which is not importable")
-        if kind != "cuda" and not triton_interpreted():
-            raise ValueError(
-                f"backend='triton' on a {kind} tensor needs TRITON_INTERPRET=1 set before lpreg.kernels is imported"
-            )
-    elif backend in ("cpu", "cuda"):
-        if kind != backend:
-            raise ValueError(f"backend={backend!r} needs {backend} tensors, got a tensor on {device}")
-        if not native_available(backend):
-            raise ValueError(f"backend={backend!r} needs the compiled extension lpreg._C built with {backend} support")
-    return backend

@@ -9,6 +9,7 @@ signatures of `lpreg._token_stats_torch_backend`.
 """
 
 import functools
+import os
 
 import torch
 
@@ -49,6 +50,28 @@ def _register_fakes():
     @torch.library.register_fake("lpreg_C::token_stats_shard_pass2")
     def _pass2_fake(logits, labels, proxy, inv_temperature, cutoff, max_y, argmax, ignore_index):
         return logits.new_empty((logits.shape[0], PASS2_WIDTH), dtype=torch.float32)
+
+
+# setup.py writes this file beside the extension when its build fails and the install goes on without it
+BUILD_FAILURE_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_C_build_failed.txt")
+RETRY = ("to retry the build: pip install --no-build-isolation -e . (or .) with LPREG_REQUIRE_EXT=1 to see the "
+         "compiler's error")
+
+
+def unavailable_reason(device_type: str) -> str:
+    """Why the compiled backend for `device_type` cannot run here ("" when it can)."""
+    if available(device_type):
+        return ""
+    if _load() is None:
+        if os.path.exists(BUILD_FAILURE_FILE):
+            with open(BUILD_FAILURE_FILE) as f:
+                return f"lpreg._C was not built: {f.read().strip()}"
+        return f"lpreg._C does not load ({'; '.join(_load_error)}); {RETRY}"
+    if device_type == "cuda":
+        if not _load().with_cuda:
+            return "lpreg._C was built without CUDA (no CUDA torch or CUDA_HOME at build time, or LPREG_SKIP_CUDA=1)"
+        return "no CUDA device is available"
+    return f"no compiled backend for {device_type!r} tensors"
 
 
 def available(device_type: str) -> bool:

@@ -3,7 +3,7 @@ and `lpreg::build_proxy`, the no-grad op that records the proxy's top-k at rollo
 
 The same layering as token stats (lpreg._token_stats_ops): the ops take 2-D (N, V) logits with
 unit-stride rows, (N, k) int64 indices and fp32 log q, an optional (N,) fp32 exact label
-log q, and a backend name that is resolved inside the op bodies by `lpreg._contract`
+log q, and a backend name that is resolved inside the op bodies by `lpreg._backends`
 (the same resolution as token stats), then served by the module that registry names.
 The public function, with its argument checks, is `lpreg.sparse_proxy.sparse_proxy_stats`.
 """
@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import _contract, _validate, _vocab_parallel
+from . import _backends, _contract, _validate, _vocab_parallel
 from ._contract import as_upstream, fake_grad, fake_row_outputs, keep_for_backward
 
 _OP = "sparse_proxy_stats"
@@ -26,7 +26,7 @@ def sparse_proxy_stats_op(logits: Tensor, labels: Optional[Tensor], indices: Ten
     if labels is not None:
         _validate.check_label_range(labels, logits.shape[-1], ignore_index)
     _validate.check_index_range(indices, logits.shape[-1])
-    impl = _contract.implementation(_contract.resolve(backend, logits.device), _OP)
+    impl = _backends.implementation(_backends.resolve(backend, logits.device), _OP)
     return impl.sparse_proxy_forward(logits, labels, indices, logq, label_logq, inv_temperature, ignore_index)
 
 
@@ -44,7 +44,7 @@ def sparse_proxy_stats_backward_op(logits: Tensor, labels: Optional[Tensor], ind
     vocabulary (the whole row: vocab_offset = 0); labels and indices are global columns."""
     if logits.shape[1] == 0:  # an empty shard of a vocabulary-parallel row
         return torch.zeros_like(logits)
-    impl = _contract.implementation(_contract.resolve(backend, logits.device), _OP)
+    impl = _backends.implementation(_backends.resolve(backend, logits.device), _OP)
     return impl.sparse_proxy_backward(logits, labels, indices, logq, row_stats, g_logp, g_kl, g_entropy,
                                       inv_temperature, ignore_index, vocab_offset)
 
@@ -83,7 +83,7 @@ def build_proxy_op(logits: Tensor, labels: Optional[Tensor], inv_temperature: fl
     all zeros without labels (the public function then drops it)."""
     if labels is not None:
         _validate.check_label_range(labels, logits.shape[-1], ignore_index)
-    impl = _contract.implementation(_contract.resolve(backend, logits.device), "build_proxy")
+    impl = _backends.implementation(_backends.resolve(backend, logits.device), "build_proxy")
     idx, logq, cov, label_logq = impl.build_proxy_rows(logits, labels, inv_temperature, fixed, log_threshold, k,
                                                        ignore_index)
     return idx, logq, cov, (torch.zeros_like(cov) if label_logq is None else label_logq)
@@ -103,9 +103,9 @@ class ShardedSparseProxyStats(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, labels, indices, logq, label_logq, inv_temperature, ignore_index, backend, group):
-        resolved = _contract.resolve(backend, logits.device)
+        resolved = _backends.resolve(backend, logits.device)
         out, shard = _vocab_parallel.sparse_proxy_forward(
-            _contract.implementation(resolved, "token_stats"), logits, labels, indices, logq, label_logq,
+            _backends.implementation(resolved, "token_stats"), logits, labels, indices, logq, label_logq,
             inv_temperature, ignore_index, group)
         keep_for_backward(ctx, (logits, labels, indices, logq), out, inv_temperature, ignore_index, backend,
                           shard.offset)
@@ -121,8 +121,8 @@ def build_proxy_sharded(logits, labels, inv_temperature, fixed, log_threshold, k
     """`build_proxy_op` on vocabulary-parallel logits (N, V_r): the same four tensors, with global
     columns, on every rank (two all_gathers; lpreg._vocab_parallel). Pass 1 is the token-stats
     backend's, the top-k PyTorch's, as for the unsharded op."""
-    resolved = _contract.resolve(backend, logits.device)
+    resolved = _backends.resolve(backend, logits.device)
     idx, logq, cov, label_logq = _vocab_parallel.build_proxy(
-        _contract.implementation(resolved, "token_stats"), logits, labels, inv_temperature, fixed, log_threshold, k,
+        _backends.implementation(resolved, "token_stats"), logits, labels, inv_temperature, fixed, log_threshold, k,
         ignore_index, group)
     return idx, logq, cov, (torch.zeros_like(cov) if label_logq is None else label_logq)

@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import _contract, _validate, _vocab_parallel
+from . import _backends, _contract, _validate, _vocab_parallel
 from ._contract import as_upstream, fake_grad, fake_row_outputs, keep_for_backward
 
 
@@ -32,7 +32,7 @@ def token_stats_op(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     if labels is not None:
         _validate.check_label_range(labels, logits.shape[-1], ignore_index)
-    impl = _contract.implementation(_contract.resolve(backend, logits.device), "token_stats")
+    impl = _backends.implementation(_backends.resolve(backend, logits.device), "token_stats")
     return impl.token_stats_forward(logits, labels, proxy, inv_temperature, fixed, log_threshold, ignore_index)
 
 
@@ -59,7 +59,7 @@ def token_stats_backward_op(
     vocabulary (the whole row: vocab_offset = 0); labels and the argmax slot are global columns."""
     if logits.shape[1] == 0:  # an empty shard of a vocabulary-parallel row
         return torch.zeros_like(logits)
-    impl = _contract.implementation(_contract.resolve(backend, logits.device), "token_stats")
+    impl = _backends.implementation(_backends.resolve(backend, logits.device), "token_stats")
     return impl.token_stats_backward(
         logits, labels, proxy, row_stats, g_logp, g_kl, g_entropy, inv_temperature, ignore_index, vocab_offset
     )
@@ -101,7 +101,7 @@ class ShardedTokenStats(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, labels, proxy, inv_temperature, fixed, log_threshold, ignore_index, backend, group):
-        impl = _contract.implementation(_contract.resolve(backend, logits.device), "token_stats")
+        impl = _backends.implementation(_backends.resolve(backend, logits.device), "token_stats")
         out, shard = _vocab_parallel.token_stats_forward(impl, logits, labels, proxy, inv_temperature, fixed,
                                                          log_threshold, ignore_index, group)
         keep_for_backward(ctx, (logits, labels, proxy), out, inv_temperature, ignore_index, backend, shard.offset)

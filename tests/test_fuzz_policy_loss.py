@@ -19,10 +19,10 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 import lpreg
-from lpreg import _contract
+from tests.backends import ALL, runnable
 from tests.fuzz_profiles import fuzz
 
-BACKENDS = ["torch", "triton"] + (["cpu"] if _contract.native_available("cpu") else [])
+BACKENDS = runnable(*ALL)
 EPS32 = torch.finfo(torch.float32).eps
 AGGS = ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"]
 F32_MAX = torch.finfo(torch.float32).max

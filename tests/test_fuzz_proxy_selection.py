@@ -18,10 +18,10 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 import lpreg
-from lpreg import _contract
+from tests.backends import ALL, runnable
 from tests.fuzz_profiles import fuzz
 
-SPARSE_BACKENDS = ["torch", "triton"] + (["cpu"] if _contract.native_available("cpu") else [])
+SPARSE_BACKENDS = runnable(*ALL)
 MAX_V = {"torch": 5000, "cpu": 5000, "triton": 128}  # the interpreter runs numpy per block
 
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import lpreg
-from lpreg import _contract
+from tests.backends import ALL
 
-BACKENDS = ["torch", "triton"] + (["cpu"] if _contract.native_available("cpu") else [])
+BACKENDS = list(ALL)
 F32_MAX = torch.finfo(torch.float32).max
 
 

@@ -27,11 +27,11 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 import lpreg
-from lpreg import _contract
+from tests.backends import ALL, runnable
 from tests.fuzz_profiles import fuzz
 from tests.spec_oracle import spec_grad, spec_token_stats
 
-BACKENDS = ["torch", "triton"] + (["cpu"] if _contract.native_available("cpu") else [])
+BACKENDS = runnable(*ALL)
 MAX_V = {"torch": 70_000, "cpu": 70_000, "triton": 256}  # the interpreter runs numpy per block
 MAX_N = {"torch": 9, "cpu": 9, "triton": 5}
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]

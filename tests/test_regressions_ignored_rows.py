@@ -11,10 +11,10 @@ import pytest
 import torch
 
 import lpreg
-from lpreg import _contract
+from tests.backends import ALL
 
-BACKENDS = ["torch", "triton"] + (["cpu"] if _contract.native_available("cpu") else [])
-SPARSE_BACKENDS = ["torch", "triton"] + (["cpu"] if _contract.native_available("cpu") else [])
+BACKENDS = list(ALL)
+SPARSE_BACKENDS = list(ALL)
 
 
 def issue_logits(seed=0):

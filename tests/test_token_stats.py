@@ -10,10 +10,11 @@ import pytest
 import torch
 
 import lpreg
-from lpreg import _contract
+from lpreg import _backends
+from tests.backends import ALL, runnable
 from tests.spec_oracle import OUTPUTS, assert_backend_matches_spec, make_logits, spec_grad, spec_token_stats
 
-BACKENDS = ["torch", "triton"] + (["cpu"] if _contract.native_available("cpu") else [])
+BACKENDS = list(ALL)
 # The interpreter executes Triton programs in numpy: keep its rows short.
 TRITON_MAX_V = 1000
 
@@ -38,7 +39,7 @@ def _check_against_spec(backend, V, dtype, mode, temperature, rows=5, seed=0, pr
 
 def _cases(vocabularies):
     """backend x V, without interpreted Triton on long rows (those run on GPU machines)."""
-    return [(b, V) for b in BACKENDS for V in vocabularies if not (b == "triton" and V > TRITON_MAX_V)]
+    return [(b, V) for b in runnable(*BACKENDS) for V in vocabularies if not (b == "triton" and V > TRITON_MAX_V)]
 
 
 @pytest.mark.parametrize("backend,V", _cases([1, 7, 1000, 32000, 50257, 151936, 262144]))
@@ -61,7 +62,7 @@ def test_low_precision_within_twice_eager_error(backend, dtype, V, mode):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("mode,proxy", [("min_p", False), ("fixed", False), ("min_p", True), ("fixed", True)])
 def test_cuda_backends_match_spec(backend, V, dtype, mode, proxy):
-    if not _contract.native_available("cuda") and backend == "cuda":
+    if not _backends.native_available("cuda") and backend == "cuda":
         pytest.fail("the CUDA extension was not built on this CUDA machine")
     _check_against_spec(backend, V, dtype, mode, 0.9, rows=7, seed=V, proxy=proxy, device="cuda")
 
@@ -197,7 +198,7 @@ def test_each_upstream_gradient_alone(backend, which):
 def test_backends_agree_with_each_other():
     x = make_logits(7, 500, seed=21)
     labels = torch.randint(0, 500, (7,))
-    outs = [lpreg.lpreg_token_stats(x, labels, mode="fixed", threshold=0.003, backend=b) for b in BACKENDS]
+    outs = [lpreg.lpreg_token_stats(x, labels, mode="fixed", threshold=0.003, backend=b) for b in runnable(*BACKENDS)]
     for other in outs[1:]:
         for name in OUTPUTS:
             torch.testing.assert_close(getattr(other, name), getattr(outs[0], name), rtol=1e-5, atol=1e-6)

@@ -17,7 +17,7 @@ import lpreg
 from lpreg import _native
 from tests.spec_oracle import assert_backend_matches_spec, make_logits
 
-pytestmark = pytest.mark.skipif(not _native.available("cpu"), reason="lpreg._C is not built")
+pytestmark = pytest.mark.skipif(not _native.available("cpu"), reason=_native.unavailable_reason("cpu"))
 
 
 def upstream(N, seed):

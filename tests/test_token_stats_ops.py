@@ -8,12 +8,13 @@ import pytest
 import torch
 
 import lpreg
-from lpreg import _contract, _rows
 from lpreg import _contract as layout
+from lpreg import _rows
 from lpreg._token_stats_ops import token_stats_backward_op, token_stats_op
+from tests.backends import ALL, runnable
 from tests.spec_oracle import make_logits, spec_token_stats
 
-BACKENDS = ["torch", "triton"] + (["cpu"] if _contract.native_available("cpu") else [])
+BACKENDS = list(ALL)
 
 
 def _op_args(backend, with_proxy, with_labels, requires_grad=True):
@@ -40,7 +41,7 @@ def test_opcheck_backward(backend):
     torch.library.opcheck(token_stats_backward_op, args)
 
 
-@pytest.mark.parametrize("backend", ["torch"] + (["cpu"] if "cpu" in BACKENDS else []))
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
 def test_torch_compile_fullgraph_traces_forward_and_backward(backend):
     def loss_fn(logits, labels, adv):
         stats = lpreg.lpreg_token_stats(logits, labels, temperature=0.8, backend=backend)
@@ -148,7 +149,7 @@ def test_row_stats_layout_is_one_definition():
     assert {k: float(v) for k, v in consts.items()} == {k: float(v) for k, v in want.items()}
     assert layout.TOKEN_STATS_SLOTS[layout.LSE] == "lse" and layout.TOKEN_STATS_SLOTS[layout.ARGMAX] == "argmax_y"
     assert layout.SPARSE_PROXY_SLOTS == layout.TOKEN_STATS_SLOTS[:layout.SPARSE_PROXY_WIDTH]
-    for backend in BACKENDS:  # every backend's forward returns rows of that width
+    for backend in runnable(*BACKENDS):  # every backend's forward returns rows of that width
         out = token_stats_op(*_op_args(backend, False, True, requires_grad=False))
         assert out[4].shape == (5, layout.TOKEN_STATS_WIDTH)
         assert out[4][2].tolist() == [0.0, 0.0, 0.0, 0.0, float(layout.NO_ARGMAX)]  # the ignored row

@@ -1,1 +1,0 @@
-"""Triton kernels, one op per file; installed as `lpreg.kernels` (imported lazily)."""
