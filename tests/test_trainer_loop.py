@@ -204,16 +204,17 @@ def test_off_policy_run_with_held_out_eval(tmp_path):
 
 
 def test_the_loop_fits_one_screen():
-    """Issue 9: `train` reads top to bottom in one screen, and no trainer function runs long."""
+    """Issue 9: `train` reads top to bottom in one screen, and no trainer or experiment function runs long."""
     import ast
     import inspect
 
     import lpreg.train
+    from lpreg.trainer.loop import train
 
-    assert len(inspect.getsource(lpreg.train.train).splitlines()) <= 45
+    assert lpreg.train.train is train and len(inspect.getsource(train).splitlines()) <= 45
     root = os.path.dirname(lpreg.train.__file__)
-    files = [os.path.join(root, "train.py")] + [os.path.join(root, "trainer", f)
-                                                for f in os.listdir(os.path.join(root, "trainer")) if f.endswith(".py")]
+    files = [os.path.join(root, "train.py")] + [os.path.join(root, pkg, f) for pkg in ("trainer", "experiments")
+                                                for f in os.listdir(os.path.join(root, pkg)) if f.endswith(".py")]
     for path in files:
         for node in ast.walk(ast.parse(open(path).read())):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
@@ -235,14 +236,12 @@ def test_end_of_run_summary_reads_the_logs(tmp_path):
     assert s["reward_last"] == pytest.approx(15.5 / 20)
     assert s["lpreg_selected_per_step"] == pytest.approx(19 * 20 / 20) and s["frac_steps_selecting"] == 0.95
     assert (s["pass@8_first"], s["pass@8_last"], s["eval_step_first"], s["eval_step_last"]) == (0.5, 0.75, 0, 20)
-    mech = [{"step": 1, "p_before": [0.01, 0.02, 0.03], "kept_mass": [0.9, 0.8, 0.9], "ratio_beta1": [1.2, 1.1, 1.0],
-             "ratio_beta0": [0.9, 0.8, 0.7]}]
-    text = format_summary(rows, str(tmp_path), figure="fig.png", mechanism=mech)
+    text = format_summary(rows, str(tmp_path), figure="fig.png", extra_lines=["  an instrument's line"])
     assert "train reward         0.275 -> 0.775" in text
     assert "held-out pass@8      0.500 -> 0.750   avg@8 0.250 -> 0.500   (step 0 -> step 20)" in text
     assert "p(spark)             0.0550 -> 0.1550" in text
     assert "19.0 tokens per step on average; on 95% of steps" in text
-    assert "3 selected tokens (median kept mass 0.900)" in text and "1.100 with Lp-Reg, 0.800 at beta = 0" in text
+    assert text.splitlines()[-3:-1] == ["  an instrument's line", "  figure: fig.png"]  # after Lp-Reg's line
     assert "figure: fig.png" in text and str(tmp_path / "metrics.jsonl") in text
 
 

@@ -199,8 +199,8 @@ def test_unknown_loss_is_an_error():
 def test_a_new_loss_is_one_function_and_one_entry(monkeypatch):
     """Issue 18 item 3: the config, the update (method_loss), the step-wide choice and compare read
     one table. A baseline registered there is a --loss choice, trains, and is a compare arm."""
+    from lpreg.experiments.compare import arm_flags
     from lpreg.train import main
-    from lpreg.trainer.compare import arm_flags
     from lpreg.trainer.losses import LOSSES, Loss
 
     def terms(t, cfg):  # GRPO's surrogate minus 0.01 H per token

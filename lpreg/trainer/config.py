@@ -3,10 +3,11 @@
 Precedence, lowest first: dataclass defaults < preset < YAML file (`--config`) < command-line
 flags. Every field is a flag (`--prompts-per-step 8` or `--prompts_per_step 8`).
 
-Adding a preset: one `PRESETS[name] = dict(field=value, ...)` entry (or `register_preset`);
-it is then a `--preset` choice, a `python -m lpreg.trainer.compare --preset` choice and a
-`preset_config(name)` argument. Adding a built-in task: see `lpreg.trainer.tasks.TASKS`. Adding a
-loss: see `lpreg.trainer.losses.LOSSES` (the `--loss` choices are its names).
+Adding a preset: `register_preset(name, field=value, ...)` (or one `PRESETS` entry here); it is then
+a `--preset` choice, a `python -m lpreg.experiments.compare --preset` choice and a `preset_config(name)`
+argument. The study's presets (cpu-sparks, cpu-demo, cpu-sweep) are registered this way by
+`lpreg.experiments` (lpreg/experiments/presets.py). Adding a built-in task: `lpreg.trainer.tasks.register_task`.
+Adding a loss: see `lpreg.trainer.losses.LOSSES` (the `--loss` choices are its names).
 """
 
 import argparse
@@ -121,7 +122,7 @@ class TrainConfig:
     # and kl_cov, 1 for the others
     mini_batches: int = 0
 
-    # --- Lp-Reg's mechanism, measured (lpreg.trainer.mechanism) ---------------------------------
+    # --- Lp-Reg's mechanism, measured (the instrument lpreg.experiments.mechanism) -----------------
     # at the first step and every N steps: from the state before the update, one update with
     # beta = 1 and one with beta = 0 (on copies), and p_y after / before for the tokens the released
     # form selects (mechanism.jsonl); 0 = never. One process, one update per rollout.
@@ -192,42 +193,6 @@ PRESETS = {
         steps=100, hidden_size=128, num_layers=2, num_heads=4, warmup_steps=400, warmup_lr=3e-3,
         warmup_batch_size=32, n_problems=64, max_operand=19, prompts_per_step=16, samples_per_prompt=8,
         max_new_tokens=6, lr=3e-4, micro_batch_size=128, save_every=25, sample_every=10, torch_threads=1,
-    ),
-    # Lp-Reg's mechanism at CPU scale (lpreg.trainer.sparks, docs/cpu_sparks_*): a 3,000-token
-    # subword vocabulary (a noise tail), a rare valuable "check" token (8% of the hard items'
-    # warm-start targets; after 900 warm-start steps p(check) is ~2% on held-out hard items, which it
-    # solves 73% of the time against 41% answered directly); at lr 1e-3 (after a 10-step ramp) GRPO's
-    # entropy halves within 40 steps (docs/cpu_sparks_pilot.md).
-    # lpreg_rho 0.25: the released form's k = int(rho n_neg) over a step's A < 0 tokens, of which the
-    # filtered tail samples cannot be selected, leaves dozens selected per step (docs/cpu_sparks_design.md).
-    # The sweep (6 arms x 3 seeds) is `python -m lpreg.trainer.compare`.
-    "cpu-sparks": dict(
-        task="sparks", steps=80, hidden_size=128, num_layers=2, num_heads=4, warmup_steps=900, warmup_lr=3e-3,
-        warmup_batch_size=32, warmup_eval_problems=64, n_problems=96, prompts_per_step=16, samples_per_prompt=8,
-        max_new_tokens=16, lr=1e-3, micro_batch_size=128, eval_every=10, eval_problems=48, eval_k=8,
-        lr_warmup_steps=10, lpreg_rho=0.25, save_every=0, keep_checkpoints=1, sample_every=10, torch_threads=1,
-    ),
-    # The README's main job, < 5 minutes on 2 CPU cores from a fresh clone, warm start included: the
-    # cpu-sparks task and warm start (the same warm-start cache entry), 60 RL steps of Lp-Reg
-    # (released form, rho 0.25: it selects tokens at every step), held-out pass@8 / avg@8 before the
-    # first and after the last step, and the mechanism measured at steps 1, 30 and 60
-    # (lpreg.trainer.mechanism). It ends with a summary in the terminal (lpreg.trainer.summary).
-    "cpu-demo": dict(
-        task="sparks", steps=60, hidden_size=128, num_layers=2, num_heads=4, warmup_steps=900, warmup_lr=3e-3,
-        warmup_batch_size=32, warmup_eval_problems=64, n_problems=96, prompts_per_step=16, samples_per_prompt=8,
-        max_new_tokens=16, lr=1e-3, micro_batch_size=128, eval_every=60, eval_start=True, eval_problems=64,
-        eval_k=8, lr_warmup_steps=10, lpreg_rho=0.25, mechanism_every=30, save_every=0, keep_checkpoints=1,
-        sample_every=10, torch_threads=1,
-    ),
-    # The decisive sweep's runs (python -m lpreg.trainer.compare --preset cpu-sweep, docs/cpu_sweep.md):
-    # cpu-sparks with held-out pass@8 / avg@8 over 384 of the 513 test problems x 8 samples, before the
-    # first and after the last step only (more problems rather than more evaluations).
-    "cpu-sweep": dict(
-        task="sparks", steps=80, hidden_size=128, num_layers=2, num_heads=4, warmup_steps=900, warmup_lr=3e-3,
-        warmup_batch_size=32, warmup_eval_problems=64, n_problems=96, prompts_per_step=16, samples_per_prompt=8,
-        max_new_tokens=16, lr=1e-3, micro_batch_size=128, eval_every=80, eval_start=True, eval_problems=384,
-        eval_k=8, lr_warmup_steps=10, lpreg_rho=0.25, save_every=0, keep_checkpoints=1, sample_every=10,
-        torch_threads=1,
     ),
     # The unit/integration tests: seconds per run. Operands up to 2 (one-character answers) so
     # that a few warm-start steps already give some reward.

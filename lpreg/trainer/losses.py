@@ -42,7 +42,7 @@ writes its per-token loss from the shared pieces (`PPOTerms`), e.g.
     LOSSES["my_bonus"] = Loss("my bonus", terms=_terms_my_bonus)   # or a line in the table below
 
 It is then a `--loss` choice, is validated, trained and logged like the others, and a
-`python -m lpreg.trainer.compare --arms my_bonus` arm.
+`python -m lpreg.experiments.compare --arms my_bonus` arm.
 """
 
 import math
@@ -61,7 +61,7 @@ __all__ = ["Arm", "Loss", "LOSSES", "PPOTerms", "StepTokens", "top_entropy_count
 
 
 class Arm(NamedTuple):
-    """A named setting of a loss for `python -m lpreg.trainer.compare`: its extra lpreg-train flags."""
+    """A named setting of a loss for `python -m lpreg.experiments.compare`: its extra lpreg-train flags."""
 
     name: str
     label: str

@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 from transformers.utils import logging as hf_logging
 
 from lpreg.trainer import checkpoint as ckpt
+from lpreg.trainer import instruments
 from lpreg.trainer.data import load_problems
 from lpreg.trainer.logging_utils import MetricsLog, progress_bar, truncate_jsonl
 from lpreg.trainer.model import build_tiny_model, eos_token_ids, load_policy, warm_start
@@ -51,7 +52,6 @@ class Run:
     pad_id: int
     metrics_log: Optional[MetricsLog]  # main process only
     samples_path: str
-    mechanism_path: str  # lpreg.trainer.mechanism's rows
     bar: Any
     reward_worker: Any
     kill_at: int
@@ -153,6 +153,9 @@ def _accelerator(cfg):
                          f"{acc.num_processes} processes")
     if cfg.mechanism_every and acc.num_processes > 1:  # the probe copies one process's whole policy
         raise ValueError(f"--mechanism-every needs one process, got {acc.num_processes}")
+    if cfg.mechanism_every and "mechanism" not in instruments.INSTRUMENTS:  # never a silent no-op
+        raise ValueError("--mechanism-every needs the mechanism instrument: run lpreg-train, or import "
+                         "lpreg.experiments (it registers it) before lpreg.trainer.loop.train")
     if cfg.torch_threads > 0:
         torch.set_num_threads(cfg.torch_threads)
     random.seed(cfg.seed)
@@ -241,18 +244,18 @@ def _optimizer(cfg, acc, model, state):
     return model, optimizer, scheduler
 
 
-def _run_files(cfg, acc, start_step: int, resumed: bool) -> Tuple[Optional[MetricsLog], str, str]:
-    """metrics.jsonl, samples.jsonl and mechanism.jsonl: each truncated to the checkpoint's step on
-    resume, and started afresh otherwise."""
+def _run_files(cfg, acc, start_step: int, resumed: bool) -> Tuple[Optional[MetricsLog], str]:
+    """metrics.jsonl, samples.jsonl and the instruments' own logs: each truncated to the checkpoint's
+    step on resume, and started afresh otherwise. Returns (metrics log, samples.jsonl's path)."""
     metrics_log = MetricsLog(os.path.join(cfg.output_dir, "metrics.jsonl"),
                              resume_step=start_step if resumed else None) if acc.is_main_process else None
-    paths = [os.path.join(cfg.output_dir, name) for name in ("samples.jsonl", "mechanism.jsonl")]
+    paths = [os.path.join(cfg.output_dir, name) for name in ("samples.jsonl", *instruments.log_files())]
     for path in paths:
         if acc.is_main_process and not resumed and os.path.exists(path):
             os.remove(path)
         elif acc.is_main_process and resumed:
             truncate_jsonl(path, start_step)
-    return metrics_log, *paths
+    return metrics_log, paths[0]
 
 
 def setup(cfg) -> Run:
@@ -271,12 +274,12 @@ def setup(cfg) -> Run:
     start_step = state["step"] if state is not None else 0
     policy = acc.unwrap_model(model)
     eos_ids = eos_token_ids(policy, tok)
-    metrics_log, samples_path, mechanism_path = _run_files(cfg, acc, start_step, state is not None)
+    metrics_log, samples_path = _run_files(cfg, acc, start_step, state is not None)
     return Run(
         cfg=cfg, acc=acc, model=model, policy=policy, tok=tok, optimizer=optimizer, scheduler=scheduler,
         problems=problems, eval_problems=eval_problems, start_step=start_step, resumed=state is not None,
         eos_ids=eos_ids, pad_id=tok.pad_token_id if tok.pad_token_id is not None else eos_ids[0],
-        metrics_log=metrics_log, samples_path=samples_path, mechanism_path=mechanism_path,
+        metrics_log=metrics_log, samples_path=samples_path,
         bar=progress_bar(cfg.steps, start_step, cfg.progress and acc.is_main_process),
         reward_worker=RewardWorker(timeout_s=cfg.reward_timeout_s),  # closed by Run.close
         kill_at=int(os.environ.get(KILL_ENV, "-1")),

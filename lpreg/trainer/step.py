@@ -36,15 +36,14 @@ from torch import Tensor
 
 from lpreg import build_proxy, lpreg_token_stats
 from lpreg.trainer import checkpoint as ckpt
+from lpreg.trainer import instruments
 from lpreg.trainer.advantage import group_advantages
-from lpreg.trainer.diversity import distinct_answers, spark_probability, spark_usage
 from lpreg.trainer.evaluate import evaluate
 from lpreg.trainer.logging_utils import format_row
 from lpreg.trainer.losses import LOSSES, StepTokens, loss_denominator, method_loss, summarise_loss_metrics
 from lpreg.trainer.model import format_prompt
 from lpreg.trainer.problem import Problem
 from lpreg.trainer.rollout import RolloutBatch, generate_group, pack, rollout_seed
-from lpreg.trainer.tasks import TASKS
 
 
 def problem_at(problems: list, position: int, seed: int) -> Problem:
@@ -293,25 +292,9 @@ def step_metrics(run, step: int, ro: Rollout, plan: StepPlan, sums, grad_norms, 
         "train/n_tokens": plan.n_tokens,
         "train/scoring_pass": int(plan.scored),
         "train/updates_per_rollout": len(plan.micro),
-        **diversity_metrics(run, ro),
+        **instruments.step_metrics(run, ro),  # e.g. lpreg.experiments.diversity's, when registered
         **{f"timing/{k}_s": v for k, v in timing.items()},
     }
-
-
-def diversity_metrics(run, ro: Rollout) -> Dict[str, float]:
-    """train/distinct_answers per group, and (a built-in task with spark tokens, the built-in
-    policy) spark/prob and spark/usage: lpreg.trainer.diversity. Every rank calls this."""
-    cfg, acc, n = run.cfg, run.acc, run.cfg.samples_per_prompt
-    out = {"train/distinct_answers": float(np.mean(gather_floats(acc, distinct_answers(ro.texts, n))))}
-    sparks = TASKS[cfg.task].spark_tokens if cfg.data is None and cfg.task in TASKS else ()
-    vocab = run.tok.get_vocab()
-    spark_ids = [vocab[s] for s in sparks if s in vocab]
-    if spark_ids:
-        with full_params_for_generation(acc, run.model):
-            probs = spark_probability(run.policy, ro.prompt_ids[::n], spark_ids, cfg.temperature)
-        out["spark/prob"] = float(np.mean(gather_floats(acc, probs)))
-        out["spark/usage"] = float(np.mean(gather_floats(acc, spark_usage(ro.responses, spark_ids))))
-    return out
 
 
 def start_eval(run) -> None:

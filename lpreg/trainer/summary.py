@@ -4,15 +4,16 @@
 metrics (reward, entropy, p(spark), ...), the first and last held-out evaluation (the step-0 row of
 `--eval-start` is the first), and Lp-Reg's selected tokens per step (`actor/lpreg_frac` x
 `train/n_tokens`): their mean, and the share of steps that selected any. `format_summary` is what
-`lpreg-train` prints when a run ends.
+`lpreg-train` prints when a run ends; the instruments (`lpreg.trainer.instruments`) add their own lines
+(the mechanism probes: lpreg.experiments.mechanism). The sweep pools `summarise` over seeds
+(lpreg.experiments.compare).
 """
 
 import math
 import os
-from statistics import median
 from typing import List, Optional, Sequence
 
-__all__ = ["with_selected", "mean_of", "summarise", "format_summary"]
+__all__ = ["with_selected", "mean_of", "summarise", "format_summary", "format_number"]
 
 # (metrics.jsonl key, summary name) of the per-step metrics averaged over the first / last window
 WINDOW_KEYS = (("critic/score/mean", "reward"), ("actor/entropy", "entropy"), ("spark/prob", "spark_prob"),
@@ -53,15 +54,19 @@ def summarise(rows: List[dict], window: int = 10) -> dict:
     return out
 
 
-def _num(value, fmt: str = ".3f") -> str:
+def format_number(value, fmt: str = ".3f") -> str:
+    """`value` formatted, or "n/a" for None and NaN."""
     return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, fmt)
 
 
+_num = format_number
+
+
 def format_summary(rows: List[dict], output_dir: str, *, window: int = 10, figure: Optional[str] = None,
-                   mechanism: Optional[List[dict]] = None) -> str:
+                   extra_lines: Sequence[str] = (), log_files: Sequence[str] = ()) -> str:
     """The end-of-run summary: reward, entropy and held-out accuracy at the start and the end,
-    Lp-Reg's selected tokens per step, p(spark) when the task has one, the mechanism probes when the
-    run made any, and where the figure and the logs are."""
+    Lp-Reg's selected tokens per step, p(spark) when the run logged it, `extra_lines` (the
+    instruments'), and where the figure and the logs are (metrics.jsonl, samples.jsonl, `log_files`)."""
     s = summarise(rows, window)
     n = s["steps"]
     w = min(window, n)
@@ -80,13 +85,8 @@ def format_summary(rows: List[dict], output_dir: str, *, window: int = 10, figur
                      f"{_num(s['spark_prob_last'], '.4f')}")
     lines.append(f"  Lp-Reg selected      {_num(s['lpreg_selected_per_step'], '.1f')} tokens per step on average; "
                  f"on {_num(100 * s['frac_steps_selecting'], '.0f')}% of steps")
-    for row in mechanism or []:
-        if row["ratio_beta1"]:
-            med = {k: median(row[k]) for k in ("ratio_beta1", "ratio_beta0", "kept_mass") if k in row}
-            lines.append(f"  mechanism, step {row['step']:>3}: {len(row['ratio_beta1'])} selected tokens (median "
-                         f"kept mass {_num(med.get('kept_mass'))}), median p_y after / before one update: "
-                         f"{med['ratio_beta1']:.3f} with Lp-Reg, {med['ratio_beta0']:.3f} at beta = 0")
-    files = [os.path.join(output_dir, name) for name in ("metrics.jsonl", "samples.jsonl", "mechanism.jsonl")]
+    lines += list(extra_lines)
+    files = [os.path.join(output_dir, name) for name in ("metrics.jsonl", "samples.jsonl", *log_files)]
     if figure:
         lines.append(f"  figure: {figure}")
     lines.append("  logs:   " + ", ".join(p for p in files if os.path.exists(p)))

@@ -33,9 +33,8 @@ from functools import lru_cache
 from typing import Any, Callable
 
 from lpreg.trainer.problem import Problem
-from lpreg.trainer.sparks import SPARK, sparks_split, sparks_tokenizer, warm_start_drills
 
-__all__ = ["Problem", "BuiltinTask", "TASKS", "arithmetic_problems", "arithmetic_split", "split_size",
+__all__ = ["Problem", "BuiltinTask", "TASKS", "register_task", "arithmetic_problems", "arithmetic_split", "split_size",
            "operands_within"]
 
 SPLITS = ("train", "test")
@@ -143,20 +142,26 @@ class BuiltinTask:
     split_problems(split, seed, max_operand): every problem of "train" or "test", in a
         seed-determined order (the trainer takes its RL set and held-out set from the front);
     tokenizer(): the tokenizer of the tiny policy built for it (when --model is unset);
-    spark_tokens: tokens whose probability at the first answer position is logged (spark/*).
+    spark_tokens: rare valuable tokens whose probability at the first answer position an instrument logs
+        (spark/*: lpreg.experiments.diversity).
     """
 
     split_problems: Callable[[str, int, int], list[Problem]]
     tokenizer: Callable[[], Any]
-    spark_tokens: tuple[str, ...] = ()  # rare valuable tokens whose probability the trainer logs
+    spark_tokens: tuple[str, ...] = ()  # rare valuable tokens whose probability an instrument logs
     # extra problems for the warm start only (never in the RL set or the held-out split)
     warm_start_extra: Callable[[], list[Problem]] | None = None
 
 
-# Adding a task: write its two functions and register it here; a preset can then set task=NAME.
+# Adding a task: write its two functions and register it (`register_task`); a preset can then set
+# task=NAME. lpreg.experiments registers its `sparks` task (lpreg.experiments.sparks) this way.
 TASKS: dict[str, BuiltinTask] = {
     "arithmetic": BuiltinTask(split_problems=arithmetic_split, tokenizer=_char_tokenizer),
-    # lpreg.trainer.sparks: a subword noise tail and a rare valuable "check" token (cpu-sparks)
-    "sparks": BuiltinTask(split_problems=sparks_split, tokenizer=sparks_tokenizer, spark_tokens=(SPARK,),
-                          warm_start_extra=warm_start_drills),
 }
+
+
+def register_task(name: str, task: BuiltinTask) -> None:
+    """Add (or replace) a built-in task: `--task NAME` then runs it."""
+    if not isinstance(task, BuiltinTask):
+        raise ValueError(f"register_task({name!r}): task must be a BuiltinTask, got {type(task).__name__}")
+    TASKS[name] = task

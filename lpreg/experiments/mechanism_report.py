@@ -1,18 +1,18 @@
-"""The mechanism probes of a sweep (lpreg.trainer.mechanism), pooled over seeds, and their figure.
+"""The mechanism probes of a sweep (lpreg.experiments.mechanism), pooled over seeds, and their figure.
 
 For every seed of an arm, `mechanism.jsonl` holds one row per probed step: p_y before, and r_1, r_0 =
 p_y after / before one update with beta = 1 and with beta = 0, for each token the released form
 selected. `pool` summarises them per probe step and over all (quantiles, share of tokens pushed
 down), and compares the two updates across seeds (a seed's mean log r_1 - mean log r_0, with
-`lpreg.trainer.paired`: the interval and the test are over seeds, not over tokens, which share a
+`lpreg.experiments.paired`: the interval and the test are over seeds, not over tokens, which share a
 seed's state). `plot_mechanism` draws the distributions.
 """
 
 import math
 from typing import Dict, List
 
+from lpreg.experiments.paired import paired_difference
 from lpreg.trainer.logging_utils import pyplot, save_figure
-from lpreg.trainer.paired import paired_difference
 
 __all__ = ["pool", "plot_mechanism"]
 

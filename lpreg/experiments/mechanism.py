@@ -20,13 +20,18 @@ selected token p_y before, the proxy's kept mass m at its position, r_1 and r_0)
 r_1 > r_0; k3 lifts a selected token's logit by (1/m - 1)(1 - p_y) per unit step (docs/spec.md §3a),
 so the gap between r_1 and r_0 grows as m falls below 1. One process (setup checks it), one update
 per rollout (the config checks it). Cost per probe: two updates and three forwards of the step's
-batch. A sweep's probes are pooled over seeds and drawn by lpreg.trainer.mechanism_report.
+batch. A sweep's probes are pooled over seeds and drawn by lpreg.experiments.mechanism_report.
+
+`probe` and `summary_lines` are the trainer instrument (`lpreg.trainer.instruments`: before the
+update; the end-of-run summary's lines) that `lpreg.experiments` registers under "mechanism".
 """
 
 import copy
 import dataclasses
 import json
 import math
+import os
+from statistics import median
 from types import SimpleNamespace
 from typing import Dict, List
 
@@ -37,8 +42,11 @@ from lpreg import lpreg_token_stats
 from lpreg.selection import bottom_k_count, bottom_k_mask
 from lpreg.trainer.losses import loss_denominator
 from lpreg.trainer.step import update
+from lpreg.trainer.summary import format_number
 
-__all__ = ["released_selection", "due", "probe", "summarise_probe"]
+__all__ = ["LOG_FILE", "released_selection", "due", "probe", "summarise_probe", "summary_lines"]
+
+LOG_FILE = "mechanism.jsonl"  # one row per probed step, under the run's output_dir
 
 
 def released_selection(logp: Tensor, proxy_logp: Tensor, adv: Tensor, mask: Tensor, rho: float) -> Tensor:
@@ -104,7 +112,7 @@ def probe(run, plan, step: int) -> Dict[str, float]:
     row = {"step": step + 1, "p_before": logp0.exp().tolist(), "kept_mass": kept.tolist(),
            "ratio_beta1": (after[1.0] - logp0).exp().tolist(), "ratio_beta0": (after[0.0] - logp0).exp().tolist()}
     if run.acc.is_main_process:
-        with open(run.mechanism_path, "a") as fh:
+        with open(os.path.join(cfg.output_dir, LOG_FILE), "a") as fh:
             fh.write(json.dumps(row) + "\n")
     return {f"mechanism/{k}": v for k, v in summarise_probe(row).items()}
 
@@ -126,3 +134,16 @@ def summarise_probe(row: dict) -> Dict[str, float]:
         out[f"frac_down_{beta}"] = sum(r < 1.0 for r in ratios) / n
     return out
 
+
+
+def summary_lines(rows: List[dict]) -> List[str]:
+    """The end-of-run summary's lines: per probe with selected tokens, their median kept mass and the
+    median p_y after / before one update at beta = 1 and at beta = 0."""
+    lines = []
+    for row in rows:
+        if row["ratio_beta1"]:
+            med = {k: median(row[k]) for k in ("ratio_beta1", "ratio_beta0", "kept_mass") if k in row}
+            lines.append(f"  mechanism, step {row['step']:>3}: {len(row['ratio_beta1'])} selected tokens (median "
+                         f"kept mass {format_number(med.get('kept_mass'))}), median p_y after / before one update: "
+                         f"{med['ratio_beta1']:.3f} with Lp-Reg, {med['ratio_beta0']:.3f} at beta = 0")
+    return lines

@@ -1,5 +1,6 @@
 """Per-step diversity metrics: the probability of a task's rare valuable ("spark") tokens and the
-number of distinct answers per group.
+number of distinct answers per group. `step_metrics` is the trainer instrument (`lpreg.trainer.instruments`)
+that `lpreg.experiments` registers: it adds these to every metrics.jsonl row.
 
     spark/prob     mean over the step's prompts of sum_{s in sparks} p(s | prompt) at the first
                    response position, p = softmax(z / T) of the current policy (after the update:
@@ -10,13 +11,32 @@ number of distinct answers per group.
                    "none"); n means every sample of a group answered differently, 1 a collapsed group
 """
 
-from typing import List, Sequence
+from typing import Dict, List, Sequence
 
+import numpy as np
 import torch
 
 from lpreg.trainer.reward import extract_answer
+from lpreg.trainer.step import full_params_for_generation, gather_floats
+from lpreg.trainer.tasks import TASKS
 
-__all__ = ["spark_probability", "spark_usage", "distinct_answers"]
+__all__ = ["spark_probability", "spark_usage", "distinct_answers", "step_metrics"]
+
+
+def step_metrics(run, ro) -> Dict[str, float]:
+    """train/distinct_answers per group, and (a built-in task with spark tokens, the built-in
+    policy) spark/prob and spark/usage. Every rank calls this (the trainer's `step_metrics` hook)."""
+    cfg, acc, n = run.cfg, run.acc, run.cfg.samples_per_prompt
+    out = {"train/distinct_answers": float(np.mean(gather_floats(acc, distinct_answers(ro.texts, n))))}
+    sparks = TASKS[cfg.task].spark_tokens if cfg.data is None and cfg.task in TASKS else ()
+    vocab = run.tok.get_vocab()
+    spark_ids = [vocab[s] for s in sparks if s in vocab]
+    if spark_ids:
+        with full_params_for_generation(acc, run.model):
+            probs = spark_probability(run.policy, ro.prompt_ids[::n], spark_ids, cfg.temperature)
+        out["spark/prob"] = float(np.mean(gather_floats(acc, probs)))
+        out["spark/usage"] = float(np.mean(gather_floats(acc, spark_usage(ro.responses, spark_ids))))
+    return out
 
 
 @torch.no_grad()

@@ -155,8 +155,8 @@ def corpus() -> list[str]:
 
 @lru_cache(maxsize=None)
 def _tokenizer_json() -> str:
-    # imported here: `import lpreg.trainer.tasks` (which imports this module) stays free of
-    # tokenizers and transformers (lpreg/trainer/__init__.py)
+    # imported here: the task's module stays free of tokenizers and transformers until a run builds
+    # the tokenizer (its problems alone need neither)
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     from lpreg.trainer.tokenizer import SPECIAL_TOKENS, UNK
