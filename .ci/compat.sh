@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# The version ranges lpreg declares (pyproject.toml, README), tested at their ends. Each combination
+# gets its own virtual environment, made as README tells a user: torch first, then lpreg built
+# against it (`pip install --no-build-isolation -e .`, on a copy of the tree, so the compiled
+# extension never lands in this checkout). LPREG_REQUIRE_EXT=1 makes a failed extension build fail
+# here instead of installing without it; the C++ standard follows each torch (C++17 before 2.14,
+# C++20 from 2.14).
+#
+#   torch-floor    torch 2.6.0 (Triton 3.2)   the quick suite (`pytest`), the compiled extension
+#   torch-newest   torch 2.14.1               the quick suite (`pytest`), the compiled extension
+#   train-floor    torch 2.13.0, transformers 4.48.0, accelerate 1.0.0: the trainer's and the
+#                  experiments' tests
+#
+# torch-floor pins numpy < 2.4: Triton 3.2's CPU interpreter, which runs the Triton kernels in the
+# tests, turns 1-element arrays into ints, and NumPy 2.4 refuses that (conftest.py skips those cases
+# with that reason where it happens). On a GPU the kernels are compiled and never meet NumPy.
+#
+# Usage: bash .ci/compat.sh [torch-floor|torch-newest|train-floor ...]   (default: all three)
+# COMPAT_DIR (default /tmp/lpreg-compat) holds the environments and the copies.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+WORK=${COMPAT_DIR:-/tmp/lpreg-compat}
+declare -A INSTALL=([torch-floor]="torch==2.6.0 numpy<2.4"
+                    [torch-newest]="torch==2.14.1"
+                    [train-floor]="torch==2.13.0")
+declare -A EXTRAS=([torch-floor]="train,test" [torch-newest]="train,test" [train-floor]="train,test")
+declare -A PINS=([torch-floor]="numpy<2.4" [torch-newest]="" [train-floor]="transformers==4.48.0 accelerate==1.0.0")
+declare -A TESTS=([torch-floor]="tests"
+                  [torch-newest]="tests"
+                  [train-floor]="tests/test_trainer_*.py tests/test_experiments_*.py tests/test_evaluate.py")
+mkdir -p "$WORK"
+
+prepare() {  # $1: combination. A fresh copy of the tree, a fresh venv, torch, then lpreg as README installs it
+    local name=$1 src="$WORK/src-$1" venv="$WORK/venv-$1" t0=$SECONDS
+    rm -rf "$src" "$venv"
+    mkdir -p "$src"
+    git ls-files -co --exclude-standard | while read -r f; do [[ -e "$f" ]] && echo "$f"; done \
+        | tar -cf - -T - | tar -xf - -C "$src"
+    python3 -m venv "$venv"
+    # shellcheck disable=SC2086
+    "$venv/bin/pip" install -q --no-compile -U ${INSTALL[$name]} "setuptools>=77" wheel ninja
+    # shellcheck disable=SC2086
+    (cd "$src" && MAX_JOBS=1 LPREG_SKIP_CUDA=1 LPREG_REQUIRE_EXT=1 "$venv/bin/pip" install -q --no-compile \
+        --no-build-isolation -e ".[${EXTRAS[$name]}]" ${PINS[$name]})
+    "$venv/bin/python" -c "import torch, lpreg, importlib.metadata as m; from lpreg import _native
+assert _native.available('cpu'), lpreg.backends()['cpu']
+print('compat: $name ready: torch', torch.__version__, '| transformers', m.version('transformers'),
+      '| accelerate', m.version('accelerate'), '| numpy', m.version('numpy'))"
+    echo "compat: $name installed and built in $((SECONDS - t0)) s"
+}
+
+run_tests() {  # $1: combination
+    local name=$1 t0=$SECONDS rc=0
+    # shellcheck disable=SC2086
+    (cd "$WORK/src-$name" && OMP_NUM_THREADS=1 "$WORK/venv-$name/bin/python" -m pytest -q -p no:cacheprovider \
+        ${TESTS[$name]}) || rc=$?
+    echo "compat: $name tests took $((SECONDS - t0)) s (exit $rc)"
+    return $rc
+}
+
+T0=$SECONDS
+NAMES=(${@:-torch-floor torch-newest train-floor})
+LOGS=$(mktemp -d)
+declare -A PID
+for name in "${NAMES[@]}"; do  # installs side by side: they wait on the network and the disk
+    prepare "$name" > "$LOGS/prepare-$name.log" 2>&1 &
+    PID[$name]=$!
+done
+for name in "${NAMES[@]}"; do
+    wait "${PID[$name]}" || { grep -v "^WARNING: Location" "$LOGS/prepare-$name.log"; exit 1; }
+    grep "^compat:" "$LOGS/prepare-$name.log"
+done
+status=0
+for name in "${NAMES[@]}"; do  # the suites side by side, one torch thread each
+    run_tests "$name" > "$LOGS/test-$name.log" 2>&1 &
+    PID[$name]=$!
+done
+for name in "${NAMES[@]}"; do
+    if wait "${PID[$name]}"; then rc=0; else rc=$?; status=1; fi
+    echo "===== compat: $name (exit $rc) ====="
+    tail -n 25 "$LOGS/test-$name.log"
+done
+rm -rf "$LOGS"
+echo "compat: total $((SECONDS - T0)) s"
+exit $status
