@@ -21,6 +21,8 @@ done
 MAX_JOBS=${MAX_JOBS:-2} pip wheel --no-build-isolation --no-deps --wheel-dir "$work/wheel" "$sdist"
 wheel=$(ls "$work"/wheel/lpreg-*.whl)
 grep -q "lpreg/_C" <<<"$(python -m zipfile -l "$wheel")" || { echo "wheel lacks the compiled lpreg._C" >&2; exit 1; }
+# PEP 561: the marker that tells type checkers lpreg is typed (pyproject.toml's package-data)
+grep -q "lpreg/py.typed" <<<"$(python -m zipfile -l "$wheel")" || { echo "wheel lacks lpreg/py.typed" >&2; exit 1; }
 
 python -m venv "$work/venv"
 "$work/venv/bin/pip" install -q "torch==$torch_version" numpy

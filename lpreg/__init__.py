@@ -13,8 +13,9 @@ in docs/architecture.md.
 __version__ = "0.1.0"  # the one version source (pyproject.toml reads it statically)
 
 from . import reference
-from .fused_linear import fused_linear_policy_loss, fused_linear_token_stats
-from .loss_config import LossConfig, needs_step_selection
+from ._backends import BackendStatus, backends
+from .fused_linear import fused_linear_build_proxy, fused_linear_policy_loss, fused_linear_token_stats
+from .loss_config import LossConfig, LossConfigError, needs_step_selection
 from .policy_loss import lpreg_policy_loss, policy_loss_from_stats
 from .selection import SelectionThreshold, selection_threshold
 from .sparse_proxy import SparseProxy, build_proxy, sparse_proxy_stats
@@ -27,10 +28,12 @@ __all__ = [
     # the off-policy proxy recorded at rollout time
     "SparseProxy", "build_proxy", "sparse_proxy_stats",
     # the Lp-Reg policy loss: its options (defined once), the losses, the step-wide selection
-    "LossConfig", "lpreg_policy_loss", "policy_loss_from_stats",
+    "LossConfig", "LossConfigError", "lpreg_policy_loss", "policy_loss_from_stats",
     "needs_step_selection", "SelectionThreshold", "selection_threshold",
     # LM head + loss without materialised logits
-    "fused_linear_policy_loss", "fused_linear_token_stats",
+    "fused_linear_policy_loss", "fused_linear_token_stats", "fused_linear_build_proxy",
     # the readable pure-PyTorch oracle
     "reference",
+    # what this installation can run (the compiled extension, Triton), and why not
+    "backends", "BackendStatus",
 ]

@@ -32,7 +32,8 @@ torch.compile never traces.
 import importlib
 import os
 import warnings
-from typing import Callable, Dict, NamedTuple
+from types import ModuleType
+from typing import Callable, Dict, NamedTuple, Set
 
 import torch
 
@@ -51,10 +52,10 @@ _MODULES = {
     },
     "build_proxy": {name: "lpreg._sparse_proxy_torch_backend" for name in ("triton", "torch", "cpu", "cuda")},
 }
-_warned = set()
+_warned: Set[str] = set()
 
 
-def implementation(backend: str, op: str = "token_stats"):
+def implementation(backend: str, op: str = "token_stats") -> ModuleType:
     """The module that serves `op` for a resolved backend name."""
     return importlib.import_module(_MODULES[op][backend])
 

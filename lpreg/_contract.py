@@ -74,8 +74,8 @@ def fake_row_outputs(logits: Tensor, width: int) -> tuple[Tensor, Tensor, Tensor
     """Fake forward outputs of a per-row op on (N, V) logits: four (N,) fp32 vectors (logp,
     proxy_logp, kl, entropy) and row_stats (N, width) fp32."""
     N = logits.shape[0]
-    vec = [logits.new_empty((N,), dtype=torch.float32) for _ in range(4)]
-    return (*vec, logits.new_empty((N, width), dtype=torch.float32))
+    logp, proxy_logp, kl, entropy = (logits.new_empty((N,), dtype=torch.float32) for _ in range(4))
+    return logp, proxy_logp, kl, entropy, logits.new_empty((N, width), dtype=torch.float32)
 
 
 def fake_grad(logits: Tensor) -> Tensor:

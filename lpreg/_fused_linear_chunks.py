@@ -10,10 +10,19 @@ logits, g_c (rows x V), is pushed into the three parameter gradients:
 On CUDA with bf16/fp16 weights the matmuls run in the input dtype with fp32 output
 (`torch.mm(..., out_dtype=torch.float32)`) and g_c is rounded to that dtype for the two
 gradient matmuls; elsewhere everything runs in fp32 (a half-precision weight is upcast once
-per call: V x H x 4 bytes).
+per call: V x H x 4 bytes). The chunk products ignore autocast: called inside an autocast region
+(a framework's bf16 mixed precision) they keep this precision rule instead of silently running
+in the autocast dtype, so a fused path's result does not depend on the region it is called from.
+
+The weight (and bias) are read again wherever a ChunkMatmuls is built: in the forward and, for
+`fused_linear_token_stats`, in the backward, which recomputes the logits. A sharded-parameter
+framework may free a parameter's storage in between (FSDP2 resizes it to 0 bytes and keeps the
+shape; ZeRO-3 swaps in an empty tensor): `check_storage` turns that into a RuntimeError instead of
+a matmul over freed memory.
 """
 
-from typing import Optional, Union
+from contextlib import nullcontext
+from typing import Any, ContextManager, Optional, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -99,11 +108,51 @@ def sharded_chunk_size(chunk_size: Optional[int], N: int, weight: Tensor, device
     return check_chunk_size(chunk_size, N, W, device)
 
 
+def check_storage(t: Optional[Tensor], name: str, where: str) -> None:
+    """RuntimeError unless t's storage holds every element of its view. FSDP2 frees a resharded
+    parameter by resizing its storage to 0 bytes and keeps its shape; a matmul would then read freed
+    memory (a crash, or garbage), so say what happened instead."""
+    if t is None or t.numel() == 0 or t.device.type == "meta":
+        return
+    try:
+        have = t.untyped_storage().nbytes()
+    except (RuntimeError, NotImplementedError):  # a tensor subclass without plain storage: nothing to check
+        return
+    extent = t.storage_offset() + sum((n - 1) * st for n, st in zip(t.shape, t.stride())) + 1
+    need = extent * t.element_size()
+    if have < need:
+        raise RuntimeError(
+            f"{name} of shape {tuple(t.shape)} needs {need} bytes of storage but its storage holds {have} ({where}): "
+            f"its memory was freed, as FSDP2 does when it reshards a parameter (storage resized to 0, shape kept). "
+            f"Keep the LM head unsharded from the forward of the fused statistics through their backward (e.g. "
+            f"group the head with the module whose forward runs them, or gather it with full_tensor() first)")
+
+
+def check_head(weight: Tensor, bias: Optional[Tensor], where: str, shape: Optional[Tuple[int, ...]] = None) -> None:
+    """check_storage of the head's weight and bias; with `shape`, also that the weight still has the shape
+    it had in the forward (ZeRO-3 replaces a released parameter's data by an empty tensor)."""
+    if shape is not None and tuple(weight.shape) != tuple(shape):
+        raise RuntimeError(
+            f"weight had shape {tuple(shape)} in the forward and has {tuple(weight.shape)} {where}: its data was "
+            f"released in between, as DeepSpeed ZeRO-3 does with a partitioned parameter outside its gather. Keep the "
+            f"LM head gathered through the backward (lpreg.integrations' adapters re-gather it there)")
+    check_storage(weight, "weight", where)
+    check_storage(bias, "bias", where)
+
+
+def _no_autocast(device: torch.device) -> ContextManager[Any]:
+    """The chunk products' own precision, whatever autocast region they run in."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return nullcontext()
+
+
 class ChunkMatmuls:
     """The chunk products with fp32 results, and the fp32 gradient accumulators."""
 
     def __init__(self, hidden2d: Tensor, weight: Tensor, bias: Optional[Tensor], need_h: bool, need_w: bool,
-                 need_b: bool):
+                 need_b: bool, where: str = "in the forward"):
+        check_head(weight, bias, where)
         self.h = hidden2d.detach()
         self.w = weight.detach()
         self.half = self.w.dtype != torch.float32
@@ -135,18 +184,23 @@ class ChunkMatmuls:
         than into a fresh tensor (240-1024 rows, H = 256, V = 32,000: the fresh one pays for
         first-touching its pages); the whole call 11% faster (see _TARGET_ELEMENTS_CPU)."""
         h = self.h[rows]
-        if self.native:
-            out = self._mm(h, self.w.t())
-            return out if self.b is None else out + self.b
-        n = h.shape[0]
-        if self._buffer is None or self._buffer.shape[0] < n:
-            self._buffer = torch.empty((n, self.w.shape[0]), dtype=torch.float32, device=h.device)
-        out = torch.mm(h.float(), self.w.float().t(), out=self._buffer[:n])
-        return out if self.b is None else out.add_(self.b)
+        with _no_autocast(h.device):
+            if self.native:
+                out = self._mm(h, self.w.t())
+                return out if self.b is None else out + self.b
+            n = h.shape[0]
+            if self._buffer is None or self._buffer.shape[0] < n:
+                self._buffer = torch.empty((n, self.w.shape[0]), dtype=torch.float32, device=h.device)
+            out = torch.mm(h.float(), self.w.float().t(), out=self._buffer[:n])
+            return out if self.b is None else out.add_(self.b)
 
     def accumulate(self, rows: Rows, g: Tensor) -> None:
         """Add the parameter gradients of d(scalar)/d logits_rows = g (n, V). A slice of rows
         writes dh (the first pass visits each row once), an index tensor adds to it."""
+        with _no_autocast(g.device):
+            self._accumulate(rows, g)
+
+    def _accumulate(self, rows: Rows, g: Tensor) -> None:
         h = self.h[rows]
         if self.grad_h is not None:
             dh = self._mm(g, self.w)
@@ -172,4 +226,4 @@ class ChunkMatmuls:
         """The accumulated gradients in the inputs' shapes and dtypes (None where not needed)."""
         return (None if self.grad_h is None else self.grad_h.to(hidden.dtype).reshape(hidden.shape),
                 None if self.grad_w is None else self.grad_w.to(weight.dtype),
-                None if self.grad_b is None else self.grad_b.to(bias.dtype))
+                None if self.grad_b is None or bias is None else self.grad_b.to(bias.dtype))

@@ -11,20 +11,26 @@ so it cannot be formed before backward without storing N x V numbers. Backward t
 recomputes each chunk's logits (2NHV flops) and runs the op's fused backward on them, then
 the two gradient matmuls (4NHV): 8NHV in all against 6NHV for materialised logits, with
 memory flat in N: one chunk of logits and its gradient, plus the fp32 hidden / weight / bias
-gradients. Double backward is not supported.
+gradients. Double backward is not supported. The backward reads the saved weight again: it checks
+first that its storage still holds it (`lpreg._fused_linear_chunks.check_head`), and raises a
+RuntimeError saying so where a sharded-parameter framework freed it in between.
 """
 
-from typing import NamedTuple, Optional
+import math
+from typing import TYPE_CHECKING, NamedTuple, Optional, Union
 
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from . import _validate
-from ._fused_linear_chunks import ChunkMatmuls, chunk_stats, sharded_chunk_size, take_rows
+from ._fused_linear_chunks import ChunkMatmuls, check_head, chunk_stats, sharded_chunk_size, take_rows
 from ._vocab_parallel import check_group
-from .sparse_proxy import SparseProxy
+from .sparse_proxy import SparseProxy, build_proxy
 from .token_stats import TokenStats
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 
 class _Opts(NamedTuple):
@@ -53,7 +59,7 @@ class _FusedLinearTokenStats(torch.autograd.Function):
                 for o, s in zip(out, _stats(mm.logits(rows), labels, proxy, rows, opts)):
                     o[rows] = s
         ctx.save_for_backward(hidden2d, weight, bias, labels)
-        ctx.proxy, ctx.opts, ctx.chunk = proxy, opts, chunk
+        ctx.proxy, ctx.opts, ctx.chunk, ctx.weight_shape = proxy, opts, chunk, tuple(weight.shape)
         ctx.mark_non_differentiable(out[1])  # proxy_logp is a target
         return tuple(out)
 
@@ -65,7 +71,9 @@ class _FusedLinearTokenStats(torch.autograd.Function):
         upstream = [(i, g) for i, g in ((0, g_logp), (2, g_kl), (3, g_entropy)) if g is not None]
         if not any(need) or not upstream:
             return None, None, None, None, None, None, None
-        mm = ChunkMatmuls(hidden2d, weight, bias, *need)
+        where = "in the backward, which recomputes the logits from it"
+        check_head(weight, bias, where, ctx.weight_shape)
+        mm = ChunkMatmuls(hidden2d, weight, bias, *need, where=where)
         N = hidden2d.shape[0]
         for a in range(0, N, ctx.chunk):
             rows = slice(a, min(N, a + ctx.chunk))
@@ -81,7 +89,7 @@ class _FusedLinearTokenStats(torch.autograd.Function):
         return grad_h, grad_w, grad_b, None, None, None, None
 
 
-def _check_inputs(hidden, weight, bias, labels, sharded=False) -> None:
+def _check_inputs(hidden, weight, bias, labels, sharded=False, labels_optional=False) -> None:
     for name, t in (("hidden", hidden), ("weight", weight)):
         if not isinstance(t, Tensor) or not t.dtype.is_floating_point:
             raise ValueError(f"{name} must be a float torch.Tensor, got {getattr(t, 'dtype', type(t).__name__)}")
@@ -96,6 +104,8 @@ def _check_inputs(hidden, weight, bias, labels, sharded=False) -> None:
     V = weight.shape[0]
     if bias is not None and (not isinstance(bias, Tensor) or tuple(bias.shape) != (V,)):
         raise ValueError(f"bias must be None or a tensor of shape ({V},), got {getattr(bias, 'shape', bias)}")
+    if labels is None and labels_optional:
+        return
     if not isinstance(labels, Tensor) or labels.dtype.is_floating_point or labels.dtype == torch.bool:
         got = getattr(labels, "dtype", type(labels).__name__)
         raise ValueError(f"labels must be an integer torch.Tensor, got {got}")
@@ -106,7 +116,7 @@ def _check_inputs(hidden, weight, bias, labels, sharded=False) -> None:
         raise ValueError(f"labels must be on {hidden.device}, got {labels.device}")
 
 
-def _flat_proxy(proxy, lead, V: int, device):
+def _flat_proxy(proxy, lead, V: int, device, sharded=False):
     """None, dense (..., V) logits -> (N, V) detached, or SparseProxy (..., k) -> flattened."""
     if proxy is None:
         return None
@@ -115,12 +125,12 @@ def _flat_proxy(proxy, lead, V: int, device):
             raise ValueError(f"proxy (SparseProxy) must have shape (..., k) with ... = {tuple(lead)}, got indices "
                              f"{tuple(proxy.indices.shape)} and logq {tuple(proxy.logq.shape)}")
         return proxy.flatten()
-    _validate.check_logits(proxy, "proxy")
+    _validate.check_logits(proxy, "proxy", allow_empty=sharded)  # an empty vocabulary shard's proxy is empty
     if tuple(proxy.shape) != (*lead, V):
         raise ValueError(f"proxy (dense logits) must have shape {(*lead, V)}, got {tuple(proxy.shape)}")
     if proxy.device != device:
         raise ValueError(f"proxy must be on {device}, got {proxy.device}")
-    return proxy.detach().reshape(-1, V)
+    return proxy.detach().reshape(math.prod(lead), V)  # V = 0 (an empty vocabulary shard) is legal
 
 
 def fused_linear_token_stats(
@@ -132,11 +142,11 @@ def fused_linear_token_stats(
     temperature: float = 1.0,
     mode: str = "min_p",
     threshold: float = 0.02,
-    proxy=None,
+    proxy: Union[None, Tensor, SparseProxy] = None,
     ignore_index: int = -100,
     chunk_size: Optional[int] = None,
     backend: str = "auto",
-    process_group=None,
+    process_group: Optional["ProcessGroup"] = None,
 ) -> TokenStats:
     """`lpreg_token_stats(hidden @ weight.T + bias, labels, ...)` without the (..., V) logits.
 
@@ -170,8 +180,69 @@ def fused_linear_token_stats(
     V, H = weight.shape
     N = labels.numel()
     chunk = sharded_chunk_size(chunk_size, N, weight, hidden.device, process_group)
-    flat_proxy = _flat_proxy(proxy, lead, V, hidden.device)
+    flat_proxy = _flat_proxy(proxy, lead, V, hidden.device, sharded=process_group is not None)
     opts = _Opts(temperature, mode, threshold, int(ignore_index), backend, process_group)
     out = _FusedLinearTokenStats.apply(hidden.reshape(N, H), weight, bias, labels.reshape(N).long(), flat_proxy,
                                        opts, max(1, chunk))
     return TokenStats(*(o.reshape(lead) for o in out))
+
+
+@torch.no_grad()
+def fused_linear_build_proxy(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Optional[Tensor] = None,
+    *,
+    bias: Optional[Tensor] = None,
+    temperature: float = 1.0,
+    mode: str = "min_p",
+    threshold: float = 0.02,
+    k: int = 64,
+    ignore_index: int = -100,
+    chunk_size: Optional[int] = None,
+    backend: str = "auto",
+    process_group: Optional["ProcessGroup"] = None,
+) -> SparseProxy:
+    """`lpreg.build_proxy(hidden @ weight.T + bias, labels, ...)` without the (..., V) logits: the
+    rollout-time proxy record of a fused path, from the hidden states and the LM head, no grad.
+
+    hidden: (..., H); weight: (V, H) of hidden's dtype; bias: (V,) or None; labels: (...) integer
+    sampled tokens or None (as for build_proxy: with them, the record carries each label's exact
+    log q). Each chunk of `chunk_size` rows (default `default_chunk_size(N, V)`) is one fp32
+    product of the head, as in `fused_linear_token_stats` (whatever autocast region it is called
+    from), then `build_proxy` on it. process_group: None, or the group over which the head is
+    sharded by vocabulary (weight and bias are this rank's block; every rank gets the same record,
+    with global indices; one all_gather of the widths, then build_proxy's two per chunk).
+
+    Returns a SparseProxy ((..., k) int32 indices, (..., k) fp32 log q, (...) coverage, (...) label
+    log q or None), equal to build_proxy's on the materialised logits.
+    """
+    if process_group is not None:
+        check_group(process_group)
+    _check_inputs(hidden, weight, bias, labels, sharded=process_group is not None, labels_optional=True)
+    temperature = _validate.check_temperature(temperature)
+    threshold = _validate.check_mode_threshold(mode, threshold)
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        raise ValueError(f"k must be an int >= 1, got {k!r}")
+    _validate.check_backend(backend)
+    lead = tuple(hidden.shape[:-1])
+    V, H = weight.shape
+    N = math.prod(lead)
+    chunk = max(1, sharded_chunk_size(chunk_size, N, weight, hidden.device, process_group))
+    mm = ChunkMatmuls(hidden.reshape(N, H), weight, bias, False, False, False)
+    flat = None if labels is None else labels.reshape(N)
+    dev = hidden.device
+    idx = torch.zeros((N, k), dtype=torch.int32, device=dev)
+    logq = torch.zeros((N, k), dtype=torch.float32, device=dev)
+    cov = torch.zeros((N,), dtype=torch.float32, device=dev)
+    label_logq = None if labels is None else torch.zeros((N,), dtype=torch.float32, device=dev)
+    for a in range(0, N, chunk):
+        rows = slice(a, min(N, a + chunk))
+        p = build_proxy(mm.logits(rows), None if flat is None else flat[rows], temperature=temperature, mode=mode,
+                        threshold=threshold, k=k, ignore_index=ignore_index, backend=backend,
+                        process_group=process_group)
+        idx[rows], logq[rows], cov[rows] = p.indices, p.logq, p.coverage
+        if label_logq is not None and p.label_logq is not None:  # given labels, build_proxy returns it
+            label_logq[rows] = p.label_logq
+    return SparseProxy(idx.reshape(*lead, k), logq.reshape(*lead, k), cov.reshape(lead),
+                       None if label_logq is None else label_logq.reshape(lead))

@@ -14,6 +14,9 @@ paper:    S_t = [p_y among the k = max(1, floor(rho n)) smallest of the n valid 
           & [y in K]; D_t = D_KL(q || p) over the vocabulary. Ties by position in both forms.
 beta = 0: S_t = 0 (Lp-Reg off: exactly the clipped surrogate). clip_ratio_c: dual clip, for A < 0
           the surrogate becomes min(surrogate, -A clip_ratio_c), as verl's vanilla loss does.
+weights:  per-token importance-sampling weights w >= 0 (docs/spec.md §3, "Per-token weights"): the
+          surrogate (dual clip included) is multiplied by w, the Lp-Reg term is not; a w = 0 token
+          is out of the selection pool; the aggregation and the metrics are unchanged.
 """
 
 import math
@@ -45,6 +48,8 @@ class Batch(NamedTuple):
     raw_old_logp: Optional[Tensor]  # (B, L) as given, for a SelectionThreshold; None on-policy
     shape: Tuple[int, int]
     on_policy: bool = False  # old_logp=None: old_logp is this pass's detached logp
+    is_weight: Optional[Tensor] = None  # (N,) fp32 importance-sampling weights w (0 where not valid), or None
+    pool: Optional[Tensor] = None  # (N,) bool: the selection pool, valid & (w > 0) (valid without weights)
 
 
 def check_num_tokens(num_tokens: NumTokens, loss_agg_mode: str) -> Optional[Tensor]:
@@ -97,13 +102,37 @@ def _aggregation_weight(valid: Tensor, cfg: LossConfig, num_tokens: Optional[Ten
     return w / max(B, 1)  # seq-mean-token-sum
 
 
+def check_weights(weights: Optional[Tensor], B: int, L: int, device: torch.device, valid: Tensor) -> Optional[Tensor]:
+    """None, or the per-token weights as (B, L) fp32, 0 off the valid tokens. (B, L) or (B,) (one weight per
+    sequence); finite and >= 0 on the valid tokens (one host sync checks it); NaN is passed on (the loss
+    is then NaN: NaN in never becomes a finite number out)."""
+    if weights is None:
+        return None
+    if not isinstance(weights, Tensor) or not weights.dtype.is_floating_point:
+        got = getattr(weights, "dtype", type(weights).__name__)
+        raise ValueError(f"weights must be None or a float torch.Tensor of shape (B, L) or (B,), got {got}")
+    if tuple(weights.shape) == (B,):
+        weights = weights[:, None].expand(B, L)
+    elif tuple(weights.shape) != (B, L):
+        raise ValueError(f"weights must have shape (B, L) = {(B, L)} or (B,) = {(B,)}, got {tuple(weights.shape)}")
+    if weights.device != device:
+        raise ValueError(f"weights must be on {device}, got {weights.device}")
+    w = torch.where(valid, weights.detach().float(), torch.zeros((), device=device))
+    bad = valid & ((w < 0) | torch.isinf(w))
+    if bool(bad.any()):
+        at = tuple(bad.nonzero()[0].tolist())
+        raise ValueError(f"weights must be finite and >= 0 on the valid tokens, got {w[at].item()!r} at {at}")
+    return w
+
+
 def prepare(lead_shape: Sequence[int], device: torch.device, labels: Optional[Tensor], advantages: Tensor,
             old_logp: Optional[Tensor], response_mask: Tensor, cfg: LossConfig, *,
-            num_tokens: NumTokens = None) -> Batch:
+            num_tokens: NumTokens = None, weights: Optional[Tensor] = None) -> Batch:
     """Check the (B, L) inputs against the leading shape of logits / hidden and flatten them.
 
     labels=None (statistics already computed): valid is response_mask > 0 alone.
     old_logp=None: on-policy (see lpreg.policy_loss). num_tokens: see `check_num_tokens`.
+    weights: None or the per-token importance-sampling weights (`check_weights`).
     """
     if len(lead_shape) != 2:
         raise ValueError(f"logits must have shape (B, L, V), got leading shape {tuple(lead_shape)}")
@@ -132,8 +161,11 @@ def prepare(lead_shape: Sequence[int], device: torch.device, labels: Optional[Te
     adv = torch.where(valid, advantages.detach().float(), zero)
     old = zero.expand(B, L) if old_logp is None else torch.where(valid, old_logp.detach().float(), zero)
     w = _aggregation_weight(valid, cfg, total)
+    is_w = check_weights(weights, B, L, device, valid)
+    pool = valid if is_w is None else valid & (is_w > 0)  # a w = 0 (or NaN) token is not trained on
     return Batch(lab, adv.reshape(-1), old.reshape(-1), valid.reshape(-1), w.reshape(-1), old_logp, (B, L),
-                 on_policy=old_logp is None)
+                 on_policy=old_logp is None, is_weight=None if is_w is None else is_w.reshape(-1),
+                 pool=pool.reshape(-1))
 
 
 def flat_proxy(proxy: Union[None, Tensor, SparseProxy], N: int, V: int) -> Union[None, Tensor, SparseProxy]:
@@ -174,14 +206,17 @@ def global_selection(batch: Batch, logp: Optional[Tensor], cfg: LossConfig,
     if needs_current_logp(batch, sel) and logp is None:
         raise ValueError("global_selection needs the current log-probs (logp) without a selection_threshold "
                          "or on-policy (old_logp=None), got logp=None")
+    pool = batch.valid if batch.pool is None else batch.pool  # the tokens trained on (w > 0)
     if sel is not None:
-        old = logp.detach().reshape(batch.shape) if batch.on_policy else batch.raw_old_logp
-        mask = sel.mask(old, batch.valid.reshape(batch.shape)).reshape(-1)
+        old = logp.detach().reshape(batch.shape) if batch.on_policy and logp is not None else batch.raw_old_logp
+        assert old is not None  # on-policy: logp was checked above; off-policy: raw_old_logp is set
+        mask = sel.mask(old, pool.reshape(batch.shape)).reshape(-1)
         return mask, sel.logp.to(mask.device)
+    assert logp is not None  # checked above: no selection_threshold needs the current log-probs
     if cfg.compat == "paper":
-        k = bottom_k_count(batch.valid.sum(), cfg.rho)
-        return bottom_k_mask(logp, batch.valid, k)
-    neg = batch.valid & (batch.adv < 0)
+        k = bottom_k_count(pool.sum(), cfg.rho)
+        return bottom_k_mask(logp, pool, k)
+    neg = pool & (batch.adv < 0)
     k = bottom_k_count(neg.sum(), cfg.rho)
     mask, kth = bottom_k_mask(logp, neg, k)
     return mask & (k > 1), kth  # the released code selects nothing when k <= 1
@@ -194,7 +229,7 @@ def k3(logp: Tensor, proxy_logp: Tensor) -> Tensor:
 
 
 def token_terms(stats: Sequence[Tensor], bottom: Tensor, batch: Batch, cfg: LossConfig,
-                sl: slice = slice(None)) -> Tuple[Tensor, Dict[str, Tensor]]:
+                sl: Union[slice, Tensor] = slice(None)) -> Tuple[Tensor, Dict[str, Tensor]]:
     """Per-token loss (n,) and the metric sums (0-d tensors) for the tokens `sl` of `batch`."""
     logp, proxy_logp, kl, entropy = stats
     adv, valid = batch.adv[sl], batch.valid[sl]
@@ -222,6 +257,8 @@ def token_terms(stats: Sequence[Tensor], bottom: Tensor, batch: Batch, cfg: Loss
         pg3 = -adv * cfg.clip_ratio_c
         dual = (adv < 0) & (pg > pg3)
         pg = torch.where(adv < 0, torch.minimum(pg, pg3), pg)
+    if batch.is_weight is not None:  # importance-sampling weights: the surrogate only (docs/spec.md §3)
+        pg = pg * batch.is_weight[sl]
     loss_t = pg + cfg.beta * div
     vf = valid.float()
     sums = {

@@ -10,6 +10,7 @@ signatures of `lpreg._token_stats_torch_backend`.
 
 import functools
 import os
+from typing import List
 
 import torch
 
@@ -30,7 +31,7 @@ def _load():
     return _C
 
 
-_load_error = []
+_load_error: List[str] = []
 
 
 def _register_fakes():
@@ -54,8 +55,8 @@ def _register_fakes():
 
 # setup.py writes this file beside the extension when its build fails and the install goes on without it
 BUILD_FAILURE_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_C_build_failed.txt")
-RETRY = ("to retry the build: pip install --no-build-isolation -e . (or .) with LPREG_REQUIRE_EXT=1 to see the "
-         "compiler's error")
+RETRY = ("rebuild it against this torch, with the compiler's errors shown: "
+         "LPREG_REQUIRE_EXT=1 pip install -v --no-build-isolation -e .")
 
 
 def unavailable_reason(device_type: str) -> str:

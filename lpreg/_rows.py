@@ -8,6 +8,7 @@ kernels' definitions (lpreg.kernels.token_stats states them); a backend imports 
 never from another backend.
 """
 
+import math
 from typing import Iterator
 
 import torch
@@ -36,8 +37,10 @@ def forward_outputs(logits: Tensor, width: int):
 
 
 def as_rows(t: Tensor) -> Tensor:
-    """(..., V) -> (N, V) with unit-stride rows (a view whenever possible)."""
-    t2 = t.reshape(-1, t.shape[-1])
+    """(..., V) -> (N, V) with unit-stride rows (a view whenever possible). V = 0 is legal (an empty
+    vocabulary shard, docs/spec.md §6): N is the product of the leading dimensions, never inferred
+    from the element count (which cannot tell N from 0 elements)."""
+    t2 = t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
     return t2 if t2.stride(-1) == 1 else t2.contiguous()
 
 

@@ -50,10 +50,11 @@ def check_reduction(reduction):
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
 
 
-def check_proxy_logits(proxy_logits, logits):
+def check_proxy_logits(proxy_logits, logits, allow_empty=False):
+    """allow_empty: the proxy of an empty vocabulary-parallel shard is empty too."""
     if proxy_logits is None:
         return
-    check_logits(proxy_logits, "proxy_logits")
+    check_logits(proxy_logits, "proxy_logits", allow_empty=allow_empty)
     if proxy_logits.shape != logits.shape:
         raise ValueError(
             f"proxy_logits must have the shape of logits {tuple(logits.shape)}, got {tuple(proxy_logits.shape)}"

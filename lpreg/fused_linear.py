@@ -25,19 +25,24 @@ pass 1 alone computes the whole loss (unless old_logp=None: the threshold then a
 this pass's log-probs, and the two passes run).
 """
 
-from typing import Dict, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, Literal, Optional, Tuple, Union, overload
 
 import torch
 from torch import Tensor
 
 from . import _loss_terms as pl
-from ._fused_linear_chunks import ChunkMatmuls, default_chunk_size, sharded_chunk_size, take_rows
-from ._fused_linear_stats import fused_linear_token_stats
+from ._fused_linear_chunks import ChunkMatmuls, Rows, default_chunk_size, sharded_chunk_size, take_rows
+from ._fused_linear_stats import fused_linear_build_proxy, fused_linear_token_stats
 from ._vocab_parallel import check_group
 from .loss_config import LossConfig, loss_options
+from .policy_loss import Metrics, Proxy
 from .selection import SelectionThreshold
+from .token_stats import TokenStats
 
-__all__ = ["fused_linear_policy_loss", "fused_linear_token_stats", "default_chunk_size"]
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
+
+__all__ = ["fused_linear_policy_loss", "fused_linear_token_stats", "fused_linear_build_proxy", "default_chunk_size"]
 
 
 def _add(a: Dict[str, Tensor], b: Dict[str, Tensor]) -> Dict[str, Tensor]:
@@ -47,18 +52,20 @@ def _add(a: Dict[str, Tensor], b: Dict[str, Tensor]) -> Dict[str, Tensor]:
 class _Passes:
     """The two passes over token rows for one call: loss, metric sums and gradients."""
 
-    def __init__(self, mm: ChunkMatmuls, batch: pl.Batch, proxy, cfg: LossConfig, group):
+    def __init__(self, mm: ChunkMatmuls, batch: pl.Batch, proxy: Proxy, cfg: LossConfig,
+                 group: Optional["ProcessGroup"]) -> None:
         self.mm, self.batch, self.proxy, self.cfg, self.group = mm, batch, proxy, cfg, group
         self.loss = torch.zeros((), dtype=torch.float32, device=mm.h.device)
         self.sums: Optional[Dict[str, Tensor]] = None
 
-    def _stats(self, rows):
+    def _stats(self, rows: Rows) -> Tuple[Tensor, TokenStats]:
         """Recompute the LM head for `rows` and take the per-token statistics (with grad)."""
         logits = self.mm.logits(rows).requires_grad_(self.mm.need_grad)
+        assert self.batch.labels is not None  # prepare() was given labels
         return logits, pl.compute_token_stats(logits, self.batch.labels[rows], take_rows(self.proxy, rows), self.cfg,
                                               self.group)
 
-    def _finish(self, chunk_loss: Tensor, logits: Tensor, rows, part: Dict[str, Tensor]) -> None:
+    def _finish(self, chunk_loss: Tensor, logits: Tensor, rows: Rows, part: Dict[str, Tensor]) -> None:
         if self.mm.need_grad:
             self.mm.accumulate(rows, torch.autograd.grad(chunk_loss, logits)[0])
         self.loss += chunk_loss.detach()
@@ -105,8 +112,10 @@ class _Passes:
 
 class _FusedLinearPolicyLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, batch, proxy, cfg, sel, chunk, group):
-        N = batch.labels.shape[0]
+    def forward(ctx: Any, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], batch: pl.Batch, proxy: Proxy,
+                cfg: LossConfig, sel: Optional[SelectionThreshold], chunk: int,
+                group: Optional["ProcessGroup"]) -> Tuple[Tensor, ...]:
+        N = batch.valid.shape[0]
         mm = ChunkMatmuls(hidden.reshape(N, hidden.shape[-1]), weight, bias, *ctx.needs_input_grad[:3])
         run = _Passes(mm, batch, proxy, cfg, group)
         if not pl.needs_current_logp(batch, sel):  # the selection is known up front: one pass
@@ -127,7 +136,7 @@ class _FusedLinearPolicyLoss(torch.autograd.Function):
         return (run.loss, *values)
 
     @staticmethod
-    def backward(ctx, g_loss, *g_metrics):
+    def backward(ctx: Any, g_loss: Tensor, *g_metrics: Tensor) -> Tuple[Optional[Tensor], ...]:
         grad_h, grad_w, grad_b = ctx.saved_tensors
         scale = lambda t: None if t is None else t * g_loss.to(t.dtype)  # noqa: E731
         return scale(grad_h), scale(grad_w), scale(grad_b), None, None, None, None, None, None
@@ -149,6 +158,31 @@ def _check_linear(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Non
         raise ValueError(f"bias must be None or a tensor of shape ({V},), got {getattr(bias, 'shape', bias)}")
 
 
+# the overloads give the metrics' type from `return_tensors` (python floats by default)
+@overload
+def fused_linear_policy_loss(
+    hidden: Tensor, weight: Tensor, labels: Tensor, advantages: Tensor, old_logp: Optional[Tensor],
+    response_mask: Tensor, *, bias: Optional[Tensor] = ..., chunk_size: Optional[int] = ..., proxy: Proxy = ...,
+    selection_threshold: Optional[SelectionThreshold] = ..., num_tokens: Optional[Union[int, Tensor]] = ...,
+    weights: Optional[Tensor] = ..., return_tensors: Literal[False] = ...,
+    process_group: Optional["ProcessGroup"] = ..., **options: Any,
+) -> Tuple[Tensor, Dict[str, float]]: ...
+@overload
+def fused_linear_policy_loss(
+    hidden: Tensor, weight: Tensor, labels: Tensor, advantages: Tensor, old_logp: Optional[Tensor],
+    response_mask: Tensor, *, bias: Optional[Tensor] = ..., chunk_size: Optional[int] = ..., proxy: Proxy = ...,
+    selection_threshold: Optional[SelectionThreshold] = ..., num_tokens: Optional[Union[int, Tensor]] = ...,
+    weights: Optional[Tensor] = ..., return_tensors: Literal[True],
+    process_group: Optional["ProcessGroup"] = ..., **options: Any,
+) -> Tuple[Tensor, Dict[str, Tensor]]: ...
+@overload
+def fused_linear_policy_loss(
+    hidden: Tensor, weight: Tensor, labels: Tensor, advantages: Tensor, old_logp: Optional[Tensor],
+    response_mask: Tensor, *, bias: Optional[Tensor] = ..., chunk_size: Optional[int] = ..., proxy: Proxy = ...,
+    selection_threshold: Optional[SelectionThreshold] = ..., num_tokens: Optional[Union[int, Tensor]] = ...,
+    weights: Optional[Tensor] = ..., return_tensors: bool,
+    process_group: Optional["ProcessGroup"] = ..., **options: Any,
+) -> Tuple[Tensor, Metrics]: ...
 @loss_options()
 def fused_linear_policy_loss(
     hidden: Tensor,
@@ -160,13 +194,14 @@ def fused_linear_policy_loss(
     *,
     bias: Optional[Tensor] = None,
     chunk_size: Optional[int] = None,
-    proxy=None,
+    proxy: Proxy = None,
     selection_threshold: Optional[SelectionThreshold] = None,
     num_tokens: Optional[Union[int, Tensor]] = None,
+    weights: Optional[Tensor] = None,
     return_tensors: bool = False,
-    process_group=None,
-    **options,
-) -> Tuple[Tensor, Dict]:
+    process_group: Optional["ProcessGroup"] = None,
+    **options: Any,
+) -> Tuple[Tensor, Metrics]:
     """`lpreg_policy_loss(hidden @ weight.T + bias, ...)` without the (B, L, V) logits.
 
     hidden: (B, L, H); weight: (V, H); bias: (V,) or None; the other tensors, `options` (the
@@ -174,7 +209,8 @@ def fused_linear_policy_loss(
     and keywords as in `lpreg.lpreg_policy_loss` (a dense proxy is (B, L, V), a SparseProxy
     (B, L, k)). old_logp: (B, L), or None for on-policy (old_logp is this pass's detached
     log-prob: the ratio is exactly 1). num_tokens: the global valid-token count used as the
-    token-mean denominator (int or 0-d tensor), None for this call's count.
+    token-mean denominator (int or 0-d tensor), None for this call's count. weights: per-token
+    importance-sampling weights (B, L) or (B,), or None (the rule: `lpreg.policy_loss_from_stats`).
     chunk_size: token rows per chunk; default `default_chunk_size(N, V)`: ~2**25 logits on
     CUDA (e.g. 208 rows at V = 151,936: 121 MiB per fp32 chunk buffer, ~256 MiB live with
     its gradient), just under 32 MiB on CPU. Extra memory besides the chunk: the fp32 hidden
@@ -201,7 +237,7 @@ def fused_linear_policy_loss(
     V = weight.shape[0]
     pl.check_proxy(proxy, (B, L), V, hidden.device)
     batch = pl.prepare((B, L), hidden.device, labels, advantages, old_logp, response_mask, cfg,
-                       num_tokens=num_tokens)
+                       num_tokens=num_tokens, weights=weights)
     N = B * L
     chunk = sharded_chunk_size(chunk_size, N, weight, hidden.device, process_group)
     out = _FusedLinearPolicyLoss.apply(hidden, weight, bias, batch, pl.flat_proxy(proxy, N, V), cfg,

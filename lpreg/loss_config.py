@@ -3,8 +3,9 @@
 Every loss entry point (`lpreg_policy_loss`, `policy_loss_from_stats`, `fused_linear_policy_loss`)
 takes these options as keywords, validates them once by building a `LossConfig`, and passes that
 object down; nothing below the entry point checks them again. Adapters validate their own
-`lpreg_*` settings the same way: `LossConfig(compat=..., rho=...)` raises ValueError naming the
-argument and the value.
+`lpreg_*` settings the same way: `LossConfig(compat=..., rho=...)` raises `LossConfigError`, a
+ValueError whose `field` attribute is the offending field's name and whose message starts with it
+(so an adapter maps it to its own option name without parsing the text).
 """
 
 import dataclasses
@@ -12,7 +13,7 @@ import inspect
 import math
 import operator
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterable, Optional
+from typing import Any, Callable, Dict, Iterable, Optional, TypeVar
 
 from . import _validate
 
@@ -22,6 +23,31 @@ KL_ESTIMATORS = ("full", "k3")
 
 # options that describe how the statistics were computed: they do not apply to policy_loss_from_stats
 STATS_OPTIONS = ("temperature", "mode", "threshold", "ignore_index", "backend")
+
+
+class LossConfigError(ValueError):
+    """A bad loss option: `field` is the LossConfig field's name, and the message starts with it
+    ("rho must be in (0, 1], got 0.0")."""
+
+    def __init__(self, field: str, message: str):
+        if not message.startswith(field):
+            message = f"{field}: {message}"
+        super().__init__(message)
+        self.field = field
+
+
+T = TypeVar("T")
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _checked(field: str, fn: Callable[..., T], *args: Any) -> T:
+    """fn(*args), its ValueError re-raised as a LossConfigError naming `field`."""
+    try:
+        return fn(*args)
+    except LossConfigError:
+        raise
+    except ValueError as exc:
+        raise LossConfigError(field, str(exc)) from None
 
 
 @dataclass(frozen=True)
@@ -55,37 +81,41 @@ class LossConfig:
     backend: str = "auto"
 
     def __post_init__(self) -> None:
-        check_compat(self.compat)
+        _checked("compat", check_compat, self.compat)
         if self.loss_agg_mode not in LOSS_AGG_MODES:
-            raise ValueError(f"loss_agg_mode must be one of {LOSS_AGG_MODES}, got {self.loss_agg_mode!r}")
+            raise LossConfigError("loss_agg_mode", f"loss_agg_mode must be one of {LOSS_AGG_MODES}, "
+                                                   f"got {self.loss_agg_mode!r}")
         kl_estimator = self.kl_estimator
         if kl_estimator is None:
             kl_estimator = "full" if self.compat == "paper" else "k3"
         if kl_estimator not in KL_ESTIMATORS:
-            raise ValueError(f"kl_estimator must be one of {KL_ESTIMATORS} or None, got {self.kl_estimator!r}")
-        _validate.check_backend(self.backend)
+            raise LossConfigError("kl_estimator", f"kl_estimator must be one of {KL_ESTIMATORS} or None, "
+                                                  f"got {self.kl_estimator!r}")
+        _checked("backend", _validate.check_backend, self.backend)
         rho, beta = _number("rho", self.rho), _number("beta", self.beta)
         clip_low, clip_high = _number("clip_low", self.clip_low), _number("clip_high", self.clip_high)
         if not (0 < rho <= 1):
-            raise ValueError(f"rho must be in (0, 1], got {self.rho!r}")
+            raise LossConfigError("rho", f"rho must be in (0, 1], got {self.rho!r}")
         if not (beta >= 0) or math.isinf(beta):
-            raise ValueError(f"beta must be a finite number >= 0, got {self.beta!r}")
+            raise LossConfigError("beta", f"beta must be a finite number >= 0, got {self.beta!r}")
         if not (0 <= clip_low <= 1):
-            raise ValueError(f"clip_low must be in [0, 1], got {self.clip_low!r}")
+            raise LossConfigError("clip_low", f"clip_low must be in [0, 1], got {self.clip_low!r}")
         if not (clip_high >= 0):
-            raise ValueError(f"clip_high must be >= 0, got {self.clip_high!r}")
+            raise LossConfigError("clip_high", f"clip_high must be >= 0, got {self.clip_high!r}")
         clip_c = self.clip_ratio_c
         if clip_c is not None:
             clip_c = _number("clip_ratio_c", clip_c)
             if not (clip_c > 1) or math.isinf(clip_c):
-                raise ValueError(f"clip_ratio_c must be None or a finite number > 1, got {self.clip_ratio_c!r}")
+                raise LossConfigError("clip_ratio_c", f"clip_ratio_c must be None or a finite number > 1, "
+                                                      f"got {self.clip_ratio_c!r}")
         try:
             ignore_index = operator.index(self.ignore_index)
         except TypeError:
-            raise ValueError(f"ignore_index must be an int, got {self.ignore_index!r}") from None
-        normalised = dict(ignore_index=ignore_index,
-            temperature=_validate.check_temperature(self.temperature),
-            threshold=_validate.check_mode_threshold(self.mode, self.threshold),
+            raise LossConfigError("ignore_index", f"ignore_index must be an int, got {self.ignore_index!r}") from None
+        temperature = _checked("temperature", _validate.check_temperature, self.temperature)
+        _checked("mode", _validate.check_mode_threshold, self.mode, 0.5)  # a legal threshold in both modes
+        threshold = _checked("threshold", _validate.check_mode_threshold, self.mode, self.threshold)
+        normalised = dict(ignore_index=ignore_index, temperature=temperature, threshold=threshold,
             rho=rho, beta=beta, clip_low=clip_low, clip_high=clip_high, clip_ratio_c=clip_c, kl_estimator=kl_estimator,
         )
         for name, value in normalised.items():  # frozen: the checked values, as plain floats
@@ -101,18 +131,18 @@ class LossConfig:
                             f"{[f.name for f in dataclasses.fields(cls) if f.name not in excluded]}")
         given = sorted(set(options) & set(excluded))
         if given:
-            raise ValueError(f"{given[0]}={options[given[0]]!r} does not apply here: the statistics were already "
-                             f"computed with their temperature, filter and backend")
+            raise LossConfigError(given[0], f"{given[0]}={options[given[0]]!r} does not apply here: the statistics "
+                                            f"were already computed with their temperature, filter and backend")
         return cls(**options)
 
 
 def _number(name: str, value: Any) -> float:
     if isinstance(value, bool):
-        raise ValueError(f"{name} must be a number, got {value!r}")
+        raise LossConfigError(name, f"{name} must be a number, got {value!r}")
     try:
         return float(value)
     except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a number, got {value!r}") from None
+        raise LossConfigError(name, f"{name} must be a number, got {value!r}") from None
 
 
 def check_compat(compat: str) -> str:
@@ -128,19 +158,19 @@ def needs_step_selection(compat: str) -> bool:
     return check_compat(compat) == "paper"
 
 
-def loss_options(*, excluded: Iterable[str] = ()) -> Callable:
+def loss_options(*, excluded: Iterable[str] = ()) -> Callable[[F], F]:
     """Give an entry point taking `**options` the signature of its LossConfig keywords (for help(),
     IDEs' runtime introspection and docs), so the keyword set is written once, in LossConfig."""
     excluded = tuple(excluded)
 
-    def wrap(fn: Callable) -> Callable:
+    def wrap(fn: F) -> F:
         sig = inspect.signature(fn)
         own = [p for p in sig.parameters.values() if p.kind != inspect.Parameter.VAR_KEYWORD]
         lead = [p for p in own if p.kind != inspect.Parameter.KEYWORD_ONLY]
         tail = [p for p in own if p.kind == inspect.Parameter.KEYWORD_ONLY]
         opts = [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default, annotation=f.type)
                 for f in dataclasses.fields(LossConfig) if f.name not in excluded]
-        fn.__signature__ = sig.replace(parameters=lead + opts + tail)
+        fn.__signature__ = sig.replace(parameters=lead + opts + tail)  # type: ignore[attr-defined]  # read by inspect
         return fn
 
     return wrap

@@ -29,7 +29,7 @@ pass is needed. `num_tokens`: the global valid-token count (all micro-batches an
 the token-mean denominator, so the per-call losses sum to the global token-mean.
 """
 
-from typing import Dict, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, Literal, Optional, Sequence, Tuple, Union, overload
 
 import torch
 from torch import Tensor
@@ -38,13 +38,38 @@ from . import _loss_terms as terms
 from . import _validate
 from .loss_config import STATS_OPTIONS, LossConfig, loss_options
 from .selection import SelectionThreshold
+from .sparse_proxy import SparseProxy
 from .token_stats import TokenStats
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 __all__ = ["lpreg_policy_loss", "policy_loss_from_stats"]
 
-Metrics = Dict[str, Union[float, Tensor]]
+# python floats, or 0-d tensors with return_tensors=True
+Metrics = Union[Dict[str, float], Dict[str, Tensor]]
+Proxy = Union[None, Tensor, SparseProxy]
 
 
+# the overloads give the metrics' type from `return_tensors` (python floats by default)
+@overload
+def policy_loss_from_stats(
+    stats: Sequence[Tensor], advantages: Tensor, old_logp: Optional[Tensor], response_mask: Tensor, *,
+    selection_threshold: Optional[SelectionThreshold] = ..., num_tokens: terms.NumTokens = ...,
+    weights: Optional[Tensor] = ..., return_tensors: Literal[False] = ..., **options: Any,
+) -> Tuple[Tensor, Dict[str, float]]: ...
+@overload
+def policy_loss_from_stats(
+    stats: Sequence[Tensor], advantages: Tensor, old_logp: Optional[Tensor], response_mask: Tensor, *,
+    selection_threshold: Optional[SelectionThreshold] = ..., num_tokens: terms.NumTokens = ...,
+    weights: Optional[Tensor] = ..., return_tensors: Literal[True], **options: Any,
+) -> Tuple[Tensor, Dict[str, Tensor]]: ...
+@overload
+def policy_loss_from_stats(
+    stats: Sequence[Tensor], advantages: Tensor, old_logp: Optional[Tensor], response_mask: Tensor, *,
+    selection_threshold: Optional[SelectionThreshold] = ..., num_tokens: terms.NumTokens = ...,
+    weights: Optional[Tensor] = ..., return_tensors: bool, **options: Any,
+) -> Tuple[Tensor, Metrics]: ...
 @loss_options(excluded=STATS_OPTIONS)
 def policy_loss_from_stats(
     stats: Sequence[Tensor],
@@ -54,8 +79,9 @@ def policy_loss_from_stats(
     *,
     selection_threshold: Optional[SelectionThreshold] = None,
     num_tokens: terms.NumTokens = None,
+    weights: Optional[Tensor] = None,
     return_tensors: bool = False,
-    **options,
+    **options: Any,
 ) -> Tuple[Tensor, Metrics]:
     """The Lp-Reg policy loss from per-token statistics the caller already has.
 
@@ -75,6 +101,14 @@ def policy_loss_from_stats(
         only), so that the per-call losses add up to the global token-mean. Metrics stay
         means over this call's tokens; actor/pg_loss is the returned loss. A tensor costs
         one host sync (its value is checked); an int none.
+    weights: None, or per-token importance-sampling weights w (B, L) or (B,) (one per sequence),
+        e.g. TIS's truncated or MIS's masked rollout-to-trainer ratios; detached, finite and >= 0
+        on the valid tokens (one host sync checks it). The rule (docs/spec.md §3, "Per-token
+        weights"): w multiplies the surrogate, dual clip included, and not the Lp-Reg term
+        beta S_t D_t; a w = 0 token is out of the selection pool (it neither counts in rho's
+        population nor can be selected; with a `selection_threshold`, build it from masks
+        that exclude those tokens too); the aggregation's denominators and the metrics are
+        unweighted.
     options: the `LossConfig` fields (compat, rho, beta, clip_low, clip_high, clip_ratio_c,
         loss_agg_mode, kl_estimator) as in `lpreg_policy_loss`; temperature, mode, threshold,
         ignore_index and backend describe how the statistics were made and do not apply.
@@ -86,7 +120,7 @@ def policy_loss_from_stats(
     B, L = terms.check_stats(stats)
     terms.check_selection_threshold(selection_threshold, cfg)
     batch = terms.prepare((B, L), stats[0].device, None, advantages, old_logp, response_mask, cfg,
-                          num_tokens=num_tokens)
+                          num_tokens=num_tokens, weights=weights)
     logp, proxy_logp, kl, entropy = (t.reshape(-1).float() for t in stats)
     # masked entries never reach the loss, its gradient or a metric (a NaN there stays out)
     keep = lambda t: torch.where(batch.valid, t, 0.0)  # noqa: E731
@@ -95,6 +129,27 @@ def policy_loss_from_stats(
     return loss, (metrics if return_tensors else terms.to_floats(metrics))
 
 
+@overload
+def lpreg_policy_loss(
+    logits: Tensor, labels: Tensor, advantages: Tensor, old_logp: Optional[Tensor], response_mask: Tensor, *,
+    proxy: Proxy = ..., selection_threshold: Optional[SelectionThreshold] = ..., num_tokens: terms.NumTokens = ...,
+    weights: Optional[Tensor] = ..., return_tensors: Literal[False] = ...,
+    process_group: Optional["ProcessGroup"] = ..., **options: Any,
+) -> Tuple[Tensor, Dict[str, float]]: ...
+@overload
+def lpreg_policy_loss(
+    logits: Tensor, labels: Tensor, advantages: Tensor, old_logp: Optional[Tensor], response_mask: Tensor, *,
+    proxy: Proxy = ..., selection_threshold: Optional[SelectionThreshold] = ..., num_tokens: terms.NumTokens = ...,
+    weights: Optional[Tensor] = ..., return_tensors: Literal[True],
+    process_group: Optional["ProcessGroup"] = ..., **options: Any,
+) -> Tuple[Tensor, Dict[str, Tensor]]: ...
+@overload
+def lpreg_policy_loss(
+    logits: Tensor, labels: Tensor, advantages: Tensor, old_logp: Optional[Tensor], response_mask: Tensor, *,
+    proxy: Proxy = ..., selection_threshold: Optional[SelectionThreshold] = ..., num_tokens: terms.NumTokens = ...,
+    weights: Optional[Tensor] = ..., return_tensors: bool,
+    process_group: Optional["ProcessGroup"] = ..., **options: Any,
+) -> Tuple[Tensor, Metrics]: ...
 @loss_options()
 def lpreg_policy_loss(
     logits: Tensor,
@@ -103,12 +158,13 @@ def lpreg_policy_loss(
     old_logp: Optional[Tensor],
     response_mask: Tensor,
     *,
-    proxy=None,
+    proxy: Proxy = None,
     selection_threshold: Optional[SelectionThreshold] = None,
     num_tokens: terms.NumTokens = None,
+    weights: Optional[Tensor] = None,
     return_tensors: bool = False,
-    process_group=None,
-    **options,
+    process_group: Optional["ProcessGroup"] = None,
+    **options: Any,
 ) -> Tuple[Tensor, Metrics]:
     """Lp-Reg GRPO policy loss; returns (loss 0-d fp32, metrics dict).
 
@@ -136,6 +192,7 @@ def lpreg_policy_loss(
         across micro-batches and ranks; on-policy the two choices agree.
     num_tokens: the global valid-token count for loss_agg_mode="token-mean" (see
         `policy_loss_from_stats`); None: this call's count.
+    weights: per-token importance-sampling weights (see `policy_loss_from_stats`), or None.
     return_tensors: False gives python floats (one host sync for all of them); True gives
         0-d tensors and no sync, for callers that accumulate over micro-batches.
     process_group: None, or the tensor-parallel group over which the vocabulary is sharded:
@@ -157,8 +214,9 @@ def lpreg_policy_loss(
     B, L, V = logits.shape
     terms.check_proxy(proxy, (B, L), V, logits.device)
     batch = terms.prepare((B, L), logits.device, labels, advantages, old_logp, response_mask, cfg,
-                          num_tokens=num_tokens)
+                          num_tokens=num_tokens, weights=weights)
     # labels are ignore_index off the valid tokens, so every statistic there is exactly 0
+    assert batch.labels is not None  # prepare() was given labels
     stats = terms.compute_token_stats(logits.reshape(B * L, V), batch.labels, terms.flat_proxy(proxy, B * L, V), cfg,
                                       process_group)
     loss, metrics = terms.loss_from_flat(stats, batch, cfg, selection_threshold)

@@ -6,7 +6,7 @@ chunker the torch backends use too) and each chunk runs under activation checkpo
 at most one chunk of fp32 probabilities is alive at a time, in the forward and in the backward.
 """
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -17,7 +17,7 @@ from ._rows import row_chunks
 from .token_stats import TokenStats
 
 
-def kept_set(y, mode, threshold) -> Tensor:
+def kept_set(y: Tensor, mode: str, threshold: float) -> Tensor:
     """docs/spec.md §1: boolean mask of K for scaled proxy logits y = proxy / T, (N, V)."""
     ymax = y.amax(-1, keepdim=True)
     if mode == "min_p":
@@ -28,7 +28,8 @@ def kept_set(y, mode, threshold) -> Tensor:
     return torch.where(kept.any(-1, keepdim=True), kept, first_argmax)
 
 
-def _chunk_stats(x_raw, y_raw, labels, temperature, mode, threshold, ignore_index):
+def _chunk_stats(x_raw: Tensor, y_raw: Optional[Tensor], labels: Optional[Tensor], temperature: float, mode: str,
+                 threshold: float, ignore_index: int) -> Tuple[Tensor, ...]:
     # fp32 accumulation for low-precision inputs; float64 stays float64 (for gradcheck)
     acc = torch.promote_types(x_raw.dtype, torch.float32)
     x = x_raw.to(acc) / temperature
@@ -59,7 +60,8 @@ def _chunk_stats(x_raw, y_raw, labels, temperature, mode, threshold, ignore_inde
     return tuple(outs)
 
 
-def _stats(logits, labels, temperature, mode, threshold, proxy_logits, ignore_index):
+def _stats(logits: Tensor, labels: Optional[Tensor], temperature: float, mode: str, threshold: float,
+           proxy_logits: Optional[Tensor], ignore_index: int) -> Tuple[Tensor, ...]:
     _validate.check_logits(logits)
     temperature = _validate.check_temperature(temperature)
     threshold = _validate.check_mode_threshold(mode, threshold)

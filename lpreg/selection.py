@@ -14,13 +14,20 @@ all micro-batches of lower ranks. Masked tokens count in positions (never in n),
 order is fixed by the data layout alone and is the same on every rank.
 """
 
-from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, List, NamedTuple, Optional, Sequence, Tuple, Union, overload
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
+if TYPE_CHECKING:  # torch.distributed may be a stub without ProcessGroup (torch built without it)
+    from torch.distributed import ProcessGroup
 
+
+@overload
+def bottom_k_count(n: int, rho: float) -> int: ...
+@overload
+def bottom_k_count(n: Tensor, rho: float) -> Tensor: ...
 def bottom_k_count(n: Union[int, Tensor], rho: float) -> Union[int, Tensor]:
     """k = max(1, floor(rho * n)); float64 product, the same as Python's int(n * rho).
 
@@ -73,7 +80,7 @@ class SelectionThreshold(NamedTuple):
         return valid & ((v < t) | ((v == t) & (pos <= self.position.to(dev))))
 
 
-def _all_gather(t: Tensor, group) -> Tensor:
+def _all_gather(t: Tensor, group: Optional["ProcessGroup"]) -> Tensor:
     """(W, *t.shape): t from every rank of `group`; (1, *t.shape) without torch.distributed."""
     if not (dist.is_available() and dist.is_initialized()):
         return t[None]
@@ -82,11 +89,11 @@ def _all_gather(t: Tensor, group) -> Tensor:
     return torch.stack(out)
 
 
-def _rank(group) -> int:
+def _rank(group: Optional["ProcessGroup"]) -> int:
     return dist.get_rank(group) if dist.is_available() and dist.is_initialized() else 0
 
 
-def _as_list(x, name: str) -> List[Tensor]:
+def _as_list(x: Union[Tensor, Sequence[Tensor]], name: str) -> List[Tensor]:
     if isinstance(x, Tensor):
         return [x]
     if isinstance(x, (list, tuple)) and all(isinstance(t, Tensor) for t in x):
@@ -118,6 +125,26 @@ def merge_candidates(cands: Tensor, k: int) -> Tuple[Tensor, Tensor]:
     return kth[0].float(), kth[1].long()
 
 
+@overload
+def selection_threshold(
+    old_logp: Tensor,
+    masks: Union[Tensor, Sequence[Tensor]],
+    advantages: Optional[Union[Tensor, Sequence[Tensor]]] = None,
+    rho: float = 0.01,
+    *,
+    negative_only: bool = False,
+    group: Optional["ProcessGroup"] = None,
+) -> SelectionThreshold: ...
+@overload
+def selection_threshold(
+    old_logp: Sequence[Tensor],
+    masks: Union[Tensor, Sequence[Tensor]],
+    advantages: Optional[Union[Tensor, Sequence[Tensor]]] = None,
+    rho: float = 0.01,
+    *,
+    negative_only: bool = False,
+    group: Optional["ProcessGroup"] = None,
+) -> List[SelectionThreshold]: ...
 def selection_threshold(
     old_logp: Union[Tensor, Sequence[Tensor]],
     masks: Union[Tensor, Sequence[Tensor]],
@@ -125,7 +152,7 @@ def selection_threshold(
     rho: float = 0.01,
     *,
     negative_only: bool = False,
-    group=None,
+    group: Optional["ProcessGroup"] = None,
 ) -> Union[SelectionThreshold, List[SelectionThreshold]]:
     """The paper's step-wide lowest-rho set, exact across micro-batches and ranks.
 
@@ -157,7 +184,7 @@ def selection_threshold(
         if advantages is None:
             raise ValueError("advantages must be given when negative_only=True, got None")
         advs = _as_list(advantages, "advantages")
-    valids = []
+    valids: List[Tensor] = []
     for i, (o, m) in enumerate(zip(olds, ms)):
         if m.shape != o.shape:
             raise ValueError(f"masks[{i}] must have the shape of old_logp[{i}] {tuple(o.shape)}, got {tuple(m.shape)}")
@@ -178,7 +205,8 @@ def selection_threshold(
     rank = _rank(group)
     rank_offset = int(counts[:rank, 0].sum())
     n_valid = int(counts[:, 1].sum())
-    offsets, off = [], rank_offset
+    offsets: List[int] = []
+    off = rank_offset
     for o in olds:
         offsets.append(off)
         off += o.numel()

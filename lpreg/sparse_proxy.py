@@ -14,7 +14,7 @@ custom op in lpreg._sparse_proxy_ops -> the backend resolved by lpreg._contract:
 """
 
 import math
-from typing import NamedTuple, Optional
+from typing import TYPE_CHECKING, NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -23,6 +23,9 @@ from . import _validate, _vocab_parallel
 from ._rows import as_rows
 from ._sparse_proxy_ops import ShardedSparseProxyStats, build_proxy_op, build_proxy_sharded, sparse_proxy_stats_op
 from .token_stats import TokenStats
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 
 class SparseProxy(NamedTuple):
@@ -49,7 +52,7 @@ class SparseProxy(NamedTuple):
 @torch.no_grad()
 def build_proxy(logits: Tensor, labels: Optional[Tensor] = None, *, temperature: float = 1.0,
                 mode: str = "min_p", threshold: float = 0.02, k: int = 64, ignore_index: int = -100,
-                backend: str = "auto", process_group=None) -> SparseProxy:
+                backend: str = "auto", process_group: Optional["ProcessGroup"] = None) -> SparseProxy:
     """Top-k sparse proxy of `logits`: (..., V) -> SparseProxy((..., k), (..., k), (...), (...) or None).
 
     labels: (...) integer sampled tokens, optional. When given, the proxy carries each label's
@@ -88,7 +91,7 @@ def build_proxy(logits: Tensor, labels: Optional[Tensor] = None, *, temperature:
                        None if labels is None else label_logq.reshape(lead))
 
 
-def _check_sparse_proxy(proxy, logits) -> None:
+def _check_sparse_proxy(proxy: object, logits: Tensor) -> None:
     if not isinstance(proxy, SparseProxy):
         raise ValueError(f"proxy must be a SparseProxy, got {type(proxy).__name__}")
     lead = tuple(logits.shape[:-1])
@@ -100,7 +103,8 @@ def _check_sparse_proxy(proxy, logits) -> None:
 
 
 def sparse_proxy_stats(logits: Tensor, labels: Optional[Tensor], proxy: SparseProxy, *, temperature: float = 1.0,
-                       ignore_index: int = -100, backend: str = "auto", process_group=None) -> TokenStats:
+                       ignore_index: int = -100, backend: str = "auto",
+                       process_group: Optional["ProcessGroup"] = None) -> TokenStats:
     """Statistics against a sparse proxy: logits (..., V), labels (...), proxy ((..., k) x2, (...)).
 
     Returns TokenStats(logp, proxy_logp, kl, entropy), each (...) fp32; logp, kl and entropy

@@ -9,13 +9,16 @@ PyTorch (lpreg._token_stats_torch_backend) or the compiled extension (lpreg._nat
 """
 
 import math
-from typing import NamedTuple, Optional
+from typing import TYPE_CHECKING, NamedTuple, Optional, Tuple
 
 from torch import Tensor
 
 from . import _validate, _vocab_parallel
 from ._rows import as_rows
 from ._token_stats_ops import ShardedTokenStats, token_stats_op
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 
 class TokenStats(NamedTuple):
@@ -27,7 +30,9 @@ class TokenStats(NamedTuple):
     entropy: Tensor  # H(p); differentiable
 
 
-def _run(logits, labels, temperature, mode, threshold, proxy_logits, ignore_index, backend, process_group=None):
+def _run(logits: Tensor, labels: Optional[Tensor], temperature: float, mode: str, threshold: float,
+         proxy_logits: Optional[Tensor], ignore_index: int, backend: str,
+         process_group: Optional["ProcessGroup"] = None) -> Tuple[Tensor, ...]:
     sharded = process_group is not None
     if sharded:
         _vocab_parallel.check_group(process_group)
@@ -35,7 +40,7 @@ def _run(logits, labels, temperature, mode, threshold, proxy_logits, ignore_inde
     temperature = _validate.check_temperature(temperature)
     threshold = _validate.check_mode_threshold(mode, threshold)
     _validate.check_backend(backend)
-    _validate.check_proxy_logits(proxy_logits, logits)
+    _validate.check_proxy_logits(proxy_logits, logits, allow_empty=sharded)
     if labels is not None:
         _validate.check_labels(labels, logits, ignore_index)
     x = as_rows(logits)
@@ -55,7 +60,7 @@ def lpreg_token_stats(
     proxy_logits: Optional[Tensor] = None,
     ignore_index: int = -100,
     backend: str = "auto",
-    process_group=None,
+    process_group: Optional["ProcessGroup"] = None,
 ) -> TokenStats:
     """Fused Lp-Reg statistics of the sampled tokens.
 
@@ -91,7 +96,7 @@ def lpreg_kl(
     proxy_logits: Optional[Tensor] = None,
     reduction: str = "none",
     backend: str = "auto",
-    process_group=None,
+    process_group: Optional["ProcessGroup"] = None,
 ) -> Tensor:
     """Full-vocabulary D_KL(proxy || policy) per position.
 

@@ -68,6 +68,17 @@ def test_nvcc_compiles_without_spills(source, tmp_path):
             assert f"sm_{arch}" in listing, f"no sm_{arch} code in {obj}:\n{listing}"
 
 
+@needs_nvcc
+@pytest.mark.parametrize("source", SOURCES, ids=os.path.basename)
+def test_nvcc_compiles_as_cxx20(source, tmp_path):
+    """setup.py passes nvcc the C++ standard of the installed torch's headers: C++20 from torch 2.14."""
+    obj = tmp_path / (os.path.basename(source) + ".o")
+    flags = [f for f in FLAGS if not f.startswith("-std=")] + ["-std=c++20"]
+    _nvcc(["-c", source, "-o", str(obj), *flags, "--threads", "0", "-Werror", "all-warnings",
+           "-gencode", "arch=compute_90,code=sm_90"])
+    assert obj.stat().st_size > 0
+
+
 # ---- PTX of the token-statistics kernels ------------------------------------------------
 
 _SIZES = {"f": 4, "13__nv_bfloat16": 2, "6__half": 2}  # Itanium-mangled template arguments

@@ -115,3 +115,54 @@ def test_fused_token_stats_keep_the_exact_label_logq_of_a_sparse_proxy():
     outside = labels != proxy.indices[..., 0].long()
     assert outside.sum() > 0 and torch.isfinite(want[outside]).any()
     torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("kw,name", [
+    (dict(compat="both"), "compat"), (dict(clip_ratio_c=1.0), "clip_ratio_c"), (dict(rho=0.0), "rho"),
+    (dict(rho="x"), "rho"), (dict(beta=float("nan")), "beta"), (dict(clip_low=2.0), "clip_low"),
+    (dict(clip_high=-1.0), "clip_high"), (dict(kl_estimator="k2"), "kl_estimator"),
+    (dict(loss_agg_mode="token-sum"), "loss_agg_mode"), (dict(ignore_index=1.5), "ignore_index"),
+    (dict(temperature=0.0), "temperature"), (dict(mode="top_p"), "mode"),
+    (dict(mode="fixed", threshold=1.0), "threshold"), (dict(backend="gpu"), "backend"),
+])
+def test_loss_config_error_carries_the_field(kw, name):
+    """A structured field name (issue 23): adapters map `.field`, they do not parse the message."""
+    with pytest.raises(lpreg.LossConfigError) as info:
+        lpreg.LossConfig(**kw)
+    assert isinstance(info.value, ValueError) and info.value.field == name
+    assert str(info.value).startswith(name + " "), str(info.value)
+
+
+def test_inapplicable_option_error_carries_the_field():
+    logits, labels, adv, old, mask = make_batch(B=2, L=3, V=16, seed=3)
+    stats = lpreg.lpreg_token_stats(logits, labels, backend="torch")
+    with pytest.raises(lpreg.LossConfigError) as info:
+        lpreg.policy_loss_from_stats(stats, adv, old, mask, temperature=0.7)
+    assert info.value.field == "temperature"
+
+
+ADAPTER = dict(lpreg_compat="released", lpreg_mode="min_p", lpreg_threshold=0.02, lpreg_rho=0.01, lpreg_beta=1.0,
+               lpreg_kl_estimator=None)
+
+
+@pytest.mark.parametrize("field,value", [("rho", 0.0), ("mode", "top_p"), ("threshold", 2.0), ("compat", "x"),
+                                         ("kl_estimator", "k2"), ("beta", -1.0)])
+def test_adapters_map_the_field_to_their_option(field, value):
+    from lpreg.integrations._core import loss_config
+
+    with pytest.raises(lpreg.LossConfigError) as info:
+        loss_config({**ADAPTER, f"lpreg_{field}": value})
+    assert info.value.field == f"lpreg_{field}" and str(info.value).startswith(f"lpreg_{field} ")
+
+
+def test_adapters_read_the_field_not_the_message(monkeypatch):
+    """A message that does not start with the field's name still maps by `.field`."""
+    import lpreg.integrations._core as core
+
+    def bad(**kw):
+        raise lpreg.LossConfigError("beta", "the penalty weight is negative")
+
+    monkeypatch.setattr(core, "LossConfig", bad)
+    with pytest.raises(lpreg.LossConfigError) as info:
+        core.loss_config(ADAPTER)
+    assert info.value.field == "lpreg_beta" and str(info.value).startswith("lpreg_beta")

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 import lpreg
-from lpreg import _contract, _vocab_parallel
+from lpreg import _backends, _vocab_parallel
 from tests.spec_oracle import eager_in_dtype, make_logits, spec_grad, spec_token_stats
 
 N, V = 7, 37
@@ -497,8 +497,8 @@ def spawned():
     """Every case's outcome on every rank: {case: [outcome of rank 0, 1, 2, 3]}."""
     import torch.multiprocessing as mp
 
-    if not _contract.native_available("cpu"):
-        pytest.skip("lpreg._C is not built: the cases run the cpu backend")
+    if not _backends.native_available("cpu"):
+        pytest.skip("the cases run the cpu backend: " + _backends.native_unavailable_reason("cpu"))
     out = tempfile.mkdtemp(prefix="lpreg_vp_")
     mp.spawn(_worker, args=(os.path.join(out, "store"), out), nprocs=WORLD, join=True)
     ranks = [json.load(open(os.path.join(out, f"rank{r}.json"))) for r in range(WORLD)]

@@ -23,6 +23,7 @@ from typing import Dict, Optional
 import torch
 from torch import Tensor
 
+from .._fused_linear_chunks import ChunkMatmuls
 from ..fused_linear import default_chunk_size
 from ..sparse_proxy import SparseProxy, build_proxy
 from ..token_stats import TokenStats, lpreg_token_stats
@@ -71,15 +72,14 @@ def record(logits: Tensor, labels: Tensor, *, temperature: float, mode: str, thr
 @torch.no_grad()
 def record_hidden(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, *,
                   chunk_size: Optional[int], **kw) -> Dict[str, Tensor]:
-    """`record` of the logits hidden (n, H) @ weight.T + bias, in fp32, a chunk of rows at a time (the
-    fused paths: no (n, V) logits). kw: record's keywords. Returns {key: (n,) or (n, k)}."""
-    h = hidden.float()
-    w, b = weight.float(), None if bias is None else bias.float()
-    step = chunk_size or default_chunk_size(h.shape[0], w.shape[0], h.device)
-    parts = []
-    for a in range(0, h.shape[0], step):
-        logits = h[a:a + step] @ w.t()
-        parts.append(record(logits if b is None else logits + b, labels[a:a + step], **kw))
+    """`record` of the logits hidden (n, H) @ weight.T + bias, a chunk of rows at a time (the fused
+    paths: no (n, V) logits), each chunk one product of the fused paths' own (`lpreg._fused_linear_chunks`):
+    fp32 logits whatever autocast region this runs in, so the old log-probs recorded here are those
+    the fused training forward computes. kw: record's keywords. Returns {key: (n,) or (n, k)}."""
+    n = hidden.shape[0]
+    mm = ChunkMatmuls(hidden, weight, bias, False, False, False)
+    step = chunk_size or default_chunk_size(n, weight.shape[0], hidden.device)
+    parts = [record(mm.logits(slice(a, a + step)), labels[a:a + step], **kw) for a in range(0, max(n, 1), step)]
     return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
 

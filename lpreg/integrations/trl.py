@@ -23,9 +23,21 @@ Normalisation follows loss_type, exactly as TRL's:
 
 The proxy q (lpreg.integrations._proxy): off-policy (TRL computes old_per_token_logps: a
 generation batch spans several optimiser steps, or num_iterations > 1), q is recorded at the
-forward that gives the old log-probs, which this trainer runs itself (one forward for both),
-and every update of that generation batch reads it. On-policy q is the current policy.
-`lpreg_proxy` chooses ("rollout" / "current"; default: rollout when off-policy).
+forward that gives the old log-probs, and every update of that generation batch reads it.
+On-policy q is the current policy. `lpreg_proxy` chooses ("rollout" / "current"; default:
+rollout when off-policy).
+
+The old log-probs are always this trainer's: wherever TRL would run its own no-grad forward for
+old_per_token_logps (off-policy, or vLLM importance sampling), lpreg's forward runs instead, the
+same statistics the loss's forward computes (so an on-policy ratio is exactly 1 and the vLLM
+importance-sampling ratio compares the rollout engine with the trainer's own log-probs), and it
+records q when q is the rollout's. Extra forward arguments (multimodal inputs) are refused there
+with a ValueError; nothing falls back to TRL's forward, which would record no proxy.
+
+Mixed precision: every lpreg forward runs inside `accelerator.autocast()`, as TRL runs its own
+(TRL's redirected forward bypasses the autocast accelerate wrapped around the model's forward),
+so `bf16=True` runs the backbone in bf16; the fused head keeps fp32 logits
+(lpreg._fused_linear_chunks), as TRL's own head does with `cast_lm_head_to_fp32=True`.
 
 Selection (which tokens Lp-Reg regularises) follows the form (`lpreg.needs_step_selection`):
     released  per micro-batch, as the released code does;
@@ -33,15 +45,17 @@ Selection (which tokens Lp-Reg regularises) follows the form (`lpreg.needs_step_
               ranks (`lpreg.selection_threshold` on the old log-probs; on-policy one extra
               no-grad forward per generation batch gives them).
 
-vLLM importance-sampling weights w >= 0 (`vllm_importance_sampling_correction`), the rule:
-    surrogate   multiplied by w, as TRL does (exactly: w is folded into the advantage,
-                -min(rA, clip(r)A) w = -min(r(Aw), clip(r)(Aw)) for w >= 0);
+vLLM importance-sampling weights w >= 0 (`vllm_importance_sampling_correction`), passed to
+`policy_loss_from_stats(weights=w)`, whose rule (docs/spec.md §3, "Per-token weights") is:
+    surrogate   multiplied by w, as TRL does (-min(rA, clip(r)A) w; for w >= 0 the same as
+                folding w into the advantage);
     Lp-Reg term not weighted: beta S_t D_t pulls p(y) towards the rollout proxy q(y) at the
                 sampled token, a constraint on the sampled tokens (the released code applies
                 it to them as they are), not an estimate of an expectation under the trainer;
     selection   a token with w = 0 (masked by TRL's token_mask / sequence_mask modes) is not
                 trained on, so it is out of the selection pool of both forms (it neither
-                counts in rho's population nor can be selected); w > 0 leaves the pool as is.
+                counts in rho's population nor can be selected); w > 0 leaves the pool as is;
+    metrics     TRL's clip ratios on the unweighted advantages, as TRL computes them.
 
 Metrics are logged the way TRL logs its own: lpreg/kl, lpreg/frac, lpreg/threshold, entropy,
 clip_ratio/{low_mean, high_mean, region_mean, low_min, high_max}, and policy_loss,
@@ -156,6 +170,11 @@ def check_model(args: "LpRegGRPOConfig", model_config) -> None:
 class LpRegGRPOTrainer(GRPOTrainer):
     """GRPOTrainer whose policy loss is Lp-Reg (see the module docstring)."""
 
+    # TRL's adaptive entropy state (GRPOTrainer.__init__ sets it; _lpreg_entropy_bonus updates it)
+    entropy_coef: float
+    _last_world_entropy: float
+    _entropy_window_stats: Optional[Tensor]
+
     def __init__(self, model: Any, reward_funcs: Any = None, args: Optional[LpRegGRPOConfig] = None,
                  **kwargs: Any) -> None:
         check_args(args)  # before TRL builds anything (e.g. a reference model for beta != 0)
@@ -170,12 +189,15 @@ class LpRegGRPOTrainer(GRPOTrainer):
         self._lpreg_record = _proxy.use_rollout(a.lpreg_proxy, self.lpreg_off_policy)
         self._lpreg_sparse = a.lpreg_loss_config().kl_estimator == "full"  # the full KL reads q over K
         self._lpreg_capture: Optional[Dict[str, Tensor]] = None
+        self._lpreg_generating = False  # inside _generate_and_score_completions: old log-probs are ours
 
     # ---- forwards, each through the wrapped model's forward (DDP / FSDP2 / ZeRO-3 hooks)
 
     def _lpreg_forward(self, model, fn, *args, **kwargs):
         unwrapped = self.accelerator.unwrap_model(model)
-        return self._lpreg_redirect(model, unwrapped, fn, unwrapped, *args, **kwargs)
+        # the redirection swaps out the forward accelerate wrapped in autocast: enter it here, as TRL does
+        with self.accelerator.autocast():
+            return self._lpreg_redirect(model, unwrapped, fn, unwrapped, *args, **kwargs)
 
     def _lpreg_inputs(self, inputs: Dict[str, Any]):
         if any(inputs.get(k) is not None for k in _MULTIMODAL_KEYS):
@@ -189,37 +211,56 @@ class LpRegGRPOTrainer(GRPOTrainer):
         labels = completion_ids.masked_fill(mask == 0, -100)
         return input_ids, attention_mask, mask, labels
 
-    # ---- the old-log-prob forward: TRL's, or ours when it also records the rollout proxy
+    # ---- the old-log-prob forward: always ours (it also records the rollout proxy when q is the rollout's)
 
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
                                            compute_entropy=False, compute_aux_loss=False, **kwargs):
-        capture = self._lpreg_capture
-        if capture is None or torch.is_grad_enabled() or any(v is not None for v in kwargs.values()):
+        if not self._lpreg_generating or torch.is_grad_enabled():
             return super()._get_per_token_logps_and_entropies(
                 model, input_ids, attention_mask, logits_to_keep, batch_size, compute_entropy, compute_aux_loss,
                 **kwargs)
+        extra = sorted(k for k, v in kwargs.items() if v is not None)
+        if extra:  # TRL's own forward would run instead, and record no proxy: refuse, never fall back
+            raise ValueError(f"LpRegGRPOTrainer computes the old log-probs with its own forward and does not support "
+                             f"the extra forward arguments {extra} (multimodal inputs)")
+        if compute_aux_loss:
+            raise ValueError("LpRegGRPOTrainer's old-log-prob forward does not compute the MoE aux loss "
+                             "(compute_aux_loss=True)")
         # TRL's old_per_token_logps forward of a generation batch: one forward gives the old log-probs
-        # and records q (TRL scores the completion positions whose attention mask is 1)
+        # and, when the loss reads the rollout's q, records it (TRL scores the completion positions
+        # whose attention mask is 1)
         labels = input_ids.masked_fill(attention_mask == 0, -100)[:, -logits_to_keep:]
         step = batch_size or input_ids.shape[0]
+        capture, a = self._lpreg_capture, self.args
         parts = []
-        for a in range(0, input_ids.shape[0], step):
-            rows = slice(a, a + step)
-            parts.append(self._lpreg_forward(
-                model, _trl_forward.rollout_record, input_ids[rows], attention_mask[rows], labels[rows],
-                fused=self.args.lpreg_fused, chunk_size=self.args.lpreg_chunk_size, opts=self._lpreg_opts,
-                sparse=self._lpreg_sparse, topk=self.args.lpreg_proxy_topk))
+        for start in range(0, input_ids.shape[0], step):
+            rows = slice(start, start + step)
+            if capture is not None:
+                parts.append(self._lpreg_forward(
+                    model, _trl_forward.rollout_record, input_ids[rows], attention_mask[rows], labels[rows],
+                    fused=a.lpreg_fused, chunk_size=a.lpreg_chunk_size, opts=self._lpreg_opts,
+                    sparse=self._lpreg_sparse, topk=a.lpreg_proxy_topk))
+            else:  # the loss's own statistics, no grad: the same log-probs the update will compute
+                stats = self._lpreg_forward(model, _trl_forward.token_stats, input_ids[rows], attention_mask[rows],
+                                            labels[rows], fused=a.lpreg_fused, chunk_size=a.lpreg_chunk_size,
+                                            opts=self._lpreg_opts)[0]
+                parts.append({"logp": stats.logp, "entropy": stats.entropy})
         record = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
-        capture.update({k: v for k, v in record.items() if k not in ("logp", "entropy")})
-        return record["logp"], None, None
+        if capture is not None:
+            capture.update({k: v for k, v in record.items() if k not in ("logp", "entropy")})
+        return record["logp"], (record["entropy"] if compute_entropy else None), None
 
     def _generate_and_score_completions(self, inputs):
+        if not getattr(self, "_lpreg_checked", False):  # start-up, before the first rollout (model prepared)
+            _trl_forward.check_head_unit(self.accelerator.unwrap_model(self.model), self.args.lpreg_fused)
+            self._lpreg_checked = True
         self._lpreg_capture = {} if self._lpreg_record and self.model.training else None
+        self._lpreg_generating = True
         try:
             out = super()._generate_and_score_completions(inputs)
             out.update(self._lpreg_capture or {})
         finally:
-            self._lpreg_capture = None
+            self._lpreg_capture, self._lpreg_generating = None, False
         if needs_step_selection(self.args.lpreg_compat) and self.model.training \
                 and out.get("old_per_token_logps") is None:
             out[_OLD_KEY] = self._lpreg_old_logps(out)
@@ -294,15 +335,16 @@ class LpRegGRPOTrainer(GRPOTrainer):
         adv = inputs["advantages"]
         adv = (adv[:, None] if adv.dim() == 1 else adv).expand_as(mask).float()
         w = self._lpreg_weights(inputs)
-        if w is not None:  # the rule of the module docstring: w folded into A (w >= 0 keeps its sign)
-            adv = adv * w
+        if w is not None:  # the rule of the module docstring, lpreg's own (docs/spec.md §3, "Per-token weights")
+            w = w.float().expand_as(mask)  # TRL's sequence-level modes give (B, 1)
         old = inputs.get("old_per_token_logps")  # None: on-policy, ratio exactly 1 (as TRL)
         sel: Optional[SelectionThreshold] = inputs.get(_SEL_KEY) if mode == "train" else None
         agg, num_tokens, divisor = self._normalisation(inputs, mode)
         policy_loss, m = policy_loss_from_stats(
             stats, adv, old, mask, compat=a.lpreg_compat, rho=a.lpreg_rho, beta=a.lpreg_beta,
             clip_low=self.epsilon_low, clip_high=self.epsilon_high, loss_agg_mode=agg,
-            kl_estimator=a.lpreg_kl_estimator, selection_threshold=sel, num_tokens=num_tokens, return_tensors=True)
+            kl_estimator=a.lpreg_kl_estimator, selection_threshold=sel, num_tokens=num_tokens, weights=w,
+            return_tensors=True)
         loss = policy_loss / divisor
         if self._entropy_bonus_enabled:
             loss = self._lpreg_entropy_bonus(loss, policy_loss.detach(), stats.entropy, mask, mode)

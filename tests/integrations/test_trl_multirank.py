@@ -121,6 +121,8 @@ def fsdp2(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def zero3(tmp_path_factory):
+    pytest.importorskip("deepspeed", reason="ZeRO-3 needs deepspeed, which lpreg[trl] does not bring: "
+                                            "pip install 'lpreg[trl,deepspeed]'")
     return launch(tmp_path_factory.mktemp("zero3"), ZERO3_YAML, ZERO3_CASES, 29563)
 
 
