@@ -171,7 +171,8 @@ def benchmark_rows(bench_json: dict, source: str, copy_gbps=None, matmul_tflops=
 
 def read_steps(path: str) -> dict:
     """steps.tsv (name, exit status, seconds; one line a step) as {name: {rc, seconds}}, in run order."""
-    order = ["install", "copy", "matmul", "tests", "bench-token-stats", "bench-fused-linear", "bench-other"]
+    order = ["install", "copy", "matmul", "tests", "bench-token-stats", "bench-fused-linear", "bench-trl-step",
+             "bench-other"]
     steps = {}
     try:
         with open(path) as f:
@@ -192,7 +193,7 @@ def build_report(state: str, root: str, command: str, cpu: bool) -> dict:
     matmul_tflops = matmul.get("tflops") if matmul else None
     rows = []
     sources = [n[:-5] for n in os.listdir(state) if n.startswith("bench-") and n.endswith(".json")]
-    first = ["bench-token-stats", "bench-fused-linear", "bench-other"]  # the steps' order, then any other
+    first = ["bench-token-stats", "bench-fused-linear", "bench-trl-step", "bench-other"]  # the steps' order
     for source in sorted(sources, key=lambda s: (first.index(s) if s in first else len(first), s)):
         rows += benchmark_rows(_load(os.path.join(state, source + ".json")), source, copy_gbps, matmul_tflops)
     # the target is for the matmul's own shape: rows that name another (N, H, V) do not count
@@ -219,6 +220,34 @@ def _shape(r):
     return " × ".join(dims) + (f" {r['dtype']}" if r.get("dtype") else "")
 
 
+def trl_step_lines(rows: list) -> list:
+    """The headline of bench/test_bench_trl_step.py, one line per shape: a GRPO step in TRL with
+    TRL's own loss against LpRegGRPOTrainer (unfused, fused): the median step and the peak memory."""
+    groups = {}
+    for r in rows:
+        if (r.get("group") or "").startswith("trl_step") and r.get("provider"):
+            groups.setdefault(r["group"], {})[r["provider"]] = r
+    out = []
+    labels = (("trl", "TRL's own loss (beta 0)"), ("lpreg", "lpreg unfused"), ("lpreg_fused", "lpreg fused"))
+    for by in groups.values():
+        trl = by.get("trl")
+        if not trl or not trl.get("ms"):
+            continue
+        r0 = next(iter(by.values()))
+        parts = []
+        for p, label in labels:
+            r = by.get(p)
+            if r and r.get("ms"):
+                speed = "" if p == "trl" else f", {trl['ms'] / r['ms']:.2f}x TRL's speed"
+                rest = f" ({r['train_ms'] / 1e3:.2f} s without generation)" if r.get("train_ms") else ""
+                parts.append(f"{label} {r['ms'] / 1e3:.2f} s{rest}{speed}, "
+                             f"peak +{_fmt(r.get('peak_mem_mb'), ',.0f')} MiB")
+        out.append(f"GRPO step in TRL ({r0.get('layers')} layers, H = {r0.get('H'):,}, V = {r0.get('V'):,}, "
+                   f"{r0.get('completions')} x {r0.get('L')} completion tokens, {r0.get('dtype')}, generation "
+                   f"included; median of {len(r0.get('step_s') or [])} steps): " + "; ".join(parts) + ".")
+    return ["", *out] if out else []
+
+
 def markdown(report: dict) -> str:
     """The report as Markdown: a header naming machine, software and command, then one table."""
     env = report["environment"]
@@ -242,10 +271,12 @@ def markdown(report: dict) -> str:
               "|---|---|---|---|---|---|---|---|"]
     for r in report["rows"]:
         rate = (f"{r['gbps']:.0f} GB/s" if r.get("gbps") else
-                f"{r['tflops']:.1f} TFLOP/s" if r.get("tflops") else "-")
+                f"{r['tflops']:.1f} TFLOP/s" if r.get("tflops") else
+                f"{r['tokens_per_s']:,.0f} tok/s" if r.get("tokens_per_s") else "-")
         lines.append(f"| {r.get('group') or r['name']} | {r.get('provider', '-')} | {_shape(r) or '-'} | "
                      f"{_fmt(r.get('ms'), '.2f')} | {rate} | {_fmt(r.get('of_copy'), '.2f')} | "
                      f"{_fmt(r.get('of_matmul'), '.2f')} | {_fmt(r.get('peak_mem_mb'), '.0f')} |")
+    lines += trl_step_lines(report["rows"])
     t = report.get("fused_linear_target")
     if t:
         lines += ["", f"Fused linear: {t['fused_linear_over_matmul']:.2f} of the measured bf16 matmul rate "

@@ -56,6 +56,14 @@ def state(tmp_path_factory):
     other = {"benchmarks": [{"name": "test_cpu[fused]", "group": None, "stats": {"median": 1.0, "rounds": 1},
                              "extra_info": {"provider": "fused", "N": 1024, "H": 256, "V": 32000, "tflops": 1e4}}]}
     (d / "bench-other.json").write_text(json.dumps(other))
+    # bench/test_bench_trl_step.py's rows: one GRPO step in TRL per provider (a step's seconds, peak MiB)
+    shape = {"layers": 2, "H": 2048, "V": 151936, "L": 512, "completions": 16, "N": 8192, "dtype": "bfloat16"}
+    trl_rows = [{"name": f"test_gpu_trl_step[{p}]", "group": "trl_step cuda 2L-H2048-V151936-16x512",
+                 "stats": {"median": 1.0, "rounds": 1},
+                 "extra_info": {"provider": p, **shape, "ms": ms, "peak_mem_mb": mb, "tokens_per_s": 8192 / ms * 1e3,
+                                "step_s": [ms / 1e3] * 3, **({"train_ms": ms / 2} if p != "trl" else {})}}
+                for p, ms, mb in (("trl", 8e3, 40e3), ("lpreg", 6e3, 12e3), ("lpreg_fused", 5e3, 4e3))]
+    (d / "bench-trl-step.json").write_text(json.dumps({"benchmarks": trl_rows}))
     (d / "copy.json").write_text(json.dumps({"bytes": 2**30, "ms": 0.5, "gbps": 4000.0}))
     (d / "matmul.json").write_text(json.dumps({"N": 8192, "H": 4096, "V": 151936, "dtype": "bfloat16",
                                                "gemm_ms": {}, "ms": 40.0, "tflops": 750.0}))
@@ -80,7 +88,8 @@ def test_report_from_pytest_benchmark_json(state, tmp_path):
     # steps in run order, whatever order steps.tsv holds them in; the total is their sum
     assert list(report["steps"]) == ["install", "tests"] and report["total_seconds"] == 110
     rows = {(r["source"], r["provider"]): r for r in report["rows"]}
-    assert len(rows) == 5 and [r["source"] for r in report["rows"]][-1] == "bench-other"
+    assert len(rows) == 8 and [r["source"] for r in report["rows"]][-1] == "bench-other"
+    assert [r["source"] for r in report["rows"]][-2] == "bench-trl-step"
     cuda = rows[("bench-token-stats", "cuda")]
     assert cuda["of_copy"] == pytest.approx(1000.0 / 4000.0) and cuda["of_matmul"] is None
     assert cuda["N"] == 8 and cuda["rounds"] == 3
@@ -98,6 +107,13 @@ def test_report_from_pytest_benchmark_json(state, tmp_path):
     assert "| benchmark | provider | shape | ms | throughput | of copy | of matmul | peak MiB |" in md
     assert "| token_stats cuda N8-V16-bfloat16 | cuda | 8 × 16 bfloat16 | 2.00 | 1000 GB/s | 0.25 | - | 12 |" in md
     assert "tests 30 s FAILED rc=1" in md and "(target >= 0.70: met)" in md
+    # the TRL step: its rows in the table (tokens per second) and its headline line
+    assert "| trl_step cuda 2L-H2048-V151936-16x512 | lpreg_fused | 8,192 × 2,048 × 151,936 bfloat16 | 5000.00 | " \
+           "1,638 tok/s |" in md
+    assert ("GRPO step in TRL (2 layers, H = 2,048, V = 151,936, 16 x 512 completion tokens, bfloat16, generation "
+            "included; median of 3 steps): TRL's own loss (beta 0) 8.00 s, peak +40,000 MiB; lpreg unfused 6.00 s "
+            "(3.00 s without generation), 1.33x TRL's speed, peak +12,000 MiB; lpreg fused 5.00 s (2.50 s without "
+            "generation), 1.60x TRL's speed, peak +4,000 MiB.") in md
 
 
 def test_report_without_measurements(tmp_path):
@@ -110,8 +126,8 @@ def test_report_without_measurements(tmp_path):
 def test_script_syntax_and_arguments():
     assert subprocess.run(["bash", "-n", SCRIPT]).returncode == 0
     steps = subprocess.run(["bash", SCRIPT, "--list"], capture_output=True, text=True).stdout.split()
-    assert steps == ["install", "copy", "matmul", "tests", "bench-token-stats", "bench-fused-linear", "bench-other",
-                     "results"]
+    assert steps == ["install", "copy", "matmul", "tests", "bench-token-stats", "bench-fused-linear", "bench-trl-step",
+                     "bench-other", "results"]
     bad = subprocess.run(["bash", SCRIPT, "--only", "nope"], capture_output=True, text=True)
     assert bad.returncode == 2 and "unknown step 'nope'" in bad.stderr
 
