@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # CI for lpreg.integrations: each framework in its own virtual environment (verl pins
 # transformers < 5.11, TRL 1.16 takes newer ones), made as README tells a user: torch, then lpreg
-# with the framework's extra (`lpreg[trl,deepspeed]`, `lpreg[verl]`), and nothing else by hand but
-# the test runner. lpreg comes from one wheel built WITH its compiled CPU extension, installed in
+# with the framework's extra (`lpreg[trl,deepspeed]`, `lpreg[verl]`) and the `test` extra (the test
+# runner), nothing by hand. lpreg comes from one wheel built WITH its compiled CPU extension, installed in
 # both environments, so the suites test the `cpu` kernels users get. Usage:
 #   bash .ci/integrations.sh [trl|verl ...]
 # VENVS (default /tmp/lpreg-venvs) holds the environments and the wheel; REUSE_VENVS=1 keeps
@@ -14,7 +14,7 @@ cd "$(dirname "$0")/.."
 VENVS=${VENVS:-/tmp/lpreg-venvs}
 TORCH=torch==2.13.0
 # each framework's extras, exactly as README's "Use with TRL / verl" installs them
-declare -A EXTRAS=([trl]="trl,deepspeed" [verl]="verl")
+declare -A EXTRAS=([trl]="trl,deepspeed,test" [verl]="verl,test")
 WHEELS="$VENVS/wheel"
 mkdir -p "$VENVS"
 
@@ -39,12 +39,12 @@ make_venv() {  # $1: trl | verl
         rm -rf "$venv"
         python3 -m venv "$venv"
         # one resolve with torch pinned; --no-compile: byte-compiling ray / transformers costs minutes on 2 cores
-        "$venv/bin/pip" install -q --no-compile "$TORCH" "lpreg[${EXTRAS[$1]}] @ file://$wheel" pytest pytest-benchmark
+        "$venv/bin/pip" install -q --no-compile "$TORCH" "lpreg[${EXTRAS[$1]}] @ file://$wheel"
     fi
     (cd / && "$venv/bin/python" -c "from lpreg import _native; assert _native.available('cpu'), 'no lpreg._C'")
 }
 
-run_tests() {  # $1: trl | verl. importlib mode: the installed lpreg, not ./lpreg (no lpreg.kernels there)
+run_tests() {  # $1: trl | verl. importlib mode: the installed lpreg (the wheel), not this checkout's
     local venv="$VENVS/$1" t0=$SECONDS rc=0 log="$VENVS/tolerances-$1.jsonl"
     rm -f "$log"
     LPREG_TOLERANCE_LOG="$log" OMP_NUM_THREADS=1 "$venv/bin/pytest" --import-mode=importlib -p no:cacheprovider \
