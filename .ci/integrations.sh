@@ -15,6 +15,10 @@ VENVS=${VENVS:-/tmp/lpreg-venvs}
 TORCH=torch==2.13.0
 # each framework's extras, exactly as README's "Use with TRL / verl" installs them
 declare -A EXTRAS=([trl]="trl,deepspeed,test" [verl]="verl,test")
+# each suite: its adapter's tests, its recipes (docs/recipes, 2 steps each), and for TRL the smoke run of
+# the GRPO-step benchmark
+declare -A SUITE=([trl]="tests/integrations/test_trl*.py tests/integrations/test_recipes_trl.py bench/test_bench_trl_step.py"
+                  [verl]="tests/integrations/test_verl*.py tests/integrations/test_recipes_verl.py")
 WHEELS="$VENVS/wheel"
 mkdir -p "$VENVS"
 
@@ -48,8 +52,8 @@ run_tests() {  # $1: trl | verl. importlib mode: the installed lpreg (the wheel)
     local venv="$VENVS/$1" t0=$SECONDS rc=0 log="$VENVS/tolerances-$1.jsonl"
     rm -f "$log"
     LPREG_TOLERANCE_LOG="$log" OMP_NUM_THREADS=1 "$venv/bin/pytest" --import-mode=importlib -p no:cacheprovider \
-        -q -rs --durations=15 tests/integrations/test_"$1"*.py || rc=$?
-    echo "integrations: tests/integrations/test_$1*.py took $((SECONDS - t0)) s"
+        -q -rs --durations=15 ${SUITE[$1]} || rc=$?
+    echo "integrations: ${SUITE[$1]} took $((SECONDS - t0)) s"
     # every measured difference and its tolerance (tests/integrations/tolerances.py: record)
     [[ -f "$log" ]] && "$venv/bin/python" -c 'import json, sys
 for line in open(sys.argv[1]):

@@ -81,6 +81,51 @@ def check_actor(actor: Any) -> None:
                          f"ulysses_sequence_parallel_size={sp}; use lpreg_kl_estimator='k3' or lpreg_proxy='current'")
 
 
+# hf config attributes that make a model's logits something other than h @ W.T + b
+SCALED_LOGITS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling")
+
+
+def scaled_logits(hf_config: Any) -> Optional[str]:
+    """'this model (...) sets name=value' when its logits are soft-capped or scaled (Gemma-2/3's
+    final_logit_softcapping, Cohere's logit_scale, Granite's logits_scaling, ...), else None."""
+    if hf_config is None:
+        return None
+    text = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
+    for name in SCALED_LOGITS:
+        value = getattr(text, name, None)
+        if value is not None and value != 1:
+            return f"this model ({type(hf_config).__name__}) sets {name}={value!r}"
+    return None
+
+
+def check_model(model: Any) -> None:
+    """Raise ValueError when actor_rollout_ref.model (a DictConfig) asks for lpreg's fused path
+    (use_fused_kernels=True) on a model whose logits are not h @ W.T + b, or with a LoRA adapter on
+    lm_head. Reads the model's config.json (as verl's HFModelConfig does), with verl's
+    override_config applied."""
+    if not model.get("use_fused_kernels", False):
+        return
+    targets = model.get("target_modules", None)
+    if int(model.get("lora_rank", 0) or 0) > 0 and not isinstance(targets, str) and "lm_head" in (targets or ()):
+        raise ValueError(f"actor_rollout_ref.model.use_fused_kernels=True with loss_mode=lpreg reads the LM head's "
+                         f"weight, but actor_rollout_ref.model.target_modules={list(targets)!r} puts a LoRA adapter "
+                         f"on lm_head: drop it, or set actor_rollout_ref.model.use_fused_kernels=False")
+    from transformers import AutoConfig
+    from verl.utils.fs import copy_to_local
+
+    path = model.get("hf_config_path", None) or model.get("path")
+    hf_config = AutoConfig.from_pretrained(copy_to_local(path, use_shm=model.get("use_shm", False)),
+                                           trust_remote_code=model.get("trust_remote_code", False))
+    for key, value in (model.get("override_config", None) or {}).items():
+        if not hasattr(value, "items"):
+            setattr(hf_config, key, value)
+    reason = scaled_logits(hf_config)
+    if reason:
+        raise ValueError(f"actor_rollout_ref.model.use_fused_kernels=True with loss_mode=lpreg computes the logits as "
+                         f"h @ W.T + b; {reason} (model path {path!r}): set "
+                         f"actor_rollout_ref.model.use_fused_kernels=False")
+
+
 def install_actor_check() -> None:
     """Run `check_actor` whenever verl builds an ActorConfig (every strategy's __post_init__ calls
     ActorConfig.__post_init__) with loss_mode=lpreg."""

@@ -9,8 +9,13 @@ log-probs):
   sparse proxy), one fused pass in place of verl's log-softmax + entropy;
 - fused path (use_fused_kernels=True): verl's fused forward would return log-probs only, so
   the model's forward is redirected (inside the FSDP root's forward, which unshards it) to the
-  backbone's hidden states and `lpreg.fused_linear_token_stats` on the LM head (an FSDP2
-  DTensor gathered with full_tensor), never the (rows, V) logits;
+  backbone's hidden states and `lpreg.fused_linear_token_stats` on the LM head, never the
+  (rows, V) logits. verl wraps an untied LM head as its own FSDP2 unit, whose forward (and so
+  its reduce-scatter) never runs here: the head's DTensor shard is all-gathered by
+  `gathered_param`, whose backward reduce-scatters the gradient as FSDP2 would (the average
+  over the data-parallel mesh), so every rank updates its shard from the whole batch. A LoRA
+  model (peft) runs its adapted backbone; models whose logits are not `h @ W.T + b`
+  (soft-capped or scaled: Gemma-2/3, Cohere, Granite) are refused (`_verl_config.scaled_logits`);
 - the old-log-prob pass with a rollout-proxy request (`lpreg_record`, set by the driver): the
   old log-probs, entropies and the proxy record (lpreg.integrations._proxy) of every row.
 """
@@ -35,7 +40,7 @@ from ..sparse_proxy import SparseProxy, sparse_proxy_stats
 from ..token_stats import TokenStats, lpreg_token_stats
 from . import _proxy
 from ._core import loss_config
-from ._verl_config import is_lpreg, lpreg_options
+from ._verl_config import is_lpreg, lpreg_options, scaled_logits
 from ._verl_loss import STAT_KEYS, lpreg_ppo_loss
 
 RECORD_KEY = "lpreg_record"  # non-tensor batch entry: JSON of the record the old-log-prob pass makes
@@ -61,7 +66,38 @@ def record_spec(policy_loss) -> str:
 
 
 def _full(t: Optional[Tensor]) -> Optional[Tensor]:
+    """A DTensor of activations (tensor-parallel logits) as a full tensor: every rank holds the same
+    values, so the gradient of the gathered tensor is the same on every rank (a local slice is right)."""
     return t.full_tensor() if t is not None and hasattr(t, "full_tensor") else t
+
+
+def gathered_param(t: Optional[Tensor]) -> Optional[Tensor]:
+    """A parameter's FSDP2 DTensor shard, all-gathered for a forward its own FSDP unit does not run.
+
+    Each data-parallel rank's gradient of the gathered weight comes from its own data only, so the
+    backward must reduce it across ranks, as FSDP2's reduce-scatter would: `Partial("avg")`, the
+    average over every mesh dimension (FSDP2 divides by the data-parallel size, and verl scales the
+    loss by it). `full_tensor()`'s default (a Replicate gradient redistributed to Shard: a local
+    slice, no collective) would leave every rank's shard trained on its own data. A plain tensor
+    (an unsharded parameter: a tied head, inside the root's unshard) is returned as is."""
+    if t is None or not hasattr(t, "full_tensor"):
+        return t
+    from torch.distributed.tensor import Partial
+
+    return t.full_tensor(grad_placements=[Partial("avg")] * t.device_mesh.ndim)
+
+
+def lm_parts(inner):
+    """(backbone, LM head) of verl's model: a causal LM, or a peft model around one (verl's LoRA:
+    the backbone's layers carry the adapters; the head must not)."""
+    model = inner.get_base_model() if hasattr(inner, "get_base_model") else inner  # peft -> the causal LM
+    head = model.get_output_embeddings()
+    if head is None or any(hasattr(head, a) for a in ("lora_A", "lora_embedding_A", "base_layer", "modules_to_save")):
+        raise NotImplementedError(
+            f"use_fused_kernels=True with loss_mode=lpreg reads the LM head's weight; this model's head is "
+            f"{type(head).__name__} (a peft-wrapped head: keep lm_head out of the LoRA target_modules and "
+            f"modules_to_save, or set actor_rollout_ref.model.use_fused_kernels=False)")
+    return model.base_model, head
 
 
 def response_rows(micro_batch, padded: Tensor, n_rows: int, filler: Tensor) -> Tensor:
@@ -149,6 +185,11 @@ class LpRegFSDPEngineWithLMHead(FSDPEngineWithLMHead):
         """Redirect the model's forward (called by the FSDP root's forward, whose hooks unshard it)
         to backbone hidden states -> lpreg statistics or the rollout record, chunk by chunk."""
         inner = getattr(self.module, "_fsdp_wrapped_module", self.module)
+        reason = scaled_logits(getattr(inner, "config", None))
+        if reason:
+            raise NotImplementedError(f"use_fused_kernels=True with loss_mode=lpreg computes logits = h @ W.T + b; "
+                                      f"{reason}: set actor_rollout_ref.model.use_fused_kernels=False")
+        backbone, head = lm_parts(inner)
         opts = self._lpreg_opts(config, record)
         rmpad = tu.get_non_tensor_data(data=micro_batch, key="use_remove_padding", default=True)
 
@@ -157,15 +198,14 @@ class LpRegFSDPEngineWithLMHead(FSDPEngineWithLMHead):
             if any(v is not None for v in extra.values()):
                 raise NotImplementedError(f"use_fused_kernels with loss_mode=lpreg takes text inputs only, got "
                                           f"{sorted(k for k, v in extra.items() if v is not None)}")
-            hidden = inner.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                      use_cache=False).last_hidden_state
+            hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                              use_cache=False).last_hidden_state
             if rmpad:
                 hidden, labels = hidden[0], shift_labels[0]
             else:  # padded rows -> packed rows; labels: each sequence's next tokens (verl's roll)
                 hidden = packed(hidden, micro_batch.to(hidden.device))
                 labels = torch.roll(micro_batch["input_ids"].values().to(hidden.device), shifts=-1, dims=0)
-            head = inner.get_output_embeddings()
-            weight, bias = _full(head.weight), _full(head.bias)
+            weight, bias = gathered_param(head.weight), gathered_param(getattr(head, "bias", None))
             # a dict: FSDP2 finds the output tensors (a pytree) and unshards the root again before
             # their backward, which re-reads the LM head
             return {"lpreg": self._lpreg_rows(hidden, weight, bias, labels, float(temperature), opts, micro_batch,

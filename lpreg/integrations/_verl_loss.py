@@ -77,8 +77,11 @@ def lpreg_ppo_loss(config, model_output, data, dp_group=None,
     fields += [k for k in ("rollout_is_weights", "ref_log_prob", _proxy.ROLLOUT_LOGQ) if k in data]
     sparse = _proxy.SPARSE_KEYS[0] in data  # the engine took the full KL against the sparse record
     if o["lpreg_proxy"] == "rollout" and _proxy.ROLLOUT_LOGQ not in data:
-        raise ValueError("lpreg_proxy='rollout' but the batch holds no rollout proxy: it is recorded at the actor's "
-                         "old-log-prob pass (not run in rollout-correction bypass mode); use lpreg_proxy='current'")
+        raise ValueError("lpreg_proxy='rollout' but the batch holds no rollout proxy: lpreg records it in the "
+                         "trainer's old-log-prob pass (RayPPOTrainer or the v1 PPOTrainer _compute_old_log_prob, "
+                         "checked when the trainer starts); this trainer did not run that pass through lpreg's hook, "
+                         "or algorithm.rollout_correction.bypass_mode=True skipped it. Use lpreg_proxy='current' "
+                         "to train without it")
     data = data.select(*fields).to_padded_tensor()
     mask = data["response_mask"].to(bool)
     if _proxy.ROLLOUT_LOGQ in data and not sparse:

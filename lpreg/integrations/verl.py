@@ -14,9 +14,14 @@ Loaded by `import verl` through the entry point `[project.entry-points."verl.plu
    lpreg_dual_clip=False); for lpreg_compat=paper it fixes the step-wide lowest-rho set of each
    mini-batch over every micro-batch and data-parallel rank before the first micro-batch;
 3. records the rollout proxy at the actor's old-log-prob pass and keeps it in the batch when a
-   rollout is trained on by more than one optimiser step (`_verl_driver`, lpreg_proxy);
+   rollout is trained on by more than one optimiser step (`_verl_driver`, lpreg_proxy), in both
+   trainers verl 0.9 ships: main_ppo's default, the v1 PPOTrainer (trainer.use_v1=True), and
+   RayPPOTrainer;
 4. checks each actor config with loss_mode=lpreg when verl builds it (`_verl_config`): in the
-   driver's validate_config and in each worker's init_model, before any rollout;
+   driver's validate_config and in each worker's init_model, before any rollout; and, at start-up
+   (main_ppo's validate_config, the trainer's init), that the trainer verl runs records the proxy,
+   that rollout-correction bypass mode does not skip it, and that use_fused_kernels=True is not
+   asked of a model with soft-capped or scaled logits;
 5. provides `LpRegPolicyLossConfig`, verl's `PolicyLossConfig` plus the `lpreg_*` fields.
 
 Hydra overrides (docs/integrations.md, "Use with verl"):
@@ -27,7 +32,9 @@ Hydra overrides (docs/integrations.md, "Use with verl"):
 
 Not supported (an error names the setting when the actor config is built): strategies other
 than fsdp / fsdp2 (Megatron's logits are vocab-parallel), calculate_sum_pi_squared, the prefix
-grouper, top-k distillation, and the sparse rollout proxy with Ulysses sequence parallelism.
+grouper, top-k distillation, and the sparse rollout proxy with Ulysses sequence parallelism; at
+start-up: algorithm.rollout_correction.bypass_mode=True with a rollout proxy, and
+use_fused_kernels=True on Gemma-2/3, Cohere, Granite and other models with scaled logits.
 
 verl loads plugins inside `try: ... except Exception: logger.debug(...)`, which would hide a
 failure; this module reports its own failure as a RuntimeWarning before re-raising it.

@@ -5,7 +5,9 @@ halves at dp = 2; at dp = 1 the rows ordered so that every mini- and micro-batch
 Cases: both forms x every loss_agg_mode the adapter accepts x on-policy (one mini-batch) and
 off-policy (two mini-batches: the second trains against the rollout proxy), at beta = 1; and
 lpreg at beta = 0 against verl's own vanilla loss at dp = 2 for every loss_agg_mode (token-sum
-included: verl multiplies each rank's token sum by dp).
+included: verl multiplies each rank's token sum by dp); use_fused_kernels=True with the tiny
+model's untied LM head (its own FSDP2 unit: the head's gradient must be reduced over the ranks
+by lpreg's gather, FSDP2's reduce-scatter never sees it).
 
 Tolerances (2 ranks vs 1, or lpreg vs vanilla at dp = 2): the per-token terms are the same fp32
 operations; the sums differ in order (FSDP2's reduce-scatter of the gradient over 2 ranks, the
@@ -44,7 +46,11 @@ LPREG = [dict(loss_agg_mode=agg, lpreg_compat=form, mini=mini, lpreg_beta=1.0, l
 BETA0 = [dict(loss_agg_mode=agg, mini=4, lpreg_beta=0.0) for agg in AGG_MODES]
 VANILLA = [dict(loss_agg_mode=agg, mini=4, loss_mode="vanilla") for agg in AGG_MODES]
 SELECTION = dict(lpreg_compat="paper", lpreg_rho=0.3, micro=2, record_selection=True)  # 2 micro-batches per rank
-CASES = LPREG + BETA0 + VANILLA + [SELECTION]
+# use_fused_kernels=True: the tiny model's LM head is untied, so verl's FSDP2 shards it as its own unit,
+# whose forward never runs (lpreg gathers the weight itself): its gradient must still be reduced over ranks
+FUSED = [dict(loss_agg_mode="token-mean", lpreg_compat=form, mini=4, lpreg_beta=1.0, lpreg_rho=0.5,
+              lpreg_threshold=0.2, fused=True) for form in ("released", "paper")]
+CASES = LPREG + BETA0 + VANILLA + FUSED + [SELECTION]
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +66,7 @@ def runs(tmp_path_factory):
     two = [[V.from_json(r) for r in json.load(open(out / f"rank{k}.json"))] for k in (0, 1)]
     V.init(29543)
     path = save_tiny(str(out / "tiny1"))
-    one = [V.run(path, case) for case in CASES[:-1]]  # the selection case runs at dp = 2 only
+    one = [{**V.run(path, case), "path": path} for case in CASES[:-1]]  # the selection case: dp = 2 only
     return one, two
 
 
@@ -112,3 +118,23 @@ def test_paper_selection_exact_across_ranks(runs):
     n = sum(s[3] for s in seen)
     assert all(s[1] == n for s in seen) and seen[0][0] == max(1, int(0.3 * n)) == sum(s[2] for s in seen)
     assert torch.tensor([s[0] for s in seen]).unique().numel() == 1
+
+
+@pytest.mark.parametrize("case", FUSED, ids=lambda c: c["lpreg_compat"])
+def test_fused_kernels_untied_head_two_ranks_equal_one_rank(runs, case):
+    """use_fused_kernels=True at dp = 2 against dp = 1 on the same global batch: the loss, gradient
+    norm and parameters agree, and so does the untied LM head's gradient, element by element (a
+    rank trained on its own half of the batch would move its head shard by that half's gradient)."""
+    from transformers import AutoConfig
+
+    one, two = runs
+    i = CASES.index(case)
+    assert not AutoConfig.from_pretrained(one[i]["path"]).tie_word_embeddings  # the head is its own FSDP2 unit
+    label = f"dp2 vs dp1 fused {case['lpreg_compat']} mini={case['mini']}"
+    for rank in two:
+        loss, grad, excess = compare(one[i], rank[i], label)
+        assert loss <= LOSS_ATOL and grad <= GRAD_RTOL and excess <= 0, label
+        for a, b in zip(one[i]["steps"], rank[i]["steps"]):
+            g1, g2 = a["grads"]["lm_head.weight"].reshape(-1), b["grads"]["lm_head.weight"].reshape(-1)
+            assert (g1 - g2).abs().max() <= GRAD_RTOL * g1.norm(), label
+    assert one[i]["steps"][0]["metrics"]["actor/lpreg_frac"] > 0
