@@ -23,13 +23,25 @@ SCRIPT = textwrap.dedent(
     from triton.backends.compiler import GPUTarget
     from lpreg.kernels import sparse_proxy_stats, token_stats
 
+    import inspect
+
+    # Triton >= 3.3 takes constexprs and per-argument attrs; Triton 3.2 (torch 2.6's) constants and an
+    # AttrsDescriptor of (argument index, value) hints
+    NEW_API = "constexprs" in inspect.signature(triton.compiler.ASTSource.__init__).parameters
+
     def compile_kernel(fn, types, consts, arch, num_warps=8):
         sig = {n: types.get(n, "constexpr") for n in fn.arg_names}
         div = [(i,) for i, n in enumerate(fn.arg_names)
                if sig[n].startswith("*") or n.endswith("stride") or n in ("V", "K")]
-        src = triton.compiler.ASTSource(
-            fn=fn, signature=sig, constexprs={(fn.arg_names.index(n),): v for n, v in consts.items()},
-            attrs={d: [["tt.divisibility", 16]] for d in div})
+        if NEW_API:
+            src = triton.compiler.ASTSource(
+                fn=fn, signature=sig, constexprs={(fn.arg_names.index(n),): v for n, v in consts.items()},
+                attrs={d: [["tt.divisibility", 16]] for d in div})
+        else:
+            from triton.backends.compiler import AttrsDescriptor
+
+            src = triton.compiler.ASTSource(fn=fn, signature=sig, constants=dict(consts),
+                                            attrs=AttrsDescriptor.from_hints({i: 16 for (i,) in div}))
         return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
 
     CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")

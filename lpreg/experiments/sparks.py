@@ -187,7 +187,7 @@ def sparks_tokenizer() -> Any:
 
     tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(_tokenizer_json()), pad_token=PAD,
                                   bos_token=BOS, eos_token=EOS, unk_token=UNK, clean_up_tokenization_spaces=False,
-                                  model_max_length=512)
+                                  model_max_length=512, model_input_names=["input_ids", "attention_mask"])
     tok.padding_side = "left"
     if SPARK not in tok.get_vocab():
         raise ValueError(f"the sparks tokenizer has no single token for {SPARK!r}")

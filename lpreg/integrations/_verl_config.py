@@ -139,5 +139,5 @@ def install_actor_check() -> None:
         if is_lpreg(self):
             check_actor(self)
 
-    __post_init__._lpreg = True
+    __post_init__._lpreg = True  # type: ignore[attr-defined]  # a marker: patched once
     ActorConfig.__post_init__ = __post_init__

@@ -108,8 +108,8 @@ def _records(cls) -> Optional[str]:
     if caller is None:
         return (f"it is neither {LEGACY}.RayPPOTrainer nor a subclass of {V1}.PPOTrainer (the trainers whose "
                 f"old-log-prob pass lpreg wraps)")
-    step = getattr(getattr(cls, caller, None), "__code__", None)
-    if step is None or "_compute_old_log_prob" not in step.co_names:
+    code = getattr(getattr(cls, caller, None), "__code__", None)
+    if code is None or "_compute_old_log_prob" not in code.co_names:
         return f"its {caller} does not call _compute_old_log_prob"
     for klass in cls.__mro__:
         fn = klass.__dict__.get("_compute_old_log_prob")
@@ -260,7 +260,7 @@ def _patch_config(module) -> None:
     original = module.validate_config
     if not getattr(original, "_lpreg", False):
         wrapper = functools.wraps(original)(make(original))
-        wrapper._lpreg = True
+        wrapper._lpreg = True  # type: ignore[attr-defined]  # a marker: patched once
         module.validate_config = wrapper
 
 

@@ -23,7 +23,7 @@ log-probs):
 import functools
 import json
 from contextlib import contextmanager
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, cast
 
 import torch
 from torch import Tensor
@@ -82,9 +82,10 @@ def gathered_param(t: Optional[Tensor]) -> Optional[Tensor]:
     (an unsharded parameter: a tied head, inside the root's unshard) is returned as is."""
     if t is None or not hasattr(t, "full_tensor"):
         return t
-    from torch.distributed.tensor import Partial
+    from torch.distributed.tensor import DTensor, Partial
 
-    return t.full_tensor(grad_placements=[Partial("avg")] * t.device_mesh.ndim)
+    shard = cast(DTensor, t)  # an FSDP2 shard: a DTensor
+    return shard.full_tensor(grad_placements=[Partial("avg")] * shard.device_mesh.ndim)
 
 
 def lm_parts(inner):

@@ -44,6 +44,9 @@ def build_char_tokenizer() -> PreTrainedTokenizerFast:
         unk_token=UNK,
         clean_up_tokenization_spaces=False,
         model_max_length=512,
+        # a causal LM takes no token_type_ids; transformers < 5 returns them by default, and generate()
+        # then refuses the unused argument
+        model_input_names=["input_ids", "attention_mask"],
     )
     # Generation with a batch of prompts pads on the left, so that every prompt ends at the
     # last position; the SFT loss masks padding whichever side it is on.
