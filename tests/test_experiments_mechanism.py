@@ -42,6 +42,10 @@ def test_probe_steps_and_summary():
     out = summarise_probe({"p_before": [0.1, 0.2], "ratio_beta1": [2.0, 0.5], "ratio_beta0": [0.5, 0.5]})
     assert out["n_selected"] == 2 and out["frac_down_beta1"] == 0.5 and out["frac_down_beta0"] == 1.0
     assert out["log_ratio_beta1"] == pytest.approx(0.0) and out["p_before"] == pytest.approx(0.15)
+    assert out["ratio_median"] == pytest.approx(2.5)  # r1 / r0 = 4 and 1
+    out = summarise_probe({"p_before": [0.1, 0.2, 0.3], "kept_mass": [0.5, 0.9, 0.7], "ratio_beta1": [1.1, 1.0, 1.2],
+                           "ratio_beta0": [1.0, 1.0, 1.0]})
+    assert out["kept_mass_median"] == 0.7 and out["ratio_median"] == pytest.approx(1.1)
     with pytest.raises(ValueError, match="--mechanism-every .* --mini-batches 1"):
         preset_config("test-micro", mechanism_every=1, mini_batches=2)
 
@@ -107,11 +111,14 @@ def test_summary_lines_give_the_median_ratios_of_each_probe(tmp_path):
              "ratio_beta0": [0.9, 0.8, 0.7]},
             {"step": 2, "p_before": [], "kept_mass": [], "ratio_beta1": [], "ratio_beta0": []}]
     lines = summary_lines(mech)
-    assert len(lines) == 1  # a probe that selected nothing has no line
-    assert "3 selected tokens (median kept mass 0.900)" in lines[0]
-    assert "1.100 with Lp-Reg, 0.800 at beta = 0" in lines[0]
+    assert len(lines) == 3 + 1 + 1  # the explanation, one line per probe that selected tokens, the pooled line
+    assert "step   1:   3 tokens, median m 0.900" in lines[3]
+    assert "1.100 with Lp-Reg, 0.800 without; median ratio 1.375" in lines[3]  # ratios 1.333, 1.375, 1.429
+    assert "all probes: 3 tokens, median kept mass m 0.900" in lines[4] and "= 0.11" in lines[4]
+    assert "median ratio 1.375, higher with Lp-Reg for 100% of tokens" in lines[4]
+    assert summary_lines(mech[1:]) == []  # no probe selected anything: no lines
     assert INSTRUMENTS["mechanism"].summary is summary_lines and INSTRUMENTS["mechanism"].log_file == LOG_FILE
     (tmp_path / LOG_FILE).write_text("")
     text = format_summary([{"step": 1, "critic/score/mean": 0.5}], str(tmp_path), extra_lines=lines,
                           log_files=[LOG_FILE])
-    assert text.splitlines()[-2] == lines[0] and str(tmp_path / LOG_FILE) in text
+    assert text.splitlines()[-2] == lines[-1] and str(tmp_path / LOG_FILE) in text

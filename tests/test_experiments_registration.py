@@ -31,7 +31,8 @@ def test_the_trainer_alone_has_no_study_and_lpreg_train_registers_it():
         "assert set(PRESETS) == {'cpu-tiny', 'test-micro', 'qwen2.5-math-1.5b'}, PRESETS\n"
         "assert set(TASKS) == {'arithmetic'} and INSTRUMENTS == {}\n"
         "import lpreg.train\n"
-        "assert {'cpu-sparks', 'cpu-demo', 'cpu-sweep'} <= set(PRESETS) and 'sparks' in TASKS\n"
+        "assert {'cpu-sparks', 'cpu-demo', 'cpu-sweep', 'cpu-sparks-demo', 'cpu-regime-sweep'} <= set(PRESETS)\n"
+        "assert {'sparks', 'noisy-sparks'} <= set(TASKS)\n"
         "assert list(INSTRUMENTS) == ['diversity', 'mechanism']\n"
         "print('ok')\n")
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
@@ -49,7 +50,8 @@ def test_register_is_idempotent_and_names_the_trainers_hooks():
     assert (dict(PRESETS), dict(TASKS), dict(INSTRUMENTS)) == before
     assert INSTRUMENTS["mechanism"].before_update is mechanism.probe and INSTRUMENTS["mechanism"].step_metrics is None
     assert INSTRUMENTS["diversity"].step_metrics is diversity.step_metrics
-    assert TASKS["sparks"].spark_tokens == ("check",) and preset_config("cpu-demo").mechanism_every == 30
+    assert TASKS["sparks"].spark_tokens == ("check",) and preset_config("cpu-sparks-demo").mechanism_every == 30
+    assert preset_config("cpu-demo").task == "noisy-sparks" and preset_config("cpu-demo").mechanism_every > 0
 
 
 def test_mechanism_every_without_the_instrument_is_an_error_not_a_no_op(tmp_path, monkeypatch):

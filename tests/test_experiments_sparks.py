@@ -251,14 +251,14 @@ def test_sweep_figure_has_a_panel_per_logged_metric_only(tmp_path):
 
 
 @pytest.mark.slow
-def test_the_main_job_preset_runs_two_steps_and_prints_its_summary(two_steps, capsys):
-    """README's main job, `--preset cpu-demo` (the cpu-sparks task and warm start, shortened as above
+def test_the_control_demo_preset_runs_two_steps_and_prints_its_summary(two_steps, capsys):
+    """The earlier main job, `--preset cpu-sparks-demo` (the cpu-sparks task and warm start, shortened as above
     and served by the same warm-start cache entry): held-out evaluation before the first step and
     after the last, the mechanism probe, and the end-of-run summary."""
     from lpreg.train import train
 
     _, out = two_steps
-    cfg = preset_config("cpu-demo", **{**SHORT, "eval_every": 2, "plot": True}, mechanism_every=2,
+    cfg = preset_config("cpu-sparks-demo", **{**SHORT, "eval_every": 2, "plot": True}, mechanism_every=2,
                         output_dir=str(out / "demo"), warm_start_cache=str(out / "cache"))
     train(cfg)
     rows = [json.loads(line) for line in open(out / "demo" / "metrics.jsonl")]

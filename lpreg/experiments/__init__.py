@@ -2,8 +2,9 @@
 its statistics. The trainer (`lpreg.trainer`) never imports this package; it registers here, through
 the trainer's own registration points, when imported (`lpreg-train` and `python -m lpreg.train` do):
 
-    task "sparks"            lpreg.trainer.tasks.register_task          (sparks.py)
-    presets cpu-sparks, cpu-demo, cpu-sweep   lpreg.trainer.config.register_preset   (presets.py)
+    tasks "sparks", "noisy-sparks"   lpreg.trainer.tasks.register_task   (sparks.py, noisy_sparks.py)
+    presets cpu-sparks, cpu-sweep, cpu-sparks-demo (sparks); cpu-demo, cpu-regime-sweep (noisy-sparks)
+                             lpreg.trainer.config.register_preset   (presets.py)
     instrument "diversity"   lpreg.trainer.instruments.register_instrument: spark/prob, spark/usage,
                              train/distinct_answers in every metrics.jsonl row (diversity.py)
     instrument "mechanism"   the same: the `--mechanism-every` probe before the update, mechanism.jsonl
@@ -11,6 +12,9 @@ the trainer's own registration points, when imported (`lpreg-train` and `python 
 
     sparks.py            the `sparks` task: a 3,000-token BPE vocabulary (a noise tail) and a rare
                          valuable "check" token
+    noisy_sparks.py      the `noisy-sparks` task: sparks with a noise floor of 25% that min-p removes (a
+                         fixed output floor, random tokens in the warm start) and a pool of ~8,000
+                         training problems: the paper's regime
     presets.py           the presets of the study (above)
     diversity.py         per-step spark probability / usage and distinct answers per group
     mechanism.py         Lp-Reg's mechanism, measured: one update at beta = 1 and one at beta = 0 from
@@ -26,7 +30,7 @@ Importing this package twice registers once (Python imports a module once); `reg
 called again to restore the entries after a test replaced them.
 """
 
-from lpreg.experiments import diversity, mechanism, presets, sparks
+from lpreg.experiments import diversity, mechanism, noisy_sparks, presets, sparks
 from lpreg.trainer.config import register_preset
 from lpreg.trainer.instruments import Instrument, register_instrument
 from lpreg.trainer.tasks import BuiltinTask, register_task
@@ -38,6 +42,10 @@ def register() -> None:
     """Register the study's task, presets and instruments with the trainer."""
     register_task("sparks", BuiltinTask(split_problems=sparks.sparks_split, tokenizer=sparks.sparks_tokenizer,
                                         spark_tokens=(sparks.SPARK,), warm_start_extra=sparks.warm_start_drills))
+    register_task("noisy-sparks", BuiltinTask(
+        split_problems=noisy_sparks.noisy_split, tokenizer=sparks.sparks_tokenizer, spark_tokens=(sparks.SPARK,),
+        warm_start_extra=sparks.warm_start_drills, warm_start_noise=noisy_sparks.NOISE,
+        output_floor=noisy_sparks.FLOOR))
     for name, fields in presets.PRESETS.items():
         register_preset(name, **fields)
     register_instrument(Instrument("diversity", step_metrics=diversity.step_metrics))

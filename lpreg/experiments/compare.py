@@ -16,7 +16,9 @@ form, the entropy bonus (coefficient 0.002, the paper's §5.1.2), 80/20 and clip
 Each (arm, seed) runs as its own `lpreg-train` process (one torch thread), `--jobs` at a time.
 The warm start is done once per seed and shared through `--warm-start-cache` (the arms differ
 only after it, so the runs of one seed share the warm start, the data order and the first step's
-rollouts): a seed's other runs start only once its first run has written the cache entry. A finished
+rollouts): a seed's other runs start only once its first run has written the cache entry. The
+held-out evaluation before the first step (`--eval-start`) is the same for every arm of a seed, so
+it too runs once per seed (`--eval-start-cache`; the seed's first run writes it before its first step). A finished
 run (its metrics.jsonl holds every step) is reused unless `--no-reuse`. Flags after `--` go to
 every run.
 
@@ -40,7 +42,7 @@ import os
 import subprocess
 import sys
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Mapping, Optional, Sequence
 
 from lpreg.experiments.mechanism_report import plot_mechanism, pool
 from lpreg.experiments.paired import PAIRED_METRICS, paired_analysis, paired_table
@@ -48,6 +50,7 @@ from lpreg.trainer.config import PRESETS, load_config, preset_config
 from lpreg.trainer.logging_utils import plot_bands, read_metrics
 from lpreg.trainer.losses import LOSSES
 from lpreg.trainer.setup import warm_start_cache_dir
+from lpreg.trainer.step import eval_start_cache_file
 from lpreg.trainer.summary import mean_of, summarise, with_selected
 
 __all__ = ["ARMS", "LABELS", "BAND_KEYS", "arm_flags", "run_sweep", "summarise", "summarise_sweep", "main"]
@@ -89,21 +92,31 @@ def _steps(preset: str, extra: Sequence[str]) -> int:
     return steps
 
 
-def _cache_entry(preset: str, seed: int, cache: str, extra: Sequence[str]) -> Optional[str]:
-    """The warm-start cache entry of `seed`'s runs (lpreg.trainer.setup's key; it hashes the
-    warm-start data, so it is computed once per seed, not at every poll)."""
-    return warm_start_cache_dir(load_config(["--preset", preset, *extra, "--seed", str(seed),
-                                             "--warm-start-cache", cache]))
+def _cache_files(preset: str, seed: int, cache: str, eval_cache: str, extra: Sequence[str]) -> List[str]:
+    """What the first run of `seed` leaves for the others: its warm-start cache entry's
+    warm_start.json (lpreg.trainer.setup's key; it hashes the warm-start data, so it is computed once
+    per seed, not at every poll) and, with --eval-start, its step-0 evaluation (lpreg.trainer.step)."""
+    cfg = load_config(["--preset", preset, *extra, "--seed", str(seed), "--warm-start-cache", cache,
+                       "--eval-start-cache", eval_cache, "--torch-threads", "1"])
+    entry = warm_start_cache_dir(cfg)
+    files = [os.path.join(entry, "warm_start.json")] if entry is not None else []
+    if cfg.eval_start:
+        path = eval_start_cache_file(cfg)
+        if path is not None:
+            files.append(path)
+    return files
 
 
 def run_sweep(preset: str, arms: Sequence[str], seeds: Sequence[int], runs_dir: str, extra: Sequence[str] = (),
               jobs: int = 1, reuse: bool = True, log=print,
-              arm_extra: Optional[Dict[str, Sequence[str]]] = None) -> Dict[str, Dict[int, dict]]:
+              arm_extra: Optional[Mapping[str, Sequence[str]]] = None) -> Dict[str, Dict[int, dict]]:
     """Train every (arm, seed), `jobs` processes at a time; returns {arm: {seed: {run_dir, wall_s,
     cpu_s}}} (None for a reused run; cpu_s: the run's CPU seconds, its reward worker included).
     `arm_extra`: more flags for some arms' runs."""
     steps, cache = _steps(preset, extra), os.path.join(runs_dir, "warm_start_cache")
-    todo, out = [], {a: {} for a in arms}
+    eval_cache = os.path.join(runs_dir, "eval_start_cache")
+    todo: List[tuple] = []
+    out: Dict[str, Dict[int, dict]] = {a: {} for a in arms}
     for arm in arms:  # arm-major: the first runs of a sweep are one per seed
         for seed in seeds:
             run_dir = os.path.join(runs_dir, f"{preset}_{arm}_seed{seed}")
@@ -114,17 +127,19 @@ def run_sweep(preset: str, arms: Sequence[str], seeds: Sequence[int], runs_dir: 
             todo.append((arm, seed, [sys.executable, "-m", "lpreg.train", "--preset", preset, *arm_flags(arm),
                                      "--seed", str(seed), "--output-dir", run_dir, "--resume", "none",
                                      "--progress", "false", "--plot", "false", "--warm-start-cache", cache,
+                                     "--eval-start-cache", eval_cache,
                                      "--torch-threads", "1", *(arm_extra or {}).get(arm, ()), *extra]))
     running: List[tuple] = []
-    entries = {s: _cache_entry(preset, s, cache, extra) for s in seeds}
+    entries = {s: _cache_files(preset, s, cache, eval_cache, extra) for s in seeds}
 
     def cached(seed: int) -> bool:
-        return entries[seed] is None or os.path.isfile(os.path.join(entries[seed], "warm_start.json"))
+        return all(os.path.isfile(f) for f in entries[seed])
 
     warmed = {s for s in seeds if cached(s)}  # seeds whose warm start is cached
     while todo or running:
         while len(running) < max(1, jobs):
-            # a seed's first run warm-starts and fills the cache: its other runs wait for the entry
+            # a seed's first run warm-starts and evaluates the start, filling both caches: its other runs
+            # wait for them
             busy = {seed for _, seed, *_ in running if seed not in warmed}
             warmed |= {seed for seed in busy if cached(seed)}
             busy -= warmed
@@ -153,12 +168,12 @@ def run_sweep(preset: str, arms: Sequence[str], seeds: Sequence[int], runs_dir: 
     return out
 
 
-def _spread(values: List[float]) -> Optional[float]:
-    values = [v for v in values if v is not None]
-    if len(values) < 2:
+def _spread(values: Sequence[Optional[float]]) -> Optional[float]:
+    present = [v for v in values if v is not None]
+    if len(present) < 2:
         return None
-    m = sum(values) / len(values)
-    return (sum((v - m) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+    m = sum(present) / len(present)
+    return (sum((v - m) ** 2 for v in present) / (len(present) - 1)) ** 0.5
 
 
 def summarise_sweep(rows: Dict[str, Dict[int, List[dict]]], window: int = 10) -> Dict[str, dict]:

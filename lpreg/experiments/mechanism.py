@@ -44,7 +44,7 @@ from lpreg.trainer.losses import loss_denominator
 from lpreg.trainer.step import update
 from lpreg.trainer.summary import format_number
 
-__all__ = ["LOG_FILE", "released_selection", "due", "probe", "summarise_probe", "summary_lines"]
+__all__ = ["LOG_FILE", "released_selection", "due", "probe", "token_ratios", "summarise_probe", "summary_lines"]
 
 LOG_FILE = "mechanism.jsonl"  # one row per probed step, under the run's output_dir
 
@@ -77,7 +77,7 @@ def _token_stats(model, plan, cfg) -> List:
     return out
 
 
-def _one_update(run, plan, step: int, beta: float) -> Tensor:
+def _one_update(run, plan, step: int, beta: float) -> List[Tensor]:
     """The trainer's update of this step, Lp-Reg released at `beta`, on copies of the policy and the
     optimizer; returns log p_y after it, per micro-batch concatenated over the step's rows."""
     cfg = dataclasses.replace(run.cfg, loss="lpreg", lpreg_compat="released", lpreg_beta=float(beta))
@@ -117,33 +117,53 @@ def probe(run, plan, step: int) -> Dict[str, float]:
     return {f"mechanism/{k}": v for k, v in summarise_probe(row).items()}
 
 
+def token_ratios(row: dict) -> List[float]:
+    """Per selected token of a probe row, (p_y after / before at beta = 1) / (the same at beta = 0):
+    how much more of the token's probability the Lp-Reg update keeps than the plain one."""
+    return [r1 / r0 for r1, r0 in zip(row["ratio_beta1"], row["ratio_beta0"])]
+
+
 def summarise_probe(row: dict) -> Dict[str, float]:
     """One probe's numbers: selected tokens, mean p_y before, the mean of log r under each update
-    (NaN with none selected) and the share of selected tokens whose p_y fell."""
+    (NaN with none selected), the share of selected tokens whose p_y fell, the median kept mass and
+    the median of r_1 / r_0 (`token_ratios`)."""
     n = len(row["p_before"])
     out = {"n_selected": float(n)}
     if not n:
         return {**out, "p_before": math.nan, "log_ratio_beta1": math.nan, "log_ratio_beta0": math.nan,
-                "frac_down_beta1": math.nan, "frac_down_beta0": math.nan}
+                "frac_down_beta1": math.nan, "frac_down_beta0": math.nan, "ratio_median": math.nan}
     out["p_before"] = sum(row["p_before"]) / n
     if "kept_mass" in row:
         out["kept_mass"] = sum(row["kept_mass"]) / n
+        out["kept_mass_median"] = median(row["kept_mass"])
     for beta in ("beta1", "beta0"):
         ratios = row[f"ratio_{beta}"]
         out[f"log_ratio_{beta}"] = sum(math.log(r) for r in ratios) / n
         out[f"frac_down_{beta}"] = sum(r < 1.0 for r in ratios) / n
+    out["ratio_median"] = median(token_ratios(row))
     return out
 
 
-
 def summary_lines(rows: List[dict]) -> List[str]:
-    """The end-of-run summary's lines: per probe with selected tokens, their median kept mass and the
-    median p_y after / before one update at beta = 1 and at beta = 0."""
-    lines = []
+    """The end-of-run summary's lines: what the probe measures, then per probe with selected tokens
+    their median kept mass, the median p_y after / before one update with and without Lp-Reg and the
+    median ratio of the two, and the same pooled over every probe (the run's mechanism numbers)."""
+    rows = [r for r in rows if r["ratio_beta1"]]
+    if not rows:
+        return []
+    lines = ["  mechanism: at each probed step, from the same state, one update with Lp-Reg (beta = 1) and one",
+             "    without (beta = 0); per token Lp-Reg selects, p_y after / before each update, and their ratio",
+             "    (> 1: Lp-Reg kept more of the token's probability). m = the proxy's kept mass at the token."]
     for row in rows:
-        if row["ratio_beta1"]:
-            med = {k: median(row[k]) for k in ("ratio_beta1", "ratio_beta0", "kept_mass") if k in row}
-            lines.append(f"  mechanism, step {row['step']:>3}: {len(row['ratio_beta1'])} selected tokens (median "
-                         f"kept mass {format_number(med.get('kept_mass'))}), median p_y after / before one update: "
-                         f"{med['ratio_beta1']:.3f} with Lp-Reg, {med['ratio_beta0']:.3f} at beta = 0")
+        med = {k: median(row[k]) for k in ("ratio_beta1", "ratio_beta0", "kept_mass") if k in row}
+        lines.append(f"    step {row['step']:>3}: {len(row['ratio_beta1']):>3} tokens, median m "
+                     f"{format_number(med.get('kept_mass'))}, median p_y after / before {med['ratio_beta1']:.3f} with "
+                     f"Lp-Reg, {med['ratio_beta0']:.3f} without; median ratio {median(token_ratios(row)):.3f}")
+    ratios = [x for r in rows for x in token_ratios(r)]
+    kept = [x for r in rows for x in r.get("kept_mass", [])]
+    m = median(kept) if kept else math.nan
+    lines.append(f"    all probes: {len(ratios)} tokens, median kept mass m {format_number(m)} (k3 pushes a selected "
+                 f"token up by 1/m - 1 = {format_number(1 / m - 1 if kept else math.nan, '.2f')} per unit of "
+                 f"negative advantage), median ratio {median(ratios):.3f}, higher with Lp-Reg for "
+                 f"{100 * sum(x > 1 for x in ratios) / len(ratios):.0f}% of tokens")
     return lines

@@ -9,7 +9,7 @@ seed's state). `plot_mechanism` draws the distributions.
 """
 
 import math
-from typing import Dict, List
+from typing import Any, Dict, List
 
 from lpreg.experiments.paired import paired_difference
 from lpreg.trainer.logging_utils import pyplot, save_figure
@@ -33,7 +33,7 @@ def pool(rows_by_seed: Dict[int, List[dict]]) -> dict:
     seed, the mean over its selected tokens of log r_1 - log r_0, compared across seeds with
     `paired.paired_difference` (so the interval and the test are over seeds, not tokens)."""
     def describe(rows: List[dict]) -> dict:
-        out = {"n_tokens": sum(len(r["p_before"]) for r in rows),
+        out: Dict[str, Any] = {"n_tokens": sum(len(r["p_before"]) for r in rows),
                "p_before_q50": _quantile([x for r in rows for x in r["p_before"]], 0.5),
                "kept_mass_q50": _quantile([x for r in rows for x in r.get("kept_mass", [])], 0.5)}
         for beta in ("beta1", "beta0"):

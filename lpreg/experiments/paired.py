@@ -17,7 +17,7 @@ Standard library only (scipy is not a dependency).
 
 import math
 import random
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 __all__ = ["bootstrap_ci", "wilcoxon_signed_rank", "paired_difference", "paired_analysis", "paired_table",
            "PAIRED_METRICS"]
@@ -78,15 +78,18 @@ def wilcoxon_signed_rank(differences: Sequence[float]) -> Tuple[float, float]:
     return w_plus, min(1.0, 2.0 * min(lower, upper))
 
 
-def paired_difference(a: Dict[int, Optional[float]], b: Dict[int, Optional[float]], *,
+def paired_difference(a: Mapping[int, Optional[float]], b: Mapping[int, Optional[float]], *,
                       n_boot: int = 10_000) -> Optional[dict]:
     """a, b: {seed: value}. The seeds both hold a value for: per-seed d = a - b, their mean, the
     bootstrap 95% interval and the Wilcoxon p. None when no seed is shared."""
-    seeds = sorted(s for s in a if s in b and a[s] is not None and b[s] is not None
-                   and not math.isnan(a[s]) and not math.isnan(b[s]))
+    seeds, d = [], []
+    for s in sorted(a):
+        x, y = a[s], b.get(s)
+        if x is not None and y is not None and not math.isnan(x) and not math.isnan(y):
+            seeds.append(s)
+            d.append(x - y)
     if not seeds:
         return None
-    d = [a[s] - b[s] for s in seeds]
     lo, hi = bootstrap_ci(d, n_boot=n_boot)
     w_plus, p = wilcoxon_signed_rank(d)
     return {"n_seeds": len(seeds), "mean_difference": sum(d) / len(d), "ci95": [lo, hi], "wilcoxon_p": p,

@@ -56,8 +56,8 @@ def scratch(terms: tuple[int, ...]) -> str:
 
 
 def _expressions() -> list[tuple[int, ...]]:
-    easy = [(a, b) for a in range(19) for b in range(10)]
-    hard = [(a, b, c) for a in range(10) for b in range(10) for c in range(10)]
+    easy: list[tuple[int, ...]] = [(a, b) for a in range(19) for b in range(10)]
+    hard: list[tuple[int, ...]] = [(a, b, c) for a in range(10) for b in range(10) for c in range(10)]
     return easy + hard
 
 

@@ -24,6 +24,7 @@ import pickle
 import random
 import re
 import shutil
+from typing import Tuple, cast
 
 import numpy as np
 import torch
@@ -39,7 +40,8 @@ STATE_KEYS = frozenset({"step", "data_position", "optimizer", "scheduler", "rng"
 def capture_rng() -> dict:
     """Every RNG stream the trainer draws from, as tensors and numbers (loadable with weights_only)."""
     version, mt, gauss = random.getstate()  # Mersenne Twister: 624 words and a position, each < 2**32
-    name, keys, pos, has_gauss, cached = np.random.get_state()
+    # the legacy tuple, which the default call returns (numpy's stub types that call as the dict form)
+    name, keys, pos, has_gauss, cached = cast(Tuple[str, np.ndarray, int, int, float], np.random.get_state())
     state = {"python": {"version": version, "state": torch.tensor(mt, dtype=torch.int64), "gauss_next": gauss},
              "numpy": {"name": str(name), "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
                        "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
@@ -104,7 +106,8 @@ def save_checkpoint(output_dir, step, *, model, tokenizer, optimizer, scheduler,
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "rng": capture_rng(),
-        "config": dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config),
+        "config": (dataclasses.asdict(config) if dataclasses.is_dataclass(config) and not isinstance(config, type)
+                   else dict(config)),
     }
     torch.save(state, os.path.join(tmp, "trainer_state.pt"))
     with open(os.path.join(tmp, MARKER), "w") as fh:

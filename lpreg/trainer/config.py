@@ -13,7 +13,7 @@ Adding a loss: see `lpreg.trainer.losses.LOSSES` (the `--loss` choices are its n
 import argparse
 import dataclasses
 from dataclasses import dataclass, field, fields
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 import yaml
 
@@ -78,6 +78,10 @@ class TrainConfig:
     # --- held-out evaluation (lpreg.trainer.evaluate) -------------------------------------------
     eval_every: int = 0  # evaluate every N steps (and at the end); 0 = never
     eval_start: bool = False  # also evaluate before the first step (logged as step 0: the warm-started policy)
+    # a directory of step-0 evaluations keyed by the warm-start cache entry and the evaluation's settings
+    # ("" = none; needs --warm-start-cache): runs that differ only after the warm start (a sweep's arms
+    # of one seed) evaluate the identical start once
+    eval_start_cache: str = ""
     eval_problems: int = 64  # held-out problems: the built-in task's test split, or the first N of eval_data
     eval_k: int = 8  # samples per problem at the rollout temperature: avg@k, pass@1..k, maj@k
     eval_data: Optional[str] = None  # jsonl / parquet of held-out problems (needed with --data)
@@ -183,7 +187,7 @@ class TrainConfig:
             )
 
 
-PRESETS = {
+PRESETS: Dict[str, Dict[str, Any]] = {
     # The README's main job: a 2-core CPU, no network, < 10 minutes including warm start.
     # Operands up to 19: after the warm start (SFT on the ~700 training problems) a 2-layer,
     # 128-wide model answers ~20-25% of samples correctly, so RL starts with a non-zero reward.
@@ -275,7 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
 def load_config(argv: Optional[List[str]] = None) -> TrainConfig:
     """Command line (and YAML) -> a validated TrainConfig."""
     args = vars(build_parser().parse_args(argv))
-    yaml_values = {}
+    yaml_values: Dict[str, Any] = {}
     if args.get("config"):
         with open(args["config"]) as fh:
             yaml_values = yaml.safe_load(fh) or {}

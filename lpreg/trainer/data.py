@@ -122,6 +122,7 @@ def load_problems(path: str) -> tuple[list[Problem], int]:
         )
     problems = []
     for row in rows:
+        assert a_col is not None  # rows is not empty: both columns were found (checked above)
         question = _question_text(row.get(q_col))
         answer = reduce_answer(row.get(a_col), a_col)
         if question is None or answer is None:

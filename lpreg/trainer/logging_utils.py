@@ -14,7 +14,7 @@ __all__ = ["MetricsLog", "read_metrics", "truncate_jsonl", "plot_metrics", "plot
 
 
 def read_metrics(path) -> list[dict]:
-    rows = []
+    rows: list[dict] = []
     if not os.path.exists(path):
         return rows
     with open(path) as fh:
@@ -184,7 +184,7 @@ def plot_bands(runs, path, *, keys, title=None, ncols=4, smooth=5) -> str:
     fig, axes = plt.subplots(nrows, ncols, figsize=(3.6 * ncols, 2.9 * nrows), dpi=90, squeeze=False)
     for ax, (key, label) in zip(axes.flat, keys):
         for i, (name, seeds) in enumerate(runs.items()):
-            by_step = {}
+            by_step: dict[int, list[float]] = {}
             for rows in seeds:
                 for r in rows:
                     if r.get(key) is not None:

@@ -129,6 +129,8 @@ class Loss:
         """The step-wide choice, one entry per micro-batch: (B_j, T) bool, or Lp-Reg's threshold."""
         if self.step_select is not None:
             return self.step_select(tokens, cfg)
+        if self.select is None:
+            raise ValueError(f"loss {self.label!r} needs a step-wide choice but has neither select nor step_select")
         sel = self.select(tokens.flat(tokens.old_logp), tokens.flat(tokens.entropy), tokens.flat(tokens.adv), cfg,
                           tokens.generator)
         n_local = sum(int((m > 0).sum()) for m in tokens.masks)
@@ -221,6 +223,7 @@ def _ppo_loss(spec: Loss, logits, labels, adv, old_logp, mask, cfg, choice, prox
     clipped = -adv * torch.clamp(ratio, 1.0 - cfg.clip_low, 1.0 + getattr(cfg, spec.clip_high))
     t = PPOTerms(logp=logp, old_logp=old_logp, entropy=entropy, adv=adv, unclipped=unclipped, clipped=clipped,
                  pg=torch.maximum(unclipped, clipped), selected=sel)
+    assert spec.terms is not None, f"loss {spec.label!r}: a baseline (no `micro`) needs `terms`"
     numerator = aggregate(spec.terms(t, cfg) * mask, counted_tokens(spec, mask, selected), cfg.loss_agg_mode)
     loss = numerator if denominator is None else numerator / denominator
     with torch.no_grad():
@@ -366,7 +369,7 @@ def loss_denominator(cfg, masks: List[Tensor], chosen: List[Optional[Tensor]], n
         return float(sum(m.shape[0] for m in masks))
     if _loss(cfg.loss).mean_over_selected:
         if all(c is not None for c in chosen):
-            return float(sum(int((m * c.float()).sum()) for m, c in zip(masks, chosen)))
+            return float(sum(int((m * c.float()).sum()) for m, c in zip(masks, chosen) if c is not None))
         return float(top_entropy_count(n_step_tokens, cfg.top_entropy_frac))
     return float(sum(int((m > 0).sum()) for m in masks))
 

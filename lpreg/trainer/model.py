@@ -37,7 +37,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from lpreg.trainer.problem import PLAIN_TEMPLATE, Problem
+from lpreg.trainer.problem import PLAIN_TEMPLATE, Problem, TokenNoise
 from lpreg.trainer.reward import extract_answer
 from lpreg.trainer.tokenizer import build_char_tokenizer
 
@@ -107,6 +107,25 @@ def build_tiny_model(
         pad_token_id=tokenizer.pad_token_id,
     )
     return model.to(device=device, dtype=dtype)
+
+
+def add_output_floor(model: PreTrainedModel, floor: float) -> PreTrainedModel:
+    """Mix `floor` of a uniform distribution into every next-token distribution of `model`:
+    p = (1 - floor) softmax(z) + floor / V, a tail that training cannot remove (its logits are the
+    mixture's log-probabilities, so sampling, the losses and the warm start all see it). A forward
+    hook on the LM head; it is not saved with the weights (a reloaded checkpoint is plain)."""
+    if not 0.0 < floor < 1.0:
+        raise ValueError(f"floor must be in (0, 1), got {floor}")
+    head = model.get_output_embeddings()
+    log_keep, log_floor = math.log1p(-floor), math.log(floor / model.config.vocab_size)
+
+    def mix(_module, _inputs, logits):
+        return torch.logaddexp(F.log_softmax(logits.float(), dim=-1) + log_keep,
+                               torch.tensor(log_floor, device=logits.device)).to(logits.dtype)
+
+    head.register_forward_hook(mix)
+    model.output_floor = floor
+    return model
 
 
 def load_policy(
@@ -265,15 +284,26 @@ def generate_completions(
     return out
 
 
-def _sft_batch(tokenizer, problems: list[Problem], device) -> tuple[torch.Tensor, ...]:
+def _sft_batch(tokenizer, problems: list[Problem], device, noise: TokenNoise | None = None,
+               rng: random.Random | None = None) -> tuple[torch.Tensor, ...]:
     # Right-padded prompt + answer + eos; labels are -100 except on answer and eos tokens,
-    # so the model is taught to answer, not to predict the question.
+    # so the model is taught to answer, not to predict the question. `noise`: random tokens
+    # inserted in the answers (TokenNoise), drawn from `rng`.
     rows, labels = [], []
+    specials = set(tokenizer.all_special_ids)
     for p in problems:
         prompt = tokenizer.encode(format_prompt(tokenizer, p.question),
                                   add_special_tokens=prompt_adds_special_tokens(tokenizer))
         text = p.target if p.target is not None else p.answer  # a task's worked form, else the answer
-        target = tokenizer.encode(text, add_special_tokens=False) + [tokenizer.eos_token_id]
+        answer = tokenizer.encode(text, add_special_tokens=False)
+        if noise is not None and noise.rate > 0:
+            if rng is None:
+                raise ValueError("_sft_batch: noise needs rng")
+            free = len(answer) - noise.keep_last
+            answer = [x for i, t in enumerate(answer) for x in
+                      ((_random_token(rng, len(tokenizer), specials), t)
+                       if i < free and rng.random() < noise.rate else (t,))]
+        target = answer + [tokenizer.eos_token_id]
         rows.append(prompt + target)
         labels.append([-100] * len(prompt) + target)
     width = max(len(r) for r in rows)
@@ -282,6 +312,13 @@ def _sft_batch(tokenizer, problems: list[Problem], device) -> tuple[torch.Tensor
     lab = torch.tensor([r + [-100] * (width - len(r)) for r in labels], device=device)
     mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=device)
     return ids, mask, lab
+
+
+def _random_token(rng: random.Random, vocab_size: int, specials: set) -> int:
+    while True:
+        t = rng.randrange(vocab_size)
+        if t not in specials:
+            return t
 
 
 def _target_logits(model: PreTrainedModel, ids: torch.Tensor, mask: torch.Tensor,
@@ -326,6 +363,7 @@ def warm_start(
     log: Callable[[str], None] = print,
     eval_problems: list[Problem] | None = None,
     log_every: int = 100,
+    noise: TokenNoise | None = None,
 ) -> dict:
     """Supervised fine-tuning on `prompt + answer + eos`; returns the final metrics.
 
@@ -335,7 +373,9 @@ def warm_start(
     {"loss", "token_accuracy", "greedy_accuracy", "sampled_accuracy", "steps", "seconds",
     "cpu_seconds"} (the two times cover the training steps only; cpu_seconds is this
     process's CPU time, a figure that other load on the machine does not inflate).
-    Sampled accuracy is one sample per problem at temperature 1.0.
+    Sampled accuracy is one sample per problem at temperature 1.0. `noise`: random vocabulary
+    tokens inserted in the answers (`TokenNoise`), from an RNG of their own seeded by `seed`, so that
+    without noise the batches are exactly what they were.
 
     Measured (one torch thread, this repo's 2-core CPU box, under other load; held-out
     test problems; CPU-seconds of training):
@@ -351,6 +391,7 @@ def warm_start(
     """
     if steps < 0 or batch_size < 1 or not lr > 0:
         raise ValueError(f"need steps >= 0, batch_size >= 1, lr > 0; got {steps}, {batch_size}, {lr}")
+    noise_rng = random.Random(f"noise:{seed}")
     if eval_problems is None:
         held = min(64, len(problems) // 10)
         problems, eval_problems = problems[: len(problems) - held], problems[len(problems) - held :]
@@ -372,7 +413,7 @@ def warm_start(
     start, cpu_start = time.perf_counter(), time.process_time()
     loss_value, tok_acc = float("nan"), float("nan")
     for step in range(steps):
-        ids, mask, lab = _sft_batch(tokenizer, rng.choices(problems, k=batch_size), device)
+        ids, mask, lab = _sft_batch(tokenizer, rng.choices(problems, k=batch_size), device, noise, noise_rng)
         logits, target = _target_logits(model, ids, mask, lab)
         loss = F.cross_entropy(logits, target)
         opt.zero_grad(set_to_none=True)

@@ -128,14 +128,21 @@ class RewardWorker:
         self._recv = Connection(to_parent_r, writable=False)
         self._ready = False  # the "ready" message is awaited lazily, by the first batch
 
+    def _pipes(self) -> tuple[Connection, Connection]:
+        """(send, recv) of the current worker; _start sets both with the process, _kill clears them."""
+        if self._send is None or self._recv is None:
+            raise RuntimeError("RewardWorker is closed")
+        return self._send, self._recv
+
     def _wait_ready(self) -> None:
         if self._ready:
             return
-        if not self._recv.poll(self.startup_timeout_s):
+        _, recv = self._pipes()
+        if not recv.poll(self.startup_timeout_s):
             self._kill()
             raise RuntimeError(f"reward worker did not start within {self.startup_timeout_s} s")
         try:
-            message = self._recv.recv()
+            message = recv.recv()
         except EOFError:
             message = "exited during start-up (see its stderr above)"
         if message != ("ready",):
@@ -166,7 +173,7 @@ class RewardWorker:
     def close(self) -> None:
         """Stop the worker. Safe to call twice."""
         # An idle worker exits on request; one still starting up (or busy) is killed.
-        if self._proc is not None and self._ready and self._proc.poll() is None:
+        if self._proc is not None and self._send is not None and self._ready and self._proc.poll() is None:
             try:
                 self._send.send(("exit",))
                 self._proc.wait(timeout=2.0)
@@ -209,7 +216,7 @@ class RewardWorker:
             self._wait_ready()
             batch = [(i, str(completions[i]), str(answers[i])) for i in pending]
             try:
-                self._send.send(("score", batch, self.timeout_s, self.number_fallback))
+                self._pipes()[0].send(("score", batch, self.timeout_s, self.number_fallback))
             except OSError:  # the worker died while idle (killed from outside): replace it
                 self._restart()
                 continue
@@ -221,10 +228,11 @@ class RewardWorker:
         # Read per-sample results in order; returns how many of `pending` were settled.
         # On a hard timeout or a dead worker, the current sample is settled as a timeout
         # and a fresh worker is started for the caller to resubmit the rest.
+        _, recv = self._pipes()
         for n, index in enumerate(pending):
             try:
-                arrived = self._recv.poll(self.timeout_s + self.kill_grace_s)
-                message = self._recv.recv() if arrived else None
+                arrived = recv.poll(self.timeout_s + self.kill_grace_s)
+                message = recv.recv() if arrived else None
             except (EOFError, OSError):
                 message = None
             if message is None:

@@ -4,6 +4,7 @@
 (and the few things they update), so that `lpreg.train.train` is a short loop over steps.
 """
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -16,13 +17,14 @@ from typing import Any, List, Optional, Tuple
 import numpy as np
 import torch
 from safetensors.torch import load_file
+from transformers import PreTrainedModel
 from transformers.utils import logging as hf_logging
 
 from lpreg.trainer import checkpoint as ckpt
 from lpreg.trainer import instruments
 from lpreg.trainer.data import load_problems
 from lpreg.trainer.logging_utils import MetricsLog, progress_bar, truncate_jsonl
-from lpreg.trainer.model import build_tiny_model, eos_token_ids, load_policy, warm_start
+from lpreg.trainer.model import add_output_floor, build_tiny_model, eos_token_ids, load_policy, warm_start
 from lpreg.trainer.problem import Problem
 from lpreg.trainer.reward import RewardWorker
 from lpreg.trainer.tasks import TASKS
@@ -63,12 +65,14 @@ class Run:
             self.metrics_log.close()
 
 
-def build_policy(cfg, device) -> Tuple[torch.nn.Module, Any]:
+def build_policy(cfg, device) -> Tuple[PreTrainedModel, Any]:
     """(model, tokenizer) from --model, or the tiny model over the built-in task's tokenizer."""
     if cfg.model is None:
         tok = TASKS[cfg.task].tokenizer()
         model = build_tiny_model(tok, hidden_size=cfg.hidden_size, num_layers=cfg.num_layers,
                                  num_heads=cfg.num_heads, seed=cfg.seed, dtype=DTYPES[cfg.dtype], device=device)
+        if TASKS[cfg.task].output_floor:
+            add_output_floor(model, TASKS[cfg.task].output_floor)
         return model, tok
     if not os.path.isdir(cfg.model):
         raise ValueError(f"--model must be a local Hugging Face model directory; {cfg.model!r} does not exist")
@@ -119,7 +123,7 @@ def load_eval_problems(cfg) -> Optional[List[Problem]]:
     return builtin_problems(cfg, cfg.eval_problems, cfg.seed + 1, "test")
 
 
-def load_weights(model: torch.nn.Module, model_dir: str) -> None:
+def load_weights(model: PreTrainedModel, model_dir: str) -> None:
     """Load a checkpoint's weights (one safetensors file or an indexed set of shards) into the
     already-built model, which keeps its tokenizer and config."""
     index = os.path.join(model_dir, "model.safetensors.index.json")
@@ -170,7 +174,13 @@ def run_warm_start(cfg, model, tok, warm_problems: List[Problem], log=print) -> 
     test split, or on a slice of `warm_problems` with --data. Returns `model.warm_start`'s metrics."""
     held_out = builtin_problems(cfg, cfg.warmup_eval_problems, cfg.seed + 1, "test") if cfg.data is None else None
     return warm_start(model, tok, warm_problems, steps=cfg.warmup_steps, lr=cfg.warmup_lr,
-                      batch_size=cfg.warmup_batch_size, seed=cfg.seed, log=log, eval_problems=held_out)
+                      batch_size=cfg.warmup_batch_size, seed=cfg.seed, log=log, eval_problems=held_out,
+                      noise=_warm_start_noise(cfg))
+
+
+def _warm_start_noise(cfg):
+    """The built-in task's warm-start token noise (a TokenNoise; None without, and with --data)."""
+    return TASKS[cfg.task].warm_start_noise if cfg.data is None and cfg.task in TASKS else None
 
 
 def _resume_or_warm_start(cfg, acc, model, tok, warm_problems) -> Optional[dict]:
@@ -210,12 +220,16 @@ def warm_start_cache_dir(cfg) -> Optional[str]:
         return None
     # the warm-start data's text too, so that a changed task never loads a stale entry
     texts = "\n".join(f"{p.question}\t{p.target or p.answer}" for p in load_task(cfg)[1])
-    key = json.dumps({**{k: getattr(cfg, k) for k in WARM_START_KEYS},
+    noise, floor = _warm_start_noise(cfg), TASKS[cfg.task].output_floor if cfg.task in TASKS else 0.0
+    noise = {"warm_start_noise": dataclasses.asdict(noise)} if noise is not None else {}  # old keys unchanged
+    if floor and cfg.model is None:
+        noise["output_floor"] = floor
+    key = json.dumps({**{k: getattr(cfg, k) for k in WARM_START_KEYS}, **noise,
                       "data": hashlib.sha256(texts.encode()).hexdigest()}, sort_keys=True)
     return os.path.join(cfg.warm_start_cache, hashlib.sha256(key.encode()).hexdigest()[:16])
 
 
-def _save_warm_start(model: torch.nn.Module, ws: dict, path: str) -> None:
+def _save_warm_start(model: PreTrainedModel, ws: dict, path: str) -> None:
     """Write the warm-started weights atomically (another run may be writing the same entry:
     whichever renames first wins, and the entries are identical)."""
     os.makedirs(os.path.dirname(path), exist_ok=True)

@@ -22,13 +22,14 @@ which at rho = 1% of tokens spread over all sequences is nearly all of them.
 """
 
 import contextlib
+import hashlib
 import json
 import os
 import random
 import signal
 import time
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, cast
 
 import numpy as np
 import torch
@@ -44,6 +45,7 @@ from lpreg.trainer.losses import LOSSES, StepTokens, loss_denominator, method_lo
 from lpreg.trainer.model import format_prompt
 from lpreg.trainer.problem import Problem
 from lpreg.trainer.rollout import RolloutBatch, generate_group, pack, rollout_seed
+from lpreg.trainer.setup import warm_start_cache_dir
 
 
 def problem_at(problems: list, position: int, seed: int) -> Problem:
@@ -192,7 +194,8 @@ def _step_tokens(run, step: int, plan: StepPlan, flat: List[Tensor], ents: List[
     acc = run.acc
     masks = [plan.batch.loss_mask[mb] for mb in flat]
     counts = gather_floats(acc, [float(sum(int((m > 0).sum()) for m in masks))])
-    return StepTokens(old_logp=plan.old_logp, entropy=ents, adv=[plan.tok_adv[mb] for mb in flat], masks=masks,
+    old_logp = cast(List[Tensor], plan.old_logp)  # called after the scoring pass, which sets every entry
+    return StepTokens(old_logp=old_logp, entropy=ents, adv=[plan.tok_adv[mb] for mb in flat], masks=masks,
                       gather=lambda t: gather_varlen(acc, t), offset=int(sum(counts[: acc.process_index])),
                       generator=torch.Generator().manual_seed(rollout_seed(run.cfg.seed, step, -1)))
 
@@ -299,13 +302,39 @@ def step_metrics(run, step: int, ro: Rollout, plan: StepPlan, sums, grad_norms, 
 
 def start_eval(run) -> None:
     """With --eval-start, the held-out evaluation of the policy before the first step, written as
-    the step-0 row of metrics.jsonl (a fresh run only: a resumed one has it already)."""
+    the step-0 row of metrics.jsonl (a fresh run only: a resumed one has it already). With
+    --eval-start-cache it is read from, or written to, that cache (`eval_start_cache_file`)."""
     if not run.cfg.eval_start or run.start_step > 0:
         return
-    row = {"step": 0, **held_out_eval(run, -1)}
+    path = eval_start_cache_file(run.cfg)
+    if path is not None and os.path.isfile(path):
+        with open(path) as fh:
+            row = json.load(fh)
+        run.bar.write(f"held-out evaluation at step 0: loaded {path}")
+    else:
+        row = {"step": 0, **held_out_eval(run, -1)}
+        if path is not None and run.acc.is_main_process:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            tmp = f"{path}.{os.getpid()}.tmp"
+            with open(tmp, "w") as fh:
+                json.dump(row, fh)
+            os.replace(tmp, path)  # atomic: a concurrent run of the same seed writes the same row
     if run.acc.is_main_process:
         run.metrics_log.write(row)
         run.bar.write(format_row(row, keys=sorted(k for k in row if k.startswith("eval/"))))
+
+
+def eval_start_cache_file(cfg) -> Optional[str]:
+    """The --eval-start-cache file of this run's step-0 evaluation: a hash of the warm-start cache
+    entry (which identifies the starting weights) and of every setting the evaluation depends on;
+    None when either cache is unset."""
+    ws = warm_start_cache_dir(cfg) if cfg.eval_start_cache else None
+    if ws is None:
+        return None
+    keys = ("seed", "eval_problems", "eval_k", "eval_data", "temperature", "max_new_tokens", "micro_batch_size",
+            "dtype", "torch_threads")
+    key = json.dumps({"warm_start": os.path.basename(ws), **{k: getattr(cfg, k) for k in keys}}, sort_keys=True)
+    return os.path.join(cfg.eval_start_cache, hashlib.sha256(key.encode()).hexdigest()[:16] + ".json")
 
 
 def held_out_eval(run, step: int) -> Dict[str, float]:

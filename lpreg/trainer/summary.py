@@ -11,7 +11,7 @@ metrics (reward, entropy, p(spark), ...), the first and last held-out evaluation
 
 import math
 import os
-from typing import List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 __all__ = ["with_selected", "mean_of", "summarise", "format_summary", "format_number"]
 
@@ -30,8 +30,8 @@ def with_selected(rows: List[dict]) -> List[dict]:
 
 
 def mean_of(values: Sequence[Optional[float]]) -> float:
-    values = [v for v in values if v is not None]
-    return sum(values) / len(values) if values else float("nan")
+    present = [v for v in values if v is not None]
+    return sum(present) / len(present) if present else float("nan")
 
 
 def summarise(rows: List[dict], window: int = 10) -> dict:
@@ -41,8 +41,8 @@ def summarise(rows: List[dict], window: int = 10) -> dict:
     head, tail = steps[:window], steps[-window:]
     evals = [r for r in rows if any(k in r for k in EVAL_KEYS)]
     selected = [r["train/lpreg_selected"] for r in steps]
-    out = {"steps": len(steps), "lpreg_selected_per_step": mean_of(selected),
-           "frac_steps_selecting": mean_of([float(s > 0) for s in selected])}
+    out: Dict[str, Any] = {"steps": len(steps), "lpreg_selected_per_step": mean_of(selected),
+                           "frac_steps_selecting": mean_of([float(s > 0) for s in selected])}
     for key, name in WINDOW_KEYS:
         out[f"{name}_first"] = mean_of([r.get(key) for r in head])
         out[f"{name}_last"] = mean_of([r.get(key) for r in tail])

@@ -32,10 +32,10 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Callable
 
-from lpreg.trainer.problem import Problem
+from lpreg.trainer.problem import Problem, TokenNoise
 
-__all__ = ["Problem", "BuiltinTask", "TASKS", "register_task", "arithmetic_problems", "arithmetic_split", "split_size",
-           "operands_within"]
+__all__ = ["Problem", "TokenNoise", "BuiltinTask", "TASKS", "register_task", "arithmetic_problems", "arithmetic_split",
+           "split_size", "operands_within"]
 
 SPLITS = ("train", "test")
 TEST_FRACTION_PERCENT = 10  # share of the universe held out for the test split
@@ -97,7 +97,10 @@ def arithmetic_problems(n: int, seed: int, split: str = "train", *, max_operand:
 
 
 def _bucket(problem: Problem) -> tuple[str, int, int]:
-    a, op, b = re.fullmatch(r"(\d+)([+-])(\d+)=\?", problem.question).groups()
+    m = re.fullmatch(r"(\d+)([+-])(\d+)=\?", problem.question)
+    if m is None:
+        raise ValueError(f"not an arithmetic question (a+b=? or a-b=?): {problem.question!r}")
+    a, op, b = m.groups()
     return op, len(a), len(b)
 
 
@@ -151,6 +154,12 @@ class BuiltinTask:
     spark_tokens: tuple[str, ...] = ()  # rare valuable tokens whose probability an instrument logs
     # extra problems for the warm start only (never in the RL set or the held-out split)
     warm_start_extra: Callable[[], list[Problem]] | None = None
+    # random vocabulary tokens in the warm start's answers (TokenNoise): the policy learns a noise floor
+    # spread over the vocabulary (lpreg.trainer.model.warm_start's `noise`)
+    warm_start_noise: TokenNoise | None = None
+    # the tiny policy's fixed output floor: p = (1 - floor) softmax(z) + floor / V at every position, a
+    # tail that RL cannot train away (lpreg.trainer.model.add_output_floor); 0 = none
+    output_floor: float = 0.0
 
 
 # Adding a task: write its two functions and register it (`register_task`); a preset can then set
