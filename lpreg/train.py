@@ -5,7 +5,8 @@ warm start or resume, optimizer, files) is `lpreg.trainer.setup.setup`; the loss
 `lpreg.trainer.losses.method_loss`; the config and presets `lpreg.trainer.config`.
 
 This module is the trainer's composition: it imports `lpreg.experiments`, which registers the study's
-task (`sparks`), presets (cpu-sparks, cpu-demo, cpu-sweep) and instruments (the diversity metrics, the
+tasks (`noisy-sparks`, `sparks`), presets (cpu-demo, cpu-regime-sweep, cpu-sparks, cpu-sparks-demo,
+cpu-sweep) and instruments (the diversity metrics, the
 mechanism probe) with the trainer's registration points. The loop itself imports no experiment.
 
 Run:

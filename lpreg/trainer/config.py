@@ -5,7 +5,7 @@ flags. Every field is a flag (`--prompts-per-step 8` or `--prompts_per_step 8`).
 
 Adding a preset: `register_preset(name, field=value, ...)` (or one `PRESETS` entry here); it is then
 a `--preset` choice, a `python -m lpreg.experiments.compare --preset` choice and a `preset_config(name)`
-argument. The study's presets (cpu-sparks, cpu-demo, cpu-sweep) are registered this way by
+argument. The study's presets (cpu-demo, cpu-regime-sweep, cpu-sparks, cpu-sparks-demo, cpu-sweep) are registered by
 `lpreg.experiments` (lpreg/experiments/presets.py). Adding a built-in task: `lpreg.trainer.tasks.register_task`.
 Adding a loss: see `lpreg.trainer.losses.LOSSES` (the `--loss` choices are its names).
 """
