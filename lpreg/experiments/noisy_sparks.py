@@ -86,18 +86,6 @@ def universe() -> tuple[tuple[Problem, bool], ...]:
 
 
 def noisy_split(split: str, seed: int, max_operand: int = 99) -> list[Problem]:
-    """Every problem of `split` ("train" / "test"), shuffled by `seed`, two hard items to one easy
-    (while both last). `max_operand` is ignored (the task fixes its operand ranges)."""
-    if split not in ("train", "test"):
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-    pool = [p for p, test in universe() if test == (split == "test")]
-    rng = random.Random(seed)
-    hard = [p for p in pool if sparks.is_hard(p)]
-    easy = [p for p in pool if not sparks.is_hard(p)]
-    rng.shuffle(hard)
-    rng.shuffle(easy)
-    out = []
-    while hard or easy:
-        out += [hard.pop() for _ in range(min(2, len(hard)))]
-        out += [easy.pop()] if easy else []
-    return out
+    """Every problem of `split`, ordered as `sparks.split_of` orders it. `max_operand` is ignored (the
+    task fixes its operand ranges)."""
+    return sparks.split_of(universe(), split, seed)

@@ -30,7 +30,7 @@ from __future__ import annotations
 import hashlib
 import random
 from functools import lru_cache
-from typing import Any
+from typing import Any, Sequence, Tuple
 
 from lpreg.trainer.problem import PLAIN_TEMPLATE, Problem
 
@@ -124,12 +124,12 @@ def _universe() -> tuple[tuple[Problem, bool], ...]:
     return tuple(out)
 
 
-def sparks_split(split: str, seed: int, max_operand: int = 99) -> list[Problem]:
-    """Every problem of `split` ("train" / "test"), shuffled by `seed`, two hard items to one easy
-    (while both last). `max_operand` is ignored (the task fixes its operand ranges)."""
+def split_of(universe: Sequence[Tuple[Problem, bool]], split: str, seed: int) -> list[Problem]:
+    """Every problem of `split` ("train" / "test") in `universe` ((problem, is_test) pairs), shuffled by
+    `seed`, two hard items to one easy (while both last)."""
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-    pool = [p for p, test in _universe() if test == (split == "test")]
+    pool = [p for p, test in universe if test == (split == "test")]
     rng = random.Random(seed)
     hard = [p for p in pool if is_hard(p)]
     easy = [p for p in pool if not is_hard(p)]
@@ -140,6 +140,12 @@ def sparks_split(split: str, seed: int, max_operand: int = 99) -> list[Problem]:
         out += [hard.pop() for _ in range(min(2, len(hard)))]
         out += [easy.pop()] if easy else []
     return out
+
+
+def sparks_split(split: str, seed: int, max_operand: int = 99) -> list[Problem]:
+    """Every problem of `split`, as `split_of` orders it. `max_operand` is ignored (the task fixes its
+    operand ranges)."""
+    return split_of(_universe(), split, seed)
 
 
 def corpus() -> list[str]:
