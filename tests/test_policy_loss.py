@@ -54,9 +54,17 @@ def make_batch(B=6, L=10, V=64, seed=0, adv_per_token=False):
     return logits, labels, adv, old, mask
 
 
-def oracle(logits, labels, adv, old, mask, *, compat, rho, beta=1.0, clip_low=1.0, clip_high=9.0,
-           temperature=1.0, agg="token-mean", kl_estimator=None, clip_ratio_c=None):
-    """(loss, grad wrt logits, number selected), all float64, token by token from docs/spec.md §3."""
+def oracle(*args, **kw):
+    """(loss, grad wrt logits, number selected, k), all float64, token by token from docs/spec.md §3."""
+    loss, grad, selected, k = selection_oracle(*args, **kw)
+    return loss, grad, len(selected), k
+
+
+def selection_oracle(logits, labels, adv, old, mask, *, compat, rho, beta=1.0, clip_low=1.0, clip_high=9.0,
+                     temperature=1.0, agg="token-mean", kl_estimator=None, clip_ratio_c=None, weights=None):
+    """(loss, grad wrt logits, selected set, k). `weights` (B, L) or (B,), docs/spec.md §3 "Per-token
+    weights": w multiplies the surrogate (dual clip included), not the Lp-Reg term; a w = 0 token is out
+    of the selection pool; the aggregation is unweighted."""
     kl_estimator = kl_estimator or ("full" if compat == "paper" else "k3")
     x = logits.double().clone().requires_grad_(True)
     B, L, V = x.shape
@@ -68,6 +76,9 @@ def oracle(logits, labels, adv, old, mask, *, compat, rho, beta=1.0, clip_low=1.
     kept = zd >= zd.max(-1, keepdim=True).values + math.log(KAPPA)
     logq_all = torch.where(kept, zd, torch.tensor(-math.inf, dtype=torch.float64)).log_softmax(-1)
     valid = [(b, t) for b in range(B) for t in range(L) if mask[b, t] > 0]
+    w = None if weights is None else weights.double()
+    w = w[:, None].expand(B, L) if w is not None and w.dim() == 1 else w
+    pool = valid if w is None else [bt for bt in valid if w[bt] > 0]  # w = 0: not trained on
 
     def logp(b, t):
         return logp_all[b, t, labels[b, t]]
@@ -79,12 +90,12 @@ def oracle(logits, labels, adv, old, mask, *, compat, rho, beta=1.0, clip_low=1.
         return logq_all[b, t, labels[b, t]]
 
     if compat == "paper":
-        n = len(valid)
+        n = len(pool)
         k = max(1, math.floor(rho * n))
-        bottom = sorted(valid, key=key)[:k]  # sorted() is stable: ties by position
+        bottom = sorted(pool, key=key)[:k]  # sorted() is stable: ties by position
         selected = {bt for bt in bottom if adv[bt] < 0 and logq(*bt) > -math.inf}
     else:
-        neg = [bt for bt in valid if adv[bt] < 0]
+        neg = [bt for bt in pool if adv[bt] < 0]
         k = max(1, int(len(neg) * rho))
         bottom = sorted(neg, key=key)[:k] if k > 1 else []
         selected = {bt for bt in bottom if key(bt) < float(logq(*bt))}
@@ -106,6 +117,8 @@ def oracle(logits, labels, adv, old, mask, *, compat, rho, beta=1.0, clip_low=1.
                 pg = -a * r
         if clip_ratio_c is not None and a < 0:  # dual-clip PPO: at most -A c for A < 0
             pg = torch.minimum(pg, -a * clip_ratio_c)
+        if w is not None:
+            pg = w[bt] * pg  # the weight: the surrogate only
         if bt in selected:
             pg = pg + beta * d
         per_token[bt] = pg
@@ -120,7 +133,7 @@ def oracle(logits, labels, adv, old, mask, *, compat, rho, beta=1.0, clip_low=1.
         loss = sum(seqs) / B
     loss = loss if torch.is_tensor(loss) else torch.tensor(float(loss), dtype=torch.float64, requires_grad=True)
     (grad,) = torch.autograd.grad(loss, x, allow_unused=True)
-    return loss.detach(), (torch.zeros_like(x) if grad is None else grad), len(selected), k
+    return loss.detach(), (torch.zeros_like(x) if grad is None else grad), selected, k
 
 
 def run(logits, labels, adv, old, mask, **kw):

@@ -2,14 +2,13 @@
 float64 transcription of the rule, token by token: w multiplies the surrogate (dual clip included),
 not the Lp-Reg term; a w = 0 token is out of the selection pool; the aggregation is unweighted."""
 
-import math
 
 import pytest
 import torch
 
 import lpreg
 from tests.test_fused_linear import make_linear
-from tests.test_policy_loss import KAPPA, make_batch
+from tests.test_policy_loss import KAPPA, make_batch, selection_oracle
 
 
 def weights_for(shape, seed, zero_frac=0.3):
@@ -19,71 +18,9 @@ def weights_for(shape, seed, zero_frac=0.3):
     return w
 
 
-def oracle(logits, labels, adv, old, mask, w, *, compat, rho, beta=1.0, clip_low=1.0, clip_high=9.0,
-           loss_agg_mode="token-mean", clip_ratio_c=None):
-    """(loss, grad wrt logits, selected set), float64, from the rule as docs/spec.md writes it."""
-    kl_estimator = "full" if compat == "paper" else "k3"
-    x = logits.double().clone().requires_grad_(True)
-    B, L, V = x.shape
-    adv = adv.double()
-    adv = adv[:, None].expand(B, L) if adv.dim() == 1 else adv
-    w = w.double()
-    w = w[:, None].expand(B, L) if w.dim() == 1 else w
-    logp_all = torch.log_softmax(x, -1)
-    zd = x.detach()
-    kept = zd >= zd.max(-1, keepdim=True).values + math.log(KAPPA)
-    logq_all = torch.where(kept, zd, torch.tensor(-math.inf, dtype=torch.float64)).log_softmax(-1)
-    valid = [(b, t) for b in range(B) for t in range(L) if mask[b, t] > 0]
-    pool = [bt for bt in valid if w[bt] > 0]  # w = 0: not trained on, out of the selection pool
-
-    def logp(b, t):
-        return logp_all[b, t, labels[b, t]]
-
-    def key(bt):
-        return float(logp(*bt).detach())
-
-    def logq(b, t):
-        return logq_all[b, t, labels[b, t]]
-
-    if compat == "paper":
-        k = max(1, math.floor(rho * len(pool)))
-        bottom = sorted(pool, key=key)[:k]
-        selected = {bt for bt in bottom if adv[bt] < 0 and logq(*bt) > -math.inf}
-    else:
-        neg = [bt for bt in pool if adv[bt] < 0]
-        k = max(1, int(len(neg) * rho))
-        bottom = sorted(neg, key=key)[:k] if k > 1 else []
-        selected = {bt for bt in bottom if key(bt) < float(logq(*bt))}
-    per_token = {}
-    for bt in valid:
-        a = adv[bt]
-        r = torch.exp(logp(*bt) - old[bt].double())
-        pg = torch.maximum(-a * r, -a * r.clamp(1 - clip_low, 1 + clip_high))
-        d = 0.0
-        if bt in selected:
-            if kl_estimator == "full":
-                q = logq_all[bt].exp()
-                d = torch.where(kept[bt], q * (logq_all[bt] - logp_all[bt]), torch.zeros_like(q)).sum()
-            else:
-                dd = (logq(*bt) - logp(*bt)).clamp(-20, 20)
-                d = (dd.exp() - dd - 1).clamp(-10, 10)
-            if compat == "released":
-                pg = -a * r
-        if clip_ratio_c is not None and a < 0:
-            pg = torch.minimum(pg, -a * clip_ratio_c)
-        per_token[bt] = w[bt] * pg + beta * d  # the weight: the surrogate only
-    agg = loss_agg_mode
-    if agg == "token-mean":
-        loss = sum(per_token.values()) / max(len(valid), 1)  # every valid token counts, w = 0 included
-    else:
-        seqs = []
-        for b in range(B):
-            toks = [per_token[bt] for bt in valid if bt[0] == b]
-            s = sum(toks) if toks else torch.zeros((), dtype=torch.float64)
-            seqs.append(s / max(len(toks), 1) if agg == "seq-mean-token-mean" else s)
-        loss = sum(seqs) / B
-    (grad,) = torch.autograd.grad(loss, x)
-    return loss.detach(), grad, selected
+def oracle(logits, labels, adv, old, mask, w, *, loss_agg_mode="token-mean", **kw):
+    """(loss, grad wrt logits, selected set), float64: test_policy_loss's oracle with the weights rule."""
+    return selection_oracle(logits, labels, adv, old, mask, agg=loss_agg_mode, weights=w, **kw)[:3]
 
 
 def run(logits, labels, adv, old, mask, w, **kw):
