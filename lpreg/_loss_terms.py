@@ -20,7 +20,7 @@ weights:  per-token importance-sampling weights w >= 0 (docs/spec.md §3, "Per-t
 """
 
 import math
-from typing import Dict, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -32,7 +32,10 @@ from .token_stats import TokenStats, lpreg_token_stats
 
 LOG_RATIO_CLAMP = 20.0  # |log r| bound before exp: ours (docs/spec.md §3), not the released code's
 METRIC_KEYS = ("actor/pg_loss", "actor/lpreg_kl", "actor/lpreg_frac", "actor/lpreg_threshold",
-               "actor/entropy", "actor/ppo_kl", "actor/pg_clipfrac", "actor/pg_clipfrac_lower")
+               "actor/entropy", "actor/ppo_kl", "actor/pg_clipfrac", "actor/pg_clipfrac_lower",
+               # the mechanism (`mechanism_metrics`): what Lp-Reg acts on in this call
+               "actor/lpreg_candidates", "actor/lpreg_filtered_frac", "actor/lpreg_selected",
+               "actor/lpreg_kept_mass", "actor/lpreg_push", "actor/lpreg_p_y")
 
 NumTokens = Union[int, Tensor, None]
 
@@ -181,12 +184,24 @@ def compute_token_stats(logits2d: Tensor, labels: Tensor, proxy: Union[None, Ten
                         cfg: LossConfig, process_group=None) -> TokenStats:
     """(logp, proxy_logp, kl, entropy), each (n,) fp32, for (n, V) logits and a proxy slice; with a
     process_group, (n, V_r) vocabulary shards combined across it (the same statistics on every rank)."""
+    transform: Dict[str, Any] = {}  # the LM head's logit transform (docs/spec.md); identity by default
+    if cfg.logit_scale != 1.0 or cfg.logit_softcap is not None:
+        transform = dict(logit_scale=cfg.logit_scale, logit_softcap=cfg.logit_softcap)
     if isinstance(proxy, SparseProxy):
         return sparse_proxy_stats(logits2d, labels, proxy, temperature=cfg.temperature,
-                                  ignore_index=cfg.ignore_index, backend=cfg.backend, process_group=process_group)
+                                  ignore_index=cfg.ignore_index, backend=cfg.backend, process_group=process_group,
+                                  **transform)
     return lpreg_token_stats(logits2d, labels, temperature=cfg.temperature, mode=cfg.mode,
                              threshold=cfg.threshold, proxy_logits=proxy, ignore_index=cfg.ignore_index,
-                             backend=cfg.backend, process_group=process_group)
+                             backend=cfg.backend, process_group=process_group, **transform)
+
+
+def flat_stats(stats: Sequence[Tensor], batch: Batch) -> TokenStats:
+    """Caller-given (B, L) statistics flattened to (N,) fp32, 0 off the valid tokens (a NaN there never
+    reaches the loss, its gradient or a metric); proxy_logp (a target) and entropy (a metric) detached."""
+    logp, proxy_logp, kl, entropy = (t.reshape(-1).float() for t in stats)
+    keep = lambda t: torch.where(batch.valid, t, 0.0)  # noqa: E731
+    return TokenStats(keep(logp), keep(proxy_logp.detach()), keep(kl), keep(entropy.detach()))
 
 
 def needs_current_logp(batch: Batch, sel: Optional[SelectionThreshold]) -> bool:
@@ -228,9 +243,93 @@ def k3(logp: Tensor, proxy_logp: Tensor) -> Tensor:
     return (d.exp() - d - 1.0).clamp(-10.0, 10.0)
 
 
+class LossTerms(NamedTuple):
+    """The loss core's per-token result (docs/spec.md, "Lp-Reg over any base objective"): each field has the
+    shape of the tokens, (B, L) from `lpreg.lpreg_regularize`, (n,) inside the losses."""
+
+    loss: Tensor  # fp32: base (swapped where the released form selects) + beta S D; what the caller aggregates
+    base_loss: Tensor  # fp32: the base objective's per-token loss before any swap
+    candidate: Tensor  # bool: in the lowest-rho set (released: of the A < 0 pool; paper: of the pool)
+    selected: Tensor  # bool: S_t
+    divergence: Tensor  # fp32: D_t (k3 or the full KL), 0 where not selected
+    filtered: Tensor  # bool: a valid token whose label the proxy filters out (proxy_logp = -inf)
+    kept_mass: Tensor  # fp32: m = exp(logp - proxy_logp), detached; NaN where filtered or not valid
+    p_y: Tensor  # fp32: exp(logp), detached
+
+
+MECHANISM_KEYS = ("candidates", "filtered", "selected", "kept_mass", "push", "p_y")
+
+
+def regularize_terms(base: Tensor, surrogate: Tensor, logp: Tensor, proxy_logp: Tensor, kl: Tensor, adv: Tensor,
+                     valid: Tensor, bottom: Tensor, cfg: LossConfig) -> LossTerms:
+    """Lp-Reg over a base objective, token by token (the one code path of every loss).
+
+    base: the base objective's per-token loss; surrogate: the released form's loss at a selected
+    token (the raw-ratio -A r with the base's upper caps); logp, proxy_logp, kl: the statistics
+    (proxy_logp detached); adv: advantages; valid: the tokens that count; bottom: the lowest-rho
+    set (`global_selection`). All (n,), 0 where not valid.
+
+    released: S_t = bottom & [logp < proxy_logp] (bottom holds A < 0 tokens only), D_t = k3, and a
+              selected token trains on `surrogate` instead of `base`.
+    paper:    S_t = bottom & [A < 0] & [y in K], D_t = the full KL by default; the base is kept.
+    beta = 0: Lp-Reg off: no candidate, nothing selected, loss = base exactly.
+    """
+    lp = logp.detach()
+    if cfg.beta == 0:
+        candidate = torch.zeros_like(valid)
+        selected = candidate
+    elif cfg.compat == "paper":
+        candidate = bottom
+        selected = bottom & (adv < 0) & (proxy_logp > float("-inf"))
+    else:
+        candidate = bottom
+        selected = bottom & (lp < proxy_logp)
+    div = k3(logp, proxy_logp) if cfg.kl_estimator == "k3" else kl
+    div = torch.where(selected, div, torch.zeros((), device=logp.device))
+    pg = torch.where(selected, surrogate, base) if cfg.compat == "released" else base
+    filtered = valid & (proxy_logp == float("-inf"))
+    # m: the proxy's kept mass when the proxy is the current policy (q_y = p_y / m on the kept set)
+    kept_mass = torch.where(filtered | ~valid, float("nan"), torch.exp(lp - proxy_logp))
+    return LossTerms(pg + cfg.beta * div, base, candidate, selected, div, filtered, kept_mass, torch.exp(lp))
+
+
+def mechanism_sums(terms: LossTerms, valid: Tensor) -> Dict[str, Tensor]:
+    """Sums and counts of the mechanism over the `valid` tokens, 0-d fp32, additive across micro-batches
+    and ranks: candidates, filtered (among the candidates), selected, and over the selected tokens the
+    kept mass m, the push 1/m - 1 and p_y. Pool them (add, all_reduce SUM), then `mechanism_metrics`."""
+    cand = terms.candidate & valid
+    sel = terms.selected & valid
+    zero = torch.zeros((), dtype=torch.float32, device=terms.loss.device)
+    m = torch.where(sel, terms.kept_mass.detach().float(), zero)  # a selected token is kept: m is finite
+    return {
+        "candidates": cand.float().sum(),
+        "filtered": (cand & terms.filtered).float().sum(),
+        "selected": sel.float().sum(),
+        "kept_mass": m.sum(),
+        "push": torch.where(sel, 1.0 / m - 1.0, zero).sum(),
+        "p_y": torch.where(sel, terms.p_y.detach().float(), zero).sum(),
+    }
+
+
+def mechanism_metrics(sums: Dict[str, Tensor]) -> Dict[str, Tensor]:
+    """The pooled mechanism metrics from (pooled) `mechanism_sums`: counts of candidates and selected
+    tokens, the filtered share of the candidates, and the means of m, 1/m - 1 and p_y over the selected
+    tokens (0 when none)."""
+    n_sel = sums["selected"].clamp(min=1)
+    return {
+        "lpreg_candidates": sums["candidates"],
+        "lpreg_filtered_frac": sums["filtered"] / sums["candidates"].clamp(min=1),
+        "lpreg_selected": sums["selected"],
+        "lpreg_kept_mass": sums["kept_mass"] / n_sel,
+        "lpreg_push": sums["push"] / n_sel,
+        "lpreg_p_y": sums["p_y"] / n_sel,
+    }
+
+
 def token_terms(stats: Sequence[Tensor], bottom: Tensor, batch: Batch, cfg: LossConfig,
-                sl: Union[slice, Tensor] = slice(None)) -> Tuple[Tensor, Dict[str, Tensor]]:
-    """Per-token loss (n,) and the metric sums (0-d tensors) for the tokens `sl` of `batch`."""
+                sl: Union[slice, Tensor] = slice(None)) -> Tuple[LossTerms, Dict[str, Tensor]]:
+    """lpreg's own loss, Lp-Reg over the PPO-clip base, for the tokens `sl` of `batch`: the per-token
+    terms (n,) and the metric sums (0-d tensors)."""
     logp, proxy_logp, kl, entropy = stats
     adv, valid = batch.adv[sl], batch.valid[sl]
     # on-policy: old := this pass's logp, detached, so r = 1 exactly and dr = d logp
@@ -238,38 +337,31 @@ def token_terms(stats: Sequence[Tensor], bottom: Tensor, batch: Batch, cfg: Loss
     # log r clamped to [-20, 20] before exp: an overflowing r would meet the clipped branch's zero
     # gradient as 0 * inf = NaN under a finite loss (docs/spec.md §3)
     ratio = torch.exp((logp - old).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
-    pg1 = -adv * ratio
+    pg1 = -adv * ratio  # the raw-ratio surrogate: the released form's loss at a selected token
     pg2 = -adv * ratio.clamp(1.0 - cfg.clip_low, 1.0 + cfg.clip_high)
-    pg = torch.maximum(pg1, pg2)
-    if cfg.beta == 0:  # Lp-Reg off: nothing selected, the surrogate is the plain clipped one
-        selected = torch.zeros_like(valid)
-    elif cfg.compat == "paper":
-        selected = bottom[sl] & (adv < 0) & (proxy_logp > float("-inf"))
-    else:
-        selected = bottom[sl] & (logp.detach() < proxy_logp)
-    div = k3(logp, proxy_logp) if cfg.kl_estimator == "k3" else kl
-    zero = torch.zeros((), device=logp.device)
-    div = torch.where(selected, div, zero)
-    if cfg.compat == "released":
-        pg = torch.where(selected, pg1, pg)  # selected tokens: unclipped surrogate
-    dual = torch.zeros_like(valid)
-    if cfg.clip_ratio_c is not None:  # dual clip: an A < 0 token's surrogate is at most -A c
+    base, surrogate = torch.maximum(pg1, pg2), pg1
+    if cfg.clip_ratio_c is not None:  # dual clip, an upper cap that both keep: an A < 0 token's loss <= -A c
         pg3 = -adv * cfg.clip_ratio_c
-        dual = (adv < 0) & (pg > pg3)
-        pg = torch.where(adv < 0, torch.minimum(pg, pg3), pg)
+        base = torch.where(adv < 0, torch.minimum(base, pg3), base)
+        surrogate = torch.where(adv < 0, torch.minimum(surrogate, pg3), surrogate)
     if batch.is_weight is not None:  # importance-sampling weights: the surrogate only (docs/spec.md §3)
-        pg = pg * batch.is_weight[sl]
-    loss_t = pg + cfg.beta * div
+        base, surrogate = base * batch.is_weight[sl], surrogate * batch.is_weight[sl]
+    out = regularize_terms(base, surrogate, logp, proxy_logp, kl, adv, valid, bottom[sl], cfg)
     vf = valid.float()
+    dual = torch.zeros_like(valid)
+    if cfg.clip_ratio_c is not None:  # the dual clip's share, on the surrogate each token trains on
+        pre = torch.where(out.selected, pg1, torch.maximum(pg1, pg2)) if cfg.compat == "released" \
+            else torch.maximum(pg1, pg2)
+        dual = (adv < 0) & (pre > -adv * cfg.clip_ratio_c)
     sums = {
-        "kl": div.detach().sum(),
-        "n_sel": selected.float().sum(),
+        "kl": out.divergence.detach().sum(),
         "entropy": (entropy.detach() * vf).sum(),
         "ppo_kl": ((old - logp.detach()) * vf).sum(),
         "clip": ((pg2 > pg1).float() * vf).sum(),
         "clip_lower": (dual.float() * vf).sum(),
+        **mechanism_sums(out, valid),
     }
-    return loss_t, sums
+    return out, sums
 
 
 def finish_metrics(loss: Tensor, sums: Dict[str, Tensor], n_valid: Tensor, kth_logp: Tensor) -> Dict[str, Tensor]:
@@ -277,8 +369,8 @@ def finish_metrics(loss: Tensor, sums: Dict[str, Tensor], n_valid: Tensor, kth_l
     n = n_valid.float().clamp(min=1)
     return {
         "actor/pg_loss": loss.detach().float(),
-        "actor/lpreg_kl": sums["kl"] / sums["n_sel"].clamp(min=1),
-        "actor/lpreg_frac": sums["n_sel"] / n,
+        "actor/lpreg_kl": sums["kl"] / sums["selected"].clamp(min=1),
+        "actor/lpreg_frac": sums["selected"] / n,
         # +inf marks "no valid token": report 0 rather than e^inf
         "actor/lpreg_threshold": torch.where(kth_logp == float("inf"), torch.zeros_like(kth_logp),
                                              kth_logp.exp()).float(),
@@ -286,6 +378,7 @@ def finish_metrics(loss: Tensor, sums: Dict[str, Tensor], n_valid: Tensor, kth_l
         "actor/ppo_kl": sums["ppo_kl"] / n,
         "actor/pg_clipfrac": sums["clip"] / n,
         "actor/pg_clipfrac_lower": sums["clip_lower"] / n,
+        **{f"actor/{key}": value for key, value in mechanism_metrics(sums).items()},
     }
 
 
@@ -341,6 +434,6 @@ def loss_from_flat(stats: TokenStats, batch: Batch, cfg: LossConfig,
     """(loss 0-d, metric tensors) from flattened (N,) statistics that are 0 off the valid tokens: the
     one loss code path of the materialised entry points."""
     bottom, kth = global_selection(batch, stats.logp.detach(), cfg, sel)
-    loss_t, sums = token_terms(stats, bottom, batch, cfg)
-    loss = (loss_t * batch.weight).sum()
+    out, sums = token_terms(stats, bottom, batch, cfg)
+    loss = (out.loss * batch.weight).sum()
     return loss, finish_metrics(loss, sums, batch.valid.sum(), kth)

@@ -25,18 +25,19 @@ pass 1 alone computes the whole loss (unless old_logp=None: the threshold then a
 this pass's log-probs, and the two passes run).
 """
 
-from typing import TYPE_CHECKING, Any, Dict, Literal, Optional, Tuple, Union, overload
+from typing import TYPE_CHECKING, Any, Dict, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
 
+from . import _fused_linear_stats as _stats
 from . import _loss_terms as pl
 from ._fused_linear_chunks import ChunkMatmuls, Rows, default_chunk_size, sharded_chunk_size, take_rows
-from ._fused_linear_stats import fused_linear_build_proxy, fused_linear_token_stats
 from ._vocab_parallel import check_group
-from .loss_config import LossConfig, loss_options
+from .loss_config import LossConfig
 from .policy_loss import Metrics, Proxy
 from .selection import SelectionThreshold
+from .sparse_proxy import SparseProxy
 from .token_stats import TokenStats
 
 if TYPE_CHECKING:
@@ -78,12 +79,12 @@ class _Passes:
             rows = slice(a, min(N, a + chunk))
             with torch.enable_grad():
                 logits, stats = self._stats(rows)
-                loss_t, part = pl.token_terms(stats, bottom, self.batch, self.cfg, rows)
-                chunk_loss = (loss_t * self.batch.weight[rows]).sum()
+                out, part = pl.token_terms(stats, bottom, self.batch, self.cfg, rows)
+                chunk_loss = (out.loss * self.batch.weight[rows]).sum()
             if logp_out is not None:
                 logp_out[rows] = stats[0].detach()
             self._finish(chunk_loss, logits, rows, part)
-            del logits, stats, loss_t
+            del logits, stats, out
 
     def selected_rows(self, bottom: Tensor, chunk: int) -> None:
         """Pass 2: the rows of `bottom` only, adding loss_t(S) - loss_t(nobody) per row."""
@@ -93,14 +94,15 @@ class _Passes:
             rows = idx[a:a + chunk]
             with torch.enable_grad():
                 logits, stats = self._stats(rows)
-                loss_s, part_s = pl.token_terms(stats, bottom, self.batch, self.cfg, rows)
-                loss_0, part_0 = pl.token_terms(stats, nobody, self.batch, self.cfg, rows)
+                out_s, part_s = pl.token_terms(stats, bottom, self.batch, self.cfg, rows)
+                out_0, part_0 = pl.token_terms(stats, nobody, self.batch, self.cfg, rows)
+                loss_s, loss_0 = out_s.loss, out_0.loss
                 # equal terms (a token outside S) add exactly 0, even when both are infinite
                 diff = torch.where(loss_s == loss_0, torch.zeros_like(loss_s), loss_s - loss_0)
                 chunk_loss = (diff * self.batch.weight[rows]).sum()
             part = {key: part_s[key] - part_0[key] for key in part_s}
             self._finish(chunk_loss, logits, rows, part)
-            del logits, stats, loss_s, loss_0
+            del logits, stats, out_s, out_0, loss_s, loss_0
 
     def empty_sums(self) -> Dict[str, Tensor]:
         """The metric sums of no token (N == 0), with whatever keys token_terms reports."""
@@ -158,32 +160,13 @@ def _check_linear(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Non
         raise ValueError(f"bias must be None or a tensor of shape ({V},), got {getattr(bias, 'shape', bias)}")
 
 
-# the overloads give the metrics' type from `return_tensors` (python floats by default)
-@overload
-def fused_linear_policy_loss(
-    hidden: Tensor, weight: Tensor, labels: Tensor, advantages: Tensor, old_logp: Optional[Tensor],
-    response_mask: Tensor, *, bias: Optional[Tensor] = ..., chunk_size: Optional[int] = ..., proxy: Proxy = ...,
-    selection_threshold: Optional[SelectionThreshold] = ..., num_tokens: Optional[Union[int, Tensor]] = ...,
-    weights: Optional[Tensor] = ..., return_tensors: Literal[False] = ...,
-    process_group: Optional["ProcessGroup"] = ..., **options: Any,
-) -> Tuple[Tensor, Dict[str, float]]: ...
-@overload
-def fused_linear_policy_loss(
-    hidden: Tensor, weight: Tensor, labels: Tensor, advantages: Tensor, old_logp: Optional[Tensor],
-    response_mask: Tensor, *, bias: Optional[Tensor] = ..., chunk_size: Optional[int] = ..., proxy: Proxy = ...,
-    selection_threshold: Optional[SelectionThreshold] = ..., num_tokens: Optional[Union[int, Tensor]] = ...,
-    weights: Optional[Tensor] = ..., return_tensors: Literal[True],
-    process_group: Optional["ProcessGroup"] = ..., **options: Any,
-) -> Tuple[Tensor, Dict[str, Tensor]]: ...
-@overload
-def fused_linear_policy_loss(
-    hidden: Tensor, weight: Tensor, labels: Tensor, advantages: Tensor, old_logp: Optional[Tensor],
-    response_mask: Tensor, *, bias: Optional[Tensor] = ..., chunk_size: Optional[int] = ..., proxy: Proxy = ...,
-    selection_threshold: Optional[SelectionThreshold] = ..., num_tokens: Optional[Union[int, Tensor]] = ...,
-    weights: Optional[Tensor] = ..., return_tensors: bool,
-    process_group: Optional["ProcessGroup"] = ..., **options: Any,
-) -> Tuple[Tensor, Metrics]: ...
-@loss_options()
+def _transform(logit_scale: float, logit_softcap: Optional[float]) -> Dict[str, Any]:
+    """The logit-transform keywords for the statistics' ops: none for the identity (the ops' default)."""
+    if logit_scale != 1.0 or logit_softcap is not None:
+        return dict(logit_scale=logit_scale, logit_softcap=logit_softcap)
+    return {}
+
+
 def fused_linear_policy_loss(
     hidden: Tensor,
     weight: Tensor,
@@ -200,35 +183,82 @@ def fused_linear_policy_loss(
     weights: Optional[Tensor] = None,
     return_tensors: bool = False,
     process_group: Optional["ProcessGroup"] = None,
-    **options: Any,
+    compat: str = "released",
+    temperature: float = 1.0,
+    mode: str = "min_p",
+    threshold: float = 0.02,
+    rho: float = 0.01,
+    beta: float = 1.0,
+    clip_low: float = 1.0,
+    clip_high: float = 9.0,
+    clip_ratio_c: Optional[float] = None,
+    loss_agg_mode: str = "token-mean",
+    kl_estimator: Optional[str] = None,
+    ignore_index: int = -100,
+    backend: str = "auto",
+    logit_scale: float = 1.0,
+    logit_softcap: Optional[float] = None,
 ) -> Tuple[Tensor, Metrics]:
     """`lpreg_policy_loss(hidden @ weight.T + bias, ...)` without the (B, L, V) logits.
 
-    hidden: (B, L, H); weight: (V, H); bias: (V,) or None; the other tensors, `options` (the
-    fields of `lpreg.LossConfig`: compat, temperature, mode, threshold, rho, beta, clips, ...)
-    and keywords as in `lpreg.lpreg_policy_loss` (a dense proxy is (B, L, V), a SparseProxy
-    (B, L, k)). old_logp: (B, L), or None for on-policy (old_logp is this pass's detached
-    log-prob: the ratio is exactly 1). num_tokens: the global valid-token count used as the
-    token-mean denominator (int or 0-d tensor), None for this call's count. weights: per-token
-    importance-sampling weights (B, L) or (B,), or None (the rule: `lpreg.policy_loss_from_stats`).
-    chunk_size: token rows per chunk; default `default_chunk_size(N, V)`: ~2**25 logits on
-    CUDA (e.g. 208 rows at V = 151,936: 121 MiB per fp32 chunk buffer, ~256 MiB live with
-    its gradient), just under 32 MiB on CPU. Extra memory besides the chunk: the fp32 hidden
-    gradient (B, L, H), the fp32 weight gradient (V, H) (+ bias), N fp32 log-probs.
+    Without `selection_threshold` the call makes one pass over all N rows and a second over the
+    ~rho N candidate rows of the selection (module docstring); with it, one pass. Extra memory
+    besides the chunk: the fp32 hidden gradient (B, L, H), the fp32 weight gradient (V, H)
+    (+ bias), N fp32 log-probs.
 
-    Without `selection_threshold` the call makes one pass over all N rows and a second over
-    the ~rho N candidate rows of the selection (module docstring); with it, one pass.
-    process_group: None, or the tensor-parallel group over which the LM head is sharded by
-    vocabulary: weight (and bias, and a dense proxy) are this rank's block of V_r rows (columns
-    [r W, r W + V_r), `lpreg_token_stats` says which), hidden and the rest the same on every rank.
-    The loss and metrics are the same on every rank; the weight and bias gradients are this
-    shard's, the hidden gradient the whole one (each rank's share summed by one all_reduce of
-    N x H fp32 per call: do not all-reduce it again). Collectives: one all_gather of the widths
-    (the chunks must be the same on every rank), two all_gathers per chunk of rows.
+    Args:
+        hidden: (B, L, H) hidden states before the LM head.
+        weight: (V, H) LM head weight, of hidden's dtype.
+        labels: (B, L) sampled tokens; a label equal to ignore_index never counts.
+        advantages: (B, L) or (B,) advantages A.
+        old_logp: (B, L) rollout log-probs of the labels, or None for on-policy (this pass's
+            detached log-probs: the ratio is exactly 1).
+        response_mask: (B, L), > 0 where a token counts.
+        bias: (V,) LM head bias, or None.
+        chunk_size: Token rows per chunk; None: `default_chunk_size(N, V)`, ~2**25 logits on CUDA
+            (e.g. 208 rows at V = 151,936), just under 32 MiB on CPU.
+        proxy: None (on-policy), dense (B, L, V) rollout logits, or a `SparseProxy` (B, L, k).
+        selection_threshold: compat="paper" only: a `SelectionThreshold` (the step-wide
+            percentile), or None to select within this call.
+        num_tokens: None (this call's count), or the global valid-token count, the token-mean
+            denominator (int or 0-d tensor).
+        weights: None, or per-token importance-sampling weights (B, L) or (B,) (the rule:
+            `lpreg.policy_loss_from_stats`).
+        return_tensors: False gives python floats (one host sync); True gives 0-d tensors.
+        process_group: None, or the tensor-parallel group over which the LM head is sharded by
+            vocabulary: weight (and bias, and a dense proxy) are this rank's block of V_r rows,
+            hidden and the rest the same on every rank. The loss and metrics are the same on every
+            rank; the weight and bias gradients are this shard's, the hidden gradient the whole one
+            (one all_reduce of N x H fp32 per call: do not all-reduce it again).
+        compat: "released" (the default) or "paper" (the literal Eq. 6).
+        temperature: The policy's sampling temperature T (> 0).
+        mode: The proxy's noise filter, "min_p" or "fixed".
+        threshold: The filter's threshold (kappa).
+        rho: The fraction of lowest-probability tokens eligible for the penalty, in (0, 1].
+        beta: The penalty's weight, >= 0 (0 turns Lp-Reg off: the plain clipped surrogate).
+        clip_low: The ratio clip's lower width: r >= 1 - clip_low.
+        clip_high: The ratio clip's upper width: r <= 1 + clip_high.
+        clip_ratio_c: None, or verl's dual clip (> 1): an A < 0 token's surrogate is at most -A c.
+        loss_agg_mode: "token-mean", "seq-mean-token-mean" or "seq-mean-token-sum".
+        kl_estimator: None (k3 for released, the full KL for paper), "k3" or "full".
+        ignore_index: The label value that never counts.
+        backend: The token-statistics backend: "auto", "triton", "torch", "cpu" or "cuda".
+        logit_scale: The LM head's logit multiplier, applied after the matmul and before the
+            temperature (Cohere, Granite, MiniCPM); finite and > 0.
+        logit_softcap: None, or the LM head's tanh soft-cap c (Gemma): z = c tanh(logit_scale x / c).
 
-    Returns (loss, metrics) as lpreg_policy_loss; gradients flow to hidden, weight and bias.
+    Returns:
+        (loss, metrics) as `lpreg.lpreg_policy_loss` (the mechanism metrics summed over the
+        chunks); gradients flow to hidden, weight and bias.
+
+    Raises:
+        LossConfigError: An option is out of range (a ValueError naming the option).
+        ValueError: An input has the wrong type, shape, dtype or device.
     """
-    cfg = LossConfig.from_options(options)
+    cfg = LossConfig(compat=compat, temperature=temperature, mode=mode, threshold=threshold, rho=rho, beta=beta,
+                     clip_low=clip_low, clip_high=clip_high, clip_ratio_c=clip_ratio_c, loss_agg_mode=loss_agg_mode,
+                     kl_estimator=kl_estimator, ignore_index=ignore_index, backend=backend,
+                     logit_scale=logit_scale, logit_softcap=logit_softcap)
     if process_group is not None:
         check_group(process_group)
     _check_linear(hidden, weight, bias)
@@ -244,3 +274,113 @@ def fused_linear_policy_loss(
                                        selection_threshold, chunk, process_group)
     loss, metrics = out[0], dict(zip(pl.METRIC_KEYS, out[1:]))
     return loss, (metrics if return_tensors else pl.to_floats(metrics))
+
+
+def fused_linear_token_stats(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    *,
+    bias: Optional[Tensor] = None,
+    temperature: float = 1.0,
+    mode: str = "min_p",
+    threshold: float = 0.02,
+    proxy: Union[None, Tensor, SparseProxy] = None,
+    ignore_index: int = -100,
+    chunk_size: Optional[int] = None,
+    backend: str = "auto",
+    process_group: Optional["ProcessGroup"] = None,
+    logit_scale: float = 1.0,
+    logit_softcap: Optional[float] = None,
+) -> TokenStats:
+    """`lpreg_token_stats(hidden @ weight.T + bias, labels, ...)` without the (..., V) logits.
+
+    Args:
+        hidden: (..., H) hidden states before the LM head.
+        weight: (V, H) LM head weight, of hidden's dtype.
+        labels: (...) integer sampled tokens (`ignore_index` rows give zeros and no gradient).
+        bias: (V,) LM head bias, or None.
+        temperature: The policy's sampling temperature T (> 0).
+        mode: The proxy's noise filter, "min_p" or "fixed".
+        threshold: The filter's threshold (kappa).
+        proxy: None (on-policy: the current logits, detached), dense (..., V) logits of the
+            data-generating policy, or a `SparseProxy` (..., k) from `lpreg.build_proxy` (which
+            holds its own filter: mode and threshold then do not apply).
+        ignore_index: The label value that gives a zero row.
+        chunk_size: Token rows per chunk; None: `default_chunk_size(N, V)` (just under 32 MiB of
+            fp32 logits on CPU, 128 MiB on CUDA).
+        backend: "auto", "triton", "torch", "cpu" or "cuda".
+        process_group: None, or the tensor-parallel group over which the LM head is sharded by
+            vocabulary: weight (and bias, and a dense proxy) are this rank's block of V_r rows,
+            everything else the same on every rank, and so are the statistics. The backward gives
+            this shard's weight and bias gradients and the whole hidden gradient.
+        logit_scale: The LM head's logit multiplier, applied after the matmul and before the
+            temperature; finite and > 0.
+        logit_softcap: None, or the LM head's tanh soft-cap c: z = c tanh(logit_scale x / c).
+
+    Returns:
+        TokenStats(logp, proxy_logp, kl, entropy), each (...) fp32; logp, kl and entropy are
+        differentiable w.r.t. hidden, weight and bias (the backward recomputes the logits chunk by
+        chunk: memory stays flat in N).
+
+    Raises:
+        ValueError: An input or option is invalid (the message names it).
+    """
+    return _stats.fused_linear_token_stats(
+        hidden, weight, labels, bias=bias, temperature=temperature, mode=mode, threshold=threshold, proxy=proxy,
+        ignore_index=ignore_index, chunk_size=chunk_size, backend=backend, process_group=process_group,
+        **_transform(logit_scale, logit_softcap))
+
+
+def fused_linear_build_proxy(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Optional[Tensor] = None,
+    *,
+    bias: Optional[Tensor] = None,
+    temperature: float = 1.0,
+    mode: str = "min_p",
+    threshold: float = 0.02,
+    k: int = 64,
+    ignore_index: int = -100,
+    chunk_size: Optional[int] = None,
+    backend: str = "auto",
+    process_group: Optional["ProcessGroup"] = None,
+    logit_scale: float = 1.0,
+    logit_softcap: Optional[float] = None,
+) -> SparseProxy:
+    """`lpreg.build_proxy(hidden @ weight.T + bias, labels, ...)` without the (..., V) logits.
+
+    The rollout-time proxy record of a fused path, from the hidden states and the LM head, with no
+    gradient. Each chunk of rows is one fp32 product of the head, then `build_proxy` on it.
+
+    Args:
+        hidden: (..., H) hidden states before the LM head.
+        weight: (V, H) LM head weight, of hidden's dtype.
+        labels: (...) integer sampled tokens, or None (with them, the record carries each label's
+            exact log q).
+        bias: (V,) LM head bias, or None.
+        temperature: The policy's sampling temperature T (> 0).
+        mode: The proxy's noise filter, "min_p" or "fixed".
+        threshold: The filter's threshold (kappa).
+        k: The number of proxy entries kept per token (>= 1).
+        ignore_index: The label value that gives an empty row.
+        chunk_size: Token rows per chunk; None: `default_chunk_size(N, V)`.
+        backend: "auto", "triton", "torch", "cpu" or "cuda".
+        process_group: None, or the group over which the head is sharded by vocabulary (weight and
+            bias are this rank's block; every rank gets the same record, with global indices).
+        logit_scale: The LM head's logit multiplier, applied after the matmul and before the
+            temperature; finite and > 0.
+        logit_softcap: None, or the LM head's tanh soft-cap c: z = c tanh(logit_scale x / c).
+
+    Returns:
+        A SparseProxy ((..., k) int32 indices, (..., k) fp32 log q, (...) coverage, (...) label log q
+        or None), equal to build_proxy's on the materialised logits.
+
+    Raises:
+        ValueError: An input or option is invalid (the message names it).
+    """
+    return _stats.fused_linear_build_proxy(
+        hidden, weight, labels, bias=bias, temperature=temperature, mode=mode, threshold=threshold, k=k,
+        ignore_index=ignore_index, chunk_size=chunk_size, backend=backend, process_group=process_group,
+        **_transform(logit_scale, logit_softcap))

@@ -8,12 +8,10 @@ ValueError whose `field` attribute is the offending field's name and whose messa
 (so an adapter maps it to its own option name without parsing the text).
 """
 
-import dataclasses
-import inspect
 import math
 import operator
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterable, Optional, TypeVar
+from typing import Any, Callable, Optional, TypeVar
 
 from . import _validate
 
@@ -22,7 +20,7 @@ LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
 KL_ESTIMATORS = ("full", "k3")
 
 # options that describe how the statistics were computed: they do not apply to policy_loss_from_stats
-STATS_OPTIONS = ("temperature", "mode", "threshold", "ignore_index", "backend")
+STATS_OPTIONS = ("temperature", "mode", "threshold", "ignore_index", "backend", "logit_scale", "logit_softcap")
 
 
 class LossConfigError(ValueError):
@@ -37,7 +35,6 @@ class LossConfigError(ValueError):
 
 
 T = TypeVar("T")
-F = TypeVar("F", bound=Callable[..., Any])
 
 
 def _checked(field: str, fn: Callable[..., T], *args: Any) -> T:
@@ -64,6 +61,9 @@ class LossConfig:
     loss_agg_mode: "token-mean", "seq-mean-token-mean" or "seq-mean-token-sum".
     kl_estimator: None (k3 for released, the full KL for paper), "k3" or "full".
     ignore_index: labels equal to it never count; backend: the token-statistics backend.
+    logit_scale, logit_softcap: the LM head's logit transform, applied to the raw logits x before the
+        temperature (docs/spec.md): z = logit_softcap * tanh(logit_scale * x / logit_softcap) with a
+        softcap (Gemma), z = logit_scale * x without (Cohere, Granite, MiniCPM); 1.0 and None: none.
     """
 
     compat: str = "released"
@@ -79,6 +79,8 @@ class LossConfig:
     kl_estimator: Optional[str] = None
     ignore_index: int = -100
     backend: str = "auto"
+    logit_scale: float = 1.0
+    logit_softcap: Optional[float] = None
 
     def __post_init__(self) -> None:
         _checked("compat", check_compat, self.compat)
@@ -108,6 +110,15 @@ class LossConfig:
             if not (clip_c > 1) or math.isinf(clip_c):
                 raise LossConfigError("clip_ratio_c", f"clip_ratio_c must be None or a finite number > 1, "
                                                       f"got {self.clip_ratio_c!r}")
+        logit_scale = _number("logit_scale", self.logit_scale)
+        if not (logit_scale > 0) or math.isinf(logit_scale):
+            raise LossConfigError("logit_scale", f"logit_scale must be a finite number > 0, got {self.logit_scale!r}")
+        softcap = self.logit_softcap
+        if softcap is not None:
+            softcap = _number("logit_softcap", softcap)
+            if not (softcap > 0) or math.isinf(softcap):
+                raise LossConfigError("logit_softcap", f"logit_softcap must be None or a finite number > 0, "
+                                                       f"got {self.logit_softcap!r}")
         try:
             ignore_index = operator.index(self.ignore_index)
         except TypeError:
@@ -117,23 +128,10 @@ class LossConfig:
         threshold = _checked("threshold", _validate.check_mode_threshold, self.mode, self.threshold)
         normalised = dict(ignore_index=ignore_index, temperature=temperature, threshold=threshold,
             rho=rho, beta=beta, clip_low=clip_low, clip_high=clip_high, clip_ratio_c=clip_c, kl_estimator=kl_estimator,
+            logit_scale=logit_scale, logit_softcap=softcap,
         )
         for name, value in normalised.items():  # frozen: the checked values, as plain floats
             object.__setattr__(self, name, value)
-
-    @classmethod
-    def from_options(cls, options: Dict[str, Any], *, excluded: Iterable[str] = ()) -> "LossConfig":
-        """A LossConfig from an entry point's keyword options; `excluded` options do not apply there."""
-        excluded = tuple(excluded)
-        unknown = sorted(set(options) - {f.name for f in dataclasses.fields(cls)})
-        if unknown:
-            raise TypeError(f"unexpected keyword argument(s) {unknown}; the loss options are "
-                            f"{[f.name for f in dataclasses.fields(cls) if f.name not in excluded]}")
-        given = sorted(set(options) & set(excluded))
-        if given:
-            raise LossConfigError(given[0], f"{given[0]}={options[given[0]]!r} does not apply here: the statistics "
-                                            f"were already computed with their temperature, filter and backend")
-        return cls(**options)
 
 
 def _number(name: str, value: Any) -> float:
@@ -156,21 +154,3 @@ def needs_step_selection(compat: str) -> bool:
     caller splitting a step must fix it up front with `lpreg.selection_threshold`: True for "paper"
     (Eq. 6's batch-wide percentile), False for "released" (the released code selects per call)."""
     return check_compat(compat) == "paper"
-
-
-def loss_options(*, excluded: Iterable[str] = ()) -> Callable[[F], F]:
-    """Give an entry point taking `**options` the signature of its LossConfig keywords (for help(),
-    IDEs' runtime introspection and docs), so the keyword set is written once, in LossConfig."""
-    excluded = tuple(excluded)
-
-    def wrap(fn: F) -> F:
-        sig = inspect.signature(fn)
-        own = [p for p in sig.parameters.values() if p.kind != inspect.Parameter.VAR_KEYWORD]
-        lead = [p for p in own if p.kind != inspect.Parameter.KEYWORD_ONLY]
-        tail = [p for p in own if p.kind == inspect.Parameter.KEYWORD_ONLY]
-        opts = [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default, annotation=f.type)
-                for f in dataclasses.fields(LossConfig) if f.name not in excluded]
-        fn.__signature__ = sig.replace(parameters=lead + opts + tail)  # type: ignore[attr-defined]  # read by inspect
-        return fn
-
-    return wrap

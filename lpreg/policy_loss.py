@@ -29,48 +29,26 @@ pass is needed. `num_tokens`: the global valid-token count (all micro-batches an
 the token-mean denominator, so the per-call losses sum to the global token-mean.
 """
 
-from typing import TYPE_CHECKING, Any, Dict, Literal, Optional, Sequence, Tuple, Union, overload
+from typing import TYPE_CHECKING, Any, Dict, Optional, Sequence, Tuple, Union
 
-import torch
 from torch import Tensor
 
 from . import _loss_terms as terms
 from . import _validate
-from .loss_config import STATS_OPTIONS, LossConfig, loss_options
+from .loss_config import LossConfig
 from .selection import SelectionThreshold
 from .sparse_proxy import SparseProxy
-from .token_stats import TokenStats
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
 
 __all__ = ["lpreg_policy_loss", "policy_loss_from_stats"]
 
-# python floats, or 0-d tensors with return_tensors=True
-Metrics = Union[Dict[str, float], Dict[str, Tensor]]
+# python floats (the default), or 0-d tensors with return_tensors=True
+Metrics = Dict[str, Any]
 Proxy = Union[None, Tensor, SparseProxy]
 
 
-# the overloads give the metrics' type from `return_tensors` (python floats by default)
-@overload
-def policy_loss_from_stats(
-    stats: Sequence[Tensor], advantages: Tensor, old_logp: Optional[Tensor], response_mask: Tensor, *,
-    selection_threshold: Optional[SelectionThreshold] = ..., num_tokens: terms.NumTokens = ...,
-    weights: Optional[Tensor] = ..., return_tensors: Literal[False] = ..., **options: Any,
-) -> Tuple[Tensor, Dict[str, float]]: ...
-@overload
-def policy_loss_from_stats(
-    stats: Sequence[Tensor], advantages: Tensor, old_logp: Optional[Tensor], response_mask: Tensor, *,
-    selection_threshold: Optional[SelectionThreshold] = ..., num_tokens: terms.NumTokens = ...,
-    weights: Optional[Tensor] = ..., return_tensors: Literal[True], **options: Any,
-) -> Tuple[Tensor, Dict[str, Tensor]]: ...
-@overload
-def policy_loss_from_stats(
-    stats: Sequence[Tensor], advantages: Tensor, old_logp: Optional[Tensor], response_mask: Tensor, *,
-    selection_threshold: Optional[SelectionThreshold] = ..., num_tokens: terms.NumTokens = ...,
-    weights: Optional[Tensor] = ..., return_tensors: bool, **options: Any,
-) -> Tuple[Tensor, Metrics]: ...
-@loss_options(excluded=STATS_OPTIONS)
 def policy_loss_from_stats(
     stats: Sequence[Tensor],
     advantages: Tensor,
@@ -81,76 +59,75 @@ def policy_loss_from_stats(
     num_tokens: terms.NumTokens = None,
     weights: Optional[Tensor] = None,
     return_tensors: bool = False,
-    **options: Any,
+    compat: str = "released",
+    rho: float = 0.01,
+    beta: float = 1.0,
+    clip_low: float = 1.0,
+    clip_high: float = 9.0,
+    clip_ratio_c: Optional[float] = None,
+    loss_agg_mode: str = "token-mean",
+    kl_estimator: Optional[str] = None,
 ) -> Tuple[Tensor, Metrics]:
     """The Lp-Reg policy loss from per-token statistics the caller already has.
 
-    stats: a `TokenStats` (logp, proxy_logp, kl, entropy), each (B, L) float, e.g. from
-        `lpreg_token_stats` or a framework's own forward at its temperature and filter:
-        logp = log p_y (differentiable), proxy_logp = log q_y or -inf when y was filtered
-        (a target: detached here), kl = D_KL(q || p) (read only when the estimator is
-        "full"; pass zeros for k3), entropy = H(p) (a metric only, detached here).
-        Entries where response_mask is 0 are never read, whatever they hold (NaN included).
-        Statistics of vocabulary-parallel logits (`lpreg_token_stats(..., process_group=...)`)
-        are whole-row values, the same on every rank: they go in as they are, no group needed.
-    advantages: (B, L) or (B,); response_mask: (B, L), > 0 where a token counts.
-    old_logp: (B, L) rollout log-probs of the labels, or None for on-policy: old_logp is
-        stats.logp detached (ratio exactly 1, no extra forward) and selection uses it.
-    num_tokens: None, or the global number of valid tokens (int or 0-d tensor, >= 0) over
-        every micro-batch and rank, the token-mean denominator (loss_agg_mode "token-mean"
-        only), so that the per-call losses add up to the global token-mean. Metrics stay
-        means over this call's tokens; actor/pg_loss is the returned loss. A tensor costs
-        one host sync (its value is checked); an int none.
-    weights: None, or per-token importance-sampling weights w (B, L) or (B,) (one per sequence),
-        e.g. TIS's truncated or MIS's masked rollout-to-trainer ratios; detached, finite and >= 0
-        on the valid tokens (one host sync checks it). The rule (docs/spec.md §3, "Per-token
-        weights"): w multiplies the surrogate, dual clip included, and not the Lp-Reg term
-        beta S_t D_t; a w = 0 token is out of the selection pool (it neither counts in rho's
-        population nor can be selected; with a `selection_threshold`, build it from masks
-        that exclude those tokens too); the aggregation's denominators and the metrics are
-        unweighted.
-    options: the `LossConfig` fields (compat, rho, beta, clip_low, clip_high, clip_ratio_c,
-        loss_agg_mode, kl_estimator) as in `lpreg_policy_loss`; temperature, mode, threshold,
-        ignore_index and backend describe how the statistics were made and do not apply.
+    Exactly what `lpreg_policy_loss` returns for logits whose statistics are `stats`. The options
+    that describe how the statistics were made (temperature, mode, threshold, ignore_index,
+    backend, logit_scale, logit_softcap) do not apply here.
 
-    Returns (loss 0-d fp32, metrics), exactly what `lpreg_policy_loss` returns for logits
-    whose statistics are `stats`.
+    Args:
+        stats: A `TokenStats` (logp, proxy_logp, kl, entropy), each (B, L) float, e.g. from
+            `lpreg_token_stats` or a framework's own forward at its temperature and filter:
+            logp = log p_y (differentiable), proxy_logp = log q_y or -inf when y was filtered (a
+            target: detached here), kl = D_KL(q || p) (read only when the estimator is "full";
+            pass zeros for k3), entropy = H(p) (a metric only, detached here). Entries where
+            response_mask is 0 are never read, whatever they hold (NaN included). Statistics of
+            vocabulary-parallel logits are whole-row values, the same on every rank: they go in
+            as they are, no group needed.
+        advantages: (B, L) or (B,) advantages A.
+        old_logp: (B, L) rollout log-probs of the labels, or None for on-policy: old_logp is
+            stats.logp detached (ratio exactly 1, no extra forward) and selection uses it.
+        response_mask: (B, L), > 0 where a token counts.
+        selection_threshold: compat="paper" only: a `SelectionThreshold` from
+            `lpreg.selection_threshold` (the step-wide percentile, exact across micro-batches and
+            ranks), or None to select within this call.
+        num_tokens: None, or the global number of valid tokens (int or 0-d tensor, >= 0) over every
+            micro-batch and rank, the token-mean denominator (loss_agg_mode "token-mean" only), so
+            that the per-call losses add up to the global token-mean. Metrics stay means over this
+            call's tokens. A tensor costs one host sync (its value is checked); an int none.
+        weights: None, or per-token importance-sampling weights w, (B, L) or (B,) (one per
+            sequence), detached, finite and >= 0 on the valid tokens (one host sync checks it). The
+            rule (docs/spec.md §3, "Per-token weights"): w multiplies the surrogate, dual clip
+            included, not the Lp-Reg term; a w = 0 token is out of the selection pool; the
+            aggregation's denominators and the metrics are unweighted.
+        return_tensors: False gives python floats (one host sync for all of them); True gives 0-d
+            tensors and no sync, for callers that accumulate over micro-batches.
+        compat: "released" (the authors' code, the default) or "paper" (Eq. 6 as written).
+        rho: The fraction of lowest-probability tokens eligible for the penalty, in (0, 1].
+        beta: The penalty's weight, >= 0 (0 turns Lp-Reg off: the plain clipped surrogate).
+        clip_low: The ratio clip's lower width: r >= 1 - clip_low.
+        clip_high: The ratio clip's upper width: r <= 1 + clip_high.
+        clip_ratio_c: None, or verl's dual clip (> 1): an A < 0 token's surrogate is at most -A c.
+        loss_agg_mode: "token-mean", "seq-mean-token-mean" or "seq-mean-token-sum".
+        kl_estimator: None (k3 for released, the full KL for paper), "k3" or "full".
+
+    Returns:
+        (loss, metrics): the 0-d fp32 loss and the metrics of `lpreg_policy_loss`.
+
+    Raises:
+        LossConfigError: An option is out of range (a ValueError naming the option).
+        ValueError: An input has the wrong type, shape, dtype or device.
     """
-    cfg = LossConfig.from_options(options, excluded=STATS_OPTIONS)
+    cfg = LossConfig(compat=compat, rho=rho, beta=beta, clip_low=clip_low, clip_high=clip_high,
+                     clip_ratio_c=clip_ratio_c, loss_agg_mode=loss_agg_mode, kl_estimator=kl_estimator)
     B, L = terms.check_stats(stats)
     terms.check_selection_threshold(selection_threshold, cfg)
     batch = terms.prepare((B, L), stats[0].device, None, advantages, old_logp, response_mask, cfg,
                           num_tokens=num_tokens, weights=weights)
-    logp, proxy_logp, kl, entropy = (t.reshape(-1).float() for t in stats)
-    # masked entries never reach the loss, its gradient or a metric (a NaN there stays out)
-    keep = lambda t: torch.where(batch.valid, t, 0.0)  # noqa: E731
-    flat = TokenStats(keep(logp), keep(proxy_logp.detach()), keep(kl), keep(entropy.detach()))
+    flat = terms.flat_stats(stats, batch)
     loss, metrics = terms.loss_from_flat(flat, batch, cfg, selection_threshold)
     return loss, (metrics if return_tensors else terms.to_floats(metrics))
 
 
-@overload
-def lpreg_policy_loss(
-    logits: Tensor, labels: Tensor, advantages: Tensor, old_logp: Optional[Tensor], response_mask: Tensor, *,
-    proxy: Proxy = ..., selection_threshold: Optional[SelectionThreshold] = ..., num_tokens: terms.NumTokens = ...,
-    weights: Optional[Tensor] = ..., return_tensors: Literal[False] = ...,
-    process_group: Optional["ProcessGroup"] = ..., **options: Any,
-) -> Tuple[Tensor, Dict[str, float]]: ...
-@overload
-def lpreg_policy_loss(
-    logits: Tensor, labels: Tensor, advantages: Tensor, old_logp: Optional[Tensor], response_mask: Tensor, *,
-    proxy: Proxy = ..., selection_threshold: Optional[SelectionThreshold] = ..., num_tokens: terms.NumTokens = ...,
-    weights: Optional[Tensor] = ..., return_tensors: Literal[True],
-    process_group: Optional["ProcessGroup"] = ..., **options: Any,
-) -> Tuple[Tensor, Dict[str, Tensor]]: ...
-@overload
-def lpreg_policy_loss(
-    logits: Tensor, labels: Tensor, advantages: Tensor, old_logp: Optional[Tensor], response_mask: Tensor, *,
-    proxy: Proxy = ..., selection_threshold: Optional[SelectionThreshold] = ..., num_tokens: terms.NumTokens = ...,
-    weights: Optional[Tensor] = ..., return_tensors: bool,
-    process_group: Optional["ProcessGroup"] = ..., **options: Any,
-) -> Tuple[Tensor, Metrics]: ...
-@loss_options()
 def lpreg_policy_loss(
     logits: Tensor,
     labels: Tensor,
@@ -164,49 +141,85 @@ def lpreg_policy_loss(
     weights: Optional[Tensor] = None,
     return_tensors: bool = False,
     process_group: Optional["ProcessGroup"] = None,
-    **options: Any,
+    compat: str = "released",
+    temperature: float = 1.0,
+    mode: str = "min_p",
+    threshold: float = 0.02,
+    rho: float = 0.01,
+    beta: float = 1.0,
+    clip_low: float = 1.0,
+    clip_high: float = 9.0,
+    clip_ratio_c: Optional[float] = None,
+    loss_agg_mode: str = "token-mean",
+    kl_estimator: Optional[str] = None,
+    ignore_index: int = -100,
+    backend: str = "auto",
+    logit_scale: float = 1.0,
+    logit_softcap: Optional[float] = None,
 ) -> Tuple[Tensor, Metrics]:
-    """Lp-Reg GRPO policy loss; returns (loss 0-d fp32, metrics dict).
+    """The Lp-Reg GRPO policy loss from logits (docs/spec.md §3).
 
-    logits: (B, L, V) current policy, any float dtype (accumulated in fp32); labels: (B, L)
-    sampled tokens; advantages: (B, L) or (B,); old_logp: (B, L) rollout log-probs of the
-    labels, or None for on-policy (this pass's log-probs, detached: ratio exactly 1, no
-    extra forward); response_mask: (B, L), > 0 where a token counts (a label equal to
-    ignore_index never counts). An all-zero mask gives loss 0 and a zero gradient.
+    The options are the fields of `lpreg.LossConfig`, validated once per call. Every per-token
+    quantity comes from one fused pass over the logits; the selection is a stable sort of the N
+    log-probs, with no host sync.
 
-    options: the fields of `lpreg.LossConfig`, validated once:
-        compat: "released" (default: the form that produced the paper's results, docs/spec.md
-            §3a) or "paper" (the literal Eq. 6); the module docstring lists every difference.
-        temperature, mode ("min_p" | "fixed"), threshold: the policy's T and the proxy's filter.
-        rho, beta: the selected fraction and the penalty's weight (beta = 0: Lp-Reg off).
-        clip_low, clip_high: the ratio clip (default [0, 10]); clip_ratio_c: verl's dual clip
-            (None: off).
-        loss_agg_mode: "token-mean" | "seq-mean-token-mean" | "seq-mean-token-sum".
-        kl_estimator: None picks "k3" (released) / "full" (paper).
-        ignore_index, backend ("auto" | "triton" | "torch" | "cpu" | "cuda").
-    proxy: None (on-policy: the current logits, detached), dense (B, L, V) logits of the
-        rollout policy, or a `SparseProxy` from `lpreg.build_proxy`.
-    selection_threshold: paper only. None selects on the current p_y within this call (the
-        paper's definition when the call holds the whole step). A `SelectionThreshold` from
-        `lpreg.selection_threshold` selects on old_logp with the step-wide percentile, exact
-        across micro-batches and ranks; on-policy the two choices agree.
-    num_tokens: the global valid-token count for loss_agg_mode="token-mean" (see
-        `policy_loss_from_stats`); None: this call's count.
-    weights: per-token importance-sampling weights (see `policy_loss_from_stats`), or None.
-    return_tensors: False gives python floats (one host sync for all of them); True gives
-        0-d tensors and no sync, for callers that accumulate over micro-batches.
-    process_group: None, or the tensor-parallel group over which the vocabulary is sharded:
-        logits (and a dense proxy) are then this rank's (B, L, V_r) block (`lpreg_token_stats`
-        says which), everything else is the same on every rank, and so are the loss and the
-        metrics; the backward gives this shard's gradient. A data-parallel split is the caller's,
-        as without it (num_tokens, and `selection_threshold(..., group=<data-parallel group>)`).
+    Args:
+        logits: (B, L, V) logits of the current policy, any float dtype (accumulated in fp32).
+        labels: (B, L) sampled tokens; a label equal to ignore_index never counts.
+        advantages: (B, L) or (B,) advantages A.
+        old_logp: (B, L) rollout log-probs of the labels, or None for on-policy (this pass's
+            log-probs, detached: ratio exactly 1, no extra forward).
+        response_mask: (B, L), > 0 where a token counts. An all-zero mask gives loss 0 and a zero
+            gradient.
+        proxy: None (on-policy: the current logits, detached), dense (B, L, V) logits of the
+            rollout policy, or a `SparseProxy` from `lpreg.build_proxy`.
+        selection_threshold: compat="paper" only. None selects on the current p_y within this call
+            (the paper's definition when the call holds the whole step); a `SelectionThreshold`
+            from `lpreg.selection_threshold` selects on old_logp with the step-wide percentile,
+            exact across micro-batches and ranks.
+        num_tokens: None (this call's count), or the global valid-token count for
+            loss_agg_mode="token-mean" (see `policy_loss_from_stats`).
+        weights: None, or per-token importance-sampling weights (see `policy_loss_from_stats`).
+        return_tensors: False gives python floats (one host sync for all of them); True gives 0-d
+            tensors and no sync, for callers that accumulate over micro-batches.
+        process_group: None, or the tensor-parallel group over which the vocabulary is sharded:
+            logits (and a dense proxy) are then this rank's (B, L, V_r) block; the loss and metrics
+            are the same on every rank, and the backward gives this shard's gradient.
+        compat: "released" (the default: the form that produced the paper's results, docs/spec.md
+            §3a) or "paper" (the literal Eq. 6).
+        temperature: The policy's sampling temperature T (> 0).
+        mode: The proxy's noise filter, "min_p" or "fixed".
+        threshold: The filter's threshold (kappa).
+        rho: The fraction of lowest-probability tokens eligible for the penalty, in (0, 1].
+        beta: The penalty's weight, >= 0 (0 turns Lp-Reg off: the plain clipped surrogate).
+        clip_low: The ratio clip's lower width: r >= 1 - clip_low (default: the paper's [0, 10]).
+        clip_high: The ratio clip's upper width: r <= 1 + clip_high.
+        clip_ratio_c: None, or verl's dual clip (> 1): an A < 0 token's surrogate is at most -A c.
+        loss_agg_mode: "token-mean", "seq-mean-token-mean" or "seq-mean-token-sum".
+        kl_estimator: None (k3 for released, the full KL for paper), "k3" or "full".
+        ignore_index: The label value that never counts.
+        backend: The token-statistics backend: "auto", "triton", "torch", "cpu" or "cuda".
+        logit_scale: The LM head's logit multiplier, applied to the logits before the temperature
+            (Cohere, Granite, MiniCPM); finite and > 0.
+        logit_softcap: None, or the LM head's tanh soft-cap c (Gemma): z = c tanh(logit_scale x / c).
 
-    Metrics: actor/pg_loss (the returned loss), actor/lpreg_kl (mean D over selected tokens),
-    actor/lpreg_frac (selected / valid), actor/lpreg_threshold (p at the rho-percentile),
-    actor/entropy, actor/ppo_kl (mean old_logp - logp), actor/pg_clipfrac, and
-    actor/pg_clipfrac_lower (the dual clip's share; 0 without clip_ratio_c).
+    Returns:
+        (loss, metrics). loss: 0-d fp32. metrics (python floats, or 0-d tensors with
+        return_tensors=True): actor/pg_loss (the returned loss), actor/lpreg_kl (mean D over the
+        selected tokens), actor/lpreg_frac (selected / valid), actor/lpreg_threshold (p at the
+        rho-percentile), actor/entropy, actor/ppo_kl (mean old_logp - logp), actor/pg_clipfrac,
+        actor/pg_clipfrac_lower (the dual clip's share); and the mechanism (`lpreg.mechanism_metrics`):
+        actor/lpreg_candidates, actor/lpreg_filtered_frac, actor/lpreg_selected,
+        actor/lpreg_kept_mass, actor/lpreg_push (mean 1/m - 1), actor/lpreg_p_y.
+
+    Raises:
+        LossConfigError: An option is out of range (a ValueError naming the option).
+        ValueError: An input has the wrong type, shape, dtype or device.
     """
-    cfg = LossConfig.from_options(options)
+    cfg = LossConfig(compat=compat, temperature=temperature, mode=mode, threshold=threshold, rho=rho, beta=beta,
+                     clip_low=clip_low, clip_high=clip_high, clip_ratio_c=clip_ratio_c, loss_agg_mode=loss_agg_mode,
+                     kl_estimator=kl_estimator, ignore_index=ignore_index, backend=backend,
+                     logit_scale=logit_scale, logit_softcap=logit_softcap)
     _validate.check_logits(logits, allow_empty=process_group is not None)  # a vocabulary shard may be empty
     if logits.dim() != 3:
         raise ValueError(f"logits must have shape (B, L, V), got {tuple(logits.shape)}")

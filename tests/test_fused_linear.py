@@ -277,8 +277,10 @@ def test_on_policy_old_logp_none(compat):
     assert_same(got, want)
     assert got[2]["actor/ppo_kl"] == 0.0 and got[2]["actor/pg_clipfrac"] == 0.0  # ratio exactly 1
     if compat == "paper":  # on-policy, a SelectionThreshold applies to this pass's log-probs
-        logp = torch.log_softmax(hidden @ weight.T + bias, -1).gather(-1, labels[..., None])[..., 0]
-        sel = lpreg.selection_threshold(logp, mask, rho=0.3)
+        # this pass's own log-probs (the fused chunks'), so that the k-th token (the new candidate count
+        # metric counts it) sits exactly at the threshold, not one rounding away from it
+        logp = lpreg.fused_linear_token_stats(hidden, weight, labels, bias=bias, chunk_size=7, backend="torch").logp
+        sel = lpreg.selection_threshold(logp.detach(), mask, rho=0.3)
         assert_same(fused(*data, compat=compat, rho=0.3, chunk_size=7, selection_threshold=sel), want)
 
 

@@ -72,8 +72,10 @@ def test_unknown_and_inapplicable_options():
     with pytest.raises(TypeError, match="rhoo"):
         lpreg.lpreg_policy_loss(logits, labels, adv, old, mask, rhoo=0.1)
     stats = lpreg.lpreg_token_stats(logits, labels, backend="torch")
-    with pytest.raises(ValueError, match="temperature"):
-        lpreg.policy_loss_from_stats(stats, adv, old, mask, temperature=0.7)
+    # the statistics' options are not in policy_loss_from_stats's signature: Python names the keyword
+    for option in STATS_OPTIONS:
+        with pytest.raises(TypeError, match=option):
+            lpreg.policy_loss_from_stats(stats, adv, old, mask, **{option: 0.7})
 
 
 @pytest.mark.parametrize("kw,name", [
@@ -133,12 +135,28 @@ def test_loss_config_error_carries_the_field(kw, name):
     assert str(info.value).startswith(name + " "), str(info.value)
 
 
-def test_inapplicable_option_error_carries_the_field():
-    logits, labels, adv, old, mask = make_batch(B=2, L=3, V=16, seed=3)
-    stats = lpreg.lpreg_token_stats(logits, labels, backend="torch")
+def test_regularize_takes_the_options_that_apply():
+    """lpreg_regularize's options are the selection's and the penalty's; the base objective (clips,
+    aggregation) and the statistics (temperature, filter, transform) are the caller's."""
+    fields = {f.name: f.default for f in dataclasses.fields(lpreg.LossConfig)}
+    params = inspect.signature(lpreg.lpreg_regularize).parameters
+    own = {"compat", "rho", "beta", "kl_estimator"}
+    for name in own:
+        assert params[name].default == fields[name] and params[name].kind == inspect.Parameter.KEYWORD_ONLY
+    assert not (set(fields) - own) & set(params)
+
+
+@pytest.mark.parametrize("kw,name", [(dict(logit_scale=0.0), "logit_scale"), (dict(logit_scale=float("inf")),
+                                      "logit_scale"), (dict(logit_scale="x"), "logit_scale"),
+                                     (dict(logit_softcap=0.0), "logit_softcap"),
+                                     (dict(logit_softcap=float("nan")), "logit_softcap"),
+                                     (dict(logit_softcap=True), "logit_softcap")])
+def test_logit_transform_options_are_checked(kw, name):
     with pytest.raises(lpreg.LossConfigError) as info:
-        lpreg.policy_loss_from_stats(stats, adv, old, mask, temperature=0.7)
-    assert info.value.field == "temperature"
+        lpreg.LossConfig(**kw)
+    assert info.value.field == name and str(info.value).startswith(name + " ")
+    cfg = lpreg.LossConfig(logit_scale=2, logit_softcap=30)
+    assert (cfg.logit_scale, cfg.logit_softcap) == (2.0, 30.0) and isinstance(cfg.logit_scale, float)
 
 
 ADAPTER = dict(lpreg_compat="released", lpreg_mode="min_p", lpreg_threshold=0.02, lpreg_rho=0.01, lpreg_beta=1.0,
