@@ -13,12 +13,15 @@
 //       -> partials (N, 7) fp32, and lpreg_C::token_stats_shard_pass2(logits, labels?, proxy?,
 //       inv_temperature, cutoff, max_y, argmax, ignore_index) -> partials (N, 2) fp32: the two halves
 //       of the forward on a vocabulary shard (row_partials.h)
+// Each op takes a trailing `softcap=0.`: with the logit transform folded in by the Python glue,
+// inv_temperature is s / T and softcap is c / T (0: no soft-cap); see logit_transform.h.
 // Fake (meta) implementations are registered in Python (lpreg/_native.py).
 
 #include <Python.h>
 #include <torch/library.h>
 #include <ATen/ATen.h>
 
+#include <cmath>
 #include <optional>
 #include <tuple>
 
@@ -90,7 +93,9 @@ void check_rows(const Tensor& logits, const OptTensor& labels, const OptTensor& 
 // (the forward), so a label must be a column of these logits; the backward and the shard passes
 // only compare columns with it (in a shard, labels are global columns).
 RowInputs row_inputs(const Tensor& logits, const OptTensor& labels, const OptTensor& proxy, double inv_temperature,
-                     int64_t ignore_index, bool label_range) {
+                     int64_t ignore_index, bool label_range, double softcap) {
+  TORCH_CHECK(softcap >= 0.0 && std::isfinite(softcap), "lpreg_C: softcap must be finite and >= 0 (0: none), got ",
+              softcap);
   check_rows(logits, labels, proxy, ignore_index, label_range);
   const bool on_cuda = logits.is_cuda();
   RowInputs in{};
@@ -105,6 +110,7 @@ RowInputs row_inputs(const Tensor& logits, const OptTensor& labels, const OptTen
   in.proxy_row_stride = proxy ? proxy->stride(0) : 0;
   in.inv_temperature = static_cast<float>(inv_temperature);
   in.ignore_index = ignore_index;
+  in.softcap = static_cast<float>(softcap);
   return in;
 }
 
@@ -145,10 +151,10 @@ void launch(const Tensor& logits, const Args& args, const char* name, Cpu cpu_ke
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> token_stats_fwd(
     const Tensor& logits, const OptTensor& labels, const OptTensor& proxy, double inv_temperature, bool fixed,
-    double log_threshold, int64_t ignore_index) {
+    double log_threshold, int64_t ignore_index, double softcap) {
   TokenStatsFwdArgs a{};
   static_cast<RowInputs&>(a) =
-      row_inputs(logits, labels, proxy, inv_temperature, ignore_index, /*label_range=*/true);
+      row_inputs(logits, labels, proxy, inv_temperature, ignore_index, /*label_range=*/true, softcap);
   const int64_t N = a.N;
   auto opts = logits.options().dtype(at::kFloat);
   Tensor logp = at::empty({N}, opts), proxy_logp = at::empty({N}, opts), kl = at::empty({N}, opts);
@@ -166,11 +172,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> token_stats_fwd(
 
 Tensor token_stats_bwd(const Tensor& logits, const OptTensor& labels, const OptTensor& proxy, const Tensor& row_stats,
                        const OptTensor& g_logp, const OptTensor& g_kl, const OptTensor& g_entropy,
-                       double inv_temperature, int64_t ignore_index, int64_t vocab_offset) {
+                       double inv_temperature, int64_t ignore_index, int64_t vocab_offset, double softcap) {
   TokenStatsBwdArgs a{};
   // the backward only compares columns with the label (a global column when the logits are a shard)
   static_cast<RowInputs&>(a) =
-      row_inputs(logits, labels, proxy, inv_temperature, ignore_index, /*label_range=*/false);
+      row_inputs(logits, labels, proxy, inv_temperature, ignore_index, /*label_range=*/false, softcap);
   const int64_t N = a.N;
   TORCH_CHECK(row_stats.scalar_type() == at::kFloat && row_stats.dim() == 2 && row_stats.size(0) == N &&
                   row_stats.size(1) == kRowStatsWidth,
@@ -196,10 +202,10 @@ Tensor token_stats_bwd(const Tensor& logits, const OptTensor& labels, const OptT
 }
 
 Tensor token_stats_shard_pass1(const Tensor& logits, const OptTensor& labels, const OptTensor& proxy,
-                               double inv_temperature, bool fixed, int64_t ignore_index) {
+                               double inv_temperature, bool fixed, int64_t ignore_index, double softcap) {
   ShardPass1Args a{};
   static_cast<RowInputs&>(a) =
-      row_inputs(logits, labels, proxy, inv_temperature, ignore_index, /*label_range=*/false);
+      row_inputs(logits, labels, proxy, inv_temperature, ignore_index, /*label_range=*/false, softcap);
   Tensor partials = at::empty({a.N, kPass1Width}, logits.options().dtype(at::kFloat));
   a.partials = partials.data_ptr<float>();
   a.fixed = fixed;
@@ -210,10 +216,10 @@ Tensor token_stats_shard_pass1(const Tensor& logits, const OptTensor& labels, co
 
 Tensor token_stats_shard_pass2(const Tensor& logits, const OptTensor& labels, const OptTensor& proxy,
                                double inv_temperature, const Tensor& cutoff, const Tensor& max_y,
-                               const Tensor& argmax, int64_t ignore_index) {
+                               const Tensor& argmax, int64_t ignore_index, double softcap) {
   ShardPass2Args a{};
   static_cast<RowInputs&>(a) =
-      row_inputs(logits, labels, proxy, inv_temperature, ignore_index, /*label_range=*/false);
+      row_inputs(logits, labels, proxy, inv_temperature, ignore_index, /*label_range=*/false, softcap);
   const int64_t N = a.N;
   const std::tuple<const Tensor*, const char*, at::ScalarType> per_row_inputs[] = {
       {&cutoff, "cutoff", at::kFloat}, {&max_y, "max_y", at::kFloat}, {&argmax, "argmax", at::kLong}};
@@ -239,16 +245,17 @@ Tensor token_stats_shard_pass2(const Tensor& logits, const OptTensor& labels, co
 TORCH_LIBRARY(lpreg_C, m) {
   m.def(
       "token_stats_fwd(Tensor logits, Tensor? labels, Tensor? proxy, float inv_temperature, bool fixed, "
-      "float log_threshold, int ignore_index) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "float log_threshold, int ignore_index, float softcap=0.) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "token_stats_bwd(Tensor logits, Tensor? labels, Tensor? proxy, Tensor row_stats, Tensor? g_logp, "
-      "Tensor? g_kl, Tensor? g_entropy, float inv_temperature, int ignore_index, int vocab_offset=0) -> Tensor");
+      "Tensor? g_kl, Tensor? g_entropy, float inv_temperature, int ignore_index, int vocab_offset=0, "
+      "float softcap=0.) -> Tensor");
   m.def(
       "token_stats_shard_pass1(Tensor logits, Tensor? labels, Tensor? proxy, float inv_temperature, bool fixed, "
-      "int ignore_index) -> Tensor");
+      "int ignore_index, float softcap=0.) -> Tensor");
   m.def(
       "token_stats_shard_pass2(Tensor logits, Tensor? labels, Tensor? proxy, float inv_temperature, Tensor cutoff, "
-      "Tensor max_y, Tensor argmax, int ignore_index) -> Tensor");
+      "Tensor max_y, Tensor argmax, int ignore_index, float softcap=0.) -> Tensor");
 }
 
 // the same four ops on each device the extension was built for

@@ -35,8 +35,9 @@ struct RowInputs {
   int64_t logits_row_stride;
   int64_t proxy_row_stride;
   // scalars
-  float inv_temperature;
+  float inv_temperature;  // the multiplier s / T of the raw logits (logit_transform.h)
   int64_t ignore_index;
+  float softcap;  // c / T of a soft-capped head, 0 without a soft-cap (logit_transform.h)
 };
 
 struct TokenStatsFwdArgs : RowInputs {

@@ -63,9 +63,46 @@ def row_label(labels_ptr, row, ignore_index, HAS_LABELS: tl.constexpr):
 
 
 @triton.jit
-def load_scaled(row_ptr, cols, V, inv_temperature):
-    """x = z[cols] / T in fp32; -inf past the end of the row (e^-inf = 0, never kept, never a max)."""
-    return tl.load(row_ptr + cols, mask=cols < V, other=float("-inf")).to(tl.float32) * inv_temperature
+def tanh(u):
+    """tanh(u) from one exp, odd-symmetric: e = e^(-2|u|) in [0, 1], tanh |u| = (1 - e) / (1 + e);
+    exactly +-1 where e underflows (|u| > about 44), NaN stays NaN."""
+    e = tl.exp(-2.0 * tl.abs(u))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(u < 0.0, -t, t)
+
+
+@triton.jit
+def transform(x, inv_temperature, softcap, SOFTCAP: tl.constexpr):
+    """x' = z / T of raw fp32 logits x (lpreg._contract.transform_constants; inv_temperature is the
+    folded multiplier s / T): softcap tanh(x inv_temperature / softcap) with a soft-cap (softcap =
+    c / T), else x inv_temperature, the exact path without a transform."""
+    if SOFTCAP:
+        return softcap * tanh(x * (inv_temperature / softcap))
+    else:
+        return x * inv_temperature
+
+
+@triton.jit
+def transform_slope(x, softcap, SOFTCAP: tl.constexpr):
+    """dx'/dx divided by the multiplier, at x' = transform(x): 1 - (x' / softcap)^2 with a soft-cap
+    (0 where tanh saturates), else 1."""
+    if SOFTCAP:
+        u = x / softcap
+        return 1.0 - u * u
+    else:
+        return 1.0
+
+
+@triton.jit
+def load_scaled(row_ptr, cols, V, inv_temperature, softcap, SOFTCAP: tl.constexpr):
+    """x = transform(logits[cols]) in fp32 (z / T); -inf past the end of the row (e^-inf = 0, never
+    kept, never a max), also with a soft-cap, which would map -inf to -c / T."""
+    in_row = cols < V
+    x = tl.load(row_ptr + cols, mask=in_row, other=float("-inf")).to(tl.float32)
+    if SOFTCAP:
+        return tl.where(in_row, transform(x, inv_temperature, softcap, SOFTCAP), float("-inf"))
+    else:
+        return x * inv_temperature
 
 
 @triton.jit

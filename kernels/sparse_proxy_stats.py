@@ -47,8 +47,8 @@ def _sparse_proxy_fwd_kernel(
     logp_ptr, proxy_logp_ptr, kl_ptr, entropy_ptr, row_stats_ptr,  # outputs: (N,) x4, (N, 2)
     logits_ptr, labels_ptr, idx_ptr, logq_ptr, label_logq_ptr,  # inputs: (N, V), (N,), (N, k) x2, (N,)
     V, K, logits_row_stride, idx_row_stride, logq_row_stride,  # shapes / strides
-    inv_temperature, ignore_index,  # scalars: fp32, int
-    HAS_LABELS: tl.constexpr, HAS_LABEL_LOGQ: tl.constexpr,  # features
+    inv_temperature, softcap, ignore_index,  # scalars: fp32 (s / T), fp32 (c / T), int
+    HAS_LABELS: tl.constexpr, HAS_LABEL_LOGQ: tl.constexpr, SOFTCAP: tl.constexpr,  # features
     BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,  # tiles
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -63,7 +63,7 @@ def _sparse_proxy_fwd_kernel(
         s = tl.zeros((), tl.float32)
         t = tl.zeros((), tl.float32)
         for start in range(0, V, BLOCK_V):
-            x = rh.load_scaled(x_row, start + cols0, V, inv_temperature)
+            x = rh.load_scaled(x_row, start + cols0, V, inv_temperature, softcap, SOFTCAP)
             m, s, t = rh.online_softmax_update(m, s, t, x, tl.max(x, 0))  # a NaN in x makes s NaN
         bad = (s != s) | (m == neg_inf) | (m == float("inf"))  # a NaN, +inf, or only -inf
         lse, entropy = rh.lse_entropy(m, s, t)
@@ -73,14 +73,15 @@ def _sparse_proxy_fwd_kernel(
         in_k = ks < K
         idx = tl.load(idx_ptr + row * idx_row_stride + ks, mask=in_k, other=0)
         logq = tl.load(logq_ptr + row * logq_row_stride + ks, mask=in_k, other=neg_inf).to(tl.float32)
-        x_idx = tl.load(x_row + idx, mask=in_k, other=0.0).to(tl.float32) * inv_temperature
+        x_idx = rh.transform(tl.load(x_row + idx, mask=in_k, other=0.0).to(tl.float32), inv_temperature, softcap,
+                             SOFTCAP)
         q = tl.exp(logq)
         # an entry with finite log q has q > 0 even where q underflows fp32: at x_idx = -inf
         # (p = 0) its term is +inf, not 0 * inf = NaN; padding (log q = -inf) adds nothing
         term = tl.where(x_idx == neg_inf, float("inf"), q * (logq - (x_idx - lse)))
         kl = tl.sum(tl.where(logq > neg_inf, term, 0.0), 0)
         if HAS_LABELS:
-            logp = tl.load(x_row + label).to(tl.float32) * inv_temperature - lse
+            logp = rh.transform(tl.load(x_row + label).to(tl.float32), inv_temperature, softcap, SOFTCAP) - lse
             if HAS_LABEL_LOGQ:
                 proxy_logp = tl.load(label_logq_ptr + row)  # exact, even for a label outside the top-k
             else:
@@ -97,8 +98,8 @@ def _sparse_proxy_bwd_kernel(
     logits_ptr, labels_ptr, idx_ptr, logq_ptr, row_stats_ptr,  # inputs
     g_logp_ptr, g_kl_ptr, g_entropy_ptr,  # upstream gradients: (N,) fp32 each, or dummies
     V, K, logits_row_stride, idx_row_stride, logq_row_stride, grad_row_stride,  # shapes / strides
-    inv_temperature, ignore_index, vocab_offset,  # scalars (vocab_offset: the shard's first global column)
-    HAS_LABELS: tl.constexpr, HAS_G_LOGP: tl.constexpr, HAS_G_KL: tl.constexpr,  # features
+    inv_temperature, softcap, ignore_index, vocab_offset,  # scalars (vocab_offset: the shard's first global column)
+    HAS_LABELS: tl.constexpr, SOFTCAP: tl.constexpr, HAS_G_LOGP: tl.constexpr, HAS_G_KL: tl.constexpr,  # features
     HAS_G_ENTROPY: tl.constexpr,
     BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,  # tiles
 ):
@@ -116,12 +117,14 @@ def _sparse_proxy_bwd_kernel(
         cols0 = tl.arange(0, BLOCK_V)
         for start in range(0, V, BLOCK_V):
             cols = start + cols0
-            x = rh.load_scaled(x_row, cols, V, inv_temperature)
+            x = rh.load_scaled(x_row, cols, V, inv_temperature, softcap, SOFTCAP)
             logp = x - lse
             p = tl.exp(logp)
             grad = (g_kl - g_logp) * p + tl.where(cols == label, g_logp, 0.0)
             if HAS_G_ENTROPY:
                 grad -= g_entropy * rh.entropy_grad(p, logp, entropy)
+            if SOFTCAP:  # the chain rule through the soft-cap (the scale is in the coefficients)
+                grad *= rh.transform_slope(x, softcap, SOFTCAP)
             tl.store(g_row + cols, grad.to(grad_ptr.dtype.element_ty), mask=cols < V)
         if HAS_G_KL:
             # ---- sparse pass: - g_kl q_j at idx_j (after the dense stores of this row are visible)
@@ -134,12 +137,15 @@ def _sparse_proxy_bwd_kernel(
             upd = in_k & (q > 0) & (idx >= 0) & (idx < V)
             # recompute the whole fp32 gradient at idx_j and overwrite: rounded once, like the
             # dense entries
-            x = tl.load(x_row + idx, mask=upd, other=0.0).to(tl.float32) * inv_temperature
+            x = rh.transform(tl.load(x_row + idx, mask=upd, other=0.0).to(tl.float32), inv_temperature, softcap,
+                             SOFTCAP)
             logp = x - lse
             p = tl.exp(logp)
             grad = (g_kl - g_logp) * p + tl.where(idx == label, g_logp, 0.0) - g_kl * q
             if HAS_G_ENTROPY:
                 grad -= g_entropy * rh.entropy_grad(p, logp, entropy)
+            if SOFTCAP:
+                grad *= rh.transform_slope(x, softcap, SOFTCAP)
             tl.store(g_row + idx, grad.to(grad_ptr.dtype.element_ty), mask=upd)
     else:
         rh.zero_row(g_row, V, BLOCK_V)  # the ignored-row invariant: no p, no row_stats read
@@ -152,7 +158,8 @@ def _blocks(V, K, on_gpu):
     return block_v, block_k
 
 
-def sparse_proxy_forward(logits, labels, indices, logq, label_logq, inv_temperature, ignore_index):
+def sparse_proxy_forward(logits, labels, indices, logq, label_logq, inv_temperature, ignore_index, logit_scale=1.0,
+                         logit_softcap=None):
     """logits (N, V), labels (N,) int64 or None, indices (N, k) int64, logq (N, k) fp32,
     label_logq (N,) fp32 or None (the labels' exact log q).
 
@@ -172,13 +179,14 @@ def sparse_proxy_forward(logits, labels, indices, logq, label_logq, inv_temperat
         return out[0], out[1], out[2], out[3], row_stats
     block_v, block_k = _blocks(V, K, logits.is_cuda)
     has_label_logq = labels is not None and label_logq is not None
+    mult, cap = _layout.transform_constants(inv_temperature, logit_scale, logit_softcap)
     _sparse_proxy_fwd_kernel[(N,)](
         out[0], out[1], out[2], out[3], row_stats,
         logits, labels if labels is not None else logits, indices, logq,
         label_logq.contiguous() if has_label_logq else logq,
         V, K, logits.stride(0), indices.stride(0), logq.stride(0),
-        float(inv_temperature), int(ignore_index),
-        HAS_LABELS=labels is not None, HAS_LABEL_LOGQ=has_label_logq,
+        mult, cap, int(ignore_index),
+        HAS_LABELS=labels is not None, HAS_LABEL_LOGQ=has_label_logq, SOFTCAP=cap > 0,
         BLOCK_V=block_v, BLOCK_K=block_k,
         num_warps=8 if block_v >= 2048 else 4,
     )
@@ -186,7 +194,7 @@ def sparse_proxy_forward(logits, labels, indices, logq, label_logq, inv_temperat
 
 
 def sparse_proxy_backward(logits, labels, indices, logq, row_stats, g_logp, g_kl, g_entropy,
-                          inv_temperature, ignore_index, vocab_offset=0):
+                          inv_temperature, ignore_index, vocab_offset=0, logit_scale=1.0, logit_softcap=None):
     """g_*: (N,) fp32 or None. Returns grad_logits (N, V) in logits.dtype of the shard holding
     columns [vocab_offset, vocab_offset + V) (labels and indices are global columns)."""
     import torch
@@ -199,14 +207,15 @@ def sparse_proxy_backward(logits, labels, indices, logq, row_stats, g_logp, g_kl
         return grad
     block_v, block_k = _blocks(V, K, logits.is_cuda)
     dummy = row_stats
+    mult, cap = _layout.transform_constants(inv_temperature, logit_scale, logit_softcap)
     _sparse_proxy_bwd_kernel[(N,)](
         grad,
         logits, labels if labels is not None else logits, indices, logq, row_stats,
         g_logp if g_logp is not None else dummy, g_kl if g_kl is not None else dummy,
         g_entropy if g_entropy is not None else dummy,
         V, K, logits.stride(0), indices.stride(0), logq.stride(0), grad.stride(0),
-        float(inv_temperature), int(ignore_index), int(vocab_offset),
-        HAS_LABELS=labels is not None, HAS_G_LOGP=g_logp is not None, HAS_G_KL=g_kl is not None,
+        mult, cap, int(ignore_index), int(vocab_offset),
+        HAS_LABELS=labels is not None, SOFTCAP=cap > 0, HAS_G_LOGP=g_logp is not None, HAS_G_KL=g_kl is not None,
         HAS_G_ENTROPY=g_entropy is not None,
         BLOCK_V=block_v, BLOCK_K=block_k,
         num_warps=8 if block_v >= 2048 else 4,

@@ -1,6 +1,8 @@
 """Fused Lp-Reg token statistics (docs/spec.md §1, §2 and §4), Triton.
 
-Per row (one token position) with x = z/T and proxy source y = proxy/T (y = x on-policy):
+Per row (one token position) with x = z/T and proxy source y = proxy/T (y = x on-policy), z the
+logit transform of the raw logits (lpreg._contract.transform_constants: z = c tanh(s x_raw / c) with
+a soft-cap, else s x_raw; SOFTCAP is a constexpr, so the path without one is today's):
 
     lse      = logsumexp(x)                    logp       = x[label] - lse
     H        = log s - t/s,  s = sum e^(x-m), t = sum e^(x-m)(x-m), m = max x      (entropy)
@@ -15,6 +17,7 @@ Per row (one token position) with x = z/T and proxy source y = proxy/T (y = x on
 Backward, for upstream (g_logp, g_kl, g_H) per row, in one elementwise pass:
 
     grad_z = (g_logp (e_label - p) + g_kl (p - q) - g_H p (log p + H)) / T
+    grad_raw = grad_z dz/dx_raw = grad_z s (1 - (z / c)^2)   (s alone without a soft-cap)
 
 Row-statistics contract shared by every backend (Triton, torch, C++, CUDA): the forward
 returns `row_stats`, an (N, 5) fp32 tensor [lse, H, lse_K, cutoff, argmax_y] (the layout is
@@ -59,6 +62,8 @@ from ._row_helpers import (
     row_pointers,
     store_outputs,
     store_stat,
+    transform,
+    transform_slope,
     unit_stride_rows,
     upstream_coefficients,
     zero_outputs,
@@ -78,7 +83,7 @@ PART_BAD, PART_KEPT, PART_CROSS = (tl.constexpr(_layout.PART_BAD), tl.constexpr(
 
 
 @triton.jit
-def _row_pass1(x_row, y_row, V, inv_temperature,
+def _row_pass1(x_row, y_row, V, inv_temperature, softcap, SOFTCAP: tl.constexpr,
                HAS_PROXY: tl.constexpr, FIXED: tl.constexpr, BLOCK_V: tl.constexpr, MAX_BLOCKS: tl.constexpr):
     """Pass 1 over a row (or a vocabulary shard of one): online max m, s = sum e^(x-m) and the
     entropy moment t = sum e^(x-m)(x-m); the proxy's max my (and, for "fixed", its sum sy and
@@ -97,11 +102,11 @@ def _row_pass1(x_row, y_row, V, inv_temperature,
     block_ymax = tl.full((MAX_BLOCKS,), neg_inf, tl.float32)
     for b in range(0, tl.cdiv(V, BLOCK_V)):
         cols = b * BLOCK_V + cols0
-        x = load_scaled(x_row, cols, V, inv_temperature)
+        x = load_scaled(x_row, cols, V, inv_temperature, softcap, SOFTCAP)
         bx = tl.max(x, 0)
         m, s, t = online_softmax_update(m, s, t, x, bx)  # a NaN in x makes s NaN: the NaN test
         if HAS_PROXY:
-            y = load_scaled(y_row, cols, V, inv_temperature)
+            y = load_scaled(y_row, cols, V, inv_temperature, softcap, SOFTCAP)
             y_nan += tl.sum((y != y).to(tl.int32), 0)
             by = tl.max(y, 0)
         else:
@@ -121,8 +126,9 @@ def _row_pass1(x_row, y_row, V, inv_temperature,
 
 
 @triton.jit
-def _row_pass2(x_row, y_row, V, inv_temperature, cutoff, my_ref, argmax_y, block_ymax,
-               HAS_PROXY: tl.constexpr, SKIP_BLOCKS: tl.constexpr, BLOCK_V: tl.constexpr, MAX_BLOCKS: tl.constexpr):
+def _row_pass2(x_row, y_row, V, inv_temperature, softcap, SOFTCAP: tl.constexpr, cutoff, my_ref, argmax_y,
+               block_ymax, HAS_PROXY: tl.constexpr, SKIP_BLOCKS: tl.constexpr, BLOCK_V: tl.constexpr,
+               MAX_BLOCKS: tl.constexpr):
     """Pass 2: the kept-set sums relative to my_ref, kept = sum_K e^(y-my) and, with a proxy,
     cross = sum_K e^(y-my)(y-x). With SKIP_BLOCKS it re-reads only the blocks that can hold a kept
     token (block max >= cutoff, or the argmax's block): a peaked row re-reads one or two."""
@@ -140,12 +146,12 @@ def _row_pass2(x_row, y_row, V, inv_temperature, cutoff, my_ref, argmax_y, block
             visit = b >= 0
         if visit:
             cols = b * BLOCK_V + cols0
-            y = load_scaled(y_row, cols, V, inv_temperature)
+            y = load_scaled(y_row, cols, V, inv_temperature, softcap, SOFTCAP)
             kept = ((y >= cutoff) | (cols == argmax_y)) & (cols < V)
             e = tl.exp(y - my_ref)
             kept_sum += tl.sum(tl.where(kept, e, 0.0), 0)
             if HAS_PROXY:
-                x = load_scaled(x_row, cols, V, inv_temperature)
+                x = load_scaled(x_row, cols, V, inv_temperature, softcap, SOFTCAP)
                 cross += tl.sum(tl.where(kept, cross_term(e, y, x), 0.0), 0)  # +inf at x = -inf
     return kept_sum, cross
 
@@ -155,8 +161,8 @@ def _token_stats_fwd_kernel(
     logp_ptr, proxy_logp_ptr, kl_ptr, entropy_ptr, row_stats_ptr,  # outputs: (N,) x4, (N, 5)
     logits_ptr, proxy_ptr, labels_ptr,  # inputs: (N, V), (N, V) or dummy, (N,) or dummy
     V, logits_row_stride, proxy_row_stride,  # shapes / strides
-    inv_temperature, log_threshold, ignore_index,  # scalars: fp32, fp32, int
-    HAS_PROXY: tl.constexpr, HAS_LABELS: tl.constexpr, FIXED: tl.constexpr,  # features
+    inv_temperature, softcap, log_threshold, ignore_index,  # scalars: fp32 (s / T), fp32 (c / T), fp32, int
+    HAS_PROXY: tl.constexpr, HAS_LABELS: tl.constexpr, FIXED: tl.constexpr, SOFTCAP: tl.constexpr,  # features
     BLOCK_V: tl.constexpr, MAX_BLOCKS: tl.constexpr,  # tiles (MAX_BLOCKS >= cdiv(V, BLOCK_V))
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -173,7 +179,7 @@ def _token_stats_fwd_kernel(
     if valid:
         # ---- pass 1: max / sum / entropy moment of x; max (sum, argmax) of y; every block's max of y
         m, s, t, my, sy, y_nan, argmax_y, block_ymax = _row_pass1(
-            x_row, y_row, V, inv_temperature, HAS_PROXY, FIXED, BLOCK_V, MAX_BLOCKS)
+            x_row, y_row, V, inv_temperature, softcap, SOFTCAP, HAS_PROXY, FIXED, BLOCK_V, MAX_BLOCKS)
         # a NaN, or +inf (inf - inf = NaN in s), or only -inf: NaN outputs for this row alone
         bad = (s != s) | (y_nan > 0) | (m == neg_inf) | (my == neg_inf) | (m == float("inf")) | (my == float("inf"))
         lse, entropy = lse_entropy(m, s, t)
@@ -187,8 +193,8 @@ def _token_stats_fwd_kernel(
 
         # ---- pass 2: kept-set sums, re-reading only the blocks that can hold a kept token, so
         # the forward costs about one read of the logits
-        kept_sum, cross = _row_pass2(x_row, y_row, V, inv_temperature, cutoff, my_ref, argmax_y, block_ymax,
-                                     HAS_PROXY, True, BLOCK_V, MAX_BLOCKS)
+        kept_sum, cross = _row_pass2(x_row, y_row, V, inv_temperature, softcap, SOFTCAP, cutoff, my_ref, argmax_y,
+                                     block_ymax, HAS_PROXY, True, BLOCK_V, MAX_BLOCKS)
         lse_kept = my + tl.log(kept_sum)
         if HAS_PROXY:
             kl = cross / kept_sum + lse - lse_kept
@@ -199,8 +205,8 @@ def _token_stats_fwd_kernel(
 
         # ---- the sampled token
         if HAS_LABELS:
-            x_label = tl.load(x_row + label).to(tl.float32) * inv_temperature
-            y_label = tl.load(y_row + label).to(tl.float32) * inv_temperature
+            x_label = transform(tl.load(x_row + label).to(tl.float32), inv_temperature, softcap, SOFTCAP)
+            y_label = transform(tl.load(y_row + label).to(tl.float32), inv_temperature, softcap, SOFTCAP)
             logp = x_label - lse
             label_kept = (y_label >= cutoff) | (label == argmax_y)
             proxy_logp = tl.where(label_kept, y_label - lse_kept, neg_inf)
@@ -219,8 +225,8 @@ def _shard_pass1_kernel(
     part_ptr,  # output: (N, 7) fp32 partials (lpreg._contract.PASS1_SLOTS)
     logits_ptr, proxy_ptr, labels_ptr,  # inputs: (N, V) shard, (N, V) or dummy, (N,) or dummy
     V, logits_row_stride, proxy_row_stride,  # shapes / strides
-    inv_temperature, ignore_index,  # scalars
-    HAS_PROXY: tl.constexpr, HAS_LABELS: tl.constexpr, FIXED: tl.constexpr,  # features
+    inv_temperature, softcap, ignore_index,  # scalars
+    HAS_PROXY: tl.constexpr, HAS_LABELS: tl.constexpr, FIXED: tl.constexpr, SOFTCAP: tl.constexpr,  # features
     BLOCK_V: tl.constexpr, MAX_BLOCKS: tl.constexpr,  # tiles
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -236,7 +242,7 @@ def _shard_pass1_kernel(
     bad = tl.zeros((), tl.float32)
     if valid:
         m, s, t, my, sy, y_nan, argmax_y, block_ymax = _row_pass1(
-            x_row, y_row, V, inv_temperature, HAS_PROXY, FIXED, BLOCK_V, MAX_BLOCKS)
+            x_row, y_row, V, inv_temperature, softcap, SOFTCAP, HAS_PROXY, FIXED, BLOCK_V, MAX_BLOCKS)
         # a NaN or a +inf in x (inf - inf = NaN in s), in y: the row has no finite softmax
         bad = ((s != s) | (y_nan > 0) | (m == float("inf")) | (my == float("inf"))).to(tl.float32)
     store_stat(part_ptr, row, _PASS1, PART_MAX, m)
@@ -254,8 +260,8 @@ def _shard_pass2_kernel(
     logits_ptr, proxy_ptr, labels_ptr,  # inputs: (N, V) shard, (N, V) or dummy, (N,) or dummy
     cutoff_ptr, my_ptr, argmax_ptr,  # the rows' combined cutoff, max of y (fp32) and argmax (i64, local)
     V, logits_row_stride, proxy_row_stride,  # shapes / strides
-    inv_temperature, ignore_index,  # scalars
-    HAS_PROXY: tl.constexpr, HAS_LABELS: tl.constexpr,  # features
+    inv_temperature, softcap, ignore_index,  # scalars
+    HAS_PROXY: tl.constexpr, HAS_LABELS: tl.constexpr, SOFTCAP: tl.constexpr,  # features
     BLOCK_V: tl.constexpr,  # tile
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -265,7 +271,7 @@ def _shard_pass2_kernel(
     cross = tl.zeros((), tl.float32)
     if valid:
         kept_sum, cross = _row_pass2(
-            x_row, y_row, V, inv_temperature, tl.load(cutoff_ptr + row), tl.load(my_ptr + row),
+            x_row, y_row, V, inv_temperature, softcap, SOFTCAP, tl.load(cutoff_ptr + row), tl.load(my_ptr + row),
             tl.load(argmax_ptr + row), tl.full((16,), 0.0, tl.float32), HAS_PROXY, False, BLOCK_V, 16)
     store_stat(part_ptr, row, _PASS2, PART_KEPT, kept_sum)
     store_stat(part_ptr, row, _PASS2, PART_CROSS, cross)
@@ -277,8 +283,8 @@ def _token_stats_bwd_kernel(
     logits_ptr, proxy_ptr, labels_ptr, row_stats_ptr,  # inputs
     g_logp_ptr, g_kl_ptr, g_entropy_ptr,  # upstream gradients: (N,) fp32 each, or dummies
     V, logits_row_stride, proxy_row_stride, grad_row_stride,  # shapes / strides
-    inv_temperature, ignore_index, vocab_offset,  # scalars (vocab_offset: the shard's first global column)
-    HAS_PROXY: tl.constexpr, HAS_LABELS: tl.constexpr,  # features
+    inv_temperature, softcap, ignore_index, vocab_offset,  # scalars (vocab_offset: the shard's first global column)
+    HAS_PROXY: tl.constexpr, HAS_LABELS: tl.constexpr, SOFTCAP: tl.constexpr,  # features
     HAS_G_LOGP: tl.constexpr, HAS_G_KL: tl.constexpr, HAS_G_ENTROPY: tl.constexpr,
     BLOCK_V: tl.constexpr,  # tile
 ):
@@ -301,7 +307,7 @@ def _token_stats_bwd_kernel(
         cols0 = tl.arange(0, BLOCK_V)
         for start in range(0, V, BLOCK_V):
             cols = start + cols0
-            x = load_scaled(x_row, cols, V, inv_temperature)
+            x = load_scaled(x_row, cols, V, inv_temperature, softcap, SOFTCAP)
             logp = x - lse
             p = tl.exp(logp)
             grad = tl.zeros((BLOCK_V,), tl.float32)
@@ -309,7 +315,8 @@ def _token_stats_bwd_kernel(
                 grad += g_logp * (tl.where(cols == label, 1.0, 0.0) - p)
             if HAS_G_KL:
                 if HAS_PROXY:
-                    y = load_scaled(proxy_ptr + row * proxy_row_stride, cols, V, inv_temperature)
+                    y = load_scaled(proxy_ptr + row * proxy_row_stride, cols, V, inv_temperature, softcap,
+                                    SOFTCAP)
                     q = tl.where((y >= cutoff) | (cols == argmax_y), tl.exp(y - lse_kept), 0.0)
                 else:
                     # on-policy q = p / m on K, with 1/m = e^(lse - lse_K): no second exp
@@ -317,6 +324,8 @@ def _token_stats_bwd_kernel(
                 grad += g_kl * (p - q)
             if HAS_G_ENTROPY:
                 grad -= g_entropy * entropy_grad(p, logp, entropy)  # NaN rows stay NaN through H
+            if SOFTCAP:  # the chain rule through the soft-cap: dz/dx = s (1 - tanh^2), s in the coefficients
+                grad *= transform_slope(x, softcap, SOFTCAP)
             tl.store(g_row + cols, grad.to(grad_ptr.dtype.element_ty), mask=cols < V)
     else:
         zero_row(g_row, V, BLOCK_V)  # the ignored-row invariant: no p, no row_stats read
@@ -324,7 +333,8 @@ def _token_stats_bwd_kernel(
 
 def _block_v(V, max_block):
     return min(max_block, triton.next_power_of_2(max(V, 16)))
-def token_stats_forward(logits, labels, proxy, inv_temperature, fixed, log_threshold, ignore_index):
+def token_stats_forward(logits, labels, proxy, inv_temperature, fixed, log_threshold, ignore_index, logit_scale=1.0,
+                        logit_softcap=None):
     """Launch the forward. logits/proxy: (N, V) unit-stride rows; labels: (N,) int64 or None.
 
     Returns (logp, proxy_logp, kl, entropy, row_stats): (N,) fp32 x4 and (N, 5) fp32.
@@ -340,12 +350,13 @@ def token_stats_forward(logits, labels, proxy, inv_temperature, fixed, log_thres
         return out[0], out[1], out[2], out[3], row_stats
     on_gpu = logits.is_cuda
     block_v = _block_v(V, 4096 if on_gpu else 1024)
+    mult, cap = _layout.transform_constants(inv_temperature, logit_scale, logit_softcap)
     _token_stats_fwd_kernel[(N,)](
         out[0], out[1], out[2], out[3], row_stats,
         logits, proxy if proxy is not None else logits, labels if labels is not None else logits,
         V, logits.stride(0), proxy.stride(0) if proxy is not None else 0,
-        float(inv_temperature), float(log_threshold), int(ignore_index),
-        HAS_PROXY=proxy is not None, HAS_LABELS=labels is not None, FIXED=bool(fixed),
+        mult, cap, float(log_threshold), int(ignore_index),
+        HAS_PROXY=proxy is not None, HAS_LABELS=labels is not None, FIXED=bool(fixed), SOFTCAP=cap > 0,
         BLOCK_V=block_v, MAX_BLOCKS=max(16, triton.next_power_of_2(triton.cdiv(V, block_v))),
         num_warps=8 if block_v >= 2048 else 4,
     )
@@ -353,7 +364,7 @@ def token_stats_forward(logits, labels, proxy, inv_temperature, fixed, log_thres
 
 
 def token_stats_backward(logits, labels, proxy, row_stats, g_logp, g_kl, g_entropy,
-                         inv_temperature, ignore_index, vocab_offset=0):
+                         inv_temperature, ignore_index, vocab_offset=0, logit_scale=1.0, logit_softcap=None):
     """Launch the backward; g_*: (N,) fp32 or None. Returns grad_logits (N, V) in logits.dtype of
     the shard holding columns [vocab_offset, vocab_offset + V) (labels and argmax: global columns)."""
     import torch
@@ -366,14 +377,15 @@ def token_stats_backward(logits, labels, proxy, row_stats, g_logp, g_kl, g_entro
     on_gpu = logits.is_cuda
     block_v = _block_v(V, 4096 if on_gpu else 1024)
     dummy = row_stats
+    mult, cap = _layout.transform_constants(inv_temperature, logit_scale, logit_softcap)
     _token_stats_bwd_kernel[(N,)](
         grad,
         logits, proxy if proxy is not None else logits, labels if labels is not None else logits, row_stats,
         g_logp if g_logp is not None else dummy, g_kl if g_kl is not None else dummy,
         g_entropy if g_entropy is not None else dummy,
         V, logits.stride(0), proxy.stride(0) if proxy is not None else 0, grad.stride(0),
-        float(inv_temperature), int(ignore_index), int(vocab_offset),
-        HAS_PROXY=proxy is not None, HAS_LABELS=labels is not None,
+        mult, cap, int(ignore_index), int(vocab_offset),
+        HAS_PROXY=proxy is not None, HAS_LABELS=labels is not None, SOFTCAP=cap > 0,
         HAS_G_LOGP=g_logp is not None, HAS_G_KL=g_kl is not None, HAS_G_ENTROPY=g_entropy is not None,
         BLOCK_V=block_v,
         num_warps=8 if block_v >= 2048 else 4,
@@ -382,18 +394,20 @@ def token_stats_backward(logits, labels, proxy, row_stats, g_logp, g_kl, g_entro
 
 
 def _shard_launch(kernel, part, logits, labels, proxy, *args, **consts):
-    """Launch a vocabulary-parallel pass kernel over the N rows of a shard (N, V): the common arguments."""
+    """Launch a vocabulary-parallel pass kernel over the N rows of a shard (N, V): the common arguments;
+    args: the kernel's inputs after the labels, then its three scalars (multiplier, soft-cap, ignore_index)."""
     N, V = logits.shape
     if N:
         block_v = _block_v(V, 4096 if logits.is_cuda else 1024)
         kernel[(N,)](part, logits, proxy if proxy is not None else logits, labels if labels is not None else logits,
-                     *args[:-2], V, logits.stride(0), proxy.stride(0) if proxy is not None else 0, *args[-2:],
+                     *args[:-3], V, logits.stride(0), proxy.stride(0) if proxy is not None else 0, *args[-3:],
                      HAS_PROXY=proxy is not None, HAS_LABELS=labels is not None, BLOCK_V=block_v,
                      num_warps=8 if block_v >= 2048 else 4, **consts)
     return part
 
 
-def token_stats_shard_pass1(logits, labels, proxy, inv_temperature, fixed, ignore_index):
+def token_stats_shard_pass1(logits, labels, proxy, inv_temperature, fixed, ignore_index, logit_scale=1.0,
+                            logit_softcap=None):
     """The shard's pass-1 partials (N, 7) fp32 (lpreg._contract.PASS1_SLOTS): logits/proxy (N, V)
     unit-stride rows of the shard, labels (N,) int64 or None (ignored rows: the neutral partials)."""
     import torch
@@ -402,18 +416,21 @@ def token_stats_shard_pass1(logits, labels, proxy, inv_temperature, fixed, ignor
     assert proxy is None or (proxy.shape == logits.shape and unit_stride_rows(proxy))
     part = torch.empty((logits.shape[0], _layout.PASS1_WIDTH), dtype=torch.float32, device=logits.device)
     block_v = _block_v(logits.shape[1], 4096 if logits.is_cuda else 1024)
-    return _shard_launch(_shard_pass1_kernel, part, logits, labels, proxy, float(inv_temperature), int(ignore_index),
-                         FIXED=bool(fixed), MAX_BLOCKS=max(16, triton.next_power_of_2(triton.cdiv(
+    mult, cap = _layout.transform_constants(inv_temperature, logit_scale, logit_softcap)
+    return _shard_launch(_shard_pass1_kernel, part, logits, labels, proxy, mult, cap, int(ignore_index),
+                         FIXED=bool(fixed), SOFTCAP=cap > 0, MAX_BLOCKS=max(16, triton.next_power_of_2(triton.cdiv(
                              logits.shape[1], block_v))))
 
 
-def token_stats_shard_pass2(logits, labels, proxy, inv_temperature, cutoff, my_ref, argmax_y, ignore_index):
+def token_stats_shard_pass2(logits, labels, proxy, inv_temperature, cutoff, my_ref, argmax_y, ignore_index,
+                            logit_scale=1.0, logit_softcap=None):
     """The shard's pass-2 partials (N, 2) fp32 (lpreg._contract.PASS2_SLOTS) given the rows' combined
     cutoff and max of y (N,) fp32 and argmax (N,) int64 (a column of this shard, -1 elsewhere)."""
     import torch
 
     assert logits.dim() == 2 and unit_stride_rows(logits)
     part = torch.empty((logits.shape[0], _layout.PASS2_WIDTH), dtype=torch.float32, device=logits.device)
+    mult, cap = _layout.transform_constants(inv_temperature, logit_scale, logit_softcap)
     return _shard_launch(_shard_pass2_kernel, part, logits, labels, proxy, cutoff.float().contiguous(),
-                         my_ref.float().contiguous(), argmax_y.long().contiguous(), float(inv_temperature),
-                         int(ignore_index))
+                         my_ref.float().contiguous(), argmax_y.long().contiguous(), mult, cap,
+                         int(ignore_index), SOFTCAP=cap > 0)

@@ -22,6 +22,7 @@ from .regularize import LossTerms, lpreg_regularize, mechanism_metrics, mechanis
 from .selection import SelectionThreshold, selection_threshold
 from .sparse_proxy import SparseProxy, build_proxy, sparse_proxy_stats
 from .token_stats import TokenStats, lpreg_kl, lpreg_token_stats
+from .diagnose import diagnose  # light: transformers loads when it runs (docs/diagnose.md)
 
 __all__ = [
     "__version__",
@@ -40,6 +41,8 @@ __all__ = [
     "reference",
     # scaled and soft-capped LM heads (Gemma, Cohere, Granite, ...)
     "LogitTransform", "logit_transform_from_config",
+    # will Lp-Reg act on my model? (the lpreg-diagnose command)
+    "diagnose",
     # what this installation can run (the compiled extension, Triton), and why not
     "backends", "BackendStatus",
 ]

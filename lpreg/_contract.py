@@ -67,6 +67,25 @@ PASS2_WIDTH = len(PASS2_SLOTS)
 # An ignored row's partials: it is skipped, its combined statistics are the ignored-row zeros.
 NEUTRAL_PASS1 = (float("-inf"), 0.0, 0.0, float("-inf"), 0.0, float(NO_ARGMAX), 0.0)
 
+# ---------------------------------------------------------------------------- the logit transform
+
+# Every op reads raw logits x and works on x' = z / T, with z = c tanh(s x / c) (soft-cap c) or
+# z = s x (lpreg.logit_transform; docs/spec.md "The logit transform"). The backends fold the scale
+# and the temperature into two constants:
+#     x' = cap tanh(x mult / cap)   (cap = c / T > 0)       x' = x mult   (cap = 0: no soft-cap)
+#     dx'/dx = mult (1 - (x' / cap)^2)                      dx'/dx = mult
+# with mult = s / T. The identity transform gives mult = 1 / T exactly and cap = 0, the path and
+# the bits of an op without the transform.
+
+
+def transform_constants(inv_temperature: float, logit_scale: float = 1.0,
+                        logit_softcap: Optional[float] = None) -> tuple[float, float]:
+    """(mult, cap) of the folded transform above; logit_scale, logit_softcap already validated."""
+    mult = float(inv_temperature) if logit_scale == 1.0 else float(inv_temperature) * float(logit_scale)
+    cap = 0.0 if logit_softcap is None else float(logit_softcap) * float(inv_temperature)
+    return mult, cap
+
+
 # ---------------------------------------------------------------------------- fake (meta) kernels
 
 
@@ -84,12 +103,13 @@ def fake_grad(logits: Tensor) -> Tensor:
 
 
 def keep_for_backward(ctx, inputs, output, inv_temperature: float, ignore_index: int, backend: str,
-                      offset: int = 0) -> None:
+                      offset: int = 0, logit_scale: float = 1.0, logit_softcap: Optional[float] = None) -> None:
     """What a per-row op's backward reads: its tensor inputs and the forward's row_stats (output[4]),
-    the scalars, and the first global column of the logits (a vocabulary shard's offset; 0 for whole
-    rows). proxy_logp (output[1]) and row_stats are not differentiable."""
+    the scalars (the logit transform's included), and the first global column of the logits (a
+    vocabulary shard's offset; 0 for whole rows). proxy_logp (output[1]) and row_stats are not differentiable."""
     ctx.save_for_backward(*inputs, output[4])
     ctx.inv_temperature, ctx.ignore_index, ctx.backend, ctx.offset = inv_temperature, ignore_index, backend, offset
+    ctx.logit_scale, ctx.logit_softcap = logit_scale, logit_softcap
     ctx.mark_non_differentiable(output[1], output[4])
 
 

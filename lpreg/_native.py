@@ -14,7 +14,8 @@ from typing import List
 
 import torch
 
-from ._contract import PASS1_WIDTH, PASS2_WIDTH, fake_grad, fake_row_outputs  # csrc/row_partials.h
+# PASS1_WIDTH, PASS2_WIDTH: csrc/row_partials.h
+from ._contract import PASS1_WIDTH, PASS2_WIDTH, fake_grad, fake_row_outputs, transform_constants
 from ._contract import TOKEN_STATS_WIDTH as ROW_STATS_WIDTH  # csrc/row_stats.h: kRowStatsWidth
 
 
@@ -36,20 +37,20 @@ _load_error: List[str] = []
 
 def _register_fakes():
     @torch.library.register_fake("lpreg_C::token_stats_fwd")
-    def _fwd_fake(logits, labels, proxy, inv_temperature, fixed, log_threshold, ignore_index):
+    def _fwd_fake(logits, labels, proxy, inv_temperature, fixed, log_threshold, ignore_index, softcap=0.0):
         return fake_row_outputs(logits, ROW_STATS_WIDTH)
 
     @torch.library.register_fake("lpreg_C::token_stats_bwd")
     def _bwd_fake(logits, labels, proxy, row_stats, g_logp, g_kl, g_entropy, inv_temperature, ignore_index,
-                  vocab_offset=0):
+                  vocab_offset=0, softcap=0.0):
         return fake_grad(logits)
 
     @torch.library.register_fake("lpreg_C::token_stats_shard_pass1")
-    def _pass1_fake(logits, labels, proxy, inv_temperature, fixed, ignore_index):
+    def _pass1_fake(logits, labels, proxy, inv_temperature, fixed, ignore_index, softcap=0.0):
         return logits.new_empty((logits.shape[0], PASS1_WIDTH), dtype=torch.float32)
 
     @torch.library.register_fake("lpreg_C::token_stats_shard_pass2")
-    def _pass2_fake(logits, labels, proxy, inv_temperature, cutoff, max_y, argmax, ignore_index):
+    def _pass2_fake(logits, labels, proxy, inv_temperature, cutoff, max_y, argmax, ignore_index, softcap=0.0):
         return logits.new_empty((logits.shape[0], PASS2_WIDTH), dtype=torch.float32)
 
 
@@ -95,39 +96,47 @@ def _ops():
     return torch.ops.lpreg_C
 
 
-def token_stats_forward(logits, labels, proxy, inv_temperature, fixed, log_threshold, ignore_index):
-    """logits/proxy: (N, V) unit-stride rows; labels: (N,) int64 or None.
+def token_stats_forward(logits, labels, proxy, inv_temperature, fixed, log_threshold, ignore_index, logit_scale=1.0,
+                        logit_softcap=None):
+    """logits/proxy: (N, V) unit-stride rows; labels: (N,) int64 or None. The logit transform is folded
+    into the kernels' multiplier and soft-cap (lpreg._contract.transform_constants; csrc/logit_transform.h).
 
     Returns (logp, proxy_logp, kl, entropy, row_stats): (N,) fp32 x4 and (N, 5) fp32.
     """
     labels = None if labels is None else labels.long()
+    mult, cap = transform_constants(inv_temperature, logit_scale, logit_softcap)
     return tuple(_ops().token_stats_fwd(
-        logits, labels, proxy, float(inv_temperature), bool(fixed), float(log_threshold), int(ignore_index)
+        logits, labels, proxy, mult, bool(fixed), float(log_threshold), int(ignore_index), cap
     ))
 
 
 def token_stats_backward(logits, labels, proxy, row_stats, g_logp, g_kl, g_entropy, inv_temperature, ignore_index,
-                         vocab_offset=0):
+                         vocab_offset=0, logit_scale=1.0, logit_softcap=None):
     """g_*: (N,) or None. Returns grad_logits (N, V) in logits.dtype of the shard holding columns
     [vocab_offset, vocab_offset + V) (labels and the argmax slot are global columns)."""
     labels = None if labels is None else labels.long()
     if labels is None:
         g_logp = None  # logp is not defined without a sampled token (the op rejects it)
+    mult, cap = transform_constants(inv_temperature, logit_scale, logit_softcap)
     return _ops().token_stats_bwd(
-        logits, labels, proxy, row_stats, g_logp, g_kl, g_entropy, float(inv_temperature), int(ignore_index),
-        int(vocab_offset)
+        logits, labels, proxy, row_stats, g_logp, g_kl, g_entropy, mult, int(ignore_index), int(vocab_offset), cap
     )
 
 
-def token_stats_shard_pass1(logits, labels, proxy, inv_temperature, fixed, ignore_index):
+def token_stats_shard_pass1(logits, labels, proxy, inv_temperature, fixed, ignore_index, logit_scale=1.0,
+                            logit_softcap=None):
     """The shard's pass-1 partials (N, 7) fp32 (lpreg._contract.PASS1_SLOTS)."""
     labels = None if labels is None else labels.long()
-    return _ops().token_stats_shard_pass1(logits, labels, proxy, float(inv_temperature), bool(fixed), int(ignore_index))
+    mult, cap = transform_constants(inv_temperature, logit_scale, logit_softcap)
+    return _ops().token_stats_shard_pass1(logits, labels, proxy, mult, bool(fixed), int(ignore_index), cap)
 
 
-def token_stats_shard_pass2(logits, labels, proxy, inv_temperature, cutoff, my_ref, argmax_y, ignore_index):
+def token_stats_shard_pass2(logits, labels, proxy, inv_temperature, cutoff, my_ref, argmax_y, ignore_index,
+                            logit_scale=1.0, logit_softcap=None):
     """The shard's pass-2 partials (N, 2) fp32 (lpreg._contract.PASS2_SLOTS) given the rows' combined
     cutoff, max of y and argmax (a local column, -1 elsewhere)."""
     labels = None if labels is None else labels.long()
-    return _ops().token_stats_shard_pass2(logits, labels, proxy, float(inv_temperature), cutoff.float().contiguous(),
-                                          my_ref.float().contiguous(), argmax_y.long().contiguous(), int(ignore_index))
+    mult, cap = transform_constants(inv_temperature, logit_scale, logit_softcap)
+    return _ops().token_stats_shard_pass2(logits, labels, proxy, mult, cutoff.float().contiguous(),
+                                          my_ref.float().contiguous(), argmax_y.long().contiguous(), int(ignore_index),
+                                          cap)

@@ -132,11 +132,31 @@ def valid_rows(labels, a, b, ignore_index, like):
     return labels[a:b] != ignore_index
 
 
-def masked_rows(t, valid, inv_temperature):
-    """t / T in fp32 with every ignored row set to -inf: the ignored-row invariant for the
+def scaled_rows(t, inv_temperature, logit_scale=1.0, logit_softcap=None):
+    """x' = z / T in fp32 of raw logits t, z the logit transform (lpreg._contract.transform_constants):
+    cap tanh(t mult / cap) with a soft-cap, else t mult (t / T exactly for the identity). The
+    soft-cap maps -inf to -c / T and +inf to c / T; a NaN stays NaN."""
+    mult, cap = layout.transform_constants(inv_temperature, logit_scale, logit_softcap)
+    if cap:
+        return torch.tanh(t.float() * (mult / cap)) * cap
+    return t.float() * mult
+
+
+def transform_slope(x, inv_temperature, logit_scale=1.0, logit_softcap=None):
+    """dx'/dx at x' = `x` (scaled_rows' output): mult (1 - (x' / cap)^2) with a soft-cap, else
+    mult. An ignored row's -inf (masked_rows) gets slope mult: its gradient is an exact 0 anyway."""
+    mult, cap = layout.transform_constants(inv_temperature, logit_scale, logit_softcap)
+    if not cap:
+        return mult
+    u = x / cap
+    return torch.where(x == _NEG_INF, torch.ones_like(x), 1.0 - u * u) * mult
+
+
+def masked_rows(t, valid, inv_temperature, logit_scale=1.0, logit_softcap=None):
+    """t / T (scaled_rows) in fp32 with every ignored row set to -inf: the ignored-row invariant for the
     dense backward. Such a row is then an empty row, where p and q are exactly 0 and no
     exp overflows (its zeroed row_stats are never a softmax state to recompute p from)."""
-    x = t.float() * inv_temperature
+    x = scaled_rows(t, inv_temperature, logit_scale, logit_softcap)
     return torch.where(valid[:, None], x, torch.full_like(x, _NEG_INF))
 
 
@@ -161,20 +181,21 @@ def local_index(index, vocab_offset, V):
 
 
 def dense_backward(logits, labels, row_stats, g_logp, g_entropy, inv_temperature, ignore_index, vocab_offset,
-                   kl_term):
+                   kl_term, logit_scale=1.0, logit_softcap=None):
     """The row-chunked backward both PyTorch backends share (docs/spec.md §2):
 
-        grad_z = (g_logp (e_y - p) + [kl_term] - g_H p (log p + H)) / T
+        grad_z = (g_logp (e_y - p) + [kl_term] - g_H p (log p + H)) / T,   grad_x = grad_z dz/dx
 
     on the shard of columns [vocab_offset, vocab_offset + V) (labels are global indices; the one-hot
     lands only where this shard holds the label). kl_term(a, b, valid, x, p, stats) returns the
     g_kl part of rows [a, b), or None. Ignored rows are all -inf before the exponential (the
-    ignored-row invariant) and their statistics zeros, so their gradient is exactly 0."""
+    ignored-row invariant) and their statistics zeros, so their gradient is exactly 0. The logit
+    transform: x' = scaled_rows(logits), and grad (w.r.t. x') times transform_slope (= 1 / T without one)."""
     N, V = logits.shape
     grad = torch.empty_like(logits)
     for a, b in row_chunks(N, V):
         valid = valid_rows(labels, a, b, ignore_index, logits)
-        x = masked_rows(logits[a:b], valid, inv_temperature)
+        x = masked_rows(logits[a:b], valid, inv_temperature, logit_scale, logit_softcap)
         st = torch.where(valid[:, None], row_stats[a:b], torch.zeros_like(row_stats[a:b]))
         lse, entropy = st[:, layout.LSE], st[:, layout.ENTROPY]
         logp = x - lse[:, None]
@@ -190,7 +211,7 @@ def dense_backward(logits, labels, row_stats, g_logp, g_entropy, inv_temperature
             g += kl
         if g_entropy is not None:
             g -= upstream(g_entropy, a, b, valid)[:, None] * entropy_term(p, logp, entropy)
-        grad[a:b] = (g * inv_temperature).to(grad.dtype)
+        grad[a:b] = (g * transform_slope(x, inv_temperature, logit_scale, logit_softcap)).to(grad.dtype)
     return grad
 
 

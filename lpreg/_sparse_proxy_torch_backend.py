@@ -20,6 +20,7 @@ from ._rows import (
     lse_and_entropy,
     mask_outputs,
     row_chunks,
+    scaled_rows,
     sparse_kl,
     sparse_proxy_logp,
     upstream,
@@ -29,7 +30,8 @@ from ._rows import (
 _NEG_INF = float("-inf")
 
 
-def build_proxy_rows(x, labels, inv_temperature, fixed, log_threshold, k, ignore_index):
+def build_proxy_rows(x, labels, inv_temperature, fixed, log_threshold, k, ignore_index, logit_scale=1.0,
+                     logit_softcap=None):
     """Top-k sparse proxy of rows x (N, V): (indices (N, k) int32, logq (N, k) fp32,
     coverage (N,) fp32, label_logq (N,) fp32 or None).
 
@@ -47,7 +49,7 @@ def build_proxy_rows(x, labels, inv_temperature, fixed, log_threshold, k, ignore
     cov = torch.empty((N,), dtype=torch.float32, device=dev)
     label_logq = None if labels is None else torch.zeros((N,), dtype=torch.float32, device=dev)
     for a, b in row_chunks(N, V):
-        y = x[a:b].float() * inv_temperature
+        y = scaled_rows(x[a:b], inv_temperature, logit_scale, logit_softcap)
         my, my_ref, ey, cutoff, argmax_y = kept_cutoff(y, fixed, log_threshold)
         kept = kept_mask(y, cutoff, argmax_y)
         lse_kept = my_ref + torch.where(kept, ey, torch.zeros_like(ey)).sum(-1).log()
@@ -73,11 +75,12 @@ def build_proxy_rows(x, labels, inv_temperature, fixed, log_threshold, k, ignore
     return idx, logq, cov, label_logq
 
 
-def sparse_proxy_forward(logits, labels, indices, logq, label_logq, inv_temperature, ignore_index):
+def sparse_proxy_forward(logits, labels, indices, logq, label_logq, inv_temperature, ignore_index, logit_scale=1.0,
+                         logit_softcap=None):
     N, V = logits.shape
     out, row_stats = forward_outputs(logits, layout.SPARSE_PROXY_WIDTH)
     for a, b in row_chunks(N, V):
-        x = logits[a:b].float() * inv_temperature
+        x = scaled_rows(logits[a:b], inv_temperature, logit_scale, logit_softcap)
         m, lse, entropy = lse_and_entropy(x)
         kl = sparse_kl(x.gather(-1, indices[a:b]), logq[a:b].float(), lse, True)  # KL(q || p) over the k entries
         bad = ~torch.isfinite(m)  # a NaN (amax propagates it), a +inf, or only -inf
@@ -98,7 +101,7 @@ def sparse_proxy_forward(logits, labels, indices, logq, label_logq, inv_temperat
 
 
 def sparse_proxy_backward(logits, labels, indices, logq, row_stats, g_logp, g_kl, g_entropy, inv_temperature,
-                          ignore_index, vocab_offset=0):
+                          ignore_index, vocab_offset=0, logit_scale=1.0, logit_softcap=None):
     V = logits.shape[1]
 
     def kl_term(a, b, valid, x, p, st):  # g_kl (p - q_sparse): q_j at the k recorded global indices idx_j
@@ -111,4 +114,4 @@ def sparse_proxy_backward(logits, labels, indices, logq, row_stats, g_logp, g_kl
         return (c[:, None] * p).scatter_add_(-1, col, -c[:, None] * q)
 
     return dense_backward(logits, labels, row_stats, g_logp, g_entropy, inv_temperature, ignore_index, vocab_offset,
-                          kl_term)
+                          kl_term, logit_scale, logit_softcap)

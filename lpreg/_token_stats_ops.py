@@ -29,15 +29,21 @@ def token_stats_op(
     log_threshold: float,
     ignore_index: int,
     backend: str,
+    logit_scale: float = 1.0,
+    logit_softcap: Optional[float] = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """logit_scale, logit_softcap: the logit transform (lpreg._contract.transform_constants) applied to
+    the raw logits and proxy before the temperature."""
     if labels is not None:
         _validate.check_label_range(labels, logits.shape[-1], ignore_index)
     impl = _backends.implementation(_backends.resolve(backend, logits.device), "token_stats")
-    return impl.token_stats_forward(logits, labels, proxy, inv_temperature, fixed, log_threshold, ignore_index)
+    return impl.token_stats_forward(logits, labels, proxy, inv_temperature, fixed, log_threshold, ignore_index,
+                                    logit_scale=logit_scale, logit_softcap=logit_softcap)
 
 
 @token_stats_op.register_fake
-def _(logits, labels, proxy, inv_temperature, fixed, log_threshold, ignore_index, backend):
+def _(logits, labels, proxy, inv_temperature, fixed, log_threshold, ignore_index, backend, logit_scale=1.0,
+      logit_softcap=None):
     return fake_row_outputs(logits, _contract.TOKEN_STATS_WIDTH)
 
 
@@ -54,6 +60,8 @@ def token_stats_backward_op(
     ignore_index: int,
     backend: str,
     vocab_offset: int = 0,
+    logit_scale: float = 1.0,
+    logit_softcap: Optional[float] = None,
 ) -> Tensor:
     """The gradient (N, V) of a shard holding the columns [vocab_offset, vocab_offset + V) of the
     vocabulary (the whole row: vocab_offset = 0); labels and the argmax slot are global columns."""
@@ -61,19 +69,20 @@ def token_stats_backward_op(
         return torch.zeros_like(logits)
     impl = _backends.implementation(_backends.resolve(backend, logits.device), "token_stats")
     return impl.token_stats_backward(
-        logits, labels, proxy, row_stats, g_logp, g_kl, g_entropy, inv_temperature, ignore_index, vocab_offset
+        logits, labels, proxy, row_stats, g_logp, g_kl, g_entropy, inv_temperature, ignore_index, vocab_offset,
+        logit_scale=logit_scale, logit_softcap=logit_softcap,
     )
 
 
 @token_stats_backward_op.register_fake
 def _(logits, labels, proxy, row_stats, g_logp, g_kl, g_entropy, inv_temperature, ignore_index, backend,
-      vocab_offset=0):
+      vocab_offset=0, logit_scale=1.0, logit_softcap=None):
     return fake_grad(logits)
 
 
 def _setup_context(ctx, inputs, output):
-    logits, labels, proxy, inv_temperature, fixed, log_threshold, ignore_index, backend = inputs
-    keep_for_backward(ctx, (logits, labels, proxy), output, inv_temperature, ignore_index, backend)
+    logits, labels, proxy, inv_temperature, fixed, log_threshold, ignore_index, backend, scale, softcap = inputs
+    keep_for_backward(ctx, (logits, labels, proxy), output, inv_temperature, ignore_index, backend, 0, scale, softcap)
 
 
 def _backward(ctx, g_logp, g_proxy_logp, g_kl, g_entropy, g_row_stats):
@@ -85,9 +94,9 @@ def _backward(ctx, g_logp, g_proxy_logp, g_kl, g_entropy, g_row_stats):
         grad = token_stats_backward_op(
             logits, labels, proxy, row_stats,
             as_upstream(g_logp), as_upstream(g_kl), as_upstream(g_entropy),
-            ctx.inv_temperature, ctx.ignore_index, ctx.backend, ctx.offset,
+            ctx.inv_temperature, ctx.ignore_index, ctx.backend, ctx.offset, ctx.logit_scale, ctx.logit_softcap,
         )
-    return grad, None, None, None, None, None, None, None
+    return grad, None, None, None, None, None, None, None, None, None
 
 
 token_stats_op.register_autograd(_backward, setup_context=_setup_context)
@@ -100,11 +109,13 @@ class ShardedTokenStats(torch.autograd.Function):
     the upstream gradients, which are the same on every rank). Eager only: collectives do not trace."""
 
     @staticmethod
-    def forward(ctx, logits, labels, proxy, inv_temperature, fixed, log_threshold, ignore_index, backend, group):
+    def forward(ctx, logits, labels, proxy, inv_temperature, fixed, log_threshold, ignore_index, backend,
+                logit_scale, logit_softcap, group):
         impl = _backends.implementation(_backends.resolve(backend, logits.device), "token_stats")
         out, shard = _vocab_parallel.token_stats_forward(impl, logits, labels, proxy, inv_temperature, fixed,
-                                                         log_threshold, ignore_index, group)
-        keep_for_backward(ctx, (logits, labels, proxy), out, inv_temperature, ignore_index, backend, shard.offset)
+                                                         log_threshold, ignore_index, group, logit_scale, logit_softcap)
+        keep_for_backward(ctx, (logits, labels, proxy), out, inv_temperature, ignore_index, backend, shard.offset,
+                          logit_scale, logit_softcap)
         ctx.set_materialize_grads(False)  # an output left out of the loss has no gradient term
         return out
 

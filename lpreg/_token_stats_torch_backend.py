@@ -1,7 +1,8 @@
 """backend="torch": the kernels' row-statistics contract written with PyTorch ops.
 
 Same inputs, outputs and `row_stats` as `lpreg.kernels.token_stats` (see its header for the
-math, and lpreg._contract for the layout and the ignored-row invariant). It runs on
+math, and lpreg._contract for the layout, the ignored-row invariant and the logit transform, which
+`scaled_rows` applies to every logits and proxy chunk it reads). It runs on
 any device, processes rows in chunks (`lpreg._rows.row_chunks`) so that no more than a chunk
 of fp32 temporaries (about 16 MiB each) is alive at once, and its backward writes the
 gradient chunk by chunk. It is the portable fallback when neither Triton nor the compiled
@@ -22,6 +23,7 @@ from ._rows import (
     lse_and_entropy,
     masked_rows,
     row_chunks,
+    scaled_rows,
     softmax_moments,
     upstream,
     valid_rows,
@@ -37,12 +39,13 @@ def cross_term(e, y, x):
     return torch.where(x == _NEG_INF, torch.full_like(e, float("inf")), e * (y - x))
 
 
-def token_stats_forward(logits, labels, proxy, inv_temperature, fixed, log_threshold, ignore_index):
+def token_stats_forward(logits, labels, proxy, inv_temperature, fixed, log_threshold, ignore_index, logit_scale=1.0,
+                        logit_softcap=None):
     N, V = logits.shape
     out, row_stats = forward_outputs(logits, layout.TOKEN_STATS_WIDTH)
     for a, b in row_chunks(N, V):
-        x = logits[a:b].float() * inv_temperature
-        y = x if proxy is None else proxy[a:b].float() * inv_temperature
+        x = scaled_rows(logits[a:b], inv_temperature, logit_scale, logit_softcap)
+        y = x if proxy is None else scaled_rows(proxy[a:b], inv_temperature, logit_scale, logit_softcap)
         m, lse, entropy = lse_and_entropy(x)
         my, my_ref, ey, cutoff, argmax_y = kept_cutoff(y, fixed, log_threshold)
         kept = kept_mask(y, cutoff, argmax_y)
@@ -69,39 +72,40 @@ def token_stats_forward(logits, labels, proxy, inv_temperature, fixed, log_thres
 
 
 def token_stats_backward(logits, labels, proxy, row_stats, g_logp, g_kl, g_entropy, inv_temperature, ignore_index,
-                         vocab_offset=0):
+                         vocab_offset=0, logit_scale=1.0, logit_softcap=None):
     V = logits.shape[1]
 
     def kl_term(a, b, valid, x, p, st):  # g_kl (p - q), q recomputed from the kept set of row_stats
         if g_kl is None:
             return None
         coef = upstream(g_kl, a, b, valid)
-        y = x if proxy is None else masked_rows(proxy[a:b], valid, inv_temperature)
+        y = x if proxy is None else masked_rows(proxy[a:b], valid, inv_temperature, logit_scale, logit_softcap)
         argmax_y, here = local_index(st[:, layout.ARGMAX].long(), vocab_offset, V)
         kept = kept_mask(y, st[:, layout.CUTOFF], torch.where(here, argmax_y, torch.full_like(argmax_y, -1)))
         q = torch.where(kept, (y - st[:, layout.LSE_KEPT, None]).exp(), torch.zeros_like(y))
         return coef[:, None] * (p - q)
 
     return dense_backward(logits, labels, row_stats, g_logp, g_entropy, inv_temperature, ignore_index, vocab_offset,
-                          kl_term)
+                          kl_term, logit_scale, logit_softcap)
 
 
 # ---------------------------------------------------------------------------- vocabulary-parallel halves
 
 
-def token_stats_shard_pass1(logits, labels, proxy, inv_temperature, fixed, ignore_index):
+def token_stats_shard_pass1(logits, labels, proxy, inv_temperature, fixed, ignore_index, logit_scale=1.0,
+                            logit_softcap=None):
     """The shard's pass-1 partials (N, 7) fp32 (lpreg._contract.PASS1_SLOTS): max, sum and entropy
     moment of x, max of y, ("fixed") sum of y and first argmax (a local column), and the NaN / +inf
     flag. Ignored rows hold the neutral partials."""
     N, V = logits.shape
     out = torch.tensor(layout.NEUTRAL_PASS1, device=logits.device).repeat(N, 1)
     for a, b in row_chunks(N, V):
-        x = logits[a:b].float() * inv_temperature
+        x = scaled_rows(logits[a:b], inv_temperature, logit_scale, logit_softcap)
         m, _, s, t = softmax_moments(x)
         if proxy is None:
             y, my, sy = x, m, s
         else:
-            y = proxy[a:b].float() * inv_temperature
+            y = scaled_rows(proxy[a:b], inv_temperature, logit_scale, logit_softcap)
             my = y.amax(-1)
             sy = torch.zeros_like(my)
             if fixed:
@@ -117,15 +121,16 @@ def token_stats_shard_pass1(logits, labels, proxy, inv_temperature, fixed, ignor
     return out
 
 
-def token_stats_shard_pass2(logits, labels, proxy, inv_temperature, cutoff, my_ref, argmax_y, ignore_index):
+def token_stats_shard_pass2(logits, labels, proxy, inv_temperature, cutoff, my_ref, argmax_y, ignore_index,
+                            logit_scale=1.0, logit_softcap=None):
     """The shard's pass-2 partials (N, 2) fp32 (lpreg._contract.PASS2_SLOTS) given the combined
     cutoff, max of y (as a reference, 0 for a bad row) and argmax (a local column, -1 when
     another shard holds it) of every row: the kept sum, and the cross term with a proxy."""
     N, V = logits.shape
     out = torch.zeros((N, layout.PASS2_WIDTH), dtype=torch.float32, device=logits.device)
     for a, b in row_chunks(N, V):
-        x = logits[a:b].float() * inv_temperature
-        y = x if proxy is None else proxy[a:b].float() * inv_temperature
+        x = scaled_rows(logits[a:b], inv_temperature, logit_scale, logit_softcap)
+        y = x if proxy is None else scaled_rows(proxy[a:b], inv_temperature, logit_scale, logit_softcap)
         kept = kept_mask(y, cutoff[a:b], argmax_y[a:b])
         e = (y - my_ref[a:b, None]).exp()
         kept_sum = torch.where(kept, e, torch.zeros_like(e)).sum(-1)

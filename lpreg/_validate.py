@@ -94,3 +94,25 @@ def check_index_range(indices, V, name="proxy.indices"):
     out = (indices < 0) | (indices >= V)
     if bool(out.any()):
         raise ValueError(f"{name} must be in [0, {V}), got {indices[out][0].item()}")
+
+
+def check_logit_scale(logit_scale):
+    """The logit multiplier s of the logit transform (lpreg.logit_transform): finite and > 0."""
+    if isinstance(logit_scale, bool) or not isinstance(logit_scale, (int, float)):
+        raise ValueError(f"logit_scale must be a finite number > 0, got {logit_scale!r}")
+    s = float(logit_scale)
+    if not (s > 0) or math.isinf(s):
+        raise ValueError(f"logit_scale must be a finite number > 0, got {logit_scale!r}")
+    return s
+
+
+def check_logit_softcap(logit_softcap):
+    """The tanh soft-cap c of the logit transform: None (no soft-cap), or finite and > 0."""
+    if logit_softcap is None:
+        return None
+    if isinstance(logit_softcap, bool) or not isinstance(logit_softcap, (int, float)):
+        raise ValueError(f"logit_softcap must be None or a finite number > 0, got {logit_softcap!r}")
+    c = float(logit_softcap)
+    if not (c > 0) or math.isinf(c):
+        raise ValueError(f"logit_softcap must be None or a finite number > 0, got {logit_softcap!r}")
+    return c

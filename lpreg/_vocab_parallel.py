@@ -20,7 +20,7 @@ promise bitwise-equal results on every rank). The backward needs no collective: 
 needs only the combined row statistics the forward saved, that shard and the upstream gradients.
 """
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
@@ -28,7 +28,16 @@ from torch import Tensor
 
 from . import _contract as c
 from . import _validate
-from ._rows import finish_rows, kept_mask, local_index, mask_outputs, row_chunks, sparse_kl, sparse_proxy_logp
+from ._rows import (
+    finish_rows,
+    kept_mask,
+    local_index,
+    mask_outputs,
+    row_chunks,
+    scaled_rows,
+    sparse_kl,
+    sparse_proxy_logp,
+)
 
 _NEG_INF = float("-inf")
 # global columns travel as fp32 (the argmax slot, build_proxy's candidates): exact below 2^24
@@ -156,20 +165,23 @@ def _neutral_pass1(N: int, device) -> Tensor:
     return torch.tensor(c.NEUTRAL_PASS1, device=device).repeat(N, 1)
 
 
-def _at_labels(t: Tensor, labels, shard: Shard, inv_temperature: float, ignore_index: int) -> Tensor:
+def _at_labels(t: Tensor, labels, shard: Shard, inv_temperature: float, ignore_index: int, logit_scale: float = 1.0,
+               logit_softcap: Optional[float] = None) -> Tensor:
     """(N,) fp32: t[row, label] / T on the rank whose shard holds the label, 0 on the others and on
     ignored rows, so that the sum over the ranks is the label's scaled logit."""
     if shard.width == 0:
         return torch.zeros((t.shape[0],), dtype=torch.float32, device=t.device)
     col, here = local_index(labels, shard.offset, shard.width)
-    value = t.gather(1, col[:, None])[:, 0].float() * inv_temperature
+    value = scaled_rows(t.gather(1, col[:, None])[:, 0], inv_temperature, logit_scale, logit_softcap)
     return torch.where(here & (labels != ignore_index), value, torch.zeros_like(value))
 
 
-def _first_pass(impl, logits, labels, proxy, inv_temperature, fixed, ignore_index, group):
+def _first_pass(impl, logits, labels, proxy, inv_temperature, fixed, ignore_index, group, logit_scale=1.0,
+                logit_softcap=None):
     """Pass 1 on this shard, collective 1, and the layout checks -> ((ranks, N, 7), Shard)."""
     N, width = logits.shape
-    part = (impl.token_stats_shard_pass1(logits, labels, proxy, inv_temperature, fixed, ignore_index) if width
+    part = (impl.token_stats_shard_pass1(logits, labels, proxy, inv_temperature, fixed, ignore_index,
+                                             logit_scale=logit_scale, logit_softcap=logit_softcap) if width
             else _neutral_pass1(N, logits.device))
     parts, shard = gather_pass1(part, width, group)
     if labels is not None:
@@ -177,22 +189,26 @@ def _first_pass(impl, logits, labels, proxy, inv_temperature, fixed, ignore_inde
     return parts, shard
 
 
-def token_stats_forward(impl, logits, labels, proxy, inv_temperature, fixed, log_threshold, ignore_index, group):
+def token_stats_forward(impl, logits, labels, proxy, inv_temperature, fixed, log_threshold, ignore_index, group,
+                        logit_scale=1.0, logit_softcap=None):
     """The token-stats forward on this rank's shard (N, V_r): the four (N,) outputs and row_stats
     (N, 5), the same bits on every rank, and the Shard. `impl` is the backend module."""
-    parts, shard = _first_pass(impl, logits, labels, proxy, inv_temperature, fixed, ignore_index, group)
+    parts, shard = _first_pass(impl, logits, labels, proxy, inv_temperature, fixed, ignore_index, group, logit_scale,
+                               logit_softcap)
     rows = merge_pass1(parts, shard, fixed, log_threshold)
     col, here = local_index(rows.argmax_y, shard.offset, shard.width)
     argmax_local = torch.where(here, col, torch.full_like(col, c.NO_ARGMAX))
     if shard.width:
         part = impl.token_stats_shard_pass2(logits, labels, proxy, inv_temperature, rows.cutoff, rows.my_ref,
-                                            argmax_local, ignore_index)
+                                            argmax_local, ignore_index, logit_scale=logit_scale,
+                                            logit_softcap=logit_softcap)
     else:
         part = logits.new_zeros((logits.shape[0], c.PASS2_WIDTH), dtype=torch.float32)
     cols = [part[:, c.PART_KEPT], part[:, c.PART_CROSS]]
     if labels is not None:
-        cols.append(_at_labels(logits, labels, shard, inv_temperature, ignore_index))
-        cols.append(cols[-1] if proxy is None else _at_labels(proxy, labels, shard, inv_temperature, ignore_index))
+        cols.append(_at_labels(logits, labels, shard, inv_temperature, ignore_index, logit_scale, logit_softcap))
+        cols.append(cols[-1] if proxy is None else _at_labels(proxy, labels, shard, inv_temperature, ignore_index,
+                                                              logit_scale, logit_softcap))
     total = sum_over_ranks(torch.stack(cols, -1), group)
     kept, cross = total[:, 0], total[:, 1]
     lse_kept = rows.my_ref + kept.log()
@@ -207,19 +223,23 @@ def token_stats_forward(impl, logits, labels, proxy, inv_temperature, fixed, log
     return (*outs, row_stats), shard
 
 
-def sparse_proxy_forward(impl, logits, labels, indices, logq, label_logq, inv_temperature, ignore_index, group):
+def sparse_proxy_forward(impl, logits, labels, indices, logq, label_logq, inv_temperature, ignore_index, group,
+                         logit_scale=1.0, logit_softcap=None):
     """Statistics against a sparse proxy whose indices are global columns: the four (N,) outputs,
     row_stats (N, 2) and the Shard. Pass 1 is the token-stats one (x's max, sum and moment); the k
     entries are gathered where they live, and their KL terms and the label's logit summed."""
-    parts, shard = _first_pass(impl, logits, labels, None, inv_temperature, False, ignore_index, group)
+    parts, shard = _first_pass(impl, logits, labels, None, inv_temperature, False, ignore_index, group, logit_scale,
+                               logit_softcap)
     _validate.check_index_range(indices, shard.vocab, "proxy.indices")
     rows = merge_pass1(parts, shard, False, 0.0)
     col, here = local_index(indices, shard.offset, shard.width)
     lq = logq.float()
     kl_part = torch.zeros_like(rows.lse)
     if shard.width:
-        kl_part = sparse_kl(logits.gather(1, col).float() * inv_temperature, lq, rows.lse, here)
-    cols = [kl_part] + ([] if labels is None else [_at_labels(logits, labels, shard, inv_temperature, ignore_index)])
+        x_idx = scaled_rows(logits.gather(1, col), inv_temperature, logit_scale, logit_softcap)
+        kl_part = sparse_kl(x_idx, lq, rows.lse, here)
+    cols = [kl_part] + ([] if labels is None else [_at_labels(logits, labels, shard, inv_temperature, ignore_index,
+                                                              logit_scale, logit_softcap)])
     total = sum_over_ranks(torch.stack(cols, -1), group)
     valid = torch.ones_like(rows.bad) if labels is None else labels != ignore_index
     logp = proxy_logp = torch.zeros_like(rows.lse)
@@ -234,13 +254,15 @@ def sparse_proxy_forward(impl, logits, labels, indices, logq, label_logq, inv_te
     return (*outs, row_stats), shard
 
 
-def build_proxy(impl, logits, labels, inv_temperature, fixed, log_threshold, k, ignore_index, group):
+def build_proxy(impl, logits, labels, inv_temperature, fixed, log_threshold, k, ignore_index, group, logit_scale=1.0,
+                logit_softcap=None):
     """`build_proxy_rows` on vocabulary-parallel logits: (indices (N, k) int32 global columns, logq
     (N, k), coverage (N,), label_logq (N,) or None), the same on every rank. Collective 2 gathers
     each shard's k largest kept entries (and its kept sum, kept count and the label's logit); every
     rank keeps the k largest of the ranks x k candidates."""
     N, width = logits.shape
-    parts, shard = _first_pass(impl, logits, None, None, inv_temperature, fixed, ignore_index, group)
+    parts, shard = _first_pass(impl, logits, None, None, inv_temperature, fixed, ignore_index, group, logit_scale,
+                               logit_softcap)
     if labels is not None:
         _validate.check_label_range(labels, shard.vocab, ignore_index)
     rows = merge_pass1(parts, shard, fixed, log_threshold)
@@ -254,7 +276,7 @@ def build_proxy(impl, logits, labels, inv_temperature, fixed, log_threshold, k, 
     for a, b in row_chunks(N, max(width, 1)):
         if not width:
             break
-        y = logits[a:b].float() * inv_temperature
+        y = scaled_rows(logits[a:b], inv_temperature, logit_scale, logit_softcap)
         kept = kept_mask(y, rows.cutoff[a:b], argmax_local[a:b])
         vals, top = torch.topk(torch.where(kept, y, torch.full_like(y, _NEG_INF)), kk, dim=-1)
         cand[a:b, :kk] = vals
@@ -263,7 +285,8 @@ def build_proxy(impl, logits, labels, inv_temperature, fixed, log_threshold, k, 
         cand[a:b, 2 * k] = torch.where(kept, e, torch.zeros_like(e)).sum(-1)
         cand[a:b, 2 * k + 1] = kept.sum(-1).float()
     if labels is not None:
-        cand[:, 2 * k + 2] = _at_labels(logits, labels, shard, inv_temperature, ignore_index)
+        cand[:, 2 * k + 2] = _at_labels(logits, labels, shard, inv_temperature, ignore_index, logit_scale,
+                                        logit_softcap)
     every = gather(cand, group)  # (ranks, N, 2k + 3)
     vals = every[..., :k].permute(1, 0, 2).reshape(N, -1)
     cols = every[..., k:2 * k].permute(1, 0, 2).reshape(N, -1)

@@ -52,7 +52,8 @@ class SparseProxy(NamedTuple):
 @torch.no_grad()
 def build_proxy(logits: Tensor, labels: Optional[Tensor] = None, *, temperature: float = 1.0,
                 mode: str = "min_p", threshold: float = 0.02, k: int = 64, ignore_index: int = -100,
-                backend: str = "auto", process_group: Optional["ProcessGroup"] = None) -> SparseProxy:
+                backend: str = "auto", process_group: Optional["ProcessGroup"] = None, logit_scale: float = 1.0,
+                logit_softcap: Optional[float] = None) -> SparseProxy:
     """Top-k sparse proxy of `logits`: (..., V) -> SparseProxy((..., k), (..., k), (...), (...) or None).
 
     labels: (...) integer sampled tokens, optional. When given, the proxy carries each label's
@@ -67,6 +68,8 @@ def build_proxy(logits: Tensor, labels: Optional[Tensor] = None, *, temperature:
         `lpreg_token_stats`): logits are this rank's (..., V_r) block, and every rank gets the same
         proxy, with global indices (two all_gathers: pass 1's partials, then each shard's k largest
         kept entries; docs/spec.md §6).
+    logit_scale, logit_softcap: the LM head's logit transform (see `lpreg_token_stats`), applied to
+        the raw logits before the temperature: q is the proxy of the model's transformed logits.
     """
     sharded = process_group is not None
     if sharded:
@@ -83,8 +86,10 @@ def build_proxy(logits: Tensor, labels: Optional[Tensor] = None, *, temperature:
         _validate.check_labels(labels, logits, ignore_index)
         lab = labels.reshape(-1).long()
     _validate.check_backend(backend)
+    logit_scale = _validate.check_logit_scale(logit_scale)
+    logit_softcap = _validate.check_logit_softcap(logit_softcap)
     args = (as_rows(logits.detach()), lab, 1.0 / temperature, mode == "fixed", math.log(threshold), k,
-            int(ignore_index), backend)
+            int(ignore_index), backend, logit_scale, logit_softcap)
     idx, logq, cov, label_logq = build_proxy_sharded(*args, process_group) if sharded else build_proxy_op(*args)
     lead = logits.shape[:-1]
     return SparseProxy(idx.reshape(*lead, k), logq.reshape(*lead, k), cov.reshape(lead),
@@ -104,7 +109,8 @@ def _check_sparse_proxy(proxy: object, logits: Tensor) -> None:
 
 def sparse_proxy_stats(logits: Tensor, labels: Optional[Tensor], proxy: SparseProxy, *, temperature: float = 1.0,
                        ignore_index: int = -100, backend: str = "auto",
-                       process_group: Optional["ProcessGroup"] = None) -> TokenStats:
+                       process_group: Optional["ProcessGroup"] = None, logit_scale: float = 1.0,
+                       logit_softcap: Optional[float] = None) -> TokenStats:
     """Statistics against a sparse proxy: logits (..., V), labels (...), proxy ((..., k) x2, (...)).
 
     Returns TokenStats(logp, proxy_logp, kl, entropy), each (...) fp32; logp, kl and entropy
@@ -116,6 +122,9 @@ def sparse_proxy_stats(logits: Tensor, labels: Optional[Tensor], proxy: SparsePr
     process_group: None, or the group over which the vocabulary is sharded (see
         `lpreg_token_stats`): logits are this rank's (..., V_r) block; the proxy, its indices global
         columns, is the same on every rank (two all_gathers; the gradient is this shard's).
+    logit_scale, logit_softcap: the LM head's logit transform (see `lpreg_token_stats`), applied to
+        the raw logits (not to the proxy, whose log q is already a distribution); gradients are
+        w.r.t. the raw logits.
     """
     sharded = process_group is not None
     if sharded:
@@ -126,6 +135,8 @@ def sparse_proxy_stats(logits: Tensor, labels: Optional[Tensor], proxy: SparsePr
     if labels is not None:
         _validate.check_labels(labels, logits, ignore_index)
     _validate.check_backend(backend)
+    logit_scale = _validate.check_logit_scale(logit_scale)
+    logit_softcap = _validate.check_logit_softcap(logit_softcap)
     k = proxy.indices.shape[-1]
     idx = proxy.indices.reshape(-1, k).long().contiguous()
     lq = proxy.logq.reshape(-1, k).float().contiguous()
@@ -133,6 +144,7 @@ def sparse_proxy_stats(logits: Tensor, labels: Optional[Tensor], proxy: SparsePr
     label_logq = None
     if labels is not None and proxy.label_logq is not None:
         label_logq = proxy.label_logq.detach().reshape(-1).float().contiguous()
-    args = (as_rows(logits), lab, idx, lq, label_logq, 1.0 / temperature, int(ignore_index), backend)
+    args = (as_rows(logits), lab, idx, lq, label_logq, 1.0 / temperature, int(ignore_index), backend, logit_scale,
+            logit_softcap)
     out = ShardedSparseProxyStats.apply(*args, process_group) if sharded else sparse_proxy_stats_op(*args)
     return TokenStats(*(o.reshape(logits.shape[:-1]) for o in out[:4]))

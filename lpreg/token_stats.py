@@ -32,7 +32,8 @@ class TokenStats(NamedTuple):
 
 def _run(logits: Tensor, labels: Optional[Tensor], temperature: float, mode: str, threshold: float,
          proxy_logits: Optional[Tensor], ignore_index: int, backend: str,
-         process_group: Optional["ProcessGroup"] = None) -> Tuple[Tensor, ...]:
+         process_group: Optional["ProcessGroup"] = None, logit_scale: float = 1.0,
+         logit_softcap: Optional[float] = None) -> Tuple[Tensor, ...]:
     sharded = process_group is not None
     if sharded:
         _vocab_parallel.check_group(process_group)
@@ -40,13 +41,16 @@ def _run(logits: Tensor, labels: Optional[Tensor], temperature: float, mode: str
     temperature = _validate.check_temperature(temperature)
     threshold = _validate.check_mode_threshold(mode, threshold)
     _validate.check_backend(backend)
+    logit_scale = _validate.check_logit_scale(logit_scale)
+    logit_softcap = _validate.check_logit_softcap(logit_softcap)
     _validate.check_proxy_logits(proxy_logits, logits, allow_empty=sharded)
     if labels is not None:
         _validate.check_labels(labels, logits, ignore_index)
     x = as_rows(logits)
     proxy = None if proxy_logits is None else as_rows(proxy_logits.detach())
     lab = None if labels is None else labels.reshape(-1).long()
-    args = (x, lab, proxy, 1.0 / temperature, mode == "fixed", math.log(threshold), int(ignore_index), backend)
+    args = (x, lab, proxy, 1.0 / temperature, mode == "fixed", math.log(threshold), int(ignore_index), backend,
+            logit_scale, logit_softcap)
     return ShardedTokenStats.apply(*args, process_group) if sharded else token_stats_op(*args)
 
 
@@ -61,6 +65,8 @@ def lpreg_token_stats(
     ignore_index: int = -100,
     backend: str = "auto",
     process_group: Optional["ProcessGroup"] = None,
+    logit_scale: float = 1.0,
+    logit_softcap: Optional[float] = None,
 ) -> TokenStats:
     """Fused Lp-Reg statistics of the sampled tokens.
 
@@ -79,10 +85,16 @@ def lpreg_token_stats(
         every rank. Two all_gathers of a few floats per row combine the rows (docs/spec.md §6);
         every rank gets the same statistics, and the backward gives this shard's gradient with
         no further collective.
+    logit_scale, logit_softcap: the LM head's logit transform (lpreg.LogitTransform), applied to the
+        raw `logits` and `proxy_logits` before the temperature: z = logit_softcap * tanh(logit_scale
+        * x / logit_softcap), or z = logit_scale * x when logit_softcap is None; every statistic is
+        of z / T and the gradient is w.r.t. the raw logits x. logit_scale finite > 0; logit_softcap
+        None or finite > 0. The default is the identity.
 
     Returns TokenStats(logp, proxy_logp, kl, entropy), each (...) fp32.
     """
-    out = _run(logits, labels, temperature, mode, threshold, proxy_logits, ignore_index, backend, process_group)
+    out = _run(logits, labels, temperature, mode, threshold, proxy_logits, ignore_index, backend, process_group,
+               logit_scale, logit_softcap)
     shape = logits.shape[:-1]
     return TokenStats(*(o.reshape(shape) for o in out[:4]))
 
@@ -97,15 +109,19 @@ def lpreg_kl(
     reduction: str = "none",
     backend: str = "auto",
     process_group: Optional["ProcessGroup"] = None,
+    logit_scale: float = 1.0,
+    logit_softcap: Optional[float] = None,
 ) -> Tensor:
     """Full-vocabulary D_KL(proxy || policy) per position.
 
     logits: (..., V); returns (...) fp32 for reduction="none", a scalar for "mean" / "sum".
-    Gradient w.r.t. logits: (p - q) / T per row. process_group: as for `lpreg_token_stats`
-    (logits are then this rank's vocabulary shard).
+    Gradient w.r.t. logits: (p - q) / T per row (times dz/dx with a logit transform).
+    process_group, logit_scale, logit_softcap: as for `lpreg_token_stats` (logits are then this
+    rank's vocabulary shard).
     """
     _validate.check_reduction(reduction)
-    out = _run(logits, None, temperature, mode, threshold, proxy_logits, -100, backend, process_group)
+    out = _run(logits, None, temperature, mode, threshold, proxy_logits, -100, backend, process_group,
+               logit_scale, logit_softcap)
     kl = out[2].reshape(logits.shape[:-1])
     if reduction == "mean":
         return kl.mean()

@@ -8,6 +8,9 @@
 //   lse_K = logsumexp_K(y)      kl = log1p(dropped / kept) on-policy,
 //                               kl = E_q[y - x] + lse - lse_K with a proxy
 //   grad_z = (g_logp (e_label - p) + g_kl (p - q) - g_H p (log p + H)) / T
+//   z is the logit transform of the raw logits (csrc/logit_transform.h), applied as each block is
+//   loaded; the backward multiplies by dz/dx (1 - (z / c)^2 with a soft-cap c; the scale s is
+//   folded into 1/T). Without a soft-cap nothing changes: no tanh, the same bits.
 //
 // The row-statistics contract (outputs, row_stats = [lse, H, lse_K, cutoff, argmax_y], ignored
 // and NaN rows) is the one documented in kernels/token_stats.py; the slots are named in
@@ -29,6 +32,7 @@
 
 #include "cpu/token_stats_cpu.h"
 
+#include "logit_transform.h"
 #include "row_epilogue.h"
 
 #include <ATen/Parallel.h>
@@ -82,11 +86,13 @@ inline float hmax(const Vec& v) {
   return acc;
 }
 
-// dst[0, n) = float(src[0, n)) * scale; dst[n, round_up(n)) = -inf (neutral for every sum below:
-// e^(-inf) = 0, never kept, never the max).
+// dst[0, n) = x' of the raw logits src[0, n): float(src) * scale, or with a soft-cap (cap > 0)
+// cap * tanh(float(src) * scale / cap) (logit_transform.h; Sleef's tanh, 1 ulp); dst[n, round_up(n))
+// = -inf (neutral for every sum below: e^(-inf) = 0, never kept, never the max).
 template <typename T>
-void load_block(const T* src, int64_t n, float scale, float* dst) {
-  const Vec vs(scale);
+void load_block(const T* src, int64_t n, float scale, float cap, float* dst) {
+  const float pre = cap > 0.f ? scale / cap : scale;
+  const Vec vs(pre);
   int64_t i = 0;
   if constexpr (std::is_same_v<T, float>) {
     for (; i + kW <= n; i += kW) (Vec::loadu(src + i) * vs).store(dst + i);
@@ -98,8 +104,26 @@ void load_block(const T* src, int64_t n, float scale, float* dst) {
       (hi * vs).store(dst + i + kW);
     }
   }
-  for (; i < n; ++i) dst[i] = static_cast<float>(src[i]) * scale;
+  for (; i < n; ++i) dst[i] = static_cast<float>(src[i]) * pre;
+  if (cap > 0.f) {  // the soft-cap, on the row's elements only (the padding stays -inf)
+    const Vec vcap(cap);
+    int64_t j = 0;
+    for (; j + kW <= n; j += kW) (Vec::loadu(dst + j).tanh() * vcap).store(dst + j);
+    for (; j < n; ++j) dst[j] = cap * std::tanh(dst[j]);
+  }
   for (; i < round_up(n); ++i) dst[i] = -kInf;
+}
+
+// g[0, n) *= dx'/dx / inv_temperature at x'[0, n) (logit_transform.h): the chain rule through a
+// soft-cap, 1 - (x' / cap)^2; nothing to do without one (the scale is in the coefficients).
+inline void softcap_chain(const float* xb, int64_t n, float cap, float* g) {
+  const Vec vinv(1.f / cap), one(1.f);
+  int64_t i = 0;
+  for (; i + kW <= n; i += kW) {
+    const Vec u = Vec::loadu(xb + i) * vinv;
+    (Vec::loadu(g + i) * (one - u * u)).store(g + i);
+  }
+  for (; i < n; ++i) g[i] *= transform_slope(xb[i], cap);
 }
 
 // dst[0, n) = T(src[0, n)), rounding to nearest even.
@@ -177,13 +201,13 @@ Pass1 pass1_row(const RowInputs& in, const TX* xr, const TY* yr, float log_thres
   float best = -kInf;  // running max for the first-argmax search ("fixed" only)
   for (int64_t start = 0, blk = 0; start < in.V; start += kBlock, ++blk) {
     const int64_t n = std::min(kBlock, in.V - start), nv = round_up(n);
-    load_block(xr + start, n, in.inv_temperature, xb);
+    load_block(xr + start, n, in.inv_temperature, in.softcap, xb);
     const float bx = block_max(xb, nv);
     float by = bx;
     const float* ysrc = xb;
     if (yr) {
       online_block<true, false>(xb, nv, bx, 0.f, r.m, r.s, r.t, unused);
-      load_block(yr + start, n, in.inv_temperature, yb);
+      load_block(yr + start, n, in.inv_temperature, in.softcap, yb);
       by = block_max(yb, nv);
       thr[blk] = online_block<false, false>(yb, nv, by, log_threshold, r.my, r.sy, unused, unused);
       ysrc = yb;
@@ -217,9 +241,9 @@ void pass2_row(const RowInputs& in, const TX* xr, const TY* yr, float cutoff, fl
   for (int64_t start = 0, blk = 0; start < in.V; start += kBlock, ++blk) {
     const int64_t n = std::min(kBlock, in.V - start), nv = round_up(n);
     float* ybuf = xb;
-    load_block(xr + start, n, in.inv_temperature, xb);
+    load_block(xr + start, n, in.inv_temperature, in.softcap, xb);
     if (yr) {
-      load_block(yr + start, n, in.inv_temperature, yb);
+      load_block(yr + start, n, in.inv_temperature, in.softcap, yb);
       ybuf = yb;
     }
     float lone_y = 0.f, lone_x = 0.f;
@@ -302,8 +326,9 @@ void fwd_rows(const TokenStatsFwdArgs& a, int64_t begin, int64_t end) {
     float logp = 0.f, proxy_logp = 0.f;
     if (in.labels) {
       const int64_t label = in.labels[row];
-      const float x_lab = static_cast<float>(xr[label]) * in.inv_temperature;
-      label_logps(r, label, x_lab, yr ? static_cast<float>(yr[label]) * in.inv_temperature : x_lab, logp,
+      const float x_lab = transform_logit(static_cast<float>(xr[label]), in.inv_temperature, in.softcap);
+      label_logps(r, label, x_lab,
+                  yr ? transform_logit(static_cast<float>(yr[label]), in.inv_temperature, in.softcap) : x_lab, logp,
                   proxy_logp);
     }
     store_row(a, row, r, logp, proxy_logp);
@@ -387,9 +412,9 @@ void bwd_rows(const TokenStatsBwdArgs& a, int64_t begin, int64_t end) {
     const Vec vcl(c_logp), vck(c_kl), vch(c_h);
     for (int64_t start = 0; start < V; start += kBlock) {
       const int64_t n = std::min(kBlock, V - start), nv = round_up(n);
-      load_block(xr + start, n, inv_t, xb);
+      load_block(xr + start, n, inv_t, in.softcap, xb);
       const bool proxy_kl = has_proxy && use_kl;
-      if (proxy_kl) load_block(yr + start, n, inv_t, yb);
+      if (proxy_kl) load_block(yr + start, n, inv_t, in.softcap, yb);
       for (int64_t i = 0; i < nv; i += kW) {
         const Vec x = Vec::loadu(xb + i);
         const Vec logp = x - vlse;
@@ -416,6 +441,7 @@ void bwd_rows(const TokenStatsBwdArgs& a, int64_t begin, int64_t end) {
         const float y_a = proxy_kl ? yb[argmax_y - start] : xb[argmax_y - start];
         if (!(y_a >= cutoff)) gb[argmax_y - start] -= c_kl * std::exp(y_a - lse_kept);
       }
+      if (in.softcap > 0.f) softcap_chain(xb, n, in.softcap, gb);
       store_block(gb, n, gr + start);
     }
   }

@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "logit_transform.h"
 #include "token_stats_args.h"
 
 namespace lpreg::cuda {
@@ -84,21 +85,28 @@ struct KeptChunks {  // pass 2: only the chunks that can hold a kept token
   }
 };
 
+// The logit transform of a row's raw values (logit_transform.h): x' = xf(raw) = raw * inv_t, or
+// softcap * tanh(raw * inv_t / softcap) with a soft-cap (softcap > 0; a warp-uniform branch).
+struct Xform {
+  float inv_t, softcap;
+  __device__ __forceinline__ float operator()(float v) const { return transform_logit(v, inv_t, softcap); }
+};
+
 // Call f(col, x, y) for every column this thread owns, in increasing column order, with
-// x, y the fp32 values times inv_t (y = 0 without kHasY). With kOut, f returns the gradient
+// x, y the fp32 values through xf (y = 0 without kHasY). With kOut, f returns the gradient
 // of that column, stored to g in TX. 16-byte loads / stores where all operands are aligned
 // alike; a scalar head up to the first aligned column and a scalar tail. The vector part
 // runs in warp-uniform chunks of 32 vectors (chunk j = vectors [32 j, 32 j + 32)), which
 // `chunks` may skip (warp-uniform branch) or record the max of (y, or x without kHasY).
 template <typename TX, typename TY, bool kHasY, bool kOut, typename F, typename C = AllChunks>
-__device__ __forceinline__ void walk_row(const TX* x, const TY* y, TX* g, int64_t V, float inv_t, F&& f,
+__device__ __forceinline__ void walk_row(const TX* x, const TY* y, TX* g, int64_t V, const Xform& xf, F&& f,
                                          const C& chunks = C{}) {
   constexpr int kN = 16 / sizeof(TX);
   int64_t head = head_len(x, V);
   if (kHasY && (sizeof(TY) != sizeof(TX) || head_len(y, V) != head)) head = V;
   if (kOut && head_len(g, V) != head) head = V;
   auto scalar = [&](int64_t c) {
-    const float xv = to_f(x[c]) * inv_t, yv = kHasY ? to_f(y[c]) * inv_t : 0.f;
+    const float xv = xf(to_f(x[c])), yv = kHasY ? xf(to_f(y[c])) : 0.f;
     if constexpr (kOut) {
       g[c] = from_f<TX>(f(c, xv, yv));
     } else {
@@ -120,12 +128,12 @@ __device__ __forceinline__ void walk_row(const TX* x, const TY* y, TX* g, int64_
       const TX* ex = reinterpret_cast<const TX*>(&rx);
       float xv[kN], yv[kN];
 #pragma unroll
-      for (int k = 0; k < kN; ++k) xv[k] = to_f(ex[k]) * inv_t;
+      for (int k = 0; k < kN; ++k) xv[k] = xf(to_f(ex[k]));
       if constexpr (kHasY && sizeof(TY) == sizeof(TX)) {
         const uint4 ry = *reinterpret_cast<const uint4*>(y + c0);
         const TY* ey = reinterpret_cast<const TY*>(&ry);
 #pragma unroll
-        for (int k = 0; k < kN; ++k) yv[k] = to_f(ey[k]) * inv_t;
+        for (int k = 0; k < kN; ++k) yv[k] = xf(to_f(ey[k]));
       } else {
 #pragma unroll
         for (int k = 0; k < kN; ++k) yv[k] = 0.f;
@@ -250,12 +258,12 @@ struct RowPass1 {
 // sum of y, first argmax of y ("fixed"), NaNs; `chunks` may record each chunk's max of y. Every
 // thread gets the block's result.
 template <typename TX, typename TY, bool kHasProxy, typename C>
-__device__ __forceinline__ RowPass1 row_pass1(const TX* xr, const TY* yr, int64_t V, float inv_t, bool fixed,
+__device__ __forceinline__ RowPass1 row_pass1(const TX* xr, const TY* yr, int64_t V, const Xform& xf, bool fixed,
                                               const C& chunks, RowSmem& sm) {
   Online sx{-INFINITY, 0.f, 0.f}, sy{-INFINITY, 0.f, 0.f};
   ArgMax best{-INFINITY, -1};
   int nan_seen = 0;
-  walk_row<TX, TY, kHasProxy, false>(xr, yr, nullptr, V, inv_t, [&](int64_t c, float x, float y) {
+  walk_row<TX, TY, kHasProxy, false>(xr, yr, nullptr, V, xf, [&](int64_t c, float x, float y) {
     nan_seen |= (x != x);
     push<true>(sx, x);
     if (kHasProxy) {
@@ -276,12 +284,12 @@ __device__ __forceinline__ RowPass1 row_pass1(const TX* xr, const TY* yr, int64_
 // Pass 2: the kept-set sums relative to my_ref, kept = sum_K e^(y-my) and, with a proxy,
 // cross = sum_K e^(y-my)(y-x), over the chunks `chunks` visits. Every thread gets the sums.
 template <typename TX, typename TY, bool kHasProxy, typename C>
-__device__ __forceinline__ void row_pass2(const TX* xr, const TY* yr, int64_t V, float inv_t, float cutoff,
+__device__ __forceinline__ void row_pass2(const TX* xr, const TY* yr, int64_t V, const Xform& xf, float cutoff,
                                           float my_ref, int64_t argmax_y, const C& chunks, RowSmem& sm, float& kept,
                                           float& cross) {
   kept = 0.f;
   cross = 0.f;
-  walk_row<TX, TY, kHasProxy, false>(xr, yr, nullptr, V, inv_t, [&](int64_t c, float x, float y) {
+  walk_row<TX, TY, kHasProxy, false>(xr, yr, nullptr, V, xf, [&](int64_t c, float x, float y) {
     const float yv = kHasProxy ? y : x;
     if (yv >= cutoff || c == argmax_y) {
       const float e = __expf(yv - my_ref);

@@ -78,7 +78,8 @@ __global__ void token_stats_fwd_kernel(const TokenStatsFwdArgs a, const int64_t 
 
   // pass 1: online max / sum / entropy moment of x, max / sum of y, first argmax of y, NaNs,
   // and the max of y of every chunk
-  const RowPass1 p = row_pass1<TX, TY, kHasProxy>(xr, yr, a.V, a.inv_temperature, fixed,
+  const Xform xf{a.inv_temperature, a.softcap};
+  const RowPass1 p = row_pass1<TX, TY, kHasProxy>(xr, yr, a.V, xf, fixed,
                                                   RecordChunks{chunk_max, chunk_cap}, sm);
   const float m = p.sx.m, my = p.sy.m;
   RowResult r{};
@@ -97,7 +98,7 @@ __global__ void token_stats_fwd_kernel(const TokenStatsFwdArgs a, const int64_t 
   // pass 2: kept-set sums over the chunks that can hold a kept token only (row_pass1's barriers
   // made the chunk maxima visible to every warp)
   float kept, cross;
-  row_pass2<TX, TY, kHasProxy>(xr, yr, a.V, a.inv_temperature, r.cutoff, my_ref, r.argmax_y,
+  row_pass2<TX, TY, kHasProxy>(xr, yr, a.V, xf, r.cutoff, my_ref, r.argmax_y,
                                KeptChunks{chunk_max, chunk_cap, r.cutoff, r.argmax_y}, sm, kept, cross);
 
   if (threadIdx.x == 0) {
@@ -110,8 +111,8 @@ __global__ void token_stats_fwd_kernel(const TokenStatsFwdArgs a, const int64_t 
     r.kl = kHasProxy ? cross / kept + r.lse - r.lse_kept : (kl_on < 0.f ? 0.f : kl_on);
     float logp = 0.f, proxy_logp = 0.f;
     if (a.labels && label >= 0 && label < a.V) {
-      const float x_lab = to_f(xr[label]) * a.inv_temperature;
-      label_logps(r, label, x_lab, kHasProxy ? to_f(yr[label]) * a.inv_temperature : x_lab, logp, proxy_logp);
+      const float x_lab = xf(to_f(xr[label]));
+      label_logps(r, label, x_lab, kHasProxy ? xf(to_f(yr[label])) : x_lab, logp, proxy_logp);
     } else if (a.labels) {  // out of range (the public API rejects it first): NaN, no wild read
       logp = proxy_logp = NAN;
     }
@@ -144,7 +145,8 @@ __global__ void token_stats_bwd_kernel(const TokenStatsBwdArgs a) {
   const float c_kl = a.g_kl ? a.g_kl[row] * inv_t : 0.f;
   const float c_h = a.g_entropy ? a.g_entropy[row] * inv_t : 0.f;
   const bool use_kl = a.g_kl != nullptr, use_h = a.g_entropy != nullptr;
-  walk_row<TX, TY, kHasProxy, true>(xr, yr, gr, a.V, inv_t, [&](int64_t c, float x, float y) -> float {
+  const float softcap = a.softcap;
+  walk_row<TX, TY, kHasProxy, true>(xr, yr, gr, a.V, Xform{inv_t, softcap}, [&](int64_t c, float x, float y) -> float {
     const float logp = x - lse;
     const float p = __expf(logp);
     float g = c_logp * ((c == col_label ? 1.f : 0.f) - p);  // g_logp (e_label - p)
@@ -154,7 +156,7 @@ __global__ void token_stats_bwd_kernel(const TokenStatsBwdArgs a) {
       g += c_kl * (p - q);
     }
     if (use_h) g -= c_h * (x == -INFINITY ? 0.f : p * (logp + entropy));  // -g_H p (log p + H)
-    return g;
+    return softcap > 0.f ? g * transform_slope(x, softcap) : g;  // the chain rule through a soft-cap
   });
 }
 

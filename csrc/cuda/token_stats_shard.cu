@@ -32,7 +32,8 @@ __global__ void token_stats_shard_pass1_kernel(const ShardPass1Args a) {
   __shared__ RowSmem sm;
   const TX* xr = static_cast<const TX*>(a.logits) + row * a.logits_row_stride;
   const TY* yr = kHasProxy ? static_cast<const TY*>(a.proxy) + row * a.proxy_row_stride : nullptr;
-  const RowPass1 p = row_pass1<TX, TY, kHasProxy>(xr, yr, a.V, a.inv_temperature, a.fixed, AllChunks{}, sm);
+  const RowPass1 p = row_pass1<TX, TY, kHasProxy>(xr, yr, a.V, Xform{a.inv_temperature, a.softcap}, a.fixed,
+                                                  AllChunks{}, sm);
   if (threadIdx.x == 0) {
     part[kPartMax] = p.sx.m;
     part[kPartSum] = p.sx.s;
@@ -57,8 +58,8 @@ __global__ void token_stats_shard_pass2_kernel(const ShardPass2Args a) {
   const TX* xr = static_cast<const TX*>(a.logits) + row * a.logits_row_stride;
   const TY* yr = kHasProxy ? static_cast<const TY*>(a.proxy) + row * a.proxy_row_stride : nullptr;
   float kept, cross;
-  row_pass2<TX, TY, kHasProxy>(xr, yr, a.V, a.inv_temperature, a.cutoff[row], a.max_y[row], a.argmax[row],
-                               AllChunks{}, sm, kept, cross);
+  row_pass2<TX, TY, kHasProxy>(xr, yr, a.V, Xform{a.inv_temperature, a.softcap}, a.cutoff[row], a.max_y[row],
+                               a.argmax[row], AllChunks{}, sm, kept, cross);
   if (threadIdx.x == 0) {
     part[kPartKept] = kept;
     part[kPartCross] = kHasProxy ? cross : 0.f;
