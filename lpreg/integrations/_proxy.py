@@ -14,17 +14,25 @@ What is recorded depends on the divergence D_t the loss reads:
     full KL (compat="paper" default) the sparse top-k record of q (`lpreg.build_proxy`, with
                                      the label's exact log q): indices (B, L, k) int32,
                                      log q (B, L, k) and coverage (B, L), fp32
-Cost: no extra forward (the old-log-prob forward already reads the logits); per token 4
-bytes for k3, 8k + 8 bytes for the sparse record (k = 64: 520 bytes).
+Cost: no extra forward (the old-log-prob forward already reads the logits); per response token
+4 bytes for k3, 8k + 8 bytes for the sparse record (k = 64: 520 bytes). verl's engine emits the
+record for response tokens only, in old_log_probs' jagged layout (`_verl_engine.to_response_layout`).
+
+Which policy q comes from in verl's asynchronous trainers (docs/spec.md, "The rollout record in
+verl's trainers"): the record is taken in the same forward as old_log_probs, the proximal policy
+pi_old of decoupled PPO; in the one-step-off-policy, fully-asynchronous and v1 asynchronous trainers
+that is the trainer's recomputation, not the (up to several versions older) policy whose rollout
+engine sampled the tokens.
 """
 
-from typing import Dict, Optional
+from typing import Any, Dict, Optional
 
 import torch
 from torch import Tensor
 
 from .._fused_linear_chunks import ChunkMatmuls
 from ..fused_linear import default_chunk_size
+from ..logit_transform import LogitTransform
 from ..sparse_proxy import SparseProxy, build_proxy
 from ..token_stats import TokenStats, lpreg_token_stats
 
@@ -54,32 +62,39 @@ def use_rollout(source: Optional[str], off_policy: bool) -> bool:
 
 @torch.no_grad()
 def record(logits: Tensor, labels: Tensor, *, temperature: float, mode: str, threshold: float,
-           sparse: bool, topk: int, ignore_index: int = -100) -> Dict[str, Tensor]:
+           sparse: bool, topk: int, ignore_index: int = -100,
+           transform: Optional[Dict[str, Any]] = None) -> Dict[str, Tensor]:
     """The rollout record of rows of logits: (n, V), labels (n,) -> {key: (n,) or (n, k)}.
 
+    `transform`: the ops' logit_scale / logit_softcap keywords (CONTRACT A) when `logits` are the raw
+    h @ W.T of a model that scales or soft-caps them; None or {} for logits as the model returns them.
     Also returns "logp" and "entropy" (n,) of the same logits: the old log-probs of this forward.
     """
+    tf = transform or {}
     stats = lpreg_token_stats(logits, labels, temperature=temperature, mode=mode, threshold=threshold,
-                              ignore_index=ignore_index)
+                              ignore_index=ignore_index, **tf)
     out = {"logp": stats.logp, "entropy": stats.entropy, ROLLOUT_LOGQ: stats.proxy_logp}
     if sparse:
         p = build_proxy(logits, labels, temperature=temperature, mode=mode, threshold=threshold, k=topk,
-                        ignore_index=ignore_index)
+                        ignore_index=ignore_index, **tf)
         out.update(zip(SPARSE_KEYS, (p.indices, p.logq, p.coverage)))
     return out
 
 
 @torch.no_grad()
 def record_hidden(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, *,
-                  chunk_size: Optional[int], **kw) -> Dict[str, Tensor]:
+                  chunk_size: Optional[int], transform: Optional[LogitTransform] = None, **kw) -> Dict[str, Tensor]:
     """`record` of the logits hidden (n, H) @ weight.T + bias, a chunk of rows at a time (the fused
     paths: no (n, V) logits), each chunk one product of the fused paths' own (`lpreg._fused_linear_chunks`):
     fp32 logits whatever autocast region this runs in, so the old log-probs recorded here are those
-    the fused training forward computes. kw: record's keywords. Returns {key: (n,) or (n, k)}."""
+    the fused training forward computes. transform: the head's logit transform (scaled / soft-capped
+    heads, lpreg.logit_transform), applied to each chunk's logits; None: plain logits. kw: record's
+    keywords. Returns {key: (n,) or (n, k)}."""
     n = hidden.shape[0]
     mm = ChunkMatmuls(hidden, weight, bias, False, False, False)
     step = chunk_size or default_chunk_size(n, weight.shape[0], hidden.device)
-    parts = [record(mm.logits(slice(a, a + step)), labels[a:a + step], **kw) for a in range(0, max(n, 1), step)]
+    tf = (lambda x: x) if transform is None else transform.apply  # noqa: E731
+    parts = [record(tf(mm.logits(slice(a, a + step))), labels[a:a + step], **kw) for a in range(0, max(n, 1), step)]
     return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
 

@@ -42,6 +42,7 @@ from torch import Tensor
 from trl.trainer.utils import maybe_gather_lm_head_ctx
 
 from ..fused_linear import fused_linear_token_stats
+from ..logit_transform import LogitTransform
 from ..sparse_proxy import SparseProxy, sparse_proxy_stats
 from ..token_stats import TokenStats, lpreg_token_stats
 from . import _proxy
@@ -221,9 +222,11 @@ def token_stats(model, input_ids: Tensor, attention_mask: Tensor, labels: Tensor
 
 @torch.no_grad()
 def rollout_record(model, input_ids: Tensor, attention_mask: Tensor, labels: Tensor, *, fused: bool,
-                   chunk_size: Optional[int], opts: Dict, sparse: bool, topk: int) -> Dict[str, Tensor]:
+                   chunk_size: Optional[int], opts: Dict, sparse: bool, topk: int,
+                   transform: Optional[LogitTransform] = None) -> Dict[str, Tensor]:
     """Old log-probs and the rollout-time proxy record (lpreg.integrations._proxy) of a batch,
-    from one no-grad forward; each entry (B, C) or (B, C, k)."""
+    from one no-grad forward; each entry (B, C) or (B, C, k). `transform`: the head's logit transform,
+    applied by the fused path (the logits path reads the model's own logits)."""
     B, C = labels.shape
     if not fused:
         out = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=C + 1, use_cache=False)
@@ -235,5 +238,5 @@ def rollout_record(model, input_ids: Tensor, attention_mask: Tensor, labels: Ten
     weight, bias = _full(w), _full(b)
     with maybe_gather_lm_head_ctx(weight, bias) if _zero3() else nullcontext():
         rec = _proxy.record_hidden(h.reshape(B * C, -1), weight, bias, labels.reshape(-1), chunk_size=chunk_size,
-                                   sparse=sparse, topk=topk, **opts)
+                                   sparse=sparse, topk=topk, transform=transform, **opts)
     return {k: v.reshape(B, C, *v.shape[1:]) for k, v in rec.items()}

@@ -4,22 +4,25 @@
     args = LpRegGRPOConfig(output_dir="out", lpreg_compat="released", lpreg_beta=1.0)
     trainer = LpRegGRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=ds)
 
-The trainer replaces GRPO's policy loss (docs/spec.md §3) and nothing else: generation,
-rewards, advantages, the optimiser and logging stay TRL's. Per micro-batch:
+Lp-Reg is a regulariser over whichever objective TRL trains (docs/spec.md, "Lp-Reg over any base
+objective"): every TRL 1.16 loss_type (grpo, dr_grpo, dapo, bnpo, cispo, sapo, luspo, vespo) and
+option (importance_sampling_level="sequence" (GSPO), delta, the reference KL beta != 0,
+top_entropy_quantile < 1, off_policy_mask_threshold, the entropy bonus, the vLLM importance-sampling
+correction, the MoE aux loss). Per micro-batch:
 
     stats = lpreg per-token statistics (logp, proxy_logp, kl, entropy) of the completion tokens
             (lpreg.integrations._trl_forward: fused from the hidden states and the LM head, or
             from the model's logits), inside the wrapped model's forward
-    loss  = lpreg.policy_loss_from_stats(stats, A, old_logp, mask, ...) / TRL's normaliser
-            - TRL's entropy bonus (entropy_coef / use_adaptive_entropy, as TRL adds it)
-            + TRL's MoE load-balancing loss (router_aux_loss_coef, as TRL adds it)
-
-Normalisation follows loss_type, exactly as TRL's:
-    dapo     token-mean over the generation batch: num_tokens = TRL's num_items_in_batch per
-             process and accumulation window (the same denominator TRL divides by)
-    bnpo     token-mean over the micro-batch, / gradient-accumulation steps
-    grpo     seq-mean-token-mean, / gradient-accumulation steps
-    dr_grpo  seq-mean-token-sum / max_completion_length, / gradient-accumulation steps
+    loss  = TRL's own GRPOTrainer._compute_loss on stats.logp and stats.entropy (its base loss, masks,
+            weights, reference KL, aggregation, entropy bonus, aux loss and metrics, unchanged)
+            + TRL's aggregation of the Lp-Reg term (lpreg.integrations._trl_losses):
+              paper     beta S_t D_t
+              released  S_t w_t (surrogate_t - base_t) + beta S_t D_t  (a selected token trains on the
+                        raw-ratio -A r with the upper caps, delta / CISPO's, instead of TRL's base)
+            with S_t, D_t from `lpreg.lpreg_regularize`; a token TRL weights by 0 (the 80/20 mask, the
+            off-policy mask, a vLLM importance-sampling mask) is outside the selection pool.
+So at lpreg_beta = 0 the loss is TRL's, term for term. compat="released" over a sequence-ratio objective
+(GSPO, luspo, vespo) is refused at construction, naming the option (`_trl_losses.released_refusal`).
 
 The proxy q (lpreg.integrations._proxy): off-policy (TRL computes old_per_token_logps: a
 generation batch spans several optimiser steps, or num_iterations > 1), q is recorded at the
@@ -27,43 +30,42 @@ forward that gives the old log-probs, and every update of that generation batch 
 On-policy q is the current policy. `lpreg_proxy` chooses ("rollout" / "current"; default:
 rollout when off-policy).
 
-The old log-probs are always this trainer's: wherever TRL would run its own no-grad forward for
-old_per_token_logps (off-policy, or vLLM importance sampling), lpreg's forward runs instead, the
-same statistics the loss's forward computes (so an on-policy ratio is exactly 1 and the vLLM
-importance-sampling ratio compares the rollout engine with the trainer's own log-probs), and it
-records q when q is the rollout's. Extra forward arguments (multimodal inputs) are refused there
-with a ValueError; nothing falls back to TRL's forward, which would record no proxy.
+The old log-probs are always this trainer's: wherever TRL would run its own no-grad forward of the
+policy for old_per_token_logps (off-policy, or vLLM importance sampling), lpreg's forward runs
+instead, the same statistics the loss's forward computes (so an on-policy ratio is exactly 1 and the
+vLLM importance-sampling ratio compares the rollout engine with the trainer's own log-probs), and it
+records q when q is the rollout's. The reference model's log-probs (beta != 0) are TRL's own forward.
+Extra forward arguments (multimodal inputs) are refused with a ValueError; nothing falls back to
+TRL's forward, which would record no proxy.
 
-Mixed precision: every lpreg forward runs inside `accelerator.autocast()`, as TRL runs its own
-(TRL's redirected forward bypasses the autocast accelerate wrapped around the model's forward),
-so `bf16=True` runs the backbone in bf16; the fused head keeps fp32 logits
-(lpreg._fused_linear_chunks), as TRL's own head does with `cast_lm_head_to_fp32=True`.
+Mixed precision: every lpreg forward runs inside `accelerator.autocast()`, as TRL runs its own, so
+`bf16=True` runs the backbone in bf16; the fused head keeps fp32 logits (lpreg._fused_linear_chunks).
+
+Scaled and soft-capped LM heads (Gemma 2/3, Cohere, Granite, ...): the fused path reads the logit
+transform from the model config (`lpreg.logit_transform_from_config`) and applies it in the fused
+kernels; before the first fused step the head guard (lpreg.integrations._head_guard) compares the
+fused log-probs of a few tokens with the model's own forward().logits and raises on a difference
+beyond the dtype's tolerance (a head no config describes: remote code, a subclass).
 
 Selection (which tokens Lp-Reg regularises) follows the form (`lpreg.needs_step_selection`):
     released  per micro-batch, as the released code does;
     paper     exact over the whole generation batch, across gradient-accumulation steps and
               ranks (`lpreg.selection_threshold` on the old log-probs; on-policy one extra
-              no-grad forward per generation batch gives them).
+              no-grad forward per generation batch gives them); its pool is the tokens TRL
+              trains on that are known at generation (importance-sampling weight > 0); a token
+              that a mask computed at the update (80/20, off-policy) drops is not selected.
 
-vLLM importance-sampling weights w >= 0 (`vllm_importance_sampling_correction`), passed to
-`policy_loss_from_stats(weights=w)`, whose rule (docs/spec.md §3, "Per-token weights") is:
-    surrogate   multiplied by w, as TRL does (-min(rA, clip(r)A) w; for w >= 0 the same as
-                folding w into the advantage);
-    Lp-Reg term not weighted: beta S_t D_t pulls p(y) towards the rollout proxy q(y) at the
-                sampled token, a constraint on the sampled tokens (the released code applies
-                it to them as they are), not an estimate of an expectation under the trainer;
-    selection   a token with w = 0 (masked by TRL's token_mask / sequence_mask modes) is not
-                trained on, so it is out of the selection pool of both forms (it neither
-                counts in rho's population nor can be selected); w > 0 leaves the pool as is;
-    metrics     TRL's clip ratios on the unweighted advantages, as TRL computes them.
-
-Metrics are logged the way TRL logs its own: lpreg/kl, lpreg/frac, lpreg/threshold, entropy,
-clip_ratio/{low_mean, high_mean, region_mean, low_min, high_max}, and policy_loss,
-entropy_coef, aux_loss when TRL would log them.
+Metrics, pooled exactly over the logging window's micro-batches and ranks (sums and counts kept
+per micro-batch, reduced across ranks and divided when TRL logs): lpreg/candidates (the lowest-rho
+pool's size), lpreg/filtered_frac (the share of candidates whose token the proxy filters),
+lpreg/selected (tokens selected), lpreg/kept_mass and lpreg/push (means of m and 1/m - 1 over the
+selected tokens), lpreg/p_y (mean p_y there), lpreg/frac (selected / valid tokens), lpreg/kl (mean
+D_t over the selected tokens), lpreg/threshold (the largest p_y among the candidates). TRL logs its
+own (entropy, clip ratios, kl, policy_loss with the Lp-Reg term, entropy_coef, aux_loss).
 
 This touches TRL internals (`_compute_loss`, `_prepare_inputs`, `_generate_and_score_completions`,
-`_get_per_token_logps_and_entropies`, `_buffered_inputs`, `_metrics`, the entropy controller's
-state), hence the pinned range below.
+`_get_per_token_logps_and_entropies`, `get_high_entropy_mask`, `get_off_policy_mask`,
+`_buffered_inputs`, `_metrics`, `log`), hence the pinned range below.
 """
 
 from dataclasses import dataclass, field
@@ -75,12 +77,12 @@ from packaging.version import Version
 from torch import Tensor
 from trl import GRPOConfig, GRPOTrainer
 from trl.models.utils import _ForwardRedirection
-from trl.trainer.utils import nanmax, nanmin
 
 from .. import LossConfig, needs_step_selection
-from ..policy_loss import policy_loss_from_stats
+from ..logit_transform import LogitTransform, logit_transform_from_config
+from ..regularize import LossTerms, lpreg_regularize, mechanism_metrics, mechanism_sums
 from ..selection import SelectionThreshold, selection_threshold
-from . import _proxy, _trl_forward
+from . import _head_guard, _proxy, _trl_forward, _trl_losses
 from ._core import loss_config
 
 TRL_RANGE = (Version("1.16"), Version("1.17"))
@@ -88,13 +90,15 @@ if not (TRL_RANGE[0] <= Version(trl.__version__) < TRL_RANGE[1]):
     raise ImportError(f"lpreg.integrations.trl is tested with trl >= {TRL_RANGE[0]}, < {TRL_RANGE[1]} (it overrides "
                       f"private members of GRPOTrainer), got trl {trl.__version__}; pip install 'lpreg[trl]'")
 
-SUPPORTED_LOSS_TYPES = ("dapo", "bnpo", "grpo", "dr_grpo")
-_AGG = {"dapo": "token-mean", "bnpo": "token-mean", "grpo": "seq-mean-token-mean", "dr_grpo": "seq-mean-token-sum"}
+SUPPORTED_LOSS_TYPES = _trl_losses.LOSS_TYPES
 _MULTIMODAL_KEYS = ("pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask", "spatial_shapes",
                     "num_tiles", "image_sizes", "token_type_ids", "mm_token_type_ids", "image_position_ids")
 _OLD_KEY = "lpreg_old_logps"  # (B, C) no-grad log-probs of the generation batch (paper selection, on-policy)
 _SEL_KEY = "lpreg_selection"  # SelectionThreshold of one micro-batch
 _IS_KEY = "importance_sampling_ratio"
+# the pooled metrics: lpreg.mechanism_sums' keys, then the divergence over the selected tokens and the valid count
+_EXTRA_SUMS = ("divergence", "valid")
+_MECHANISM_LOGS = ("candidates", "filtered_frac", "selected", "kept_mass", "push", "p_y")
 
 
 @dataclass
@@ -138,58 +142,46 @@ class LpRegGRPOConfig(GRPOConfig):
 
 
 def check_args(args: GRPOConfig) -> None:
-    """Raise ValueError naming the first GRPO setting this trainer does not implement."""
+    """Raise ValueError naming the first GRPO setting Lp-Reg cannot compose with (at construction)."""
     if not (isinstance(args, GRPOConfig) and hasattr(args, "lpreg_compat")):
         raise ValueError(f"args must be an LpRegGRPOConfig, got {type(args).__name__}")
     if args.loss_type not in SUPPORTED_LOSS_TYPES:
-        raise ValueError(f"loss_type={args.loss_type!r} is not supported with Lp-Reg; "
+        raise ValueError(f"loss_type={args.loss_type!r} is not a TRL 1.16 loss type LpRegGRPOTrainer knows; "
                          f"use one of {SUPPORTED_LOSS_TYPES}")
-    unsupported = [
-        ("importance_sampling_level", args.importance_sampling_level != "token", "'token'"),
-        ("beta", args.beta != 0.0, "0.0 (Lp-Reg's recipe has no reference-model KL)"),
-        ("delta", args.delta is not None, "None"),
-        ("top_entropy_quantile", args.top_entropy_quantile < 1.0, "1.0"),
-        ("off_policy_mask_threshold", args.off_policy_mask_threshold is not None, "None"),
-    ]
-    for name, bad, want in unsupported:
-        if bad:
-            raise ValueError(f"{name}={getattr(args, name)!r} is not supported by LpRegGRPOTrainer; set {name}={want}")
-
-
-def check_model(args: "LpRegGRPOConfig", model_config) -> None:
-    """Raise ValueError for model features the fused path does not implement."""
-    text = model_config.get_text_config()
-    if args.lpreg_fused:
-        for name in ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier",
-                     "logits_scaling"):
-            if getattr(text, name, None) not in (None, 1.0):
-                raise ValueError(f"lpreg_fused=True needs plain logits = hidden @ W.T; this model sets "
-                                 f"{name}={getattr(text, name)!r}: use lpreg_fused=False")
+    if args.lpreg_compat == "released":
+        refusal = _trl_losses.released_refusal(args.loss_type, args.importance_sampling_level)
+        if refusal is not None:
+            raise ValueError(refusal)
 
 
 class LpRegGRPOTrainer(GRPOTrainer):
-    """GRPOTrainer whose policy loss is Lp-Reg (see the module docstring)."""
-
-    # TRL's adaptive entropy state (GRPOTrainer.__init__ sets it; _lpreg_entropy_bonus updates it)
-    entropy_coef: float
-    _last_world_entropy: float
-    _entropy_window_stats: Optional[Tensor]
+    """GRPOTrainer with Lp-Reg over TRL's own loss (see the module docstring)."""
 
     def __init__(self, model: Any, reward_funcs: Any = None, args: Optional[LpRegGRPOConfig] = None,
                  **kwargs: Any) -> None:
         check_args(args)  # before TRL builds anything (e.g. a reference model for beta != 0)
         super().__init__(model, reward_funcs, args, **kwargs)
-        check_model(self.args, self.model.config)
         a = self.args
         self._lpreg_redirect = _ForwardRedirection()
-        self._lpreg_opts = dict(temperature=self.temperature, mode=a.lpreg_mode, threshold=a.lpreg_threshold)
+        self._lpreg_opts: Dict[str, Any] = dict(temperature=self.temperature, mode=a.lpreg_mode,
+                                                threshold=a.lpreg_threshold)
+        # the fused path applies the head's logit transform (scaled / soft-capped heads) itself
+        self.lpreg_transform: LogitTransform = logit_transform_from_config(self.model.config)
+        self._lpreg_fused_opts = dict(self._lpreg_opts)
+        if not self.lpreg_transform.is_identity:
+            self._lpreg_fused_opts.update(logit_scale=self.lpreg_transform.scale,
+                                          logit_softcap=self.lpreg_transform.softcap)
         # TRL's own test for old_per_token_logps: the generation batch outlives one optimiser step
         generate_every = a.steps_per_generation * self.num_iterations
         self.lpreg_off_policy = a.gradient_accumulation_steps % generate_every != 0
         self._lpreg_record = _proxy.use_rollout(a.lpreg_proxy, self.lpreg_off_policy)
         self._lpreg_sparse = a.lpreg_loss_config().kl_estimator == "full"  # the full KL reads q over K
         self._lpreg_capture: Optional[Dict[str, Tensor]] = None
-        self._lpreg_generating = False  # inside _generate_and_score_completions: old log-probs are ours
+        self._lpreg_old_forward = False  # the next no-grad policy forward gives TRL's old log-probs: ours
+        self._lpreg_pending: Optional[tuple] = None  # the loss forward's (logp, entropy, aux) for TRL's loss
+        self._lpreg_masks: Dict[str, Tensor] = {}  # TRL's 80/20 and off-policy masks of this micro-batch
+        self._lpreg_sums: Dict[str, Dict[str, Tensor]] = {}  # per mode: pooled sums of the logging window
+        self._lpreg_threshold: Dict[str, Tensor] = {}  # per mode: the largest candidate p_y of the window
 
     # ---- forwards, each through the wrapped model's forward (DDP / FSDP2 / ZeRO-3 hooks)
 
@@ -198,6 +190,9 @@ class LpRegGRPOTrainer(GRPOTrainer):
         # the redirection swaps out the forward accelerate wrapped in autocast: enter it here, as TRL does
         with self.accelerator.autocast():
             return self._lpreg_redirect(model, unwrapped, fn, unwrapped, *args, **kwargs)
+
+    def _lpreg_stats_opts(self) -> Dict[str, Any]:
+        return self._lpreg_fused_opts if self.args.lpreg_fused else self._lpreg_opts
 
     def _lpreg_inputs(self, inputs: Dict[str, Any]):
         if any(inputs.get(k) is not None for k in _MULTIMODAL_KEYS):
@@ -211,14 +206,21 @@ class LpRegGRPOTrainer(GRPOTrainer):
         labels = completion_ids.masked_fill(mask == 0, -100)
         return input_ids, attention_mask, mask, labels
 
-    # ---- the old-log-prob forward: always ours (it also records the rollout proxy when q is the rollout's)
+    # ---- TRL's per-token forward: the loss's is lpreg's; the old-log-prob one is lpreg's (it records q)
 
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
                                            compute_entropy=False, compute_aux_loss=False, **kwargs):
-        if not self._lpreg_generating or torch.is_grad_enabled():
+        if self._lpreg_pending is not None:  # inside TRL's _compute_loss: the statistics lpreg's forward computed
+            logp, entropy, aux_loss = self._lpreg_pending
+            self._lpreg_pending = None
+            return logp, (entropy if compute_entropy else None), (aux_loss if compute_aux_loss else None)
+        if not self._lpreg_old_forward or torch.is_grad_enabled() or model is not self.model:
             return super()._get_per_token_logps_and_entropies(
                 model, input_ids, attention_mask, logits_to_keep, batch_size, compute_entropy, compute_aux_loss,
                 **kwargs)
+        # the first no-grad policy forward of a generation batch is TRL's old_per_token_logps (a later one,
+        # a PEFT reference with the adapter disabled, is TRL's own)
+        self._lpreg_old_forward = False
         extra = sorted(k for k, v in kwargs.items() if v is not None)
         if extra:  # TRL's own forward would run instead, and record no proxy: refuse, never fall back
             raise ValueError(f"LpRegGRPOTrainer computes the old log-probs with its own forward and does not support "
@@ -226,9 +228,8 @@ class LpRegGRPOTrainer(GRPOTrainer):
         if compute_aux_loss:
             raise ValueError("LpRegGRPOTrainer's old-log-prob forward does not compute the MoE aux loss "
                              "(compute_aux_loss=True)")
-        # TRL's old_per_token_logps forward of a generation batch: one forward gives the old log-probs
-        # and, when the loss reads the rollout's q, records it (TRL scores the completion positions
-        # whose attention mask is 1)
+        # one forward gives the old log-probs and, when the loss reads the rollout's q, records it (TRL
+        # scores the completion positions whose attention mask is 1)
         labels = input_ids.masked_fill(attention_mask == 0, -100)[:, -logits_to_keep:]
         step = batch_size or input_ids.shape[0]
         capture, a = self._lpreg_capture, self.args
@@ -239,28 +240,39 @@ class LpRegGRPOTrainer(GRPOTrainer):
                 parts.append(self._lpreg_forward(
                     model, _trl_forward.rollout_record, input_ids[rows], attention_mask[rows], labels[rows],
                     fused=a.lpreg_fused, chunk_size=a.lpreg_chunk_size, opts=self._lpreg_opts,
-                    sparse=self._lpreg_sparse, topk=a.lpreg_proxy_topk))
+                    sparse=self._lpreg_sparse, topk=a.lpreg_proxy_topk, transform=self.lpreg_transform))
             else:  # the loss's own statistics, no grad: the same log-probs the update will compute
                 stats = self._lpreg_forward(model, _trl_forward.token_stats, input_ids[rows], attention_mask[rows],
                                             labels[rows], fused=a.lpreg_fused, chunk_size=a.lpreg_chunk_size,
-                                            opts=self._lpreg_opts)[0]
+                                            opts=self._lpreg_stats_opts())[0]
                 parts.append({"logp": stats.logp, "entropy": stats.entropy})
         record = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
         if capture is not None:
             capture.update({k: v for k, v in record.items() if k not in ("logp", "entropy")})
         return record["logp"], (record["entropy"] if compute_entropy else None), None
 
+    def _lpreg_check_head(self, batch: Dict[str, Any]) -> None:
+        """Start-up, before the first fused step: the FSDP2 layout of the head, and the head guard (fused
+        log-probs of a few tokens against the model's own forward().logits)."""
+        model = self.accelerator.unwrap_model(self.model)
+        _trl_forward.check_head_unit(model, self.args.lpreg_fused)
+        if self.args.lpreg_fused:
+            input_ids, attention_mask, _, _ = self._lpreg_inputs(batch)
+            self._lpreg_forward(self.model, _head_guard.check_fused_head, input_ids[:1], attention_mask[:1],
+                                self.lpreg_transform, temperature=self.temperature)
+        self._lpreg_checked = True
+
     def _generate_and_score_completions(self, inputs):
-        if not getattr(self, "_lpreg_checked", False):  # start-up, before the first rollout (model prepared)
-            _trl_forward.check_head_unit(self.accelerator.unwrap_model(self.model), self.args.lpreg_fused)
-            self._lpreg_checked = True
         self._lpreg_capture = {} if self._lpreg_record and self.model.training else None
-        self._lpreg_generating = True
+        vllm_is = bool(self.use_vllm and self.vllm_importance_sampling_correction)
+        self._lpreg_old_forward = self.lpreg_off_policy or vllm_is
         try:
             out = super()._generate_and_score_completions(inputs)
             out.update(self._lpreg_capture or {})
         finally:
-            self._lpreg_capture, self._lpreg_generating = None, False
+            self._lpreg_capture, self._lpreg_old_forward = None, False
+        if not getattr(self, "_lpreg_checked", False):
+            self._lpreg_check_head(out)
         if needs_step_selection(self.args.lpreg_compat) and self.model.training \
                 and out.get("old_per_token_logps") is None:
             out[_OLD_KEY] = self._lpreg_old_logps(out)
@@ -274,7 +286,7 @@ class LpRegGRPOTrainer(GRPOTrainer):
         step = self.args.per_device_train_batch_size
         parts = [self._lpreg_forward(self.model, _trl_forward.token_stats, input_ids[r], attention_mask[r], labels[r],
                                      fused=self.args.lpreg_fused, chunk_size=self.args.lpreg_chunk_size,
-                                     opts=self._lpreg_opts)[0].logp
+                                     opts=self._lpreg_stats_opts())[0].logp
                  for r in (slice(i, i + step) for i in range(0, input_ids.shape[0], step))]
         return torch.cat(parts).float()
 
@@ -286,7 +298,7 @@ class LpRegGRPOTrainer(GRPOTrainer):
         batches: Optional[List[Dict[str, Any]]] = self._buffered_inputs
         if needs_step_selection(self.args.lpreg_compat) and self.model.training and batches is not before:
             # a new generation batch: one threshold for all of its micro-batches on every rank; the
-            # pool is the tokens TRL trains on (w > 0 under vLLM importance sampling)
+            # pool is the tokens TRL trains on that are known now (w > 0 under vLLM importance sampling)
             olds = [b.get("old_per_token_logps", b.get(_OLD_KEY)) for b in batches]
             masks = [self._lpreg_pool(b) for b in batches]
             sels = selection_threshold(olds, masks, rho=self.args.lpreg_rho)
@@ -295,8 +307,9 @@ class LpRegGRPOTrainer(GRPOTrainer):
         return out
 
     def _lpreg_weights(self, inputs) -> Optional[Tensor]:
-        """TRL's importance-sampling weight w (B, C) or (B, 1), or None."""
-        if self.use_vllm and self.vllm_importance_sampling_correction and inputs.get(_IS_KEY) is not None:
+        """TRL's importance-sampling weight w (B, C) or (B, 1) where TRL multiplies the loss by it, or None."""
+        if self.use_vllm and self.vllm_importance_sampling_correction and inputs.get(_IS_KEY) is not None \
+                and _trl_losses.is_weighted(self.loss_type):
             return inputs[_IS_KEY]
         return None
 
@@ -305,22 +318,21 @@ class LpRegGRPOTrainer(GRPOTrainer):
         w = self._lpreg_weights(inputs)
         return mask if w is None else mask * (w > 0)
 
-    # ---- the loss
+    # ---- TRL's masks, kept for the selection pool (TRL's own code computes them)
 
-    def _normalisation(self, inputs, mode: str):
-        """(loss_agg_mode, num_tokens, divisor) reproducing TRL's loss_type."""
-        lt = self.loss_type
-        accum = self.current_gradient_accumulation_steps if mode == "train" else 1.0
-        if lt == "dapo":
-            # TRL: num_items_in_batch spans the generation batch of every process; per process and
-            # accumulation window the denominator is num_items / P * accum / steps_per_generation
-            n = inputs["num_items_in_batch"].clamp(min=1.0).float() / self.accelerator.num_processes
-            if mode == "train":
-                n = n * self.current_gradient_accumulation_steps / self.args.steps_per_generation
-            return "token-mean", n, 1.0
-        if lt == "dr_grpo":
-            return "seq-mean-token-sum", None, accum * self.max_completion_length
-        return _AGG[lt], None, accum
+    def get_high_entropy_mask(self, entropies: Tensor, mask: Tensor, threshold: float) -> Tensor:
+        out = super().get_high_entropy_mask(entropies, mask, threshold)
+        self._lpreg_masks["entropy"] = out
+        return out
+
+    def get_off_policy_mask(self, advantages: Tensor, per_token_logps: Tensor, sampling_per_token_logps: Tensor,
+                            mask: Tensor, off_policy_threshold: float) -> Tensor:
+        out = GRPOTrainer.get_off_policy_mask(advantages, per_token_logps, sampling_per_token_logps, mask,
+                                              off_policy_threshold)
+        self._lpreg_masks["off_policy"] = out
+        return out
+
+    # ---- the loss
 
     def _compute_loss(self, model, inputs):
         a = self.args
@@ -329,90 +341,101 @@ class LpRegGRPOTrainer(GRPOTrainer):
         proxy = _proxy.sparse_proxy(inputs)
         stats, aux_loss = self._lpreg_forward(
             model, _trl_forward.token_stats, input_ids, attention_mask, labels, fused=a.lpreg_fused,
-            chunk_size=a.lpreg_chunk_size, opts=self._lpreg_opts, proxy=proxy, aux=self.aux_loss_enabled)
+            chunk_size=a.lpreg_chunk_size, opts=self._lpreg_stats_opts(), proxy=proxy, aux=self.aux_loss_enabled)
         if proxy is None and inputs.get(_proxy.ROLLOUT_LOGQ) is not None:
             stats = _proxy.with_rollout_logq(stats, inputs[_proxy.ROLLOUT_LOGQ])
+        # TRL's loss, on lpreg's log-probs and entropies (its _get_per_token_logps_and_entropies returns them)
+        self._lpreg_pending, self._lpreg_masks = (stats.logp, stats.entropy, aux_loss), {}
+        try:
+            loss = super()._compute_loss(model, inputs)
+        finally:
+            self._lpreg_pending = None
+        terms, policy_extra, loss_extra = self._lpreg_term(stats, inputs, mask, mode)
+        if self._entropy_bonus_enabled:  # TRL's policy_loss metric (logged with the bonus) holds the Lp-Reg term
+            entries = self._metrics[mode]["policy_loss"]
+            entries[-1] += self.accelerator.gather(policy_extra.detach()).mean().item()
+        self._lpreg_accumulate(mode, terms, mask)
+        return loss + loss_extra
+
+    def _lpreg_term(self, stats, inputs, mask: Tensor, mode: str):
+        """(LossTerms, the Lp-Reg term aggregated as TRL's policy_loss, the same as TRL's returned loss)."""
+        a, lt = self.args, self.loss_type
         adv = inputs["advantages"]
-        adv = (adv[:, None] if adv.dim() == 1 else adv).expand_as(mask).float()
-        w = self._lpreg_weights(inputs)
-        if w is not None:  # the rule of the module docstring, lpreg's own (docs/spec.md §3, "Per-token weights")
-            w = w.float().expand_as(mask)  # TRL's sequence-level modes give (B, 1)
+        adv = (adv[:, None] if adv.dim() == 1 else adv).float()
         old = inputs.get("old_per_token_logps")  # None: on-policy, ratio exactly 1 (as TRL)
+        logp = stats.logp
+        w_is = self._lpreg_weights(inputs)
+        if w_is is not None:
+            w_is = w_is.float().expand_as(mask)  # TRL's sequence-level modes give (B, 1)
+        # the pool: the tokens TRL trains on (its masks and weights, as TRL applies them)
+        pool = mask.float()
+        for m in (self._lpreg_masks.get("off_policy"), self._lpreg_masks.get("entropy"), w_is):
+            if m is not None:
+                pool = pool * m.float().expand_as(pool)
+        released = a.lpreg_compat == "released"
+        if released:  # the swap needs TRL's per-token base (re-implemented, pinned to TRL's in the tests)
+            old_t = logp.detach() if old is None else old
+            base = _trl_losses.token_base_loss(
+                lt, logp, old_t, adv, epsilon_low=self.epsilon_low, epsilon_high=self.epsilon_high, delta=a.delta,
+                sapo_temperature_pos=a.sapo_temperature_pos, sapo_temperature_neg=a.sapo_temperature_neg)
+            surrogate = _trl_losses.released_surrogate(lt, logp, old_t, adv, base, delta=a.delta)
+            if w_is is not None:
+                base, surrogate = base * w_is, surrogate * w_is
+            base, surrogate = base.expand_as(logp), surrogate.expand_as(logp)
+        else:  # the paper form adds beta S D to TRL's loss: its base is not read here
+            base, surrogate = torch.zeros_like(logp.detach()), None
         sel: Optional[SelectionThreshold] = inputs.get(_SEL_KEY) if mode == "train" else None
-        agg, num_tokens, divisor = self._normalisation(inputs, mode)
-        policy_loss, m = policy_loss_from_stats(
-            stats, adv, old, mask, compat=a.lpreg_compat, rho=a.lpreg_rho, beta=a.lpreg_beta,
-            clip_low=self.epsilon_low, clip_high=self.epsilon_high, loss_agg_mode=agg,
-            kl_estimator=a.lpreg_kl_estimator, selection_threshold=sel, num_tokens=num_tokens, weights=w,
-            return_tensors=True)
-        loss = policy_loss / divisor
-        if self._entropy_bonus_enabled:
-            loss = self._lpreg_entropy_bonus(loss, policy_loss.detach(), stats.entropy, mask, mode)
-        if self.aux_loss_enabled:  # TRL's MoE load-balancing loss, scaled for accumulation as TRL scales it
-            accum = self.current_gradient_accumulation_steps if mode == "train" else 1.0
-            loss = loss + self.router_aux_loss_coef * aux_loss / accum
-            self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss).mean().item())
-        self._lpreg_log(mode, stats, old, adv, mask, m)
-        return loss
+        terms = lpreg_regularize(base, stats, adv.expand_as(logp), old, mask, released_surrogate=surrogate,
+                                 weights=pool, selection_threshold=sel, compat=a.lpreg_compat, rho=a.lpreg_rho,
+                                 beta=a.lpreg_beta, kl_estimator=a.lpreg_kl_estimator)
+        extra = a.lpreg_beta * terms.divergence
+        if released:
+            extra = extra + torch.where(terms.selected, surrogate - base, torch.zeros((), device=logp.device))
+        normalizer = None
+        accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0
+        if lt in ("cispo", "dapo", "vespo"):  # TRL's token count of one accumulation window on this process
+            normalizer = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
+            if mode == "train":
+                normalizer = normalizer * self.current_gradient_accumulation_steps / a.steps_per_generation
+        policy = _trl_losses.aggregate(extra, mask, loss_type=lt, max_completion_length=self.max_completion_length,
+                                       normalizer=normalizer)
+        return terms, policy, (policy if normalizer is not None else policy / accumulation)
 
-    def _lpreg_entropy_bonus(self, loss: Tensor, policy_loss: Tensor, entropy: Tensor, mask: Tensor,
-                             mode: str) -> Tensor:
-        """TRL 1.16's entropy bonus (GRPOTrainer._compute_loss), on lpreg's entropy H(p) of the same
-        tokens: loss - c * (token-mean of H over the micro-batch) / accumulation steps, with c the
-        static coefficient, or the adaptive one of the previous optimiser step (applied only while the
-        window entropy was <= entropy_target), updated from the window-global entropy at each step."""
-        fmask = mask.float()
-        accum = self.current_gradient_accumulation_steps if mode == "train" else 1.0
-        entropy_loss = (entropy * fmask).sum() / fmask.sum().clamp(min=1.0) / accum
-        if self.use_adaptive_entropy:
-            coef = self.entropy_coef if self._last_world_entropy <= self.args.entropy_target else 0.0
-        else:
-            coef = self.entropy_coef
-        loss = loss - coef * entropy_loss
-        self._metrics[mode]["policy_loss"].append(self.accelerator.gather(policy_loss).nanmean().item())
-        if self.use_adaptive_entropy and mode == "train":
-            window = torch.stack([(entropy * fmask).sum(), fmask.sum()]).detach()
-            self._entropy_window_stats = window if self._entropy_window_stats is None \
-                else self._entropy_window_stats + window
-            if self.accelerator.sync_gradients:
-                total = self.accelerator.reduce(self._entropy_window_stats, reduction="sum")
-                world = (total[0] / total[1].clamp(min=1.0)).item()
-                a = self.args
-                if world <= a.entropy_target:
-                    self.entropy_coef = min(self.entropy_coef + a.entropy_coef_delta, a.entropy_coef_max)
-                else:
-                    self.entropy_coef = max(self.entropy_coef - a.entropy_coef_delta, a.entropy_coef_min)
-                self._last_world_entropy = world
-                self._entropy_window_stats = None
-        if mode == "train" and self.accelerator.sync_gradients:
-            self._metrics[mode]["entropy_coef"].append(self.entropy_coef)
-        return loss
+    # ---- the mechanism's metrics, pooled exactly (sums and counts; reduced and divided at log time)
 
-    def _lpreg_log(self, mode: str, stats, old: Optional[Tensor], adv: Tensor, mask: Tensor,
-                   m: Dict[str, Tensor]) -> None:
-        """TRL's way: one float per micro-batch in self._metrics[mode], reduced over processes."""
-        fmask = mask.float()
-        n = fmask.sum()
-        logp = stats.logp.detach()
-        coef = torch.exp(logp - (logp if old is None else old))
-        low = ((coef < 1 - self.epsilon_low) & (adv < 0)).float()
-        high = ((coef > 1 + self.epsilon_high) & (adv > 0)).float()
-        n_sel = m["actor/lpreg_frac"] * n
-        local = torch.stack([
-            (stats.entropy.detach() * fmask).sum(), (low * fmask).sum(), (high * fmask).sum(),
-            (torch.maximum(low, high) * fmask).sum(), m["actor/lpreg_kl"] * n_sel, n_sel, n,
-            m["actor/lpreg_threshold"]])
-        tot = self.accelerator.reduce(local, reduction="sum")
-        count = tot[6].clamp(min=1.0)
-        metrics = self._metrics[mode]
-        metrics["entropy"].append((tot[0] / count).item())
-        metrics["clip_ratio/low_mean"].append((tot[1] / count).item())
-        metrics["clip_ratio/high_mean"].append((tot[2] / count).item())
-        metrics["clip_ratio/region_mean"].append((tot[3] / count).item())
-        # TRL's per-sequence extremes: the mean over each sequence's tokens, min / max over every process
-        seq = fmask.sum(-1)
-        metrics["clip_ratio/low_min"].append(nanmin(self.accelerator.gather((low * fmask).sum(-1) / seq)).item())
-        metrics["clip_ratio/high_max"].append(nanmax(self.accelerator.gather((high * fmask).sum(-1) / seq)).item())
-        metrics["lpreg/kl"].append((tot[4] / tot[5].clamp(min=1.0)).item())
-        metrics["lpreg/frac"].append((tot[5] / count).item())
-        metrics["lpreg/threshold"].append((tot[7] / self.accelerator.num_processes).item())
+    def _lpreg_accumulate(self, mode: str, terms: LossTerms, mask: Tensor) -> None:
+        valid = mask > 0
+        sums = mechanism_sums(terms, valid)
+        sums["divergence"] = terms.divergence.detach().float().sum()
+        sums["valid"] = valid.float().sum()
+        acc = self._lpreg_sums.get(mode)
+        self._lpreg_sums[mode] = sums if acc is None else {k: acc[k] + v for k, v in sums.items()}
+        cand = terms.candidate & valid
+        top = torch.where(cand, terms.p_y.float(), torch.zeros((), device=mask.device)).max() if cand.numel() \
+            else torch.zeros((), device=mask.device)
+        prev = self._lpreg_threshold.get(mode)
+        self._lpreg_threshold[mode] = top if prev is None else torch.maximum(prev, top)
+
+    def _lpreg_pooled(self, mode: str) -> Dict[str, float]:
+        """The logging window's metrics over every micro-batch and rank (collective: every rank logs)."""
+        sums = self._lpreg_sums.pop(mode, None)
+        top = self._lpreg_threshold.pop(mode, None)
+        if sums is None or top is None:
+            return {}
+        keys = sorted(sums)
+        total = self.accelerator.reduce(torch.stack([sums[k] for k in keys]), reduction="sum")
+        pooled = dict(zip(keys, total))
+        top = self.accelerator.gather(top.reshape(1)).max()
+        metrics = mechanism_metrics(pooled)
+        out = {f"lpreg/{k}": metrics[f"lpreg_{k}"] for k in _MECHANISM_LOGS}
+        out["lpreg/frac"] = pooled["selected"] / pooled["valid"].clamp(min=1.0)
+        out["lpreg/kl"] = pooled["divergence"] / pooled["selected"].clamp(min=1.0)
+        out["lpreg/threshold"] = top
+        values = torch.stack([v.float().reshape(()) for v in out.values()]).tolist()
+        return dict(zip(out, values))
+
+    def log(self, logs: Dict[str, float], start_time: Optional[float] = None) -> None:
+        mode = "train" if self.model.training else "eval"
+        pooled = self._lpreg_pooled(mode)
+        logs.update({(f"eval_{k}" if mode == "eval" else k): v for k, v in pooled.items()})
+        super().log(logs, start_time)

@@ -55,3 +55,38 @@ def released_token_losses(logp: Tensor, old_logp: Tensor, tgt: Tensor, adv: Tens
 def label_logp(logits: Tensor, labels: Tensor, temperature: float = 1.0) -> Tensor:
     """log p(y) in float64: (B, L, V), (B, L) -> (B, L)."""
     return torch.log_softmax(logits.double() / temperature, -1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
+
+
+def regularized_token_losses(base: Tensor, surrogate: Tensor, logp: Tensor, tgt: Tensor, adv: Tensor, mask: Tensor, *,
+                             compat: str, rho: float, beta: float, old_logp: Tensor = None):
+    """Lp-Reg over any base objective (docs/spec.md), k3 against log q(y) = tgt, in float64, one call:
+    (per-token loss (B, L), selected (B, L)).
+
+    released: the selection above (k smallest current log-probs among the A < 0 tokens, none when k <= 1,
+              then logp < tgt); a selected token trains on `surrogate` instead of `base`, plus beta k3.
+    paper:    k = max(1, floor(rho n)) smallest `old_logp` (the step-wide selection reads the old
+              log-probs; the current ones when None) of the n valid tokens, then A < 0 and y kept by the
+              proxy (tgt > -1e3: the released filter's -1e4 logit); base + beta k3.
+    """
+    logp, tgt, adv, base, surrogate = (t.double() for t in (logp, tgt, adv, base, surrogate))
+    valid = mask > 0
+    flat_valid = valid.reshape(-1)
+    selected = torch.zeros_like(flat_valid)
+    if compat == "released":
+        pool = (flat_valid & (adv.reshape(-1) < 0)).nonzero()[:, 0]
+        k = max(1, int(pool.numel() * rho))
+        if pool.numel() > 0 and k > 1:
+            lowest = pool[torch.topk(logp.reshape(-1)[pool], k, largest=False).indices]
+            selected[lowest] = logp.reshape(-1)[lowest] < tgt.reshape(-1)[lowest]
+    else:
+        ref = (logp if old_logp is None else old_logp.double()).reshape(-1)
+        pool = flat_valid.nonzero()[:, 0]
+        k = max(1, int(pool.numel() * rho))
+        lowest = pool[torch.topk(ref[pool], k, largest=False).indices]
+        selected[lowest] = (adv.reshape(-1)[lowest] < 0) & (tgt.reshape(-1)[lowest] > -1e3)
+    selected = selected.reshape(valid.shape)
+    d = tgt - logp
+    k3 = (torch.exp(d) - d - 1).clamp(-10, 10)
+    pg = torch.where(selected, surrogate, base) if compat == "released" else base
+    loss = pg + beta * torch.where(selected, k3, torch.zeros_like(k3))
+    return torch.where(valid, loss, torch.zeros_like(loss)), selected

@@ -140,24 +140,24 @@ class Spies:
         import lpreg.integrations.trl as lt
 
         self.gathers, self.selection, self._undo = 0, [], []
-        real_gather, real_loss = fwd.maybe_gather_lm_head_ctx, lt.policy_loss_from_stats
+        real_gather, real_loss = fwd.maybe_gather_lm_head_ctx, lt.lpreg_regularize
 
         def gather(*params):
             self.gathers += 1
             return real_gather(*params)
 
-        def loss(stats, adv, old, mask, **kw):
+        def loss(base, stats, adv, old, mask, **kw):
             sel = kw.get("selection_threshold")
             if sel is not None:
                 ref = stats.logp.detach() if old is None else old
                 self.selection.append([sel.k, int(sel.mask(ref, mask > 0).sum()), int((mask > 0).sum()), sel.n_valid])
-            return real_loss(stats, adv, old, mask, **kw)
+            return real_loss(base, stats, adv, old, mask, **kw)
 
         fwd.maybe_gather_lm_head_ctx = gather
         self._undo.append(lambda: setattr(fwd, "maybe_gather_lm_head_ctx", real_gather))
         if record_selection:
-            lt.policy_loss_from_stats = loss
-            self._undo.append(lambda: setattr(lt, "policy_loss_from_stats", real_loss))
+            lt.lpreg_regularize = loss
+            self._undo.append(lambda: setattr(lt, "lpreg_regularize", real_loss))
 
     def close(self):
         for undo in self._undo:
