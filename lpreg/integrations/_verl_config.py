@@ -6,13 +6,21 @@ import functools
 from dataclasses import dataclass
 from typing import Any, Dict, Optional
 
+from verl.trainer.ppo import core_algos
 from verl.workers.config import ActorConfig, PolicyLossConfig
 
+from ..logit_transform import LogitTransform, logit_transform_from_config
 from . import _proxy
 from ._core import loss_config
 
 LOSS_MODE = "lpreg"
 STRATEGIES = ("fsdp", "fsdp2")
+# verl's policy losses whose ratio is the sequence's (one ratio per response): no token ratio to
+# un-clip, so only the paper form composes with them (docs/spec.md, "Lp-Reg over any base objective")
+SEQUENCE_RATIO = ("gspo", "geo_mean")
+# the base losses whose released-form surrogate lpreg knows (_verl_loss.released_surrogate)
+RELEASED_BASES = ("vanilla", "bypass_mode", "dppo_tv", "dppo_kl", "sapo", "clip_cov", "kl_cov", "cispo", "gpg",
+                  "dro")
 
 
 @dataclass
@@ -23,18 +31,21 @@ class LpRegPolicyLossConfig(PolicyLossConfig):
     lpreg_mode: str = "min_p"  # proxy filter: "min_p" (kappa) or "fixed" (tau)
     lpreg_threshold: float = 0.02  # kappa or tau
     lpreg_rho: float = 0.01  # fraction of lowest-probability tokens regularised
-    lpreg_beta: float = 1.0  # weight of the Lp-Reg term (0: verl's vanilla PPO term)
+    lpreg_beta: float = 1.0  # weight of the Lp-Reg term (0: the base loss exactly)
     lpreg_kl_estimator: Optional[str] = None  # None: "full" for paper, "k3" for released
     # where q comes from: "rollout" (recorded at the old-log-prob pass), "current", or None: rollout
     # when a rollout is trained on by more than one optimiser step (several mini-batches or epochs)
     lpreg_proxy: Optional[str] = None
     lpreg_proxy_topk: int = 64  # entries of the sparse rollout proxy (full KL only)
-    # verl's dual clip (actor.clip_ratio_c) as verl's vanilla loss applies it; False: none, as in the
-    # Lp-Reg objective and the released code
+    # the released form's swapped tokens keep verl's dual clip (actor.clip_ratio_c) as the vanilla /
+    # bypass_mode base does; False: they train on the raw -A r, as in the released code (the other
+    # tokens are always the base loss as verl computes it)
     lpreg_dual_clip: bool = True
+    # the policy loss Lp-Reg sits on: any loss in verl's registry (verl computes and aggregates it)
+    lpreg_base_loss_mode: str = "vanilla"
 
     def __post_init__(self) -> None:
-        check_options(lpreg_options(self))
+        check_options(lpreg_options(self), self)
 
 
 _FIELDS = LpRegPolicyLossConfig.__dataclass_fields__
@@ -47,12 +58,43 @@ def lpreg_options(policy_loss: Any) -> Dict[str, Any]:
     return {k: get(k, v) for k, v in _DEFAULTS.items()}
 
 
-def check_options(o: Dict[str, Any]) -> None:
-    loss_config(o)
+def check_options(o: Dict[str, Any], policy_loss: Any = None) -> None:
+    """Raise ValueError naming the first lpreg_* option (or the base loss's own option, read from
+    `policy_loss` when given) that loss_mode=lpreg cannot serve."""
+    cfg = loss_config(o)
+    check_base_loss_mode(o["lpreg_base_loss_mode"], cfg.compat, policy_loss)
     _proxy.check_source(o["lpreg_proxy"], "lpreg_proxy")
     _proxy.check_topk(o["lpreg_proxy_topk"], "lpreg_proxy_topk")
     if not isinstance(o["lpreg_dual_clip"], bool):
         raise ValueError(f"lpreg_dual_clip must be True or False, got {o['lpreg_dual_clip']!r}")
+
+
+def check_base_loss_mode(base: Any, compat: str, policy_loss: Any = None) -> None:
+    """lpreg_base_loss_mode must name a policy loss in verl's registry (not lpreg itself), and the
+    released form needs a token ratio (refused for the sequence-ratio losses, with the paper form
+    offered) and a surrogate lpreg knows for that base."""
+    registered = sorted(k for k in core_algos.POLICY_LOSS_REGISTRY if k != LOSS_MODE)
+    if not isinstance(base, str) or base not in registered:
+        raise ValueError(f"lpreg_base_loss_mode must be one of verl's registered policy losses {registered}, "
+                         f"got {base!r}")
+    if compat == "released" and base in SEQUENCE_RATIO:
+        raise ValueError(f"lpreg_base_loss_mode={base!r} with lpreg_compat='released': {base} has one ratio per "
+                         f"sequence, not per token, so the released form's swap of a selected token to the raw "
+                         f"token-ratio surrogate -A r does not exist for it; use lpreg_compat='paper' (the base loss "
+                         f"plus beta S D, aggregated as {base} aggregates)")
+    if compat == "released" and base not in RELEASED_BASES:
+        raise ValueError(f"lpreg_base_loss_mode={base!r} with lpreg_compat='released': lpreg knows the released "
+                         f"form's surrogate (-A r with the base's upper caps) for {list(RELEASED_BASES)} only; use "
+                         f"lpreg_compat='paper', which composes with any registered policy loss")
+    get = (policy_loss.get if hasattr(policy_loss, "get") else lambda k, d=None: getattr(policy_loss, k, d)) \
+        if policy_loss is not None else (lambda k, d=None: d)
+    if base == "dro" and not (isinstance(get("dro_beta", None), (int, float)) and get("dro_beta", None) > 0):
+        raise ValueError(f"lpreg_base_loss_mode='dro' needs policy_loss.dro_beta > 0 (DRO's quadratic log-ratio "
+                         f"penalty), got dro_beta={get('dro_beta', None)!r}")
+    for name, key in (("clip_cov", "clip_cov_ratio"), ("kl_cov", "kl_cov_ratio")):
+        value = get(key, None)
+        if base == name and value is not None and not value > 0:
+            raise ValueError(f"lpreg_base_loss_mode={name!r} needs policy_loss.{key} > 0, got {value!r}")
 
 
 def is_lpreg(actor_config: Any) -> bool:
@@ -63,7 +105,7 @@ def is_lpreg(actor_config: Any) -> bool:
 def check_actor(actor: Any) -> None:
     """Raise ValueError naming the first actor setting loss_mode=lpreg cannot serve."""
     o = lpreg_options(actor.policy_loss)
-    check_options(o)
+    check_options(o, actor.policy_loss)
     strategy = actor.get("strategy", None)
     if strategy not in STRATEGIES:
         raise ValueError(f"actor strategy={strategy!r} is not supported with loss_mode=lpreg (its engine does not "
@@ -81,28 +123,26 @@ def check_actor(actor: Any) -> None:
                          f"ulysses_sequence_parallel_size={sp}; use lpreg_kl_estimator='k3' or lpreg_proxy='current'")
 
 
-# hf config attributes that make a model's logits something other than h @ W.T + b
-SCALED_LOGITS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling")
+def model_logit_transform(hf_config: Any) -> LogitTransform:
+    """The logit transform of the model whose transformers config is `hf_config` (lpreg's fused
+    kernels apply it after the LM head's matmul, before the temperature): Gemma's soft-cap, Cohere's
+    logit_scale, Granite's logits_scaling, ... (`lpreg.logit_transform_from_config`); the identity
+    for None or a model whose config describes none (the head guard catches a head that changes
+    its logits in a way no config field says).
 
+    Args:
+        hf_config: a `transformers.PretrainedConfig` (the FSDP module's `.config`), or None.
 
-def scaled_logits(hf_config: Any) -> Optional[str]:
-    """'this model (...) sets name=value' when its logits are soft-capped or scaled (Gemma-2/3's
-    final_logit_softcapping, Cohere's logit_scale, Granite's logits_scaling, ...), else None."""
-    if hf_config is None:
-        return None
-    text = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
-    for name in SCALED_LOGITS:
-        value = getattr(text, name, None)
-        if value is not None and value != 1:
-            return f"this model ({type(hf_config).__name__}) sets {name}={value!r}"
-    return None
+    Returns:
+        The `lpreg.LogitTransform` to pass to the fused ops as logit_scale / logit_softcap.
+    """
+    return LogitTransform() if hf_config is None else logit_transform_from_config(hf_config)
 
 
 def check_model(model: Any) -> None:
     """Raise ValueError when actor_rollout_ref.model (a DictConfig) asks for lpreg's fused path
-    (use_fused_kernels=True) on a model whose logits are not h @ W.T + b, or with a LoRA adapter on
-    lm_head. Reads the model's config.json (as verl's HFModelConfig does), with verl's
-    override_config applied."""
+    (use_fused_kernels=True) with a LoRA adapter on lm_head (the fused path reads the head's weight).
+    Scaled and soft-capped heads run fused (`model_logit_transform`)."""
     if not model.get("use_fused_kernels", False):
         return
     targets = model.get("target_modules", None)
@@ -110,20 +150,6 @@ def check_model(model: Any) -> None:
         raise ValueError(f"actor_rollout_ref.model.use_fused_kernels=True with loss_mode=lpreg reads the LM head's "
                          f"weight, but actor_rollout_ref.model.target_modules={list(targets)!r} puts a LoRA adapter "
                          f"on lm_head: drop it, or set actor_rollout_ref.model.use_fused_kernels=False")
-    from transformers import AutoConfig
-    from verl.utils.fs import copy_to_local
-
-    path = model.get("hf_config_path", None) or model.get("path")
-    hf_config = AutoConfig.from_pretrained(copy_to_local(path, use_shm=model.get("use_shm", False)),
-                                           trust_remote_code=model.get("trust_remote_code", False))
-    for key, value in (model.get("override_config", None) or {}).items():
-        if not hasattr(value, "items"):
-            setattr(hf_config, key, value)
-    reason = scaled_logits(hf_config)
-    if reason:
-        raise ValueError(f"actor_rollout_ref.model.use_fused_kernels=True with loss_mode=lpreg computes the logits as "
-                         f"h @ W.T + b; {reason} (model path {path!r}): set "
-                         f"actor_rollout_ref.model.use_fused_kernels=False")
 
 
 def install_actor_check() -> None:

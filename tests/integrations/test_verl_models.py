@@ -1,5 +1,6 @@
 """loss_mode=lpreg with use_fused_kernels=True on models whose head is not a plain linear map or whose
-backbone is wrapped: logit soft-capping / scaling (refused), and verl's LoRA (peft; supported).
+backbone is wrapped: logit soft-capping / scaling (the fused kernels apply the model's transform), and
+verl's LoRA (peft; supported).
 
 Tiny models and configs are built here (no download). Tolerances of the LoRA comparison: those of
 test_verl.py's fused-vs-logits comparison (the same two paths; LoRA adds the adapters' products,
@@ -39,31 +40,57 @@ def scaled_config(name):
     return tf.GraniteConfig(**TINY, logits_scaling=8.0), "logits_scaling=8.0"
 
 
-@pytest.mark.parametrize("name", ["gemma2", "cohere", "granite"])
-def test_scaled_logits_refused_when_the_config_is_validated(tmp_path, monkeypatch, name):
-    """Gemma-2's soft-capping, Cohere's logit scale, Granite's logits scaling: the fused path's h @ W.T
-    would be wrong, so main_ppo's validate_config refuses use_fused_kernels=True for them, naming the
-    setting and the model's value, before Ray starts; use_fused_kernels=False runs."""
-    config, setting = scaled_config(name)
-    config.save_pretrained(tmp_path)
-    base = VT.docs_overrides() + SIZES + [f"actor_rollout_ref.model.path={tmp_path}"]
-    with pytest.raises(ValueError, match=rf"use_fused_kernels=True with loss_mode=lpreg .*{setting}"):
-        VT.main_ppo_runner(V.compose(base + ["actor_rollout_ref.model.use_fused_kernels=True"]), monkeypatch)
-    VT.main_ppo_runner(V.compose(base + ["actor_rollout_ref.model.use_fused_kernels=False"]), monkeypatch)
-
-
-def test_scaled_logits_refused_by_the_engine(tmp_path):
-    """The engine refuses too (a run that did not go through main_ppo's validate_config): a tiny
-    Gemma-2 with use_fused_kernels=True raises at its first lpreg forward, naming the setting."""
+def save_scaled(name, path):
+    """A tiny model of the family `name` (random weights, lpreg's tiny tokenizer) saved at `path`."""
     from transformers import AutoModelForCausalLM
 
-    config, setting = scaled_config("gemma2")
+    config, setting = scaled_config(name)
     torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
-    tiny_tokenizer().save_pretrained(tmp_path)
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return setting
+
+
+@pytest.mark.parametrize("name", ["gemma2", "cohere", "granite"])
+def test_model_logit_transform_reads_the_config(name):
+    """The transform the fused engine applies comes from the model's config (no list of names):
+    Gemma-2's soft-cap 30, Cohere's scale 1/16, Granite's 1/logits_scaling; a Llama is the identity."""
+    from transformers import LlamaConfig
+
+    from lpreg.integrations._verl_config import model_logit_transform
+
+    config, _ = scaled_config(name)
+    t = model_logit_transform(config)
+    want = {"gemma2": (1.0, 30.0), "cohere": (0.0625, None), "granite": (0.125, None)}[name]
+    assert t.scale == pytest.approx(want[0]) and t.softcap == want[1]
+    assert model_logit_transform(LlamaConfig(**TINY)).is_identity and model_logit_transform(None).is_identity
+
+
+@pytest.mark.parametrize("name", ["gemma2", "cohere", "granite"])
+def test_scaled_logits_pass_validate_config(tmp_path, monkeypatch, name):
+    """Gemma-2's soft-capping, Cohere's logit scale, Granite's logits scaling: main_ppo's
+    validate_config accepts use_fused_kernels=True for them (they were refused before the fused
+    kernels took the logit transform)."""
+    config, _ = scaled_config(name)
+    config.save_pretrained(tmp_path)
+    base = VT.docs_overrides() + SIZES + [f"actor_rollout_ref.model.path={tmp_path}"]
+    VT.main_ppo_runner(V.compose(base + ["actor_rollout_ref.model.use_fused_kernels=True"]), monkeypatch)
+
+
+@pytest.mark.parametrize("name", ["gemma2", "cohere", "granite"])
+def test_scaled_logits_fused_equal_the_logits_path(tmp_path, name):
+    """A tiny Gemma-2 / Cohere / Granite trained with use_fused_kernels=True (hidden states x LM head
+    with the model's logit transform) and with the model's own logits: the same losses and gradient
+    norms over two mini-batches at beta = 1 (test_verl.py's fused-vs-logits tolerances)."""
+    save_scaled(name, str(tmp_path))
     V.init(29549)
-    with pytest.raises(NotImplementedError, match=rf"use_fused_kernels=True with loss_mode=lpreg .*{setting}"):
-        V.run(str(tmp_path), dict(mini=4, fused=True))
+    case = dict(mini=4, lpreg_beta=1.0, lpreg_rho=0.5, lpreg_threshold=0.2)
+    logits = V.run(str(tmp_path), case)
+    fused = V.run(str(tmp_path), {**case, "fused": True})
+    assert fused["steps"][0]["metrics"]["actor/lpreg_frac"] > 0
+    for a, b in zip(logits["steps"], fused["steps"]):
+        assert abs(a["loss"] - b["loss"]) <= LOSS_ATOL
+        assert abs(a["grad_norm"] - b["grad_norm"]) <= GRAD_RTOL * abs(a["grad_norm"])
 
 
 def test_lora_fused_kernels_equal_the_logits_path(tmp_path):

@@ -102,9 +102,16 @@ def rollout_batch(path, seed=1) -> DataProto:
 
 
 def actor_config(loss_mode="lpreg", loss_agg_mode="token-mean", mini=B, micro=2, clip_ratio_c=3.0, epochs=1,
-                 **lpreg):
-    policy_loss = (lpreg_verl.LpRegPolicyLossConfig(loss_mode=loss_mode, **lpreg) if loss_mode == "lpreg"
-                   else PolicyLossConfig(loss_mode=loss_mode))
+                 policy=None, **lpreg):
+    """verl's ActorConfig; `policy`: PolicyLossConfig fields both verl's loss and lpreg's read (dro_beta,
+    clip_cov_lb, rollout_correction, ...)."""
+    policy = dict(policy or {})
+    if "rollout_correction" in policy:
+        from verl.trainer.config import RolloutCorrectionConfig
+
+        policy["rollout_correction"] = RolloutCorrectionConfig(**policy["rollout_correction"])
+    policy_loss = (lpreg_verl.LpRegPolicyLossConfig(loss_mode=loss_mode, **policy, **lpreg) if loss_mode == "lpreg"
+                   else PolicyLossConfig(loss_mode=loss_mode, **policy))
     return ActorConfig(strategy="fsdp2", rollout_n=1, ppo_micro_batch_size_per_gpu=micro, ppo_mini_batch_size=mini,
                        clip_ratio=0.2, clip_ratio_c=clip_ratio_c, loss_agg_mode=loss_agg_mode, ppo_epochs=epochs,
                        policy_loss=policy_loss)
@@ -157,21 +164,27 @@ def run(path, case, world=1, rank=0):
     record_selection=True: the result's "selection" lists, per micro-batch, the paper form's
     (k, n of the step, tokens of this micro-batch in the step-wide set, valid tokens here)."""
     case = dict(case)
-    if case.pop("record_selection", False):
+    record_selection, record_terms = case.pop("record_selection", False), case.pop("record_terms", False)
+    if record_selection or record_terms:
         import lpreg.integrations._verl_loss as loss_module
 
-        seen, real = [], loss_module.policy_loss_from_stats
+        seen, terms, real = [], [], loss_module.lpreg_regularize
 
-        def spy(stats, adv, old, mask, **kw):
+        def spy(base, stats, adv, old, mask, **kw):
             sel = kw["selection_threshold"]
-            seen.append([sel.k, sel.n_valid, int(sel.mask(old, mask > 0).sum()), int((mask > 0).sum())])
-            return real(stats, adv, old, mask, **kw)
+            if record_selection:
+                seen.append([sel.k, sel.n_valid, int(sel.mask(old, mask > 0).sum()), int((mask > 0).sum())])
+            out = real(base, stats, adv, old, mask, **kw)
+            if record_terms:
+                terms.append((out, mask > 0))
+            return out
 
-        loss_module.policy_loss_from_stats = spy
+        loss_module.lpreg_regularize = spy
         try:
-            return {**run(path, case, world, rank), "selection": seen}
+            result = run(path, case, world, rank)
         finally:
-            loss_module.policy_loss_from_stats = real
+            loss_module.lpreg_regularize = real
+        return {**result, "selection": seen if record_selection else None, "terms": terms}
     fused, rmpad = case.pop("fused", False), case.pop("remove_padding", True)
     loss_mode = case.pop("loss_mode", "lpreg")
     seed = case.pop("seed", 1)
