@@ -86,16 +86,19 @@ def take_rows(t, rows: Rows):
 
 
 def chunk_stats(logits: Tensor, labels: Tensor, proxy, temperature: float, mode: str, threshold: float,
-                ignore_index: int, backend: str, process_group=None) -> TokenStats:
+                ignore_index: int, backend: str, process_group=None, logit_scale: float = 1.0,
+                logit_softcap: Optional[float] = None) -> TokenStats:
     """(logp, proxy_logp, kl, entropy), each (n,) fp32, for (n, V) logits and a proxy slice
     (None: on-policy; (n, V) dense logits; or a SparseProxy, which carries its own filter); with a
-    process_group, the logits are this rank's vocabulary shard."""
+    process_group, the logits are this rank's vocabulary shard. The logits are the chunk's raw
+    matmul x; the op applies the logit transform (logit_scale, logit_softcap), to a dense proxy too."""
     if isinstance(proxy, SparseProxy):
         return sparse_proxy_stats(logits, labels, proxy, temperature=temperature, ignore_index=ignore_index,
-                                  backend=backend, process_group=process_group)
+                                  backend=backend, process_group=process_group, logit_scale=logit_scale,
+                                  logit_softcap=logit_softcap)
     return lpreg_token_stats(logits, labels, temperature=temperature, mode=mode, threshold=threshold,
                              proxy_logits=proxy, ignore_index=ignore_index, backend=backend,
-                             process_group=process_group)
+                             process_group=process_group, logit_scale=logit_scale, logit_softcap=logit_softcap)
 
 
 def sharded_chunk_size(chunk_size: Optional[int], N: int, weight: Tensor, device: torch.device, group) -> int:

@@ -40,11 +40,13 @@ class _Opts(NamedTuple):
     ignore_index: int
     backend: str
     process_group: object  # None, or the group over which the weight is sharded by vocabulary
+    logit_scale: float = 1.0  # the logit transform the per-chunk op applies to the chunk's x = h W^T + b
+    logit_softcap: Optional[float] = None
 
 
 def _stats(logits: Tensor, labels: Tensor, proxy, rows, opts: _Opts) -> TokenStats:
     return chunk_stats(logits, labels[rows], take_rows(proxy, rows), opts.temperature, opts.mode, opts.threshold,
-                       opts.ignore_index, opts.backend, opts.process_group)
+                       opts.ignore_index, opts.backend, opts.process_group, opts.logit_scale, opts.logit_softcap)
 
 
 class _FusedLinearTokenStats(torch.autograd.Function):
@@ -147,6 +149,8 @@ def fused_linear_token_stats(
     chunk_size: Optional[int] = None,
     backend: str = "auto",
     process_group: Optional["ProcessGroup"] = None,
+    logit_scale: float = 1.0,
+    logit_softcap: Optional[float] = None,
 ) -> TokenStats:
     """`lpreg_token_stats(hidden @ weight.T + bias, labels, ...)` without the (..., V) logits.
 
@@ -165,6 +169,8 @@ def fused_linear_token_stats(
     rank's share summed by one all_reduce of N x H fp32). Collectives: one all_gather of the
     widths, then two all_gathers per chunk of rows, forward, and again in the backward, which
     recomputes each chunk's statistics.
+    logit_scale, logit_softcap: the LM head's logit transform (see `lpreg_token_stats`), applied by
+    the per-chunk op to x = hidden @ weight.T + bias (and to a dense proxy) before the temperature.
 
     Returns TokenStats(logp, proxy_logp, kl, entropy), each (...) fp32; logp, kl and entropy
     are differentiable w.r.t. hidden, weight and bias (backward recomputes the logits chunk
@@ -176,12 +182,14 @@ def fused_linear_token_stats(
     temperature = _validate.check_temperature(temperature)
     threshold = _validate.check_mode_threshold(mode, threshold)
     _validate.check_backend(backend)
+    logit_scale = _validate.check_logit_scale(logit_scale)
+    logit_softcap = _validate.check_logit_softcap(logit_softcap)
     lead = tuple(hidden.shape[:-1])
     V, H = weight.shape
     N = labels.numel()
     chunk = sharded_chunk_size(chunk_size, N, weight, hidden.device, process_group)
     flat_proxy = _flat_proxy(proxy, lead, V, hidden.device, sharded=process_group is not None)
-    opts = _Opts(temperature, mode, threshold, int(ignore_index), backend, process_group)
+    opts = _Opts(temperature, mode, threshold, int(ignore_index), backend, process_group, logit_scale, logit_softcap)
     out = _FusedLinearTokenStats.apply(hidden.reshape(N, H), weight, bias, labels.reshape(N).long(), flat_proxy,
                                        opts, max(1, chunk))
     return TokenStats(*(o.reshape(lead) for o in out))
@@ -202,6 +210,8 @@ def fused_linear_build_proxy(
     chunk_size: Optional[int] = None,
     backend: str = "auto",
     process_group: Optional["ProcessGroup"] = None,
+    logit_scale: float = 1.0,
+    logit_softcap: Optional[float] = None,
 ) -> SparseProxy:
     """`lpreg.build_proxy(hidden @ weight.T + bias, labels, ...)` without the (..., V) logits: the
     rollout-time proxy record of a fused path, from the hidden states and the LM head, no grad.
@@ -213,6 +223,8 @@ def fused_linear_build_proxy(
     from), then `build_proxy` on it. process_group: None, or the group over which the head is
     sharded by vocabulary (weight and bias are this rank's block; every rank gets the same record,
     with global indices; one all_gather of the widths, then build_proxy's two per chunk).
+    logit_scale, logit_softcap: the LM head's logit transform, applied to each chunk's x by
+    build_proxy (the record is the proxy of the model's transformed logits).
 
     Returns a SparseProxy ((..., k) int32 indices, (..., k) fp32 log q, (...) coverage, (...) label
     log q or None), equal to build_proxy's on the materialised logits.
@@ -225,6 +237,8 @@ def fused_linear_build_proxy(
     if not isinstance(k, int) or isinstance(k, bool) or k < 1:
         raise ValueError(f"k must be an int >= 1, got {k!r}")
     _validate.check_backend(backend)
+    logit_scale = _validate.check_logit_scale(logit_scale)
+    logit_softcap = _validate.check_logit_softcap(logit_softcap)
     lead = tuple(hidden.shape[:-1])
     V, H = weight.shape
     N = math.prod(lead)
@@ -240,7 +254,7 @@ def fused_linear_build_proxy(
         rows = slice(a, min(N, a + chunk))
         p = build_proxy(mm.logits(rows), None if flat is None else flat[rows], temperature=temperature, mode=mode,
                         threshold=threshold, k=k, ignore_index=ignore_index, backend=backend,
-                        process_group=process_group)
+                        process_group=process_group, logit_scale=logit_scale, logit_softcap=logit_softcap)
         idx[rows], logq[rows], cov[rows] = p.indices, p.logq, p.coverage
         if label_logq is not None and p.label_logq is not None:  # given labels, build_proxy returns it
             label_logq[rows] = p.label_logq

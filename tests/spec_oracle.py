@@ -13,12 +13,26 @@ import lpreg
 OUTPUTS = ("logp", "proxy_logp", "kl", "entropy")
 
 
+def spec_transform(raw, logit_scale=1.0, logit_softcap=None):
+    """docs/spec.md "The logit transform" in float64: (z, dz/dx) of raw logits x,
+    z = c tanh(s x / c), dz/dx = s (1 - tanh^2(s x / c)) with a soft-cap c; z = s x, dz/dx = s without."""
+    raw = raw.double()
+    if logit_softcap is None:
+        return raw * logit_scale, torch.full_like(raw, float(logit_scale))
+    t = torch.tanh(raw * logit_scale / logit_softcap)
+    return logit_softcap * t, logit_scale * (1.0 - t * t)
+
+
 def spec_token_stats(logits, labels, *, temperature=1.0, mode="min_p", threshold=0.02,
-                     proxy_logits=None, ignore_index=-100):
-    """Returns dict of float64 (N,) tensors plus p, q, log p for the gradient; rows flattened."""
+                     proxy_logits=None, ignore_index=-100, logit_scale=1.0, logit_softcap=None):
+    """Returns dict of float64 (N,) tensors plus p, q, log p for the gradient; rows flattened.
+    logit_scale, logit_softcap: the logit transform applied to the raw logits (and the proxy's)
+    before the temperature; "dzdx" is its derivative, for the chain rule in spec_grad."""
     V = logits.shape[-1]
-    x = logits.detach().reshape(-1, V).double() / temperature
-    y = x if proxy_logits is None else proxy_logits.detach().reshape(-1, V).double() / temperature
+    z, dzdx = spec_transform(logits.detach().reshape(-1, V), logit_scale, logit_softcap)
+    x = z / temperature
+    y = x if proxy_logits is None else spec_transform(proxy_logits.detach().reshape(-1, V), logit_scale,
+                                                      logit_softcap)[0] / temperature
     lse = torch.logsumexp(x, -1)
     logp = x - lse[:, None]
     p = logp.exp()
@@ -34,7 +48,7 @@ def spec_token_stats(logits, labels, *, temperature=1.0, mode="min_p", threshold
     logq = torch.where(kept, y - lse_kept[:, None], torch.full_like(y, -math.inf))
     q = logq.exp()
     kl = torch.where(kept, q * (logq - logp), torch.zeros_like(q)).sum(-1)
-    out = {"kl": kl, "entropy": entropy, "p": p, "q": q, "logp_all": logp, "kept": kept}
+    out = {"kl": kl, "entropy": entropy, "p": p, "q": q, "logp_all": logp, "kept": kept, "dzdx": dzdx}
     if labels is not None:
         lab = labels.reshape(-1)
         valid = lab != ignore_index
@@ -49,7 +63,8 @@ def spec_token_stats(logits, labels, *, temperature=1.0, mode="min_p", threshold
 
 
 def spec_grad(ref, g_logp=None, g_kl=None, g_entropy=None, *, temperature=1.0):
-    """docs/spec.md §2: grad_z = (g_logp (e_y - p) + g_kl (p - q) - g_H p (log p + H)) / T."""
+    """docs/spec.md §2: grad_z = (g_logp (e_y - p) + g_kl (p - q) - g_H p (log p + H)) / T, then the
+    chain rule through the logit transform: grad_x = grad_z dz/dx."""
     p, q = ref["p"], ref["q"]
     grad = torch.zeros_like(p)
     if g_logp is not None:
@@ -61,7 +76,7 @@ def spec_grad(ref, g_logp=None, g_kl=None, g_entropy=None, *, temperature=1.0):
         grad -= g_entropy.reshape(-1, 1).double() * plogp
     if "valid" in ref:
         grad = torch.where(ref["valid"][:, None], grad, 0.0)
-    return grad / temperature
+    return grad / temperature * ref["dzdx"]
 
 
 def make_logits(rows, V, *, seed=0, neg_inf=True):
@@ -85,11 +100,19 @@ def make_logits(rows, V, *, seed=0, neg_inf=True):
     return x
 
 
-def eager_in_dtype(logits, labels, *, temperature, mode, threshold, proxy_logits=None):
+def _transform_in_dtype(t, logit_scale, logit_softcap):
+    if logit_softcap is None:
+        return t if logit_scale == 1.0 else t * logit_scale
+    return torch.tanh(t * (logit_scale / logit_softcap)) * logit_softcap
+
+
+def eager_in_dtype(logits, labels, *, temperature, mode, threshold, proxy_logits=None, logit_scale=1.0,
+                   logit_softcap=None):
     """What a user writes today, evaluated in the input dtype: the error budget for low precision.
     logits (N, V) requiring grad; labels (N,) in range. Returns logp, kl, entropy (N,)."""
-    x = logits / temperature
-    y = x.detach() if proxy_logits is None else proxy_logits.to(logits.dtype) / temperature
+    x = _transform_in_dtype(logits, logit_scale, logit_softcap) / temperature
+    y = x.detach() if proxy_logits is None else _transform_in_dtype(
+        proxy_logits.to(logits.dtype), logit_scale, logit_softcap) / temperature
     logp = torch.log_softmax(x, -1)
     p = logp.exp()
     py = torch.softmax(y, -1)
@@ -103,7 +126,8 @@ def eager_in_dtype(logits, labels, *, temperature, mode, threshold, proxy_logits
 
 
 def assert_backend_matches_spec(backend, logits, labels, upstream, *, temperature, mode, threshold,
-                                proxy_logits=None, device="cpu", ignore_index=-100):
+                                proxy_logits=None, device="cpu", ignore_index=-100, logit_scale=1.0,
+                                logit_softcap=None):
     """Run lpreg on `backend` (forward + backward) and compare with docs/spec.md in float64.
 
     Outputs are fp32 computed from the exact input values, so they must agree to 1e-5 in
@@ -113,7 +137,8 @@ def assert_backend_matches_spec(backend, logits, labels, upstream, *, temperatur
     V = logits.shape[-1]
     dtype = logits.dtype
     leaf = logits.detach().clone().requires_grad_()
-    kw = dict(temperature=temperature, mode=mode, threshold=threshold)
+    kw = dict(temperature=temperature, mode=mode, threshold=threshold, logit_scale=logit_scale,
+              logit_softcap=logit_softcap)
     proxy_dev = None if proxy_logits is None else proxy_logits.to(device)
     out = lpreg.lpreg_token_stats(leaf.to(device), labels.to(device), backend=backend, proxy_logits=proxy_dev,
                                   ignore_index=ignore_index, **kw)
