@@ -244,8 +244,22 @@ def k3(logp: Tensor, proxy_logp: Tensor) -> Tensor:
 
 
 class LossTerms(NamedTuple):
-    """The loss core's per-token result (docs/spec.md, "Lp-Reg over any base objective"): each field has the
-    shape of the tokens, (B, L) from `lpreg.lpreg_regularize`, (n,) inside the losses."""
+    """The loss core's per-token result (docs/spec.md, "Lp-Reg over any base objective").
+
+    Each field has the shape of the tokens: (B, L) from `lpreg.lpreg_regularize`, (n,) inside the losses.
+
+    Attributes:
+        loss: fp32, the per-token loss: the base (swapped for the released surrogate where the released
+            form selects) + beta S D. Aggregate it as the base objective aggregates its own.
+        base_loss: fp32, the base objective's per-token loss before any swap.
+        candidate: bool, in the lowest-rho set (released: of the A < 0 pool; paper: of the pool).
+        selected: bool, S_t: the tokens Lp-Reg acts on.
+        divergence: fp32, D_t (k3 or the full KL), 0 where not selected.
+        filtered: bool, a valid token whose sampled token the proxy filters out (proxy_logp = -inf).
+        kept_mass: fp32, m = exp(logp - proxy_logp), detached: the proxy's kept mass when the proxy is
+            the current policy; NaN where filtered or not valid.
+        p_y: fp32, exp(logp), detached.
+    """
 
     loss: Tensor  # fp32: base (swapped where the released form selects) + beta S D; what the caller aggregates
     base_loss: Tensor  # fp32: the base objective's per-token loss before any swap

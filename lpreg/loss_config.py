@@ -1,8 +1,8 @@
 """The Lp-Reg loss options, defined once: `LossConfig`, and which forms select step-wide.
 
-Every loss entry point (`lpreg_policy_loss`, `policy_loss_from_stats`, `fused_linear_policy_loss`)
-takes these options as keywords, validates them once by building a `LossConfig`, and passes that
-object down; nothing below the entry point checks them again. Adapters validate their own
+Every loss entry point (`lpreg_policy_loss`, `policy_loss_from_stats`, `fused_linear_policy_loss`,
+`lpreg_regularize`) takes these options as explicit keywords (the same names and defaults; a test keeps
+them equal), validates them once by building a `LossConfig`, and passes that object down; nothing below the entry point checks them again. Adapters validate their own
 `lpreg_*` settings the same way: `LossConfig(compat=..., rho=...)` raises `LossConfigError`, a
 ValueError whose `field` attribute is the offending field's name and whose message starts with it
 (so an adapter maps it to its own option name without parsing the text).
@@ -49,21 +49,33 @@ def _checked(field: str, fn: Callable[..., T], *args: Any) -> T:
 
 @dataclass(frozen=True)
 class LossConfig:
-    """The hyper-parameters of the Lp-Reg policy loss (docs/spec.md §3).
+    """The options of the Lp-Reg policy loss (docs/spec.md §3), validated on construction.
 
-    compat: "released" (the authors' code, the default) or "paper" (Eq. 6 as written).
-    temperature, mode, threshold: the policy's temperature and the proxy's noise filter (docs/spec.md §1).
-    rho: fraction of lowest-probability tokens eligible for the penalty; beta: its weight (0 turns
-        Lp-Reg off entirely: no token is selected, and the loss is the plain clipped surrogate).
-    clip_low, clip_high: the ratio clip [1 - clip_low, 1 + clip_high] ([0, 10] by default, the paper's).
-    clip_ratio_c: None (the Lp-Reg objective), or > 1 for dual-clip PPO as verl applies it: an A < 0
-        token's surrogate is capped at -A * clip_ratio_c.
-    loss_agg_mode: "token-mean", "seq-mean-token-mean" or "seq-mean-token-sum".
-    kl_estimator: None (k3 for released, the full KL for paper), "k3" or "full".
-    ignore_index: labels equal to it never count; backend: the token-statistics backend.
-    logit_scale, logit_softcap: the LM head's logit transform, applied to the raw logits x before the
-        temperature (docs/spec.md): z = logit_softcap * tanh(logit_scale * x / logit_softcap) with a
-        softcap (Gemma), z = logit_scale * x without (Cohere, Granite, MiniCPM); 1.0 and None: none.
+    Every loss function takes these fields as keywords of the same names and defaults, and builds one
+    LossConfig per call; adapters build one from their own settings.
+
+    Attributes:
+        compat: "released" (the authors' code, the default) or "paper" (Eq. 6 as written).
+        temperature: The policy's sampling temperature T (> 0).
+        mode: The proxy's noise filter, "min_p" or "fixed" (docs/spec.md §1).
+        threshold: The filter's threshold (kappa).
+        rho: The fraction of lowest-probability tokens eligible for the penalty, in (0, 1].
+        beta: The penalty's weight, >= 0 (0 turns Lp-Reg off entirely: no token is selected, and the
+            loss is the plain clipped surrogate).
+        clip_low: The ratio clip's lower width: r >= 1 - clip_low ([0, 10] by default, the paper's).
+        clip_high: The ratio clip's upper width: r <= 1 + clip_high.
+        clip_ratio_c: None (the Lp-Reg objective), or > 1 for dual-clip PPO as verl applies it: an
+            A < 0 token's surrogate is capped at -A * clip_ratio_c.
+        loss_agg_mode: "token-mean", "seq-mean-token-mean" or "seq-mean-token-sum".
+        kl_estimator: None (k3 for released, the full KL for paper), "k3" or "full".
+        ignore_index: Labels equal to it never count.
+        backend: The token-statistics backend: "auto", "triton", "torch", "cpu" or "cuda".
+        logit_scale: The LM head's logit multiplier (Cohere, Granite, MiniCPM), applied to the raw
+            logits x before the temperature; finite and > 0 (1.0: none).
+        logit_softcap: None, or the LM head's tanh soft-cap c (Gemma): z = c tanh(logit_scale x / c).
+
+    Raises:
+        LossConfigError: A field is out of range; its `field` names it.
     """
 
     compat: str = "released"
