@@ -54,8 +54,10 @@ def test_probe_steps_and_summary():
 def test_probe_is_the_runs_own_update_at_beta_1_and_leaves_the_run_untouched(tmp_path):
     from lpreg.experiments.mechanism import probe
     from lpreg.trainer.advantage import group_advantages
+    from lpreg.trainer.rollout import rollout
+    from lpreg.trainer.scoring import scoring_pass
     from lpreg.trainer.setup import setup
-    from lpreg.trainer.step import rollout, scoring_pass, update
+    from lpreg.trainer.update import update
 
     cfg = preset_config("test-micro", output_dir=str(tmp_path), resume="none", prompts_per_step=4, lpreg_rho=0.5,
                         mechanism_every=1, token_stats_backend="torch")
@@ -68,7 +70,7 @@ def test_probe_is_the_runs_own_update_at_beta_1_and_leaves_the_run_untouched(tmp
             ro.seq_adv, _ = group_advantages([float(i % 2) for i in range(len(ro.responses))], cfg.samples_per_prompt)
             plans.append(scoring_pass(run, ro, step))
             if step == 0:
-                update(run, plans[0], 0)
+                update(run, plans[0])
         params = {k: v.clone() for k, v in run.policy.state_dict().items()}
         opt = copy.deepcopy(run.optimizer.state_dict())
         metrics = probe(run, plans[1], 1)
@@ -79,7 +81,7 @@ def test_probe_is_the_runs_own_update_at_beta_1_and_leaves_the_run_untouched(tmp
         row = json.loads((tmp_path / "mechanism.jsonl").read_text().splitlines()[-1])
         assert row["step"] == 2 and metrics["mechanism/n_selected"] == len(row["p_before"]) > 0
         # the run's own update (Lp-Reg released, beta = 1) moves the selected tokens exactly as the probe's
-        update(run, plans[1], 1)
+        update(run, plans[1])
         b = plans[1].batch
         with torch.no_grad():
             logits = run.policy(input_ids=b.input_ids, attention_mask=b.attention_mask).logits[:, :-1]

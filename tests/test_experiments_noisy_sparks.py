@@ -1,7 +1,8 @@
 """The noisy-sparks task (lpreg.experiments.noisy_sparks): its problem generator (a pool of thousands,
 a held-out split disjoint by expression, deterministic in the seed), its registration (task, the
-cpu-demo / cpu-sparks-demo / cpu-regime-sweep presets), the warm start's random-token noise, the
-sweep's cache of the step-0 evaluation, and a 2-step run of the cpu-demo preset.
+noisy-sparks-demo / cpu-sparks-demo / cpu-regime-sweep presets), the warm start's random-token noise, the
+output floor (a registered output transform), the sweep's cache of the step-0 evaluation, and a 2-step run
+of the noisy-sparks-demo preset.
 """
 
 import json
@@ -12,11 +13,11 @@ import pytest
 import torch
 
 import lpreg.experiments  # noqa: F401  (registers the task and presets)
-from lpreg.experiments import noisy_sparks, sparks
+from lpreg.experiments import diversity, noisy_sparks, output_floor, sparks, token_noise
+from lpreg.experiments.token_noise import TokenNoise
 from lpreg.trainer.config import preset_config
-from lpreg.trainer.problem import TokenNoise
 from lpreg.trainer.reward import extract_answer
-from lpreg.trainer.tasks import TASKS
+from lpreg.trainer.tasks import TASKS, WARM_START_AUGMENTS
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: see tests/conftest.py
 
@@ -56,19 +57,23 @@ def test_the_generator_is_deterministic_in_the_seed():
 
 def test_registration_and_presets():
     task = TASKS["noisy-sparks"]
-    assert task.split_problems is noisy_sparks.noisy_split and task.spark_tokens == (sparks.SPARK,)
-    assert task.warm_start_noise == noisy_sparks.NOISE and 0.2 <= task.warm_start_noise.rate < 1
-    assert task.output_floor == noisy_sparks.FLOOR >= 0.2
-    demo = preset_config("cpu-demo")
+    assert task.split_problems is noisy_sparks.noisy_split and diversity.SPARK_TOKENS["noisy-sparks"] == (sparks.SPARK,)
+    assert WARM_START_AUGMENTS["noisy-sparks"].key == {"warm_start_noise": {"rate": noisy_sparks.NOISE.rate,
+                                                                             "keep_last": noisy_sparks.NOISE.keep_last}}
+    assert 0.2 <= noisy_sparks.NOISE.rate < 1 and noisy_sparks.FLOOR >= 0.2
+    demo = preset_config("noisy-sparks-demo")
+    assert demo.output_transform == f"output_floor:floor={noisy_sparks.FLOOR}"  # the floor is the presets' setting
     # the method's knobs stay at the paper's values except rho (the small batch: the preset says why)
     assert demo.task == "noisy-sparks" and demo.lpreg_threshold == 0.02 and demo.lpreg_beta == 1.0
     assert demo.lpreg_mode == "min_p" and demo.lpreg_compat == "released" and demo.loss == "lpreg"
-    assert demo.eval_start and demo.mechanism_every > 0 and demo.n_problems >= len(noisy_sparks.noisy_split("train", 0))
+    assert demo.eval_start and demo.option("mechanism_every") > 0
+    assert demo.n_problems >= len(noisy_sparks.noisy_split("train", 0))
     control = preset_config("cpu-sparks-demo")
-    assert control.task == "sparks" and control.n_problems == 96 and control.mechanism_every == 30
+    assert control.task == "sparks" and control.n_problems == 96 and control.option("mechanism_every") == 30
     sweep = preset_config("cpu-regime-sweep")
-    assert sweep.task == "noisy-sparks" and sweep.eval_problems == 384 and sweep.mechanism_every == 0
-    for field in ("lr", "lpreg_rho", "warmup_steps", "prompts_per_step", "max_new_tokens", "steps"):
+    assert sweep.task == "noisy-sparks" and sweep.eval_problems == 384 and sweep.option("mechanism_every") == 0
+    for field in ("lr", "lpreg_rho", "warmup_steps", "prompts_per_step", "max_new_tokens", "steps",
+                  "output_transform"):
         assert getattr(sweep, field) == getattr(demo, field), field
 
 
@@ -78,7 +83,7 @@ def test_warm_start_noise_inserts_random_tokens_and_keeps_the_answer():
     tok = sparks.sparks_tokenizer()
     probs = noisy_sparks.noisy_split("train", 0)[:400]
     clean = _sft_batch(tok, probs, "cpu")
-    noisy = _sft_batch(tok, probs, "cpu", TokenNoise(rate=0.3, keep_last=1), random.Random(0))
+    noisy = _sft_batch(tok, probs, "cpu", token_noise.augment(TokenNoise(rate=0.3, keep_last=1), tok), random.Random(0))
     n_clean = int((clean[2] != -100).sum())
     n_noisy = int((noisy[2] != -100).sum())
     free = n_clean - 2 * len(probs)  # answer tokens that may get a token inserted before them (not eos, not last)
@@ -92,7 +97,7 @@ def test_warm_start_noise_inserts_random_tokens_and_keeps_the_answer():
         assert all(any(t == u for u in it) for t in c)
         assert not (set(n) - set(c)) & specials
     # the same rng seed gives the same noise
-    again = _sft_batch(tok, probs, "cpu", TokenNoise(rate=0.3, keep_last=1), random.Random(0))
+    again = _sft_batch(tok, probs, "cpu", token_noise.augment(TokenNoise(rate=0.3, keep_last=1), tok), random.Random(0))
     assert torch.equal(again[0], noisy[0])
     with pytest.raises(ValueError, match="TokenNoise"):
         TokenNoise(rate=1.0)
@@ -101,8 +106,9 @@ def test_warm_start_noise_inserts_random_tokens_and_keeps_the_answer():
 def test_output_floor_is_a_tail_training_cannot_remove():
     from lpreg.trainer.setup import build_policy
 
-    model, tok = build_policy(preset_config("cpu-demo"), "cpu")
-    assert model.output_floor == noisy_sparks.FLOOR == TASKS["noisy-sparks"].output_floor
+    model, tok = build_policy(preset_config("noisy-sparks-demo"), "cpu")
+    assert model.config.lpreg_output_transform == {"name": "output_floor", "module": "lpreg.experiments.output_floor",
+                                                   "params": {"floor": noisy_sparks.FLOOR}}
     ids = torch.tensor([tok.encode("Q: Kobera packs nuts: 3+5+7=?\nA: ", add_special_tokens=False)])
     with torch.no_grad():
         model.get_output_embeddings().weight.mul_(50.0)  # a very sharp policy: softmax(z) ~ one-hot
@@ -114,8 +120,7 @@ def test_output_floor_is_a_tail_training_cannot_remove():
     kept = p[p >= 0.02 * p.max()].sum()
     assert float(kept) <= 1.0 - noisy_sparks.FLOOR + 0.02, float(kept)
     with pytest.raises(ValueError, match="floor"):
-        from lpreg.trainer.model import add_output_floor
-        add_output_floor(model, 1.0)
+        output_floor.install(model, 1.0)
 
 
 def test_warm_start_cache_key_covers_the_noise(monkeypatch, tmp_path):
@@ -124,17 +129,19 @@ def test_warm_start_cache_key_covers_the_noise(monkeypatch, tmp_path):
     from lpreg.trainer import tasks
     from lpreg.trainer.setup import warm_start_cache_dir
 
-    cfg = preset_config("cpu-demo", warm_start_cache=str(tmp_path))
+    cfg = preset_config("noisy-sparks-demo", warm_start_cache=str(tmp_path))
     before = warm_start_cache_dir(cfg)
-    task = tasks.TASKS["noisy-sparks"]
-    monkeypatch.setitem(tasks.TASKS, "noisy-sparks", dataclasses.replace(task, warm_start_noise=TokenNoise(rate=0.1)))
+    augment = tasks.WARM_START_AUGMENTS["noisy-sparks"]
+    monkeypatch.setitem(tasks.WARM_START_AUGMENTS, "noisy-sparks",
+                        dataclasses.replace(augment, key={"warm_start_noise": {"rate": 0.1, "keep_last": 0}}))
     assert warm_start_cache_dir(cfg) != before
-    monkeypatch.setitem(tasks.TASKS, "noisy-sparks", dataclasses.replace(task, output_floor=0.1))
-    assert warm_start_cache_dir(cfg) not in (before, None)
+    monkeypatch.undo()
+    assert warm_start_cache_dir(cfg) == before
+    assert warm_start_cache_dir(dataclasses.replace(cfg, output_transform=output_floor.spec(0.1))) not in (before, None)
 
 
 def test_eval_start_cache_key():
-    from lpreg.trainer.step import eval_start_cache_file
+    from lpreg.trainer.eval_cache import eval_start_cache_file
 
     cfg = preset_config("cpu-regime-sweep", warm_start_cache="/c/ws", eval_start_cache="/c/ev", torch_threads=1)
     path = eval_start_cache_file(cfg)
@@ -155,14 +162,14 @@ SHORT = dict(steps=2, warmup_steps=30, warmup_eval_problems=8, prompts_per_step=
 
 
 @pytest.mark.slow
-def test_two_steps_of_cpu_demo_and_the_cached_start_evaluation(tmp_path, capsys):
-    """Two real steps of the main job's preset (shortened warm start): the metrics and mechanism logs
+def test_two_steps_of_noisy_sparks_demo_and_the_cached_start_evaluation(tmp_path, capsys):
+    """Two real steps of the study's former main job (shortened warm start): the metrics and mechanism logs
     the issue's criteria read, the summary's mechanism lines, and a second run (another loss) that
     loads the step-0 evaluation instead of redoing it."""
     from lpreg.train import train
 
     caches = dict(warm_start_cache=str(tmp_path / "ws"), eval_start_cache=str(tmp_path / "ev"))
-    train(preset_config("cpu-demo", **SHORT, **caches, output_dir=str(tmp_path / "a")))
+    train(preset_config("noisy-sparks-demo", **SHORT, **caches, output_dir=str(tmp_path / "a")))
     out = capsys.readouterr().out
     rows = [json.loads(line) for line in open(tmp_path / "a" / "metrics.jsonl")]
     assert [r["step"] for r in rows] == [0, 1, 2]
@@ -174,7 +181,7 @@ def test_two_steps_of_cpu_demo_and_the_cached_start_evaluation(tmp_path, capsys)
     assert "summary (2 steps" in out and "held-out pass@8" in out
     ev = os.listdir(tmp_path / "ev")
     assert len(ev) == 1
-    train(preset_config("cpu-demo", **{**SHORT, "mechanism_every": 0}, **caches, loss="grpo",
+    train(preset_config("noisy-sparks-demo", **{**SHORT, "mechanism_every": 0}, **caches, loss="grpo",
                         output_dir=str(tmp_path / "b")))
     assert "loaded " + str(tmp_path / "ev" / ev[0]) in capsys.readouterr().out
     first = [json.loads(line) for line in open(tmp_path / "b" / "metrics.jsonl")][0]
@@ -183,17 +190,18 @@ def test_two_steps_of_cpu_demo_and_the_cached_start_evaluation(tmp_path, capsys)
 
 @pytest.mark.slow
 def test_the_proxy_removes_a_quarter_of_the_mass_where_lpreg_selects(tmp_path):
-    """One real step of cpu-demo's set-up (shortened warm start) with a half-correct reward pattern (the
+    """One real step of noisy-sparks-demo's set-up (shortened warm start) with a half-correct reward pattern (the
     selection depends on the advantages only through their sign), measured by the mechanism probe:
     Lp-Reg selects tokens, and the proxy's kept mass at them is at most 0.8 (the floor's 0.25 is below
     min-p's cut), so k3 pushes with 1/m - 1 >= 0.25."""
     from lpreg.experiments.mechanism import probe
     from lpreg.trainer.advantage import group_advantages
+    from lpreg.trainer.rollout import rollout
+    from lpreg.trainer.scoring import scoring_pass
     from lpreg.trainer.setup import setup
-    from lpreg.trainer.step import rollout, scoring_pass
 
-    cfg = preset_config("cpu-demo", **{**SHORT, "eval_every": 0, "eval_start": False}, output_dir=str(tmp_path / "r"),
-                        warm_start_cache=str(tmp_path / "ws"))
+    cfg = preset_config("noisy-sparks-demo", **{**SHORT, "eval_every": 0, "eval_start": False},
+                        output_dir=str(tmp_path / "r"), warm_start_cache=str(tmp_path / "ws"))
     run = setup(cfg)
     try:
         ro = rollout(run, 0)

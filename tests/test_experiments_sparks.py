@@ -165,8 +165,11 @@ def test_lpreg_released_selects_dozens_of_tokens_in_a_step(two_steps):
     the step's rewards are replaced by a half-correct pattern (the selection depends on the
     advantages only through their sign)."""
     from lpreg.trainer.advantage import group_advantages
+    from lpreg.trainer.rollout import rollout
+    from lpreg.trainer.scoring import scoring_pass
     from lpreg.trainer.setup import setup
-    from lpreg.trainer.step import rollout, scoring_pass, step_metrics, update
+    from lpreg.trainer.step import step_metrics
+    from lpreg.trainer.update import update
 
     _, out = two_steps
     cfg = preset_config("cpu-sparks", **SHORT, output_dir=str(out / "step"), warm_start_cache=str(out / "cache"))
@@ -179,7 +182,7 @@ def test_lpreg_released_selects_dozens_of_tokens_in_a_step(two_steps):
         with torch.no_grad():  # the logits the update's (on-policy) selection sees
             logits = run.model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits[:, :-1]
         want = _released_selection_oracle(logits, b.labels, b.loss_mask, plan.tok_adv, cfg)
-        sums, norms = update(run, plan, 0)
+        sums, norms = update(run, plan)
         row = step_metrics(run, 0, ro, plan, sums, norms, {})
     finally:
         run.close()

@@ -151,7 +151,7 @@ def test_the_trainer_imports_no_experiment():
     allowed. The deprecated `python -m lpreg.trainer.compare` runs the sweep by name (runpy): no edge."""
     graph = import_graph()
     assert "lpreg.trainer.loop" in graph and "lpreg.experiments.compare" in graph
-    assert "lpreg.trainer.step" in graph["lpreg.experiments.mechanism"]
+    assert "lpreg.trainer.update" in graph["lpreg.experiments.mechanism"]
     assert trainer_imports_of_experiments(graph) == []
 
 

@@ -235,7 +235,7 @@ def test_scoring_pass_proxy_captures_every_kept_sampled_label():
 
     from lpreg.trainer.model import build_tiny_model
     from lpreg.trainer.rollout import pack
-    from lpreg.trainer.step import _score
+    from lpreg.trainer.scoring import _score
     from lpreg.trainer.tokenizer import build_char_tokenizer
 
     tok = build_char_tokenizer()

@@ -96,10 +96,38 @@ def test_metrics_log_truncates_rows_after_the_resume_step(tmp_path):
     assert read_metrics(path) == []
 
 
-def _train(out, extra=(), env=None, timeout=240):
-    args = [sys.executable, "-m", "lpreg.train", "--preset", "test-micro", "--steps", "4", "--output-dir", str(out),
-            "--resume", "auto", *extra]
-    return subprocess.run(args, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
+# The kill comes from the test's side: a wrapper (this test's code, not the trainer's) runs lpreg-train's
+# entry point with the run's optimizer patched to SIGKILL the process at its N-th step() call, i.e. in the
+# middle of that training step: after the backward, before the parameters change.
+_KILLING_RUN = """
+import os, signal, sys
+import lpreg.trainer.setup as setup
+from lpreg.train import main
+
+kill_at, real = int(sys.argv[1]), setup._optimizer
+
+def optimizer_that_dies(*args, **kwargs):
+    model, optimizer, scheduler = real(*args, **kwargs)
+    step, calls = optimizer.step, [0]
+
+    def dying_step(*a, **k):
+        calls[0] += 1
+        if calls[0] == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return step(*a, **k)
+
+    optimizer.step = dying_step
+    return model, optimizer, scheduler
+
+setup._optimizer = optimizer_that_dies
+main(sys.argv[2:])
+"""
+
+
+def _train(out, extra=(), kill_at_update=None, timeout=240):
+    args = ["--preset", "test-micro", "--steps", "4", "--output-dir", str(out), "--resume", "auto", *extra]
+    head = ["-m", "lpreg.train"] if kill_at_update is None else ["-c", _KILLING_RUN, str(kill_at_update)]
+    return subprocess.run([sys.executable, *head, *args], capture_output=True, text=True, timeout=timeout)
 
 
 def _final_params(out):
@@ -115,7 +143,7 @@ def test_sigkill_mid_step_then_resume_matches_an_uninterrupted_run(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
 
     run = tmp_path / "run"
-    res = _train(run, ["--keep-checkpoints", "5"], env={"LPREG_TEST_KILL_AT_STEP": "2"})  # 0-based: the 3rd step
+    res = _train(run, ["--keep-checkpoints", "5"], kill_at_update=3)  # one update per step: in the 3rd step
     assert res.returncode == -9, (res.returncode, res.stderr[-3000:])
     assert [r["step"] for r in read_metrics(str(run / "metrics.jsonl"))] == [1, 2]
     assert ckpt.latest_checkpoint(str(run)).endswith("step_000002")

@@ -227,7 +227,7 @@ def test_end_of_run_summary_reads_the_logs(tmp_path):
     from lpreg.trainer.summary import format_summary, summarise
 
     rows = [{"step": 0, "eval/pass@8": 0.5, "eval/avg@8": 0.25}]
-    rows += [{"step": s, "critic/score/mean": s / 20, "actor/entropy": 1.0 - s / 40, "spark/prob": 0.01 * s,
+    rows += [{"step": s, "critic/score/mean": s / 20, "actor/entropy": 1.0 - s / 40,
               "actor/lpreg_frac": 0.0 if s == 3 else 0.1, "train/n_tokens": 200} for s in range(1, 21)]
     rows[-1].update({"eval/pass@8": 0.75, "eval/avg@8": 0.5})
     (tmp_path / "metrics.jsonl").write_text("")
@@ -237,9 +237,8 @@ def test_end_of_run_summary_reads_the_logs(tmp_path):
     assert s["lpreg_selected_per_step"] == pytest.approx(19 * 20 / 20) and s["frac_steps_selecting"] == 0.95
     assert (s["pass@8_first"], s["pass@8_last"], s["eval_step_first"], s["eval_step_last"]) == (0.5, 0.75, 0, 20)
     text = format_summary(rows, str(tmp_path), figure="fig.png", extra_lines=["  an instrument's line"])
-    assert "train reward         0.275 -> 0.775" in text
+    assert "train reward         0.275 -> 0.775   (rose)" in text
     assert "held-out pass@8      0.500 -> 0.750   avg@8 0.250 -> 0.500   (step 0 -> step 20)" in text
-    assert "p(spark)             0.0550 -> 0.1550" in text
     assert "19.0 tokens per step on average; on 95% of steps" in text
     assert text.splitlines()[-3:-1] == ["  an instrument's line", "  figure: fig.png"]  # after Lp-Reg's line
     assert "figure: fig.png" in text and str(tmp_path / "metrics.jsonl") in text

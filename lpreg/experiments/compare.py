@@ -47,11 +47,12 @@ from typing import Dict, List, Mapping, Optional, Sequence
 from lpreg.experiments.mechanism_report import plot_mechanism, pool
 from lpreg.experiments.paired import PAIRED_METRICS, paired_analysis, paired_table
 from lpreg.trainer.config import PRESETS, load_config, preset_config
+from lpreg.trainer.eval_cache import eval_start_cache_file
 from lpreg.trainer.logging_utils import plot_bands, read_metrics
 from lpreg.trainer.losses import LOSSES
 from lpreg.trainer.setup import warm_start_cache_dir
-from lpreg.trainer.step import eval_start_cache_file
-from lpreg.trainer.summary import mean_of, summarise, with_selected
+from lpreg.trainer.summary import mean_of, with_selected
+from lpreg.trainer.summary import summarise as summarise_run
 
 __all__ = ["ARMS", "LABELS", "BAND_KEYS", "arm_flags", "run_sweep", "summarise", "summarise_sweep", "main"]
 
@@ -66,6 +67,16 @@ BAND_KEYS = (("critic/score/mean", "train reward"), ("actor/entropy", "entropy (
              ("eval/avg@8", "held-out avg@8"), ("train/distinct_answers", "distinct answers per group"),
              ("train/frac_reward_zero_std", "groups with zero reward std"),
              ("train/lpreg_selected", "Lp-Reg selected tokens per step"))
+
+
+# the study's per-step metrics (lpreg.experiments.diversity) the sweep summarises beside the trainer's
+STUDY_WINDOW_KEYS = (("spark/prob", "spark_prob"), ("spark/usage", "spark_usage"),
+                     ("train/distinct_answers", "distinct_answers"))
+
+
+def summarise(rows: List[dict], window: int = 10) -> dict:
+    """One run's summary (`lpreg.trainer.summary.summarise`) with the study's metrics."""
+    return summarise_run(rows, window, extra_keys=STUDY_WINDOW_KEYS)
 
 
 def arm_flags(arm: str) -> List[str]:
@@ -95,7 +106,7 @@ def _steps(preset: str, extra: Sequence[str]) -> int:
 def _cache_files(preset: str, seed: int, cache: str, eval_cache: str, extra: Sequence[str]) -> List[str]:
     """What the first run of `seed` leaves for the others: its warm-start cache entry's
     warm_start.json (lpreg.trainer.setup's key; it hashes the warm-start data, so it is computed once
-    per seed, not at every poll) and, with --eval-start, its step-0 evaluation (lpreg.trainer.step)."""
+    per seed, not at every poll) and, with --eval-start, its step-0 evaluation (lpreg.trainer.eval_cache)."""
     cfg = load_config(["--preset", preset, *extra, "--seed", str(seed), "--warm-start-cache", cache,
                        "--eval-start-cache", eval_cache, "--torch-threads", "1"])
     entry = warm_start_cache_dir(cfg)

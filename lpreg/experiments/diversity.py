@@ -11,16 +11,25 @@ that `lpreg.experiments` registers: it adds these to every metrics.jsonl row.
                    "none"); n means every sample of a group answered differently, 1 a collapsed group
 """
 
-from typing import Dict, List, Sequence
+from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 import torch
 
+from lpreg.trainer.ranks import full_params_for_generation, gather_floats
 from lpreg.trainer.reward import extract_answer
-from lpreg.trainer.step import full_params_for_generation, gather_floats
-from lpreg.trainer.tasks import TASKS
+from lpreg.trainer.summary import format_number, mean_of
 
-__all__ = ["spark_probability", "spark_usage", "distinct_answers", "step_metrics"]
+__all__ = ["SPARK_TOKENS", "register_spark_tokens", "spark_probability", "spark_usage", "distinct_answers",
+           "step_metrics", "summary_lines"]
+
+# built-in task name -> its rare valuable tokens (the study's tasks register theirs: lpreg.experiments)
+SPARK_TOKENS: Dict[str, Tuple[str, ...]] = {}
+
+
+def register_spark_tokens(task: str, tokens: Sequence[str]) -> None:
+    """The spark tokens of the built-in task `task`, whose probability `step_metrics` logs."""
+    SPARK_TOKENS[task] = tuple(tokens)
 
 
 def step_metrics(run, ro) -> Dict[str, float]:
@@ -28,7 +37,7 @@ def step_metrics(run, ro) -> Dict[str, float]:
     policy) spark/prob and spark/usage. Every rank calls this (the trainer's `step_metrics` hook)."""
     cfg, acc, n = run.cfg, run.acc, run.cfg.samples_per_prompt
     out = {"train/distinct_answers": float(np.mean(gather_floats(acc, distinct_answers(ro.texts, n))))}
-    sparks = TASKS[cfg.task].spark_tokens if cfg.data is None and cfg.task in TASKS else ()
+    sparks = SPARK_TOKENS.get(cfg.task, ()) if cfg.data is None else ()
     vocab = run.tok.get_vocab()
     spark_ids = [vocab[s] for s in sparks if s in vocab]
     if spark_ids:
@@ -77,3 +86,13 @@ def distinct_answers(texts: Sequence[str], group_size: int) -> List[float]:
         answers = {extract_answer(t) for t in texts[g:g + group_size]}
         out.append(float(len(answers)))
     return out
+
+
+def summary_lines(rows: List[dict], window: int = 10) -> List[str]:
+    """The end-of-run summary's p(spark) line: the mean of the first and of the last `window` steps (no
+    line when the run logged no spark/prob)."""
+    values = [r["spark/prob"] for r in rows if r.get("step", 0) >= 1 and "spark/prob" in r]
+    if not values:
+        return []
+    return [f"  p(spark)             {format_number(mean_of(values[:window]), '.4f')} -> "
+            f"{format_number(mean_of(values[-window:]), '.4f')}   (lpreg.experiments.diversity)"]

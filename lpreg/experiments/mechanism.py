@@ -41,12 +41,29 @@ from torch import Tensor
 from lpreg import lpreg_token_stats
 from lpreg.selection import bottom_k_count, bottom_k_mask
 from lpreg.trainer.losses import loss_denominator
-from lpreg.trainer.step import update
 from lpreg.trainer.summary import format_number
+from lpreg.trainer.update import update
 
-__all__ = ["LOG_FILE", "released_selection", "due", "probe", "token_ratios", "summarise_probe", "summary_lines"]
+__all__ = ["LOG_FILE", "OPTION", "check_option", "released_selection", "due", "probe", "token_ratios",
+           "summarise_probe", "summary_lines"]
 
 LOG_FILE = "mechanism.jsonl"  # one row per probed step, under the run's output_dir
+# the trainer option this instrument adds (lpreg.trainer.registry.register_option): at the first step and
+# every N steps, from the state before the update, one update with beta = 1 and one with beta = 0 (on
+# copies), and p_y after / before for the tokens the released form selects; 0 = never
+OPTION = "mechanism_every"
+OPTION_HELP = ("probe Lp-Reg's mechanism at the first step and every N steps (mechanism.jsonl; 0 = never; "
+               "one process, --mini-batches 1)")
+
+
+def check_option(cfg) -> None:
+    """The option's check (a registered option's `check`): >= 0, and one update per rollout."""
+    every = cfg.option(OPTION)
+    if every < 0:
+        raise ValueError(f"--mechanism-every must be >= 0, got {every!r}")
+    if every and cfg.mini_batches > 1:
+        raise ValueError(f"--mechanism-every measures one update per rollout: it needs --mini-batches 1, "
+                         f"got {cfg.mini_batches}")
 
 
 def released_selection(logp: Tensor, proxy_logp: Tensor, adv: Tensor, mask: Tensor, rho: float) -> Tensor:
@@ -61,7 +78,8 @@ def released_selection(logp: Tensor, proxy_logp: Tensor, adv: Tensor, mask: Tens
 
 def due(cfg, step: int) -> bool:
     """Whether step (0-based) is probed: the first and every `mechanism_every`-th."""
-    return bool(cfg.mechanism_every) and (step == 0 or (step + 1) % cfg.mechanism_every == 0)
+    every = cfg.option(OPTION)
+    return bool(every) and (step == 0 or (step + 1) % every == 0)
 
 
 @torch.no_grad()
@@ -89,8 +107,7 @@ def _one_update(run, plan, step: int, beta: float) -> List[Tensor]:
     probe_plan = dataclasses.replace(plan, choices=[None] * sum(len(m) for m in masks), proxies=[None] * len(
         plan.proxies), denominators=[loss_denominator(cfg, m, [None] * len(m), plan.n_tokens) for m in masks])
     frozen = SimpleNamespace(step=lambda: None)  # the learning rate of this step, as the real update uses it
-    update(SimpleNamespace(cfg=cfg, acc=run.acc, model=model, optimizer=optimizer, scheduler=frozen, kill_at=-1),
-           probe_plan, step)
+    update(SimpleNamespace(cfg=cfg, acc=run.acc, model=model, optimizer=optimizer, scheduler=frozen), probe_plan)
     return [s.logp for s in _token_stats(model, plan, cfg)]
 
 
@@ -100,6 +117,8 @@ def probe(run, plan, step: int) -> Dict[str, float]:
     cfg = run.cfg
     if not due(cfg, step):
         return {}
+    if run.acc.num_processes > 1:  # the probe copies one process's whole policy
+        raise ValueError(f"--mechanism-every needs one process, got {run.acc.num_processes}")
     before = _token_stats(run.policy, plan, cfg)
     flat = [mb for mini in plan.micro for mb in mini]
     chosen = [released_selection(s.logp, s.proxy_logp, plan.tok_adv[mb], plan.batch.loss_mask[mb], cfg.lpreg_rho)

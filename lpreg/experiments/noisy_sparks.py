@@ -1,4 +1,9 @@
-"""The `noisy-sparks` task: `sparks` in the paper's regime, a noise floor and a pool of thousands.
+"""The `noisy-sparks` task: `sparks` with a fixed output floor, noise in the warm start, and a pool of thousands.
+
+Its departures from the paper come first: the tail mass min-p removes is a constant added to the
+model's output (the floor, 25%), not learned (without it the warm-started policy keeps ~0.98 of its mass
+where Lp-Reg selects, as on `sparks`); the floor bounds the entropy from below, so entropy collapse cannot
+happen; and its presets use rho = 0.5, 50 times the paper's 0.01.
 
 Why a second task: on `sparks` (cpu-sparks) the tiny policy puts almost all its mass on a few tokens,
 so the min-p proxy keeps about 99% of it where Lp-Reg selects (k3's push, (1/m - 1)(1 - p_y), is ~1%
@@ -8,8 +13,9 @@ negative-advantage response mix valuable "sparks" with noise, min-p removes the 
 renormalised proxy lifts the rare tokens that survive. This task builds that premise in:
 
 - a noise floor that RL cannot train away: the policy's next-token distribution is
-  p = (1 - FLOOR) softmax(z) + FLOOR / V at every position (`BuiltinTask.output_floor`,
-  lpreg.trainer.model.add_output_floor), 25% of the mass spread over the 3,000-token vocabulary,
+  p = (1 - FLOOR) softmax(z) + FLOOR / V at every position (the output transform "output_floor",
+  lpreg.experiments.output_floor, set by the noisy-sparks presets and saved with every checkpoint),
+  25% of the mass spread over the 3,000-token vocabulary,
   ~1e-4 per token, far below min-p's cut (kappa = 0.02 times the largest probability). So the min-p
   proxy keeps about 0.74 of the mass wherever Lp-Reg selects (1/m - 1 ~ 0.35), for the whole run. A
   floor the policy learns instead (random tokens in the warm start alone) is trained away within 10 to
@@ -18,7 +24,8 @@ renormalised proxy lifts the rare tokens that survive. This task builds that pre
   keeps its tail over a run; a fixed floor is this task's stand-in for that;
 - a policy that goes on after a random token: in the warm start, before each answer token except the
   final " Answer: 15" (`NOISE`: keep_last 3), with probability 0.25, a random vocabulary token is
-  inserted (input and label alike, `BuiltinTask.warm_start_noise`), as often as the floor samples one.
+  inserted (input and label alike: lpreg.experiments.token_noise, the task's warm-start augment), as
+  often as the floor samples one.
   A random token before the final "Answer:" costs nothing; one inside it breaks the answer (the reward
   reads the line after the last "Answer:"), so the floor costs reward and RL must work around it;
 - a rare, valuable token: `check` starts a worked answer ("check 3+5=8 8+7=15 Answer: 15"), 8% of
@@ -43,13 +50,14 @@ import random
 from functools import lru_cache
 
 from lpreg.experiments import sparks
-from lpreg.trainer.problem import Problem, TokenNoise
+from lpreg.experiments.token_noise import TokenNoise
+from lpreg.trainer.problem import Problem
 
 __all__ = ["NOISE", "FLOOR", "ANSWER", "PHRASINGS", "noisy_split", "universe", "expression"]
 
 # before each answer token but the final " Answer: 15", with probability 0.25, a random vocabulary token
 NOISE = TokenNoise(rate=0.25, keep_last=3)
-FLOOR = 0.25  # the policy's fixed output floor (BuiltinTask.output_floor): the mass min-p removes
+FLOOR = 0.25  # the policy's fixed output floor (the presets' --output-transform): the mass min-p removes
 ANSWER = "Answer:"  # the direct form's prefix: " Answer: 15" (tokens "▁Answer", ":", "▁15")
 PHRASINGS = 8  # made-up questions per expression (sparks has 3)
 _NAME_SEED = 20261206  # the questions' names, verbs and items (sparks uses another seed: other names)

@@ -16,29 +16,15 @@ Standard library only (scipy is not a dependency).
 """
 
 import math
-import random
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+
+from lpreg.trainer.stats import bootstrap_ci  # the trainer's, shared (the trainer may not import this module)
 
 __all__ = ["bootstrap_ci", "wilcoxon_signed_rank", "paired_difference", "paired_analysis", "paired_table",
            "PAIRED_METRICS"]
 
 # the sweep's end-of-run values compared seed by seed (lpreg.trainer.summary.summarise keys)
 PAIRED_METRICS = ("pass@8_last", "avg@8_last", "entropy_last", "spark_prob_last")
-
-
-def bootstrap_ci(values: Sequence[float], *, level: float = 0.95, n_boot: int = 10_000,
-                 seed: int = 0) -> Tuple[float, float]:
-    """Percentile bootstrap interval of the mean of `values` (resampled with replacement)."""
-    values = [float(v) for v in values]
-    if not values:
-        raise ValueError("values must not be empty, got []")
-    if not 0.0 < level < 1.0:
-        raise ValueError(f"level must be in (0, 1), got {level!r}")
-    rng, n = random.Random(seed), len(values)
-    means = sorted(sum(rng.choice(values) for _ in range(n)) / n for _ in range(n_boot))
-    lo = means[int(math.floor((1.0 - level) / 2 * (n_boot - 1)))]
-    hi = means[int(math.ceil((1.0 + level) / 2 * (n_boot - 1)))]
-    return lo, hi
 
 
 def _average_ranks(values: Sequence[float]) -> List[float]:

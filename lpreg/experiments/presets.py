@@ -5,16 +5,23 @@ when `lpreg.experiments` is imported, as `lpreg-train` does).
     cpu-sweep    the decisive sweep's runs (docs/cpu_sweep.md)
     cpu-sparks-demo  the earlier main job (Lp-Reg on cpu-sparks): the out-of-regime control
 
-and the `noisy-sparks` task in the paper's regime (lpreg.experiments.noisy_sparks, docs/cpu_regime_plan.md):
+and the `noisy-sparks` task (lpreg.experiments.noisy_sparks, docs/cpu_regime_plan.md): a fixed output
+floor of 25% (the output transform "output_floor", saved with checkpoints), rho 0.5 (the paper: 0.01):
 
-    cpu-demo          README's main job: Lp-Reg on noisy-sparks, held-out pass@8 / avg@8 before and after,
-                      the mechanism probe; < 5 minutes on 2 CPU cores, warm start included
-    cpu-regime-sweep  the pre-registered sweep's runs (docs/cpu_regime_plan.md)
+    noisy-sparks-demo  the study's former main job (it was `cpu-demo`): Lp-Reg on noisy-sparks, held-out
+                       pass@8 / avg@8 before and after, the mechanism probe
+    cpu-regime-sweep   the pre-registered sweep's runs (docs/cpu_regime_plan.md)
+
+These are study presets, not the trainer's main job (lpreg/trainer/presets.py): each departs from the
+paper's setting as its comment says.
 """
 
-# the noisy-sparks runs' shared settings (cpu-demo, cpu-regime-sweep; docs/cpu_regime_plan.md). lr 5e-4, constant
-# as in the paper (no ramp), and max_new_tokens 24 (a worked answer with its random tokens) were chosen by
-# the pilots (docs/cpu_regime_pilots.md).
+from lpreg.experiments import output_floor
+from lpreg.experiments.noisy_sparks import FLOOR
+
+# the noisy-sparks runs' shared settings (noisy-sparks-demo, cpu-regime-sweep; docs/cpu_regime_plan.md). lr
+# 5e-4, constant as in the paper (no ramp), and max_new_tokens 24 (a worked answer with its random tokens)
+# were chosen by the pilots (docs/cpu_regime_pilots.md).
 # lpreg_rho 0.5, not the paper's 0.01: the released form takes the k = int(rho n_neg) lowest-p_y of a
 # call's few hundred negative-advantage tokens (0.01 gives k <= 3, and nothing when k <= 1), and a quarter
 # or more of those tokens are sampled noise, the lowest of all and filtered by min-p; rho must reach past
@@ -24,7 +31,7 @@ NOISY_SPARKS = dict(
     task="noisy-sparks", hidden_size=128, num_layers=2, num_heads=4, warmup_steps=900, warmup_lr=3e-3,
     warmup_batch_size=32, warmup_eval_problems=64, n_problems=100_000, prompts_per_step=16, samples_per_prompt=8,
     max_new_tokens=24, lr=5e-4, micro_batch_size=128, eval_k=8, lr_warmup_steps=0, lpreg_rho=0.5, save_every=0,
-    keep_checkpoints=1, sample_every=10, torch_threads=1,
+    keep_checkpoints=1, sample_every=10, torch_threads=1, output_transform=output_floor.spec(FLOOR),
 )
 
 PRESETS = {
@@ -64,14 +71,15 @@ PRESETS = {
         eval_k=8, lr_warmup_steps=10, lpreg_rho=0.25, save_every=0, keep_checkpoints=1, sample_every=10,
         torch_threads=1,
     ),
-    # README's main job in the paper's regime (lpreg.experiments.noisy_sparks, docs/cpu_regime_plan.md):
-    # Lp-Reg (released form) on noisy-sparks, whose policy keeps a fixed floor of 25% of its mass spread
-    # over the 3,000-token vocabulary (and learned to go on after a random token), so the min-p proxy
-    # (kappa 0.02) keeps ~0.74 of the mass where Lp-Reg selects; RL draws from the whole ~8,000-problem
-    # training split. Held-out pass@8 / avg@8 before the first and after the last step, the mechanism at
-    # steps 1, 20, 40 and 60. < 5 minutes on 2 quiet CPU cores, warm start included.
-    "cpu-demo": dict(NOISY_SPARKS, steps=60, eval_every=60, eval_start=True, eval_problems=64, mechanism_every=20),
-    # The pre-registered sweep's runs (docs/cpu_regime_plan.md): cpu-demo's task and settings, held-out
+    # The study's former main job (lpreg.experiments.noisy_sparks, docs/cpu_regime_plan.md): Lp-Reg
+    # (released form, rho 0.5) on noisy-sparks, whose policy has a fixed output floor of 25% of its mass
+    # spread over the 3,000-token vocabulary (a constant added to the model's output, not learned; it also
+    # rules out entropy collapse), so the min-p proxy (kappa 0.02) keeps ~0.74 of the mass where Lp-Reg
+    # selects; RL draws from the whole ~8,000-problem training split. Held-out pass@8 / avg@8 before the
+    # first and after the last step, the mechanism at steps 1, 20, 40 and 60.
+    "noisy-sparks-demo": dict(NOISY_SPARKS, steps=60, eval_every=60, eval_start=True, eval_problems=64,
+                              mechanism_every=20),
+    # The pre-registered sweep's runs (docs/cpu_regime_plan.md): noisy-sparks-demo's task and settings, held-out
     # pass@8 / avg@8 over 384 of the test problems x 8 samples, before the first and after the last step.
     "cpu-regime-sweep": dict(NOISY_SPARKS, steps=60, eval_every=60, eval_start=True, eval_problems=384),
 }

@@ -3,22 +3,29 @@
 Precedence, lowest first: dataclass defaults < preset < YAML file (`--config`) < command-line
 flags. Every field is a flag (`--prompts-per-step 8` or `--prompts_per_step 8`).
 
-Adding a preset: `register_preset(name, field=value, ...)` (or one `PRESETS` entry here); it is then
-a `--preset` choice, a `python -m lpreg.experiments.compare --preset` choice and a `preset_config(name)`
-argument. The study's presets (cpu-demo, cpu-regime-sweep, cpu-sparks, cpu-sparks-demo, cpu-sweep) are registered by
-`lpreg.experiments` (lpreg/experiments/presets.py). Adding a built-in task: `lpreg.trainer.tasks.register_task`.
-Adding a loss: see `lpreg.trainer.losses.LOSSES` (the `--loss` choices are its names).
+Adding a preset: `lpreg.trainer.registry.register_preset(name, field=value, ...)`; it is then a
+`--preset` choice, a `python -m lpreg.experiments.compare --preset` choice and a `preset_config(name)`
+argument. The built-in ones are below (`BUILTIN_PRESETS`); the trainer's main jobs are in
+lpreg/trainer/presets.py (imported here); a study registers its own (lpreg.experiments), and lists them
+with `registry.register_lazy("preset", name, module)` so that asking for one imports it.
+Adding a setting a study needs: `registry.register_option` (a flag, YAML key and preset field, read
+with `cfg.option(name)`). Adding a built-in task: `lpreg.trainer.tasks.register_task`. Adding a loss:
+see `lpreg.trainer.losses.LOSSES` (the `--loss` choices are its names). Changing the policy's output
+distribution (saved with checkpoints): `lpreg.trainer.output_transform`.
 """
 
 import argparse
 import dataclasses
+import sys
 from dataclasses import dataclass, field, fields
 from typing import Any, Dict, List, Optional
 
 import yaml
 
 from lpreg import LossConfig
+from lpreg.trainer import output_transform, registry
 from lpreg.trainer.losses import LOSSES, LPREG_OPTIONS, lpreg_options
+from lpreg.trainer.registry import OPTIONS, PRESETS
 
 STD_SCALINGS = ("group", "batch", "none")
 # A loss published off-policy (`Loss.off_policy`: clip_higher, kl_cov) is exactly GRPO on-policy: at
@@ -50,6 +57,9 @@ class TrainConfig:
     num_layers: int = 2  # tiny model only
     num_heads: int = 4  # tiny model only
     gradient_checkpointing: bool = False  # trade compute for activation memory (large models)
+    # a registered change of the policy's output distribution, "NAME" or "NAME:key=value,key=value"
+    # (lpreg.trainer.output_transform); saved with every checkpoint and restored on load; "" = none
+    output_transform: str = ""
 
     # --- warm start (supervised fine-tuning on the task before RL) ----------------------------
     warmup_steps: int = 0  # SFT steps before RL; 0 = none (a pretrained model needs none)
@@ -65,6 +75,9 @@ class TrainConfig:
     task: str = "arithmetic"  # built-in task (lpreg.trainer.tasks.TASKS), used when data is None
     n_problems: int = 2000  # built-in task: size of the RL problem set (the warm start sees the whole split)
     max_operand: int = 99  # built-in task: keep problems whose operands are <= this (99 = all)
+    # the largest share of unusable rows in --data / --eval-data the run accepts; past it the run stops
+    # before training (each skipped row is listed in skipped_rows.jsonl either way)
+    max_skipped_frac: float = 0.01
 
     # --- rollout ---------------------------------------------------------------------------
     prompts_per_step: int = 16  # global (all ranks) prompts per step
@@ -126,13 +139,16 @@ class TrainConfig:
     # and kl_cov, 1 for the others
     mini_batches: int = 0
 
-    # --- Lp-Reg's mechanism, measured (the instrument lpreg.experiments.mechanism) -----------------
-    # at the first step and every N steps: from the state before the update, one update with
-    # beta = 1 and one with beta = 0 (on copies), and p_y after / before for the tokens the released
-    # form selects (mechanism.jsonl); 0 = never. One process, one update per rollout.
-    mechanism_every: int = 0
-
+    # the values of registered options (lpreg.trainer.registry.register_option) this config sets; read
+    # them with `option(name)`, which gives the option's default when unset
+    options: dict = field(default_factory=dict)
     extra: dict = field(default_factory=dict)  # free-form notes recorded with the run
+
+    def option(self, name: str) -> Any:
+        """The value of the registered option `name` (its default when this config does not set it)."""
+        if name not in OPTIONS:
+            raise ValueError(f"unknown option {name!r}; registered options: {sorted(OPTIONS)}")
+        return self.options.get(name, OPTIONS[name].default)
 
     def validate(self) -> "TrainConfig":
         """Check every field (errors name the flag and the value); resolves `mini_batches` 0."""
@@ -148,16 +164,23 @@ class TrainConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)!r}")
         if self.samples_per_prompt < 2 and self.std_scaling == "group":
             raise ValueError(f"--samples-per-prompt must be >= 2 for group advantages, got {self.samples_per_prompt}")
-        for name in ("eval_every", "mechanism_every", "lpreg_proxy_k", "eval_problems", "eval_k"):
+        for name in ("eval_every", "lpreg_proxy_k", "eval_problems", "eval_k"):
             least = 0 if name.endswith("_every") else 1
             if getattr(self, name) < least:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= {least}, got {getattr(self, name)!r}")
         if self.eval_start and not self.eval_every:
             raise ValueError(f"--eval-start needs --eval-every > 0 (held-out problems), got {self.eval_every}")
+        if not 0.0 <= self.max_skipped_frac <= 1.0:
+            raise ValueError(f"--max-skipped-frac must be in [0, 1], got {self.max_skipped_frac!r}")
+        if self.output_transform:
+            output_transform.parse_spec(self.output_transform, flag="--output-transform")
         self._resolve_mini_batches()
-        if self.mechanism_every and self.mini_batches > 1:
-            raise ValueError(f"--mechanism-every measures one update per rollout: it needs --mini-batches 1, "
-                             f"got {self.mini_batches}")
+        for name in self.options:
+            if name not in OPTIONS:
+                raise ValueError(f"unknown option {name!r}; registered options: {sorted(OPTIONS)}")
+        for opt in OPTIONS.values():
+            if opt.check is not None:
+                opt.check(self)
         return self
 
     def lpreg_loss_config(self) -> LossConfig:
@@ -187,7 +210,7 @@ class TrainConfig:
             )
 
 
-PRESETS: Dict[str, Dict[str, Any]] = {
+BUILTIN_PRESETS: Dict[str, Dict[str, Any]] = {
     # The README's main job: a 2-core CPU, no network, < 10 minutes including warm start.
     # Operands up to 19: after the warm start (SFT on the ~700 training problems) a 2-layer,
     # 128-wide model answers ~20-25% of samples correctly, so RL starts with a non-zero reward.
@@ -218,6 +241,10 @@ PRESETS: Dict[str, Dict[str, Any]] = {
 }
 
 
+for _name, _fields in BUILTIN_PRESETS.items():
+    registry.register_preset(_name, **_fields)
+
+
 def _parse_bool(text):
     if isinstance(text, bool):
         return text
@@ -230,10 +257,15 @@ def _parse_bool(text):
 
 
 def _field_type(f):
-    """The parser for a field from its default (annotations are strings under some Pythons)."""
+    """The parser for a field (or a registered option) from its default (annotations are strings under
+    some Pythons)."""
     default = f.default if f.default is not dataclasses.MISSING else None
     if f.name in ("model", "data", "eval_data"):
         return lambda s: None if s in ("", "none", "None") else s
+    return _type_of(default)
+
+
+def _type_of(default):
     if isinstance(default, bool):
         return _parse_bool
     if isinstance(default, int):
@@ -247,7 +279,10 @@ def _coerce(cfg_fields, values, source):
     out = {}
     for key, value in values.items():
         key = key.replace("-", "_")
-        if key not in cfg_fields:
+        if key in OPTIONS or registry.ensure("option", key, OPTIONS):
+            out[key] = value if value is None else _type_of(OPTIONS[key].default)(value)
+            continue
+        if key not in cfg_fields or key == "options":
             raise ValueError(f"unknown config key {key!r} in {source}")
         f = cfg_fields[key]
         out[key] = value if (value is None or f.name == "extra") else _field_type(f)(value)
@@ -262,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--config", default=None, help="YAML file of config fields")
     for f in fields(TrainConfig):
-        if f.name == "extra":
+        if f.name in ("extra", "options"):
             continue
         flags = [f"--{f.name.replace('_', '-')}"]
         if "_" in f.name:
@@ -273,38 +308,96 @@ def build_parser() -> argparse.ArgumentParser:
         elif f.name == "preset":
             kwargs["help"] = f"one of {', '.join(PRESETS)}"
         parser.add_argument(*flags, **kwargs)
+    for opt in OPTIONS.values():
+        flags = [f"--{opt.name.replace('_', '-')}"] + ([f"--{opt.name}"] if "_" in opt.name else [])
+        parser.add_argument(*flags, dest=opt.name, default=argparse.SUPPRESS, type=_type_of(opt.default),
+                            help=opt.help)
     return parser
+
+
+def _load_named(argv: List[str]) -> None:
+    """Import the modules that register what `argv` names (`registry.register_lazy`): a preset, a task,
+    an output transform, or an option given as a flag, before the parser is built."""
+    for i, arg in enumerate(argv):
+        if not arg.startswith("--"):
+            continue
+        key, _, value = arg[2:].partition("=")
+        key = key.replace("-", "_")
+        if not value and i + 1 < len(argv):
+            value = argv[i + 1]
+        registry.ensure("option", key, OPTIONS)
+        if key in ("preset", "task"):
+            registry.ensure(key, value, PRESETS if key == "preset" else _tasks())
+        elif key == "output_transform" and value:
+            registry.ensure("output_transform", value.split(":", 1)[0], output_transform.TRANSFORMS)
+
+
+def _tasks() -> Dict[str, Any]:
+    from lpreg.trainer.tasks import TASKS  # the tasks' module is light, but only a task name needs it
+
+    return TASKS
 
 
 def load_config(argv: Optional[List[str]] = None) -> TrainConfig:
     """Command line (and YAML) -> a validated TrainConfig."""
-    args = vars(build_parser().parse_args(argv))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    _load_named(argv)
     yaml_values: Dict[str, Any] = {}
-    if args.get("config"):
-        with open(args["config"]) as fh:
+    config_path = _config_path(argv)
+    if config_path:
+        with open(config_path) as fh:
             yaml_values = yaml.safe_load(fh) or {}
         if not isinstance(yaml_values, dict):
-            raise ValueError(f"--config {args['config']!r} must hold a mapping of config fields")
+            raise ValueError(f"--config {config_path!r} must hold a mapping of config fields")
+        _load_named([f"--{k}={v}" for k, v in yaml_values.items()])
+    args = vars(build_parser().parse_args(argv))
     cfg_fields = {f.name: f for f in fields(TrainConfig)}
     flag_values = {k: v for k, v in args.items() if k != "config"}
-    yaml_values = _coerce(cfg_fields, yaml_values, args.get("config"))
+    yaml_values = _coerce(cfg_fields, yaml_values, config_path)
     merged = {**yaml_values, **flag_values}
     preset = merged.pop("preset", TrainConfig.preset)
     return preset_config(preset, **merged)
 
 
-def register_preset(name: str, **fields_: Any) -> None:
-    """Add (or replace) a preset: `fields_` are TrainConfig fields, checked here by name."""
-    known = {f.name for f in fields(TrainConfig)}
-    unknown = sorted(set(fields_) - known)
+def _config_path(argv: List[str]) -> Optional[str]:
+    """The value of --config in `argv` (the YAML is read before the parser, which its keys may extend)."""
+    for i, arg in enumerate(argv):
+        if arg == "--config" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--config="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def _check_fields(name: str, values: Dict[str, Any]) -> None:
+    known = {f.name for f in fields(TrainConfig)} - {"options", "extra"} | set(OPTIONS)
+    unknown = sorted(set(values) - known)
     if unknown:
-        raise ValueError(f"register_preset({name!r}): unknown TrainConfig fields {unknown}")
-    PRESETS[name] = dict(fields_)
+        raise ValueError(f"preset {name!r}: unknown TrainConfig fields or options {unknown}")
+
+
+def register_preset(name: str, **fields_: Any) -> None:
+    """Add (or replace) a preset: `fields_` are TrainConfig fields or registered options, checked here
+    by name (`lpreg.trainer.registry.register_preset` checks them when the preset is used)."""
+    _check_fields(name, fields_)
+    registry.register_preset(name, **fields_)
 
 
 def preset_config(preset: str = "cpu-tiny", **overrides: Any) -> TrainConfig:
-    """A TrainConfig from a preset plus overrides (the Python-side equivalent of the CLI)."""
-    if preset not in PRESETS:
-        raise ValueError(f"--preset must be one of {tuple(PRESETS)}, got {preset!r}")
+    """A TrainConfig from a preset plus overrides (the Python-side equivalent of the CLI); an override
+    may be a TrainConfig field or a registered option."""
+    if not registry.ensure("preset", preset, PRESETS):
+        raise ValueError(f"--preset must be one of {tuple(sorted(PRESETS))}, got {preset!r}")
+    for key in overrides:
+        registry.ensure("option", key, OPTIONS)
     values = {**PRESETS[preset], **overrides, "preset": preset}
-    return TrainConfig(**values).validate()
+    _check_fields(preset, {k: v for k, v in values.items() if k != "preset"})
+    options = {**values.pop("options", {}), **{k: values.pop(k) for k in list(values) if k in OPTIONS}}
+    return TrainConfig(**values, options=options).validate()
+
+
+# the trainer's main jobs (lpreg/trainer/presets.py registers them through lpreg.trainer.registry)
+import lpreg.trainer.presets  # noqa: E402,F401  after the config: it may use anything above
+
+for _name, _fields in list(PRESETS.items()):
+    _check_fields(_name, _fields)

@@ -2,6 +2,15 @@
 
     lpreg-eval --model runs/sft --data builtin --k 8 --temperature 1.0 --output eval.json
     python -m lpreg.trainer.evaluate --model runs/sft --data gsm8k_test.jsonl --greedy --max-new-tokens 512
+    lpreg-eval --checkpoint runs/lpreg/checkpoints/step_000060      # that run's own held-out evaluation
+
+`--model` loads the policy with the output transform its config records (a checkpoint is the policy:
+lpreg.trainer.output_transform). `--checkpoint` reads a training checkpoint's config and repeats the
+trainer's held-out evaluation at that step exactly: the same held-out problems (the task's test split,
+or --eval-data), k, temperature, max new tokens, batch size and seed (`held_out_seed`). A study task
+is registered by importing its module: `--register lpreg.experiments`.
+Rows of a --data file that cannot be used are reported (line and reason; all of them with --output),
+and past --max-skipped-frac (default 1%) of the rows the command stops before evaluating.
 
 For each problem, `n` completions are generated (n = k when sampling; n = 1 with
 --greedy, since greedy samples are identical) and scored 1/0 by `RewardWorker`
@@ -24,19 +33,28 @@ logs the results as `eval/avg@k`, `eval/pass@j`, `eval/maj@k` (see `lpreg.traine
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import math
+import os
+import sys
 import time
 from collections import Counter
 
 import torch
 
-from lpreg.trainer.data import load_problems
+from lpreg.trainer.data import load_problem_file
 from lpreg.trainer.model import format_prompt, generate_completions, load_policy
 from lpreg.trainer.reward import RewardWorker, extract_answer
+from lpreg.trainer.rollout import rollout_seed
 from lpreg.trainer.tasks import arithmetic_problems, split_size
 
 BUILTIN = "builtin"
+
+
+def held_out_seed(seed: int, step: int) -> int:
+    """The sampling seed of the trainer's held-out evaluation after 0-based `step` (-1: before the first)."""
+    return rollout_seed(seed, step, -2)
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -138,7 +156,12 @@ def evaluate(model, tokenizer, problems, *, k: int, temperature: float, greedy: 
 
 def _parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="lpreg-eval", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", required=True, help="local Hugging Face model directory")
+    source = ap.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", help="local Hugging Face model directory")
+    source.add_argument("--checkpoint", help="a training checkpoint (step_NNNNNN/): repeat its run's held-out "
+                                             "evaluation at that step exactly")
+    ap.add_argument("--register", action="append", default=[], metavar="MODULE",
+                    help="import MODULE first: it registers a task or output transform (e.g. lpreg.experiments)")
     ap.add_argument("--data", default=BUILTIN, help="a .jsonl/.parquet file, or 'builtin' (arithmetic test split)")
     ap.add_argument("--n-problems", type=int, default=None,
                     help="evaluate on this many problems (builtin default 500; files: first N)")
@@ -151,50 +174,97 @@ def _parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--batch-size", type=int, default=64, help="sequences generated per forward batch")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--timeout", type=float, default=5.0, help="math-verify timeout per sample, seconds")
+    ap.add_argument("--max-skipped-frac", type=float, default=0.01,
+                    help="the largest share of unusable --data rows accepted (default 0.01)")
     ap.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                     help="default: bfloat16 on cuda, float32 on cpu")
-    ap.add_argument("--output", default=None, help="write metrics, settings and per-problem records as JSON")
+    ap.add_argument("--output", default=None, help="write metrics, settings, per-problem records and skipped "
+                                                   "rows as JSON")
     args = ap.parse_args(argv)
     if args.k < 1:
         ap.error(f"--k must be >= 1, got {args.k}")
     if not args.greedy and not args.temperature > 0:
         ap.error(f"--temperature must be > 0, got {args.temperature}")
+    if not 0.0 <= args.max_skipped_frac <= 1.0:
+        ap.error(f"--max-skipped-frac must be in [0, 1], got {args.max_skipped_frac}")
     return args
+
+
+def _checkpoint_settings(args, device: str, dtype: torch.dtype) -> dict:
+    """What the trainer's held-out evaluation at a checkpoint's step used: its policy, problems, k,
+    temperature, max new tokens, batch size and seed."""
+    # imported here: only --checkpoint needs the trainer's set-up and checkpoint code
+    from lpreg.trainer import checkpoint as ckpt
+    from lpreg.trainer.config import TrainConfig
+    from lpreg.trainer.setup import load_eval_problems
+
+    path = ckpt.resolve_resume(args.checkpoint, os.path.dirname(args.checkpoint))
+    assert path is not None  # resolve_resume raises for anything but a complete checkpoint
+    model_dir, state = ckpt.load_checkpoint(path)
+    known = {f for f in TrainConfig.__dataclass_fields__}
+    cfg = TrainConfig(**{k: v for k, v in state["config"].items() if k in known})
+    if not cfg.eval_every:
+        cfg.eval_every = 1  # the held-out problems are the same whatever the schedule
+    problems, files = load_eval_problems(cfg)
+    model, tokenizer = load_policy(model_dir, dtype=dtype, device=device)
+    return dict(model=model, tokenizer=tokenizer, problems=problems, k=cfg.eval_k, temperature=cfg.temperature,
+                max_new_tokens=cfg.max_new_tokens, batch_size=cfg.micro_batch_size,
+                seed=held_out_seed(cfg.seed, int(state["step"]) - 1), files=files, step=int(state["step"]))
 
 
 def run(argv=None) -> dict:
     """The command's work: parse `argv`, evaluate, print and optionally save; returns metrics."""
     args = _parse_args(argv)
+    for module in args.register:
+        importlib.import_module(module)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.startswith("cuda") else "float32"))
-    if args.data == BUILTIN:
-        n = args.n_problems if args.n_problems is not None else 500
-        problems = arithmetic_problems(min(n, split_size("test")), seed=args.seed, split="test")
-        skipped = 0
+    if args.checkpoint is not None:
+        got = _checkpoint_settings(args, device, dtype)
+        model, tokenizer, problems, files = got["model"], got["tokenizer"], got["problems"], got["files"]
+        settings = {k: got[k] for k in ("k", "temperature", "max_new_tokens", "batch_size", "seed", "step")}
+        greedy = False
     else:
-        problems, skipped = load_problems(args.data)
-        problems = problems[: args.n_problems] if args.n_problems is not None else problems
-    max_new = args.max_new_tokens or (16 if args.data == BUILTIN else 1024)
-    model, tokenizer = load_policy(args.model, dtype=dtype, device=device)
+        files = []
+        if args.data == BUILTIN:
+            n = args.n_problems if args.n_problems is not None else 500
+            problems = arithmetic_problems(min(n, split_size("test")), seed=args.seed, split="test")
+        else:
+            data = load_problem_file(args.data, flag="--data")
+            files = [data]
+            problems = data.problems[: args.n_problems] if args.n_problems is not None else data.problems
+        settings = {"k": args.k, "temperature": args.temperature, "seed": args.seed, "batch_size": args.batch_size,
+                    "max_new_tokens": args.max_new_tokens or (16 if args.data == BUILTIN else 1024)}
+        greedy = args.greedy
+        model, tokenizer = load_policy(args.model, dtype=dtype, device=device)
+    for f in files:
+        for line in f.log_lines():
+            print(f"lpreg-eval: {line}", file=sys.stderr)
+        f.check(args.max_skipped_frac)
     metrics = evaluate(
-        model, tokenizer, problems, k=args.k, temperature=args.temperature, greedy=args.greedy,
-        max_new_tokens=max_new, batch_size=args.batch_size, seed=args.seed,
+        model, tokenizer, problems, k=settings["k"], temperature=settings["temperature"], greedy=greedy,
+        max_new_tokens=settings["max_new_tokens"], batch_size=settings["batch_size"], seed=settings["seed"],
         timeout_s=args.timeout, return_records=args.output is not None,
     )
     records = metrics.pop("records", None)
-    metrics["skipped_rows"] = skipped
+    skipped = [{"file": f.path, r.unit: r.line, "reason": r.reason} for f in files for r in f.skipped]
+    metrics["skipped_rows"] = len(skipped)
     print(json.dumps(metrics, indent=2))
     if args.output:
-        settings = {**vars(args), "max_new_tokens": max_new, "device": device, "dtype": str(dtype)}
+        settings = {**vars(args), **settings, "device": device, "dtype": str(dtype)}
         with open(args.output, "w", encoding="utf-8") as f:
-            json.dump({"settings": settings, "metrics": metrics, "records": records}, f, indent=1)
+            json.dump({"settings": settings, "metrics": metrics, "records": records, "skipped": skipped}, f,
+                      indent=1)
     return metrics
 
 
 def main(argv=None) -> int:
-    """Console entry point `lpreg-eval` (returns the exit status, 0)."""
-    run(argv)
+    """Console entry point `lpreg-eval`: exits with a one-line error for bad input (returns 0)."""
+    try:
+        run(argv)
+    except ValueError as err:
+        raise SystemExit(f"lpreg-eval: error: {err}") from err
     return 0
 
 

@@ -1,8 +1,7 @@
 """The trainer's registration point for instruments: measurements a study adds to a step.
 
 The loop knows no instrument by name. A study registers one (`register_instrument`) before the run
-starts; `lpreg.experiments` registers its two (the diversity metrics, the mechanism probe) when it is
-imported, and `lpreg-train` imports it. Each hook is optional:
+starts (a study registers its own when it is imported). Each hook is optional:
 
     before_update  (run, plan, step) -> metrics-row entries: between the scoring pass and the update,
                    from the state before it ({} when it does not measure this step); it must leave the
@@ -10,7 +9,7 @@ imported, and `lpreg-train` imports it. Each hook is optional:
     step_metrics   (run, rollout) -> metrics-row entries, after the update; every rank calls it
     log_file       its own jsonl under output_dir: removed when a run starts afresh, truncated to the
                    checkpoint's step on resume, listed in the end-of-run summary
-    summary        (rows of log_file) -> lines of the end-of-run summary
+    summary        (rows of log_file, or of metrics.jsonl without one) -> lines of the end-of-run summary
 """
 
 import os
@@ -64,9 +63,10 @@ def log_files() -> List[str]:
 
 
 def summary_lines(output_dir: str) -> List[str]:
-    """The instruments' lines of the end-of-run summary, each from its own log's rows."""
+    """The instruments' lines of the end-of-run summary, each from its own log's rows (metrics.jsonl's
+    for an instrument without a log of its own)."""
     lines: List[str] = []
     for inst in INSTRUMENTS.values():
-        if inst.summary is not None and inst.log_file:
-            lines += inst.summary(read_metrics(os.path.join(output_dir, inst.log_file)))
+        if inst.summary is not None:
+            lines += inst.summary(read_metrics(os.path.join(output_dir, inst.log_file or "metrics.jsonl")))
     return lines

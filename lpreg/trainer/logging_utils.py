@@ -173,8 +173,8 @@ def plot_bands(runs, path, *, keys, title=None, ncols=4, smooth=5) -> str:
     """runs: {label: [rows of seed 0, rows of seed 1, ...]}. One panel per (key, title) in `keys`:
     per step, the mean over the seeds that logged the key (bold) and a band from their lowest to
     their highest value, each a trailing `smooth`-point moving average (every step sees other
-    prompts, so raw per-step values are noisy; held-out evaluations are sparse and drawn raw).
-    A key no run logged (a task without spark tokens, a run without held-out evaluation) gets no
+    prompts, so raw per-step values vary; held-out evaluations are sparse and drawn raw).
+    A key no run logged (a study metric of another task, a run without held-out evaluation) gets no
     panel. Writes a PNG at `path`; returns the path."""
     plt = pyplot()
     logged = [(key, label) for key, label in keys

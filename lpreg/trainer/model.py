@@ -4,7 +4,8 @@
   tied embeddings (0.87M parameters at the default 128 x 4 layers; the SFT command's
   measured default is 64 x 2, 0.1M).
 - `load_policy`: `None` gives the tiny model and the character tokenizer; a path loads a
-  local checkpoint (no download is ever attempted: `local_files_only=True`).
+  local checkpoint (no download is ever attempted: `local_files_only=True`) with the output
+  transform its config records (lpreg.trainer.output_transform).
 - `format_prompt`: the tokenizer's chat template when it has one, else the plain template
   "Q: {question}\nA: ", after which the model writes the bare answer ("19") and eos. The
   reward reads that bare number through its last-number fallback (see reward.py).
@@ -37,7 +38,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from lpreg.trainer.problem import PLAIN_TEMPLATE, Problem, TokenNoise
+from lpreg.trainer.output_transform import restore_output_transform
+from lpreg.trainer.problem import PLAIN_TEMPLATE, Problem
 from lpreg.trainer.reward import extract_answer
 from lpreg.trainer.tokenizer import build_char_tokenizer
 
@@ -109,25 +111,6 @@ def build_tiny_model(
     return model.to(device=device, dtype=dtype)
 
 
-def add_output_floor(model: PreTrainedModel, floor: float) -> PreTrainedModel:
-    """Mix `floor` of a uniform distribution into every next-token distribution of `model`:
-    p = (1 - floor) softmax(z) + floor / V, a tail that training cannot remove (its logits are the
-    mixture's log-probabilities, so sampling, the losses and the warm start all see it). A forward
-    hook on the LM head; it is not saved with the weights (a reloaded checkpoint is plain)."""
-    if not 0.0 < floor < 1.0:
-        raise ValueError(f"floor must be in (0, 1), got {floor}")
-    head = model.get_output_embeddings()
-    log_keep, log_floor = math.log1p(-floor), math.log(floor / model.config.vocab_size)
-
-    def mix(_module, _inputs, logits):
-        return torch.logaddexp(F.log_softmax(logits.float(), dim=-1) + log_keep,
-                               torch.tensor(log_floor, device=logits.device)).to(logits.dtype)
-
-    head.register_forward_hook(mix)
-    model.output_floor = floor
-    return model
-
-
 def load_policy(
     model_path: str | None,
     *,
@@ -136,8 +119,10 @@ def load_policy(
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Return `(model, tokenizer)`: the tiny model for `None`, else a local HF checkpoint.
 
-    The tokenizer pads on the left (generation) and gets pad = eos when it has no pad token.
-    Raises ValueError when `model_path` is missing or not a Hugging Face model directory.
+    The tokenizer pads on the left (generation) and gets pad = eos when it has no pad token. The
+    output transform the checkpoint's config records is reinstalled (a checkpoint is the policy).
+    Raises ValueError when `model_path` is missing or not a Hugging Face model directory, or names an
+    unknown output transform.
     """
     if model_path is None:
         tokenizer = build_char_tokenizer()
@@ -163,6 +148,7 @@ def load_policy(
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
+    restore_output_transform(model, source=f"model {model_path!r}")
     return model.to(device), tokenizer
 
 
@@ -284,25 +270,25 @@ def generate_completions(
     return out
 
 
-def _sft_batch(tokenizer, problems: list[Problem], device, noise: TokenNoise | None = None,
+# a change of a warm-start target's token ids, drawn from the warm start's own RNG (`warm_start`'s augment)
+Augment = Callable[[list[int], random.Random], list[int]]
+
+
+def _sft_batch(tokenizer, problems: list[Problem], device, augment: Augment | None = None,
                rng: random.Random | None = None) -> tuple[torch.Tensor, ...]:
     # Right-padded prompt + answer + eos; labels are -100 except on answer and eos tokens,
-    # so the model is taught to answer, not to predict the question. `noise`: random tokens
-    # inserted in the answers (TokenNoise), drawn from `rng`.
+    # so the model is taught to answer, not to predict the question. `augment`: a change of the
+    # answer's token ids (input and label alike), drawn from `rng`.
     rows, labels = [], []
-    specials = set(tokenizer.all_special_ids)
     for p in problems:
         prompt = tokenizer.encode(format_prompt(tokenizer, p.question),
                                   add_special_tokens=prompt_adds_special_tokens(tokenizer))
         text = p.target if p.target is not None else p.answer  # a task's worked form, else the answer
         answer = tokenizer.encode(text, add_special_tokens=False)
-        if noise is not None and noise.rate > 0:
+        if augment is not None:
             if rng is None:
-                raise ValueError("_sft_batch: noise needs rng")
-            free = len(answer) - noise.keep_last
-            answer = [x for i, t in enumerate(answer) for x in
-                      ((_random_token(rng, len(tokenizer), specials), t)
-                       if i < free and rng.random() < noise.rate else (t,))]
+                raise ValueError("_sft_batch: augment needs rng")
+            answer = augment(answer, rng)
         target = answer + [tokenizer.eos_token_id]
         rows.append(prompt + target)
         labels.append([-100] * len(prompt) + target)
@@ -314,21 +300,14 @@ def _sft_batch(tokenizer, problems: list[Problem], device, noise: TokenNoise | N
     return ids, mask, lab
 
 
-def _random_token(rng: random.Random, vocab_size: int, specials: set) -> int:
-    while True:
-        t = rng.randrange(vocab_size)
-        if t not in specials:
-            return t
-
-
 def _target_logits(model: PreTrainedModel, ids: torch.Tensor, mask: torch.Tensor,
                    lab: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits (n, V) fp32, targets (n,)) at the n positions that predict a labelled token.
 
     The tiny Llama applies its LM head to those positions only: the cross-entropy over the others is
     masked out anyway, and the head over a 3,000-token vocabulary at every prompt position was
-    most of a warm-start step (measured on the cpu-sparks warm start: 72 against 122 CPU-ms per
-    step). Other architectures may scale or soft-cap their logits inside `forward`, so they take
+    most of a warm-start step (measured on a 3,000-token vocabulary's warm start: 72 against 122
+    CPU-ms per step). Other architectures may scale or soft-cap their logits inside `forward`, so they take
     the full forward."""
     target = lab[:, 1:]
     keep = target != -100
@@ -363,7 +342,7 @@ def warm_start(
     log: Callable[[str], None] = print,
     eval_problems: list[Problem] | None = None,
     log_every: int = 100,
-    noise: TokenNoise | None = None,
+    augment: Augment | None = None,
 ) -> dict:
     """Supervised fine-tuning on `prompt + answer + eos`; returns the final metrics.
 
@@ -373,9 +352,9 @@ def warm_start(
     {"loss", "token_accuracy", "greedy_accuracy", "sampled_accuracy", "steps", "seconds",
     "cpu_seconds"} (the two times cover the training steps only; cpu_seconds is this
     process's CPU time, a figure that other load on the machine does not inflate).
-    Sampled accuracy is one sample per problem at temperature 1.0. `noise`: random vocabulary
-    tokens inserted in the answers (`TokenNoise`), from an RNG of their own seeded by `seed`, so that
-    without noise the batches are exactly what they were.
+    Sampled accuracy is one sample per problem at temperature 1.0. `augment(answer_ids, rng)`: a
+    change of each target's token ids (a task's, `lpreg.trainer.tasks.register_warm_start_augment`),
+    drawn from an RNG of its own seeded by `seed`, so that without it the batches are unchanged.
 
     Measured (one torch thread, this repo's 2-core CPU box, under other load; held-out
     test problems; CPU-seconds of training):
@@ -391,7 +370,7 @@ def warm_start(
     """
     if steps < 0 or batch_size < 1 or not lr > 0:
         raise ValueError(f"need steps >= 0, batch_size >= 1, lr > 0; got {steps}, {batch_size}, {lr}")
-    noise_rng = random.Random(f"noise:{seed}")
+    augment_rng = random.Random(f"noise:{seed}")  # the seed string of the first augment: its batches unchanged
     if eval_problems is None:
         held = min(64, len(problems) // 10)
         problems, eval_problems = problems[: len(problems) - held], problems[len(problems) - held :]
@@ -413,7 +392,7 @@ def warm_start(
     start, cpu_start = time.perf_counter(), time.process_time()
     loss_value, tok_acc = float("nan"), float("nan")
     for step in range(steps):
-        ids, mask, lab = _sft_batch(tokenizer, rng.choices(problems, k=batch_size), device, noise, noise_rng)
+        ids, mask, lab = _sft_batch(tokenizer, rng.choices(problems, k=batch_size), device, augment, augment_rng)
         logits, target = _target_logits(model, ids, mask, lab)
         loss = F.cross_entropy(logits, target)
         opt.zero_grad(set_to_none=True)

@@ -16,17 +16,27 @@ evaluation) and every sampling field is set here. EOS ids: `model.eos_token_ids`
 Masks. A completion ends at its first EOS token (any of the tokenizer's / model's EOS ids),
 which belongs to the response (the policy chose to stop); everything after it is padding. Pad
 may equal EOS, so the mask comes from the first EOS position, never from `!= pad`.
+
+The step's rollout stage (`rollout`): this rank's prompts (`problem_at`: a fresh permutation of the
+problems per epoch), n samples each, their rewards, and group advantages on the global batch.
 """
 
+import random
+import time
 from dataclasses import dataclass
-from typing import List, Sequence
+from typing import Dict, List, Sequence
 
 import torch
+from torch import Tensor
 from transformers import GenerationConfig
 
-from lpreg.trainer.model import eos_token_ids, fresh_generation_config
+from lpreg.trainer.advantage import group_advantages
+from lpreg.trainer.model import eos_token_ids, format_prompt, fresh_generation_config
+from lpreg.trainer.problem import Problem
+from lpreg.trainer.ranks import full_params_for_generation, gather_floats
 
-__all__ = ["RolloutBatch", "rollout_seed", "eos_token_ids", "response_lengths", "generate_group", "pack"]
+__all__ = ["RolloutBatch", "rollout_seed", "eos_token_ids", "response_lengths", "generate_group", "pack",
+           "problem_at", "Rollout", "rollout"]
 
 
 def rollout_seed(seed: int, step: int, prompt_index: int) -> int:
@@ -116,3 +126,65 @@ def pack(prompts: Sequence[List[int]], responses: Sequence[List[int]], pad_id: i
     target_is_resp = resp[:, 1:]
     labels = torch.where(target_is_resp, input_ids[:, 1:], torch.full_like(input_ids[:, 1:], -100))
     return RolloutBatch(input_ids, attention, labels, target_is_resp.float())
+
+
+# ------------------------------------------------------------------- the step's rollout stage
+
+
+def problem_at(problems: list, position: int, seed: int) -> Problem:
+    """The problem at a global data position: a fresh permutation of the problems per epoch."""
+    epoch, i = divmod(position, len(problems))
+    order = list(range(len(problems)))
+    random.Random(seed * 7919 + epoch).shuffle(order)
+    return problems[order[i]]
+
+
+@dataclass
+class Rollout:
+    """This rank's share of a step's samples, with rewards and advantages."""
+
+    questions: List[str]  # one per sample
+    answers: List[str]
+    prompt_ids: List[List[int]]
+    responses: List[List[int]]
+    texts: List[str]
+    scores: List[float]  # this rank's rewards
+    all_scores: List[float]  # every rank's, in rank order
+    seq_adv: Tensor  # (this rank's samples,) advantages
+    adv_metrics: Dict[str, float]
+    reward_info: Dict[str, int]
+    seconds_generate: float
+    seconds_reward: float
+
+
+def rollout(run, step: int) -> Rollout:
+    """Generate n samples for each of this rank's prompts, score them, and compute advantages on
+    the global batch (so batch-std scaling sees every rank)."""
+    cfg, acc = run.cfg, run.acc
+    P, n, world = cfg.prompts_per_step, cfg.samples_per_prompt, acc.num_processes
+    per_rank = P // world
+    first = step * P + acc.process_index * per_rank  # global data position of this rank's first prompt
+    mine = [problem_at(run.problems, first + i, cfg.seed) for i in range(per_rank)]
+    t0 = time.perf_counter()
+    prompt_ids, responses = [], []
+    run.policy.eval()
+    with full_params_for_generation(acc, run.model):
+        for i, prob in enumerate(mine):
+            ids = run.tok.encode(format_prompt(run.tok, prob.question), add_special_tokens=False)
+            responses += generate_group(run.policy, ids, n, cfg, eos_ids=run.eos_ids, pad_id=run.pad_id,
+                                        seed=rollout_seed(cfg.seed, step, first + i))
+            prompt_ids += [ids] * n
+    run.policy.train()
+    t1 = time.perf_counter()
+    texts = run.tok.batch_decode(responses, skip_special_tokens=True)
+    answers = [p.answer for p in mine for _ in range(n)]
+    scores, info = run.reward_worker.score(texts, answers)
+    all_scores = gather_floats(acc, scores)
+    all_adv, adv_metrics = group_advantages(all_scores, n, std_scaling=cfg.std_scaling, eps=cfg.adv_eps)
+    rank = acc.process_index
+    return Rollout(
+        questions=[p.question for p in mine for _ in range(n)], answers=answers, prompt_ids=prompt_ids,
+        responses=responses, texts=texts, scores=scores, all_scores=all_scores,
+        seq_adv=all_adv[rank * per_rank * n:(rank + 1) * per_rank * n], adv_metrics=adv_metrics,
+        reward_info=info, seconds_generate=t1 - t0, seconds_reward=time.perf_counter() - t1,
+    )

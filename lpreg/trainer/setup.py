@@ -1,10 +1,14 @@
 """The trainer's set-up: accelerator, policy, task, warm start or resume, optimizer, run files.
 
-`setup(cfg)` returns a `Run`: everything the per-step functions of `lpreg.trainer.step` read
-(and the few things they update), so that `lpreg.train.train` is a short loop over steps.
+`setup(cfg)` returns a `Run`: everything the step's stages (lpreg.trainer.rollout, .scoring, .update,
+.step) read (and the few things they update), so that `lpreg.trainer.loop.train` is a short loop over steps.
+
+The policy's output transform (`--output-transform`, lpreg.trainer.output_transform) is installed when the
+policy is built and recorded in its config, so every checkpoint and warm-start cache entry carries it; a
+resumed or cached checkpoint must record the same one (or none, when the run names none: then the
+checkpoint's is restored).
 """
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -21,17 +25,15 @@ from transformers import PreTrainedModel
 from transformers.utils import logging as hf_logging
 
 from lpreg.trainer import checkpoint as ckpt
-from lpreg.trainer import instruments
-from lpreg.trainer.data import load_problems
+from lpreg.trainer import instruments, registry
+from lpreg.trainer.data import SKIPPED_FILE, ProblemFile, load_problem_file
 from lpreg.trainer.logging_utils import MetricsLog, progress_bar, truncate_jsonl
-from lpreg.trainer.model import add_output_floor, build_tiny_model, eos_token_ids, load_policy, warm_start
+from lpreg.trainer.model import build_tiny_model, eos_token_ids, load_policy, warm_start
+from lpreg.trainer.output_transform import CONFIG_KEY, apply_output_transform, saved_transform
 from lpreg.trainer.problem import Problem
 from lpreg.trainer.reward import RewardWorker
-from lpreg.trainer.tasks import TASKS
+from lpreg.trainer.tasks import TASKS, WARM_START_AUGMENTS
 
-# Test hook: SIGKILL this process in the middle of that step (after the backward, before the
-# optimizer step), to test that a crashed run resumes exactly.
-KILL_ENV = "LPREG_TEST_KILL_AT_STEP"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -56,7 +58,6 @@ class Run:
     samples_path: str
     bar: Any
     reward_worker: Any
-    kill_at: int
 
     def close(self) -> None:
         self.reward_worker.close()
@@ -66,61 +67,66 @@ class Run:
 
 
 def build_policy(cfg, device) -> Tuple[PreTrainedModel, Any]:
-    """(model, tokenizer) from --model, or the tiny model over the built-in task's tokenizer."""
+    """(model, tokenizer) from --model (with the output transform its config records), or the tiny model
+    over the built-in task's tokenizer; then --output-transform, if set, installed and recorded."""
     if cfg.model is None:
-        tok = TASKS[cfg.task].tokenizer()
+        tok = _task(cfg).tokenizer()
         model = build_tiny_model(tok, hidden_size=cfg.hidden_size, num_layers=cfg.num_layers,
                                  num_heads=cfg.num_heads, seed=cfg.seed, dtype=DTYPES[cfg.dtype], device=device)
-        if TASKS[cfg.task].output_floor:
-            add_output_floor(model, TASKS[cfg.task].output_floor)
-        return model, tok
-    if not os.path.isdir(cfg.model):
-        raise ValueError(f"--model must be a local Hugging Face model directory; {cfg.model!r} does not exist")
-    return load_policy(cfg.model, dtype=DTYPES[cfg.dtype], device=device)
+    else:
+        if not os.path.isdir(cfg.model):
+            raise ValueError(f"--model must be a local Hugging Face model directory; {cfg.model!r} does not exist")
+        model, tok = load_policy(cfg.model, dtype=DTYPES[cfg.dtype], device=device)
+    if cfg.output_transform:
+        apply_output_transform(model, cfg.output_transform)
+    return model, tok
+
+
+def _task(cfg):
+    """The built-in task --task names (importing the module that registers it, when one is listed)."""
+    if not registry.ensure("task", cfg.task, TASKS):
+        raise ValueError(f"--task must be one of {tuple(sorted(TASKS))}, got {cfg.task!r}")
+    return TASKS[cfg.task]
 
 
 def builtin_problems(cfg, n: int, seed: int, split: str) -> List[Problem]:
     """The first `n` problems of the built-in task's split (fewer if the split holds fewer)."""
-    if cfg.task not in TASKS:
-        raise ValueError(f"--task must be one of {tuple(TASKS)}, got {cfg.task!r}")
-    return TASKS[cfg.task].split_problems(split, seed, cfg.max_operand)[:n]
+    return _task(cfg).split_problems(split, seed, cfg.max_operand)[:n]
 
 
-def _problem_file(flag: str, path: str) -> Tuple[List[Problem], int]:
+def _problem_file(cfg, flag: str, path: str) -> ProblemFile:
+    """--data / --eval-data, read (its skipped rows are reported and checked against --max-skipped-frac
+    by `setup`, before any training)."""
     if not os.path.isfile(path):
         raise ValueError(f"{flag} must be a .jsonl or .parquet file; {path!r} does not exist")
-    try:
-        problems, skipped = load_problems(path)
-    except ValueError as err:
-        raise ValueError(f"{flag} {path!r}: {err}") from err
-    if not problems:
-        raise ValueError(f"{flag} {path!r} has no usable rows ({skipped} rows skipped)")
-    return problems, skipped
+    return load_problem_file(path, flag=flag)
 
 
-def load_task(cfg) -> Tuple[List[Problem], List[Problem], int]:
-    """(RL problems, warm-start problems, rows skipped) from --data or the built-in task.
+def load_task(cfg) -> Tuple[List[Problem], List[Problem], List[ProblemFile]]:
+    """(RL problems, warm-start problems, the problem files read) from --data or the built-in task.
 
     Built-in: the warm start sees the whole (operand-filtered) training split, plus the task's
     warm-start-only problems if it has any; RL uses the split's first `n_problems`, a set small
     enough that each problem recurs during a short CPU run."""
     if cfg.data is None:
         pool = builtin_problems(cfg, 10**9, cfg.seed, "train")
-        extra = TASKS[cfg.task].warm_start_extra
-        return pool[: cfg.n_problems], pool + (extra() if extra is not None else []), 0
-    problems, skipped = _problem_file("--data", cfg.data)
-    return problems, problems, skipped
+        extra = _task(cfg).warm_start_extra
+        return pool[: cfg.n_problems], pool + (extra() if extra is not None else []), []
+    data = _problem_file(cfg, "--data", cfg.data)
+    return data.problems, data.problems, [data]
 
 
-def load_eval_problems(cfg) -> Optional[List[Problem]]:
-    """Held-out problems for `--eval-every`: --eval-data, else the built-in task's test split."""
+def load_eval_problems(cfg) -> Tuple[Optional[List[Problem]], List[ProblemFile]]:
+    """(held-out problems for `--eval-every`: --eval-data, else the built-in task's test split; the
+    problem files read)."""
     if cfg.eval_every == 0:
-        return None
+        return None, []
     if cfg.eval_data is not None:
-        return _problem_file("--eval-data", cfg.eval_data)[0][: cfg.eval_problems]
+        data = _problem_file(cfg, "--eval-data", cfg.eval_data)
+        return data.problems[: cfg.eval_problems], [data]
     if cfg.data is not None:
         raise ValueError("--eval-every with --data needs --eval-data (held-out problems), got none")
-    return builtin_problems(cfg, cfg.eval_problems, cfg.seed + 1, "test")
+    return builtin_problems(cfg, cfg.eval_problems, cfg.seed + 1, "test"), []
 
 
 def load_weights(model: PreTrainedModel, model_dir: str) -> None:
@@ -155,11 +161,6 @@ def _accelerator(cfg):
     if cfg.prompts_per_step % acc.num_processes:
         raise ValueError(f"--prompts-per-step ({cfg.prompts_per_step}) must be divisible by the "
                          f"{acc.num_processes} processes")
-    if cfg.mechanism_every and acc.num_processes > 1:  # the probe copies one process's whole policy
-        raise ValueError(f"--mechanism-every needs one process, got {acc.num_processes}")
-    if cfg.mechanism_every and "mechanism" not in instruments.INSTRUMENTS:  # never a silent no-op
-        raise ValueError("--mechanism-every needs the mechanism instrument: run lpreg-train, or import "
-                         "lpreg.experiments (it registers it) before lpreg.trainer.loop.train")
     if cfg.torch_threads > 0:
         torch.set_num_threads(cfg.torch_threads)
     random.seed(cfg.seed)
@@ -173,14 +174,32 @@ def run_warm_start(cfg, model, tok, warm_problems: List[Problem], log=print) -> 
     """The SFT warm start `cfg` asks for (no cache); held-out accuracy on the built-in task's
     test split, or on a slice of `warm_problems` with --data. Returns `model.warm_start`'s metrics."""
     held_out = builtin_problems(cfg, cfg.warmup_eval_problems, cfg.seed + 1, "test") if cfg.data is None else None
+    augment = _warm_start_augment(cfg)
     return warm_start(model, tok, warm_problems, steps=cfg.warmup_steps, lr=cfg.warmup_lr,
                       batch_size=cfg.warmup_batch_size, seed=cfg.seed, log=log, eval_problems=held_out,
-                      noise=_warm_start_noise(cfg))
+                      augment=augment.make(tok) if augment is not None else None)
 
 
-def _warm_start_noise(cfg):
-    """The built-in task's warm-start token noise (a TokenNoise; None without, and with --data)."""
-    return TASKS[cfg.task].warm_start_noise if cfg.data is None and cfg.task in TASKS else None
+def _warm_start_augment(cfg):
+    """The built-in task's change of its warm-start targets (a WarmStartAugment; None without, and with
+    --data)."""
+    return WARM_START_AUGMENTS.get(cfg.task) if cfg.data is None else None
+
+
+def load_checkpoint_weights(model: PreTrainedModel, model_dir: str, *, source: str) -> None:
+    """`load_weights`, after checking that the checkpoint records the output transform the policy has:
+    the same one, or one the run did not name (then it is installed: the checkpoint is the policy)."""
+    with open(os.path.join(model_dir, "config.json")) as fh:
+        saved = saved_transform(type("Saved", (), {CONFIG_KEY: json.load(fh).get(CONFIG_KEY)})())
+    ours = saved_transform(model.config)
+    if saved is not None and ours is None:
+        spec = saved["name"] + (":" + ",".join(f"{k}={json.dumps(v)}" for k, v in saved["params"].items())
+                                if saved["params"] else "")
+        apply_output_transform(model, spec, source=source)
+    elif (saved and (saved["name"], saved["params"])) != (ours and (ours["name"], ours["params"])):
+        raise ValueError(f"{source} {model_dir!r} records the output transform {saved}, but this run's policy has "
+                         f"{ours} (--output-transform): a checkpoint is the policy it was saved from")
+    load_weights(model, model_dir)
 
 
 def _resume_or_warm_start(cfg, acc, model, tok, warm_problems) -> Optional[dict]:
@@ -188,13 +207,13 @@ def _resume_or_warm_start(cfg, acc, model, tok, warm_problems) -> Optional[dict]
     resume_dir = ckpt.resolve_resume(cfg.resume, cfg.output_dir)
     if resume_dir is not None:
         model_dir, state = ckpt.load_checkpoint(resume_dir)
-        load_weights(model, model_dir)
+        load_checkpoint_weights(model, model_dir, source="--resume")
         acc.print(f"resumed from {resume_dir} (step {state['step']})")
         return state
     if cfg.warmup_steps > 0:
         cached = warm_start_cache_dir(cfg)
         if cached is not None and os.path.isfile(os.path.join(cached, "warm_start.json")):
-            load_weights(model, cached)
+            load_checkpoint_weights(model, cached, source="--warm-start-cache")
             with open(os.path.join(cached, "warm_start.json")) as fh:
                 ws = {**json.load(fh), "cache": cached}
             acc.print(f"warm start: loaded {cached}")
@@ -214,17 +233,17 @@ WARM_START_KEYS = ("task", "data", "max_operand", "model", "dtype", "hidden_size
 
 
 def warm_start_cache_dir(cfg) -> Optional[str]:
-    """`--warm-start-cache`'s entry for this config: a hash of WARM_START_KEYS and of the warm-start
-    problems' text, or None when unset (or when --data is a file)."""
+    """`--warm-start-cache`'s entry for this config: a hash of WARM_START_KEYS, of the task's warm-start
+    augment and of the warm-start problems' text, or None when unset (or when --data is a file)."""
     if not cfg.warm_start_cache or cfg.data is not None:
         return None
     # the warm-start data's text too, so that a changed task never loads a stale entry
     texts = "\n".join(f"{p.question}\t{p.target or p.answer}" for p in load_task(cfg)[1])
-    noise, floor = _warm_start_noise(cfg), TASKS[cfg.task].output_floor if cfg.task in TASKS else 0.0
-    noise = {"warm_start_noise": dataclasses.asdict(noise)} if noise is not None else {}  # old keys unchanged
-    if floor and cfg.model is None:
-        noise["output_floor"] = floor
-    key = json.dumps({**{k: getattr(cfg, k) for k in WARM_START_KEYS}, **noise,
+    augment = _warm_start_augment(cfg)
+    extra = dict(augment.key) if augment is not None else {}
+    if cfg.output_transform:
+        extra["output_transform"] = cfg.output_transform
+    key = json.dumps({**{k: getattr(cfg, k) for k in WARM_START_KEYS}, **extra,
                       "data": hashlib.sha256(texts.encode()).hexdigest()}, sort_keys=True)
     return os.path.join(cfg.warm_start_cache, hashlib.sha256(key.encode()).hexdigest()[:16])
 
@@ -259,11 +278,12 @@ def _optimizer(cfg, acc, model, state):
 
 
 def _run_files(cfg, acc, start_step: int, resumed: bool) -> Tuple[Optional[MetricsLog], str]:
-    """metrics.jsonl, samples.jsonl and the instruments' own logs: each truncated to the checkpoint's
-    step on resume, and started afresh otherwise. Returns (metrics log, samples.jsonl's path)."""
+    """metrics.jsonl, samples.jsonl, held_out.jsonl and the instruments' own logs: each truncated to the
+    checkpoint's step on resume, and started afresh otherwise. Returns (metrics log, samples.jsonl's path)."""
     metrics_log = MetricsLog(os.path.join(cfg.output_dir, "metrics.jsonl"),
                              resume_step=start_step if resumed else None) if acc.is_main_process else None
-    paths = [os.path.join(cfg.output_dir, name) for name in ("samples.jsonl", *instruments.log_files())]
+    paths = [os.path.join(cfg.output_dir, name) for name in ("samples.jsonl", "held_out.jsonl",
+                                                            *instruments.log_files())]
     for path in paths:
         if acc.is_main_process and not resumed and os.path.exists(path):
             os.remove(path)
@@ -275,10 +295,13 @@ def _run_files(cfg, acc, start_step: int, resumed: bool) -> Tuple[Optional[Metri
 def setup(cfg) -> Run:
     """Everything before the first step: policy, task, warm start or resume, optimizer, files."""
     acc = _accelerator(cfg)
-    problems, warm_problems, n_skipped = load_task(cfg)
-    eval_problems = load_eval_problems(cfg)
+    problems, warm_problems, files = load_task(cfg)
+    eval_problems, eval_files = load_eval_problems(cfg)
+    _report_skipped(acc, cfg, files + eval_files)
+    for f in files + eval_files:
+        f.check(cfg.max_skipped_frac)  # past it, the run stops here: nothing trained yet
     model, tok = build_policy(cfg, acc.device)
-    acc.print(f"lpreg-train: {len(problems)} RL problems ({n_skipped} rows skipped), loss={cfg.loss}, "
+    acc.print(f"lpreg-train: {len(problems)} RL problems, loss={cfg.loss}, "
               f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {acc.num_processes} process(es)")
     state = _resume_or_warm_start(cfg, acc, model, tok, warm_problems)
     if cfg.gradient_checkpointing:
@@ -296,5 +319,22 @@ def setup(cfg) -> Run:
         metrics_log=metrics_log, samples_path=samples_path,
         bar=progress_bar(cfg.steps, start_step, cfg.progress and acc.is_main_process),
         reward_worker=RewardWorker(timeout_s=cfg.reward_timeout_s),  # closed by Run.close
-        kill_at=int(os.environ.get(KILL_ENV, "-1")),
     )
+
+
+def _report_skipped(acc, cfg, files: List[ProblemFile]) -> None:
+    """Every problem file's skipped rows: the first few in the log, all of them in the run directory's
+    skipped_rows.jsonl (removed when no row was skipped)."""
+    path = os.path.join(cfg.output_dir, SKIPPED_FILE)
+    if not acc.is_main_process:
+        return
+    for f in files:
+        for line in f.log_lines():
+            acc.print(f"lpreg-train: {line}")
+    if any(f.skipped for f in files):
+        with open(path, "w") as fh:
+            for f in files:
+                f.write_skipped(fh)
+        acc.print(f"lpreg-train: every skipped row is listed in {path}")
+    elif os.path.exists(path):
+        os.remove(path)

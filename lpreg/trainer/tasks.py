@@ -32,10 +32,10 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Callable
 
-from lpreg.trainer.problem import Problem, TokenNoise
+from lpreg.trainer.problem import Problem
 
-__all__ = ["Problem", "TokenNoise", "BuiltinTask", "TASKS", "register_task", "arithmetic_problems", "arithmetic_split",
-           "split_size", "operands_within"]
+__all__ = ["Problem", "BuiltinTask", "TASKS", "register_task", "WarmStartAugment", "WARM_START_AUGMENTS",
+           "register_warm_start_augment", "arithmetic_problems", "arithmetic_split", "split_size", "operands_within"]
 
 SPLITS = ("train", "test")
 TEST_FRACTION_PERCENT = 10  # share of the universe held out for the test split
@@ -140,33 +140,41 @@ def _char_tokenizer() -> Any:
 
 @dataclass(frozen=True)
 class BuiltinTask:
-    """A built-in task the trainer can run with no file (`--task NAME`, used when --data is unset).
+    """A built-in task the trainer can run with no file (`--task NAME`, used when --data is unset): its
+    data split and its tokenizer; the reward is the trainer's (math-verify against the gold answer).
 
     split_problems(split, seed, max_operand): every problem of "train" or "test", in a
         seed-determined order (the trainer takes its RL set and held-out set from the front);
     tokenizer(): the tokenizer of the tiny policy built for it (when --model is unset);
-    spark_tokens: rare valuable tokens whose probability at the first answer position an instrument logs
-        (spark/*: lpreg.experiments.diversity).
+    warm_start_extra(): extra problems for the warm start only (never in the RL set or the held-out split).
     """
 
     split_problems: Callable[[str, int, int], list[Problem]]
     tokenizer: Callable[[], Any]
-    spark_tokens: tuple[str, ...] = ()  # rare valuable tokens whose probability an instrument logs
-    # extra problems for the warm start only (never in the RL set or the held-out split)
     warm_start_extra: Callable[[], list[Problem]] | None = None
-    # random vocabulary tokens in the warm start's answers (TokenNoise): the policy learns a noise floor
-    # spread over the vocabulary (lpreg.trainer.model.warm_start's `noise`)
-    warm_start_noise: TokenNoise | None = None
-    # the tiny policy's fixed output floor: p = (1 - floor) softmax(z) + floor / V at every position, a
-    # tail that RL cannot train away (lpreg.trainer.model.add_output_floor); 0 = none
-    output_floor: float = 0.0
+
+
+@dataclass(frozen=True)
+class WarmStartAugment:
+    """A change of a task's warm-start targets (`register_warm_start_augment`).
+
+    make(tokenizer) -> augment(answer_ids, rng) -> answer_ids: applied to every target the warm start
+        draws, with the warm start's own RNG (lpreg.trainer.model.warm_start's `augment`);
+    key: a JSON-serialisable description, part of the warm-start cache's key (a changed augment never
+        loads a stale entry).
+    """
+
+    make: Callable[[Any], Callable[[list[int], random.Random], list[int]]]
+    key: dict
 
 
 # Adding a task: write its two functions and register it (`register_task`); a preset can then set
-# task=NAME. lpreg.experiments registers its `sparks` task (lpreg.experiments.sparks) this way.
+# task=NAME. A study registers its tasks this way (lpreg.experiments).
 TASKS: dict[str, BuiltinTask] = {
     "arithmetic": BuiltinTask(split_problems=arithmetic_split, tokenizer=_char_tokenizer),
 }
+# task name -> the change of its warm-start targets (none for most tasks)
+WARM_START_AUGMENTS: dict[str, WarmStartAugment] = {}
 
 
 def register_task(name: str, task: BuiltinTask) -> None:
@@ -174,3 +182,11 @@ def register_task(name: str, task: BuiltinTask) -> None:
     if not isinstance(task, BuiltinTask):
         raise ValueError(f"register_task({name!r}): task must be a BuiltinTask, got {type(task).__name__}")
     TASKS[name] = task
+
+
+def register_warm_start_augment(task: str, augment: WarmStartAugment) -> None:
+    """Add (or replace) the change of the built-in task `task`'s warm-start targets."""
+    if not isinstance(augment, WarmStartAugment):
+        raise ValueError(f"register_warm_start_augment({task!r}): augment must be a WarmStartAugment, "
+                         f"got {type(augment).__name__}")
+    WARM_START_AUGMENTS[task] = augment
