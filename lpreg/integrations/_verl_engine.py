@@ -10,20 +10,27 @@ log-probs):
 - fused path (use_fused_kernels=True): verl's fused forward would return log-probs only, so
   the model's forward is redirected (inside the FSDP root's forward, which unshards it) to the
   backbone's hidden states and `lpreg.fused_linear_token_stats` on the LM head, never the
-  (rows, V) logits. verl wraps an untied LM head as its own FSDP2 unit, whose forward (and so
-  its reduce-scatter) never runs here: the head's DTensor shard is all-gathered by
-  `gathered_param`, whose backward reduce-scatters the gradient as FSDP2 would (the average
-  over the data-parallel mesh), so every rank updates its shard from the whole batch. A LoRA
-  model (peft) runs its adapted backbone; models whose logits are not `h @ W.T + b`
-  (soft-capped or scaled: Gemma-2/3, Cohere, Granite) are refused (`_verl_config.scaled_logits`);
+  (rows, V) logits, with the model's logit transform (`lpreg.logit_transform_from_config`:
+  Gemma's soft cap, Cohere / Granite / MiniCPM scales; CONTRACT A) passed as logit_scale /
+  logit_softcap. The head's matmul runs in the compute dtype of verl's mixed-precision policy
+  (mixed_precision.param_dtype, bf16 by default; fp32 accumulation), or in fp32 when the policy
+  loss sets lpreg_fp32_head=True. verl wraps an untied LM head as its own FSDP2 unit, whose
+  forward (and so its reduce-scatter) never runs here: `gathered_param` all-gathers the head's
+  DTensor shard cast to the compute dtype (the bytes FSDP2's own unshard would move) and its
+  backward reduce-scatters the gradient in the policy's reduce dtype, averaged over the
+  data-parallel mesh as FSDP2 does, so every rank updates its shard from the whole batch. A LoRA
+  model (peft) runs its adapted backbone;
 - the old-log-prob pass with a rollout-proxy request (`lpreg_record`, set by the driver): the
-  old log-probs, entropies and the proxy record (lpreg.integrations._proxy) of every row.
+  old log-probs and entropies of every row (verl's layout), and the proxy record
+  (lpreg.integrations._proxy) of the response tokens only, as jagged tensors of the responses'
+  lengths (old_log_probs' layout in the trainer): the worker's output is the record the update
+  reads, with no prompt rows, no padding and no rearranging on the driver.
 """
 
 import functools
 import json
 from contextlib import contextmanager
-from typing import Any, Dict, Optional, cast
+from typing import Any, Dict, Optional, Tuple, cast
 
 import torch
 from torch import Tensor
@@ -35,16 +42,18 @@ from verl.workers.utils import losses as verl_losses
 
 from .. import needs_step_selection
 from ..fused_linear import fused_linear_token_stats
+from ..logit_transform import LogitTransform, logit_transform_from_config
 from ..selection import selection_threshold
 from ..sparse_proxy import SparseProxy, sparse_proxy_stats
 from ..token_stats import TokenStats, lpreg_token_stats
 from . import _proxy
 from ._core import loss_config
-from ._verl_config import is_lpreg, lpreg_options, scaled_logits
+from ._verl_config import is_lpreg, lpreg_options
 from ._verl_loss import STAT_KEYS, lpreg_ppo_loss
 
 RECORD_KEY = "lpreg_record"  # non-tensor batch entry: JSON of the record the old-log-prob pass makes
 _UNSUPPORTED = ("distillation_use_topk", "calculate_sum_pi_squared")
+_RECORD_FIELDS = (_proxy.ROLLOUT_LOGQ, *_proxy.SPARSE_KEYS)  # output in the responses' layout
 
 
 def loss_actor_config(loss_function) -> Optional[Any]:
@@ -62,7 +71,21 @@ def record_spec(policy_loss) -> str:
     o = lpreg_options(policy_loss)
     sparse = loss_config(o).kl_estimator == "full"  # the full KL reads q over K: the sparse record
     return json.dumps({"mode": o["lpreg_mode"], "threshold": float(o["lpreg_threshold"]), "sparse": sparse,
-                       "topk": int(o["lpreg_proxy_topk"])})
+                       "topk": int(o["lpreg_proxy_topk"]), "fp32_head": fp32_head(policy_loss)})
+
+
+def fp32_head(policy_loss) -> bool:
+    """Whether the policy loss asks for the fused head's matmul in fp32 (`lpreg_fp32_head`, as TRL's
+    cast_lm_head_to_fp32) rather than in the mixed-precision policy's compute dtype."""
+    get = policy_loss.get if hasattr(policy_loss, "get") else lambda k, d: getattr(policy_loss, k, d)
+    return bool(get("lpreg_fp32_head", False))
+
+
+def transform_kwargs(transform: LogitTransform) -> Dict[str, Any]:
+    """The fused functions' logit_scale / logit_softcap keywords of `transform` (none for the identity)."""
+    if transform.is_identity:
+        return {}
+    return {"logit_scale": transform.scale, "logit_softcap": transform.softcap}
 
 
 def _full(t: Optional[Tensor]) -> Optional[Tensor]:
@@ -71,21 +94,30 @@ def _full(t: Optional[Tensor]) -> Optional[Tensor]:
     return t.full_tensor() if t is not None and hasattr(t, "full_tensor") else t
 
 
-def gathered_param(t: Optional[Tensor]) -> Optional[Tensor]:
-    """A parameter's FSDP2 DTensor shard, all-gathered for a forward its own FSDP unit does not run.
+def gathered_param(t: Optional[Tensor], dtype: Optional[torch.dtype] = None,
+                   reduce_dtype: torch.dtype = torch.float32) -> Optional[Tensor]:
+    """A parameter's FSDP2 DTensor shard, all-gathered in `dtype` for a forward its own FSDP unit does
+    not run (None: the shard's dtype).
 
+    As FSDP2's unshard: the shard is cast to the compute dtype before the all-gather (V x H x 2 bytes
+    in bf16, not the fp32 master's x 4), and the gradient is reduce-scattered in `reduce_dtype`.
     Each data-parallel rank's gradient of the gathered weight comes from its own data only, so the
     backward must reduce it across ranks, as FSDP2's reduce-scatter would: `Partial("avg")`, the
     average over every mesh dimension (FSDP2 divides by the data-parallel size, and verl scales the
-    loss by it). `full_tensor()`'s default (a Replicate gradient redistributed to Shard: a local
-    slice, no collective) would leave every rank's shard trained on its own data. A plain tensor
-    (an unsharded parameter: a tied head, inside the root's unshard) is returned as is."""
-    if t is None or not hasattr(t, "full_tensor"):
+    loss by it). A Replicate gradient redistributed to Shard (full_tensor()'s default) would be a
+    local slice, no collective, leaving every rank's shard trained on its own data. A plain tensor
+    (an unsharded parameter: a tied head, inside the root's unshard) is only cast."""
+    if t is None:
         return t
-    from torch.distributed.tensor import DTensor, Partial
+    if not hasattr(t, "full_tensor"):
+        return t if dtype is None else t.to(dtype)
+    from torch.distributed.tensor import DTensor, Partial, Replicate
 
     shard = cast(DTensor, t)  # an FSDP2 shard: a DTensor
-    return shard.full_tensor(grad_placements=[Partial("avg")] * shard.device_mesh.ndim)
+    ndim = shard.device_mesh.ndim
+    full = shard.redistribute(shard.device_mesh, [Replicate()] * ndim, forward_dtype=dtype or shard.dtype,
+                              backward_dtype=reduce_dtype)
+    return full.to_local(grad_placements=[Partial("avg")] * ndim)
 
 
 def lm_parts(inner):
@@ -101,20 +133,48 @@ def lm_parts(inner):
     return model.base_model, head
 
 
-def response_rows(micro_batch, padded: Tensor, n_rows: int, filler: Tensor) -> Tensor:
-    """(B, R, *) per-response-token values -> (n_rows, *) in the engine's packed row layout (the
-    inverse of verl's no_padding_2_padding: response token j of sequence b is predicted by row
-    offset_b - len_b - 1 + j); rows that predict no response token get `filler`."""
+def _lengths(micro_batch):
+    """(prompt lengths, response lengths) of a micro-batch, (B,) int64 each: from the nested prompts /
+    responses (v1), or the attention mask of the padded ones (RayPPOTrainer)."""
     prompts, responses = micro_batch["prompts"], micro_batch["responses"]
     if prompts.is_nested:
-        p_lens, r_lens = prompts.offsets().diff(), responses.offsets().diff()
-    else:
-        mask = micro_batch["attention_mask"]
-        p_lens, r_lens = mask[:, :prompts.shape[1]].sum(1), mask[:, prompts.shape[1]:].sum(1)
+        return prompts.offsets().diff(), responses.offsets().diff()
+    mask = micro_batch["attention_mask"]
+    return mask[:, :prompts.shape[1]].sum(1), mask[:, prompts.shape[1]:].sum(1)
+
+
+def response_index(micro_batch) -> Tuple[Tensor, Tensor]:
+    """(rows, offsets): for every response token in order, the packed model row that predicts it
+    (response token j of sequence b, b's rows ending at end_b: row end_b - len_b - 1 + j), (T,) int64,
+    and the responses' offsets (B + 1,). No Python loop over sequences: T = sum of response lengths."""
+    p_lens, r_lens = _lengths(micro_batch)
+    r_lens = r_lens.to(torch.long)
     ends = (p_lens + r_lens).cumsum(0)
-    out = filler.expand(n_rows, *filler.shape).clone()
-    for b, (r, end) in enumerate(zip(r_lens.tolist(), ends.tolist())):
-        out[end - r - 1:end - 1] = padded[b, :r].to(out)
+    offsets = torch.zeros(r_lens.numel() + 1, dtype=torch.long, device=r_lens.device)
+    offsets[1:] = r_lens.cumsum(0)
+    first = torch.repeat_interleave(ends - r_lens - 1 - offsets[:-1], r_lens)  # row of token j minus j
+    return first + torch.arange(int(offsets[-1]), device=r_lens.device), offsets
+
+
+def to_response_layout(rows: Tensor, micro_batch) -> Tensor:
+    """(n_rows, *) values of the packed rows -> a jagged (B, len_b, *) tensor of the response tokens."""
+    index, offsets = response_index(micro_batch)
+    return torch.nested.nested_tensor_from_jagged(rows[index.to(rows.device)], offsets.to(rows.device))
+
+
+def response_rows(micro_batch, stored: Tensor, n_rows: int, filler: Tensor) -> Tensor:
+    """Per-response-token values, jagged (B, len_b, *) (v1) or padded (B, R, *) (RayPPOTrainer's
+    batch), -> (n_rows, *) in the engine's packed row layout (the inverse of `to_response_layout`);
+    rows that predict no response token get `filler`. One gather and one scatter, no Python loop."""
+    index, offsets = response_index(micro_batch)
+    if stored.is_nested:
+        values = stored.values()
+    else:  # padded: token j of sequence b is stored[b, j]
+        seq = torch.repeat_interleave(torch.arange(offsets.numel() - 1, device=offsets.device), offsets.diff())
+        values = stored[seq.to(stored.device), (torch.arange(int(offsets[-1]), device=offsets.device)
+                                                 - offsets[:-1][seq]).to(stored.device)]
+    out = filler.to(values).expand(n_rows, *filler.shape).clone()
+    out[index.to(out.device)] = values.to(out)
     return out
 
 
@@ -122,11 +182,12 @@ def sparse_rows(micro_batch, n_rows: int) -> Optional[SparseProxy]:
     """The rollout's sparse proxy of a micro-batch in packed rows (None without one)."""
     if _proxy.SPARSE_KEYS[0] not in micro_batch.keys():
         return None
-    td = micro_batch.select(_proxy.ROLLOUT_LOGQ, *_proxy.SPARSE_KEYS)
-    td = td.to_padded_tensor() if any(td[k].is_nested for k in td.keys()) else td
-    # rows that predict no response token get the first recorded row: a valid proxy, never read
-    parts = [td[k] for k in (*_proxy.SPARSE_KEYS, _proxy.ROLLOUT_LOGQ)]
-    rows = [response_rows(micro_batch, t, n_rows, t[0, 0]) for t in parts]
+    # rows that predict no response token get the first recorded entry: a valid proxy, never read
+    rows = []
+    for k in (*_proxy.SPARSE_KEYS, _proxy.ROLLOUT_LOGQ):
+        t = micro_batch[k]
+        first = t.values()[0] if t.is_nested else t[0, 0]
+        rows.append(response_rows(micro_batch, t, n_rows, first))
     return SparseProxy(rows[0], rows[1].float(), rows[2].float(), rows[3].float())
 
 
@@ -140,6 +201,7 @@ class LpRegFSDPEngineWithLMHead(FSDPEngineWithLMHead):
     """verl's FSDP LM engine; with loss_mode=lpreg its outputs and loss are lpreg's."""
 
     _lpreg_selections = None
+    _lpreg_head_checked = False
 
     # ---- one optimiser step: the paper form's step-wide selection first
 
@@ -186,12 +248,10 @@ class LpRegFSDPEngineWithLMHead(FSDPEngineWithLMHead):
         """Redirect the model's forward (called by the FSDP root's forward, whose hooks unshard it)
         to backbone hidden states -> lpreg statistics or the rollout record, chunk by chunk."""
         inner = getattr(self.module, "_fsdp_wrapped_module", self.module)
-        reason = scaled_logits(getattr(inner, "config", None))
-        if reason:
-            raise NotImplementedError(f"use_fused_kernels=True with loss_mode=lpreg computes logits = h @ W.T + b; "
-                                      f"{reason}: set actor_rollout_ref.model.use_fused_kernels=False")
         backbone, head = lm_parts(inner)
         opts = self._lpreg_opts(config, record)
+        opts["transform"] = logit_transform_from_config(getattr(inner, "config", None))
+        dtype, reduce_dtype = self._lpreg_head_dtypes(opts["fp32_head"])
         rmpad = tu.get_non_tensor_data(data=micro_batch, key="use_remove_padding", default=True)
 
         def forward(input_ids=None, attention_mask=None, position_ids=None, temperature=1.0, shift_labels=None,
@@ -199,6 +259,8 @@ class LpRegFSDPEngineWithLMHead(FSDPEngineWithLMHead):
             if any(v is not None for v in extra.values()):
                 raise NotImplementedError(f"use_fused_kernels with loss_mode=lpreg takes text inputs only, got "
                                           f"{sorted(k for k, v in extra.items() if v is not None)}")
+            if not self._lpreg_head_checked:
+                self._lpreg_guard(inner, forward, input_ids, opts["transform"], float(temperature))
             hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                               use_cache=False).last_hidden_state
             if rmpad:
@@ -206,7 +268,10 @@ class LpRegFSDPEngineWithLMHead(FSDPEngineWithLMHead):
             else:  # padded rows -> packed rows; labels: each sequence's next tokens (verl's roll)
                 hidden = packed(hidden, micro_batch.to(hidden.device))
                 labels = torch.roll(micro_batch["input_ids"].values().to(hidden.device), shifts=-1, dims=0)
-            weight, bias = gathered_param(head.weight), gathered_param(getattr(head, "bias", None))
+            # the head in the compute dtype (bf16 under verl's default policy: fp32 accumulation), gathered
+            # and its gradient reduced as FSDP2's own unshard / reduce-scatter would
+            weight = gathered_param(head.weight, dtype, reduce_dtype)
+            bias = gathered_param(getattr(head, "bias", None), dtype, reduce_dtype)
             # a dict: FSDP2 finds the output tensors (a pytree) and unshards the root again before
             # their backward, which re-reads the LM head
             return {"lpreg": self._lpreg_rows(hidden, weight, bias, labels, float(temperature), opts, micro_batch,
@@ -218,11 +283,43 @@ class LpRegFSDPEngineWithLMHead(FSDPEngineWithLMHead):
         finally:
             del inner.forward
 
+    def _lpreg_guard(self, inner, redirected, input_ids, transform, temperature) -> None:
+        """Once per engine, before the first fused step: the head guard (`_head_guard.check_fused_head`,
+        CONTRACT B) on the first 64 tokens of this micro-batch, with the model's own forward (the
+        class's, the redirect lifted for the call; inside the FSDP root's forward, so unsharded).
+        Under a half-precision mixed-precision policy the model's logits are rounded to that dtype
+        while the guard's tolerance follows the fp32 master weight's: there it is not run."""
+        self._lpreg_head_checked = True
+        compute, _ = self._lpreg_head_dtypes(False)
+        if compute != torch.float32:
+            return
+        from ._head_guard import check_fused_head
+
+        ids = input_ids[:1, :64]
+        del inner.forward
+        try:
+            check_fused_head(inner, ids, torch.ones_like(ids), transform, temperature=temperature)
+        finally:
+            inner.forward = redirected
+
     def _lpreg_opts(self, config, record) -> Dict[str, Any]:
         if record is not None:
-            return json.loads(record)  # record_spec's keys: mode, threshold, sparse, topk
+            return json.loads(record)  # record_spec's keys: mode, threshold, sparse, topk, fp32_head
         o = lpreg_options(config.policy_loss)
-        return {"mode": o["lpreg_mode"], "threshold": o["lpreg_threshold"], "sparse": False, "topk": 0}
+        return {"mode": o["lpreg_mode"], "threshold": o["lpreg_threshold"], "sparse": False, "topk": 0,
+                "fp32_head": fp32_head(config.policy_loss)}
+
+    def _lpreg_head_dtypes(self, want_fp32: bool):
+        """(compute dtype, gradient-reduction dtype) of the fused head: those of verl's mixed-precision
+        policy (mixed_precision.param_dtype / reduce_dtype: bf16 / fp32 by default), fp32 compute with
+        lpreg_fp32_head=True."""
+        from verl.utils.torch_dtypes import PrecisionType
+
+        mp = getattr(self.engine_config, "mixed_precision", None) or {}
+        get = mp.get if hasattr(mp, "get") else lambda k, d: getattr(mp, k, d)
+        compute = getattr(self, "_autocast_dtype", None) or PrecisionType.to_dtype(get("param_dtype", "bf16"))
+        reduce = PrecisionType.to_dtype(get("reduce_dtype", "fp32"))
+        return (torch.float32 if want_fp32 else compute), reduce
 
     def _lpreg_rows(self, hidden, weight, bias, labels, temperature, opts, micro_batch, record):
         """Fused: TokenStats of the rows (training), or the rollout record (old-log-prob pass)."""
@@ -230,10 +327,11 @@ class LpRegFSDPEngineWithLMHead(FSDPEngineWithLMHead):
             # a sparse proxy carries its own filter: fused_linear_token_stats then ignores mode / threshold
             return fused_linear_token_stats(hidden.to(weight.dtype), weight, labels, bias=bias,
                                             proxy=sparse_rows(micro_batch, hidden.shape[0]), temperature=temperature,
-                                            mode=opts["mode"], threshold=opts["threshold"])
-        return _proxy.record_hidden(hidden, weight, bias, labels, chunk_size=None, temperature=temperature,
-                                    mode=opts["mode"], threshold=opts["threshold"], sparse=opts["sparse"],
-                                    topk=opts["topk"])
+                                            mode=opts["mode"], threshold=opts["threshold"],
+                                            **transform_kwargs(opts["transform"]))
+        return _proxy.record_hidden(hidden.to(weight.dtype), weight, bias, labels, chunk_size=None,
+                                    temperature=temperature, mode=opts["mode"], threshold=opts["threshold"],
+                                    sparse=opts["sparse"], topk=opts["topk"], transform=opts["transform"])
 
     # ---- per-token outputs
 
@@ -261,7 +359,8 @@ class LpRegFSDPEngineWithLMHead(FSDPEngineWithLMHead):
         if rmpad:  # gather across Ulysses ranks, drop the pad
             values = [self._gather_and_unpad_packed(t, output_args["pad_size"]) for t in values]
         cu_seqlens = micro_batch["input_ids"].offsets()
-        out = {k: torch.nested.nested_tensor_from_jagged(v, cu_seqlens) for k, v in zip(names, values)}
+        out = {k: (to_response_layout(v, micro_batch) if k in _RECORD_FIELDS
+                   else torch.nested.nested_tensor_from_jagged(v, cu_seqlens)) for k, v in zip(names, values)}
         if isinstance(rows, TokenStats) and get(key="calculate_entropy", default=False):
             out["entropy"] = out["lpreg_entropy"]
         return out

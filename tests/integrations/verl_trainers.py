@@ -128,7 +128,22 @@ class FakeTQ:
         monkeypatch.setattr(transfer_queue, "kv_batch_get", self.kv_batch_get)
 
 
-class V1WorkerGroup:
+class _ParameterVersions:
+    """The worker methods verl's asynchronous trainers call around their old-log-prob pass to
+    recompute it with the parameters of the last synchronisation (save_model_to_cpu /
+    restore_model_from_cpu / clear_cpu_model): recorded, no-ops (one rollout, one version here)."""
+
+    def save_model_to_cpu(self, version):
+        self.calls = [*getattr(self, "calls", []), ("save", version)]
+
+    def restore_model_from_cpu(self, version):
+        self.calls = [*getattr(self, "calls", []), ("restore", version)]
+
+    def clear_cpu_model(self, version):
+        self.calls = [*getattr(self, "calls", []), ("clear", version)]
+
+
+class V1WorkerGroup(_ParameterVersions):
     """The actor worker group of the v1 trainer on one rank (see the module docstring)."""
 
     def __init__(self, workers, tq):
@@ -153,7 +168,7 @@ class V1WorkerGroup:
         return self._call(self.workers.update_actor, meta)
 
 
-class LegacyWorkerGroup:
+class LegacyWorkerGroup(_ParameterVersions):
     """The actor worker group of RayPPOTrainer on one rank: TensorDicts in, TensorDicts out."""
 
     def __init__(self, workers):
@@ -278,3 +293,42 @@ def run_legacy(trainer, engine, actor, batch):
     from verl.utils.metric import reduce_metrics
 
     return SimpleNamespace(metrics=reduce_metrics(out.meta_info["metrics"]), batch=batch)  # as RayPPOTrainer.fit
+
+
+def run_separate(trainer, engine, actor, batch):
+    """A trainer built on SeparateRayPPOTrainer (one-step-off, fully async): the old-log-prob step its
+    fit_step calls (_fit_compute_log_prob, through the trainer's own _compute_old_log_prob), then its
+    _update_actor, on one rollout batch."""
+    trainer.actor_rollout_wg = LegacyWorkerGroup(ActorWorkers(engine, actor, trainer.config.actor_rollout_ref.rollout))
+    trainer.metrics, trainer.timing_raw = {}, {}
+    batch.meta_info["global_token_num"] = batch.batch["attention_mask"].sum(-1).tolist()
+    batch = trainer._fit_compute_log_prob(batch)
+    out = trainer._update_actor(batch)
+    from verl.utils.metric import reduce_metrics
+
+    return SimpleNamespace(metrics=reduce_metrics(out.meta_info["metrics"]), batch=batch,
+                           calls=trainer.actor_rollout_wg.calls)
+
+
+class Stop(Exception):
+    pass
+
+
+def started(cls, config, monkeypatch):
+    """An object of the trainer class `cls` on `config`, through the class's own start-up method
+    (RayPPOTrainer / SeparateRayPPOTrainer.init_workers, v1 PPOTrainer.init: lpreg's check, then
+    verl's body), stopped at the body's first call (resource pools / _setup: Ray workers)."""
+    first = "_setup" if hasattr(cls, "_step_once") else "_init_resource_pools"
+
+    def stop(self, *args, **kwargs):
+        raise Stop(self)
+
+    monkeypatch.setattr(cls, first, stop)
+    trainer = cls.__new__(cls)
+    trainer.config = config
+    start = trainer.init if hasattr(cls, "_step_once") else trainer.init_workers
+    try:
+        start()
+    except Stop:
+        return trainer
+    raise AssertionError(f"{cls.__qualname__}'s start-up method did not reach {first}")
