@@ -1,10 +1,13 @@
 """Build lpreg: pure-Python package + Triton kernels + the compiled `lpreg._C` extension.
 
-The Triton kernels live in the top-level `kernels/` folder and are installed as
-`lpreg.kernels` (never as a top-level `kernels` module: PyPI already has one, and transformers
-imports it). `kernels/` has no `__init__.py`, so it never shadows that distribution when the
-checkout is on sys.path; the package `lpreg.kernels` is `lpreg/kernels/__init__.py`, and build_py
-below adds `kernels/*.py` to it in a built wheel.
+The Triton kernels live in the top-level `kernels/` folder and are the package `lpreg.kernels`
+(never a top-level `kernels` module: PyPI already has one, and transformers imports it). The mapping
+is a symbolic link committed to git, `lpreg/kernels -> ../kernels`, which every tool follows as it
+is: an editable install and a checkout on sys.path import through it, mypy and an IDE resolve
+`lpreg.kernels.token_stats` to `kernels/token_stats.py`, and the sdist and the wheel store the files
+themselves under `lpreg/kernels/`. `kernels/` has no `__init__.py`, so it never shadows that
+distribution when the checkout is on sys.path, and `lpreg.kernels` is a namespace package, which
+`find_packages` does not list: it is named below.
 
 The C++ extension is built against the torch that is already installed, so install with
 `pip install --no-build-isolation .`. It is an accelerator, not a requirement: when its build fails
@@ -30,7 +33,6 @@ import sys
 
 import setuptools
 from setuptools import find_packages, setup
-from setuptools.command.build_py import build_py as _build_py
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BUILD_FAILURE_FILE = "_C_build_failed.txt"  # beside the extension; lpreg._native reads it
@@ -167,21 +169,11 @@ def _has_ninja():
         return False
 
 
-class build_py(_build_py):
-    """The Triton kernels' files (top-level kernels/*.py) become modules of lpreg.kernels."""
-
-    def find_package_modules(self, package, package_dir):
-        modules = super().find_package_modules(package, package_dir)
-        if package == "lpreg.kernels":
-            for path in sorted(glob.glob(os.path.join("kernels", "*.py"))):
-                modules.append((package, os.path.splitext(os.path.basename(path))[0], path))
-        return modules
-
-
 ext_modules, cmdclass = _extensions()
 
 setup(
-    packages=find_packages(include=["lpreg", "lpreg.*"]),
+    # lpreg.kernels has no __init__.py (see above): find_packages cannot see it, so it is named here
+    packages=find_packages(include=["lpreg", "lpreg.*"]) + ["lpreg.kernels"],
     ext_modules=ext_modules,
-    cmdclass={"build_py": build_py, **cmdclass},
+    cmdclass=cmdclass,
 )

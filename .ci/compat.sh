@@ -6,10 +6,14 @@
 # here instead of installing without it; the C++ standard follows each torch (C++17 before 2.14,
 # C++20 from 2.14).
 #
-#   torch-floor    Python 3.10, torch 2.6.0 (Triton 3.2): the core quick suite, the compiled extension
-#   torch-newest   torch 2.14.1: the core quick suite, the compiled extension
-#   train-floor    torch 2.13.0, transformers 4.56.0, accelerate 1.0.0: the trainer's and the
-#                  experiments' tests
+#   torch-floor    Python 3.10 (the floor), torch 2.6.0 (Triton 3.2): the core quick suite, the
+#                  compiled extension
+#   torch-newest   Python 3.13 (the newest claimed), torch 2.14.1: the core quick suite, the compiled
+#                  extension; and `lpreg[verl]` must fail to install there (verl needs Python < 3.13)
+#   train-floor    Python 3.12, torch 2.13.0, transformers 4.56.0, accelerate 1.0.0: the trainer's and
+#                  the experiments' tests
+# Python 3.11 is .ci/run's own environment (README's install, the whole suite, TRL and verl). On Python
+# 3.10, `lpreg[trl]` must fail to install (TRL 1.16 needs Python >= 3.11): checked in torch-floor.
 #
 # torch-floor pins numpy < 2.4: Triton 3.2's CPU interpreter, which runs the Triton kernels in the
 # tests, turns 1-element arrays into ints, and NumPy 2.4 refuses that (conftest.py skips those cases
@@ -20,11 +24,20 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WORK=${COMPAT_DIR:-/tmp/lpreg-compat}
-# Python 3.10, the declared floor: on PATH, or one of pyenv's builds (its shim hides versions not selected)
-PY310=$(for c in python3.10 "$(pyenv root 2>/dev/null)"/versions/3.10*/bin/python3.10; do
-            if "$c" -c "import venv" 2>/dev/null; then echo "$c"; break; fi; done)
-[[ -n "$PY310" ]] || { echo "compat: no Python 3.10 found (the declared floor)" >&2; exit 1; }
-declare -A PYTHON=([torch-floor]="$PY310" [torch-newest]="python3" [train-floor]="python3")
+# a Python X.Y: on PATH, or one of pyenv's builds (its shim hides versions not selected)
+find_python() {
+    local c
+    for c in "python$1" "$(pyenv root 2>/dev/null)"/versions/"$1".*/bin/"python$1"; do
+        if "$c" -c "import venv" 2>/dev/null; then echo "$c"; return; fi
+    done
+    echo "compat: no Python $1 found (a claimed version)" >&2; exit 1
+}
+declare -A PYTHON=([torch-floor]="$(find_python 3.10)" [torch-newest]="$(find_python 3.13)"
+                   [train-floor]="$(find_python 3.12)")
+for name in "${!PYTHON[@]}"; do [[ -n "${PYTHON[$name]}" ]] || exit 1; done
+# an extra that cannot serve this Python must fail at install time (pip's resolver, from the framework's
+# Requires-Python), not at first use: (extra, the message pip prints)
+declare -A REFUSED_EXTRA=([torch-floor]="trl" [torch-newest]="verl")
 declare -A INSTALL=([torch-floor]="torch==2.6.0 numpy<2.4"
                     [torch-newest]="torch==2.14.1"
                     [train-floor]="torch==2.13.0")
@@ -59,6 +72,14 @@ print('compat: $name ready: Python', sys.version.split()[0], '| torch', torch.__
       '| transformers', m.version('transformers'), '| accelerate', m.version('accelerate'),
       '| numpy', m.version('numpy'))")
     echo "compat: $name installed and built in $((SECONDS - t0)) s"
+    local extra=${REFUSED_EXTRA[$name]:-} out
+    if [[ -n "$extra" ]]; then  # a dry run: the resolver alone decides, nothing is installed
+        if out=$(cd "$src" && "$venv/bin/pip" install --dry-run --no-build-isolation -e ".[$extra]" 2>&1); then
+            echo "compat: $name: lpreg[$extra] installed on this Python, but it cannot serve it" >&2; return 1
+        fi
+        grep -q "Requires-Python" <<< "$out" || { echo "$out" >&2; echo "compat: $name: lpreg[$extra] failed for another reason" >&2; return 1; }
+        echo "compat: $name: lpreg[$extra] refused at install time, as it must ($(grep -m1 'Requires-Python' <<< "$out" | sed 's/^ *//'))"
+    fi
 }
 
 run_tests() {  # $1: combination

@@ -60,7 +60,8 @@ def test_the_wheel_builds_without_a_compiler_after_one_warning(source_copy, tmp_
     names = zipfile.ZipFile(wheel).namelist()
     assert "lpreg/_C_build_failed.txt" in names
     assert not any(n.startswith("lpreg/_C") and n.endswith(".so") for n in names)
-    assert "lpreg/kernels/token_stats.py" in names and "lpreg/kernels/__init__.py" in names
+    # the kernels are files of the wheel (the link lpreg/kernels -> ../kernels resolved by the build)
+    assert {"lpreg/kernels/token_stats.py", "lpreg/kernels/sparse_proxy_stats.py"} <= set(names)
 
 
 def test_require_ext_makes_the_failure_an_error(source_copy, tmp_path):

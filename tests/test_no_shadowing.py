@@ -5,7 +5,7 @@ package, so it inserts the root), `python -m lpreg...`, `python setup.py ...`. A
 there named like an installed distribution's top-level module hides that distribution: the
 top-level `kernels/` folder once hid the `kernels` distribution (the Hugging Face kernel hub) that
 transformers >= 5.25 imports. `kernels/` is therefore no package (no `__init__.py`); the Triton
-kernels are `lpreg.kernels` (lpreg/kernels/__init__.py).
+kernels are `lpreg.kernels` through the symbolic link lpreg/kernels -> ../kernels (setup.py says why).
 """
 
 import importlib.metadata
@@ -78,6 +78,28 @@ def test_lpreg_kernels_is_the_checkouts_kernels_folder():
     assert r.returncode == 0, r.stderr[-3000:]
     installed = os.path.join(os.path.dirname(__import__("lpreg").__file__), "kernels", "token_stats.py")
     assert r.stdout.strip() in (os.path.join(ROOT, "kernels", "token_stats.py"), installed)
+
+
+def test_lpreg_kernels_is_a_link_to_the_kernels_folder_not_a_copy():
+    # one source: the link git stores, which imports, mypy, IDEs and the sdist all follow
+    link = os.path.join(ROOT, "lpreg", "kernels")
+    assert os.path.islink(link), "lpreg/kernels must be the symbolic link ../kernels"
+    assert os.readlink(link) == os.path.join("..", "kernels")
+    assert not os.path.exists(os.path.join(ROOT, "kernels", "__init__.py"))  # would shadow `kernels`
+
+
+@pytest.mark.slow  # a cold mypy run over torch's stubs: ~30 CPU-seconds
+def test_mypy_resolves_the_kernels_as_lpreg_kernels(tmp_path):
+    """What an IDE's go-to-definition needs, from a checkout: the type checker finds the source of
+    lpreg.kernels.token_stats (and types its functions) through the link, with no import-time code."""
+    pytest.importorskip("mypy")
+    check = tmp_path / "check.py"
+    check.write_text("import lpreg.kernels.token_stats as t\nreveal_type(t.__file__)\n")
+    r = subprocess.run([sys.executable, "-m", "mypy", "--config-file=", "--no-incremental",
+                        "--follow-imports=silent", str(check)], cwd=ROOT, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr  # an unresolved import is an error (import-not-found)
+    assert 'Revealed type is "str"' in r.stdout, r.stdout
 
 
 def test_setup_py_runs_from_the_checkout_root(tmp_path):
