@@ -3,6 +3,8 @@
 - build_proxy keeps the k largest tokens of K (docs/spec.md §1), renormalised over what it
   captured, with coverage = captured kept mass / kept mass, and the exact log q of a given
   label;
+- both with a drawn logit transform (issue 30: logit_scale and / or a tanh soft-cap, identity half of
+  the time), against the float64 transform of tests/spec_oracle.py;
 - sparse_proxy_stats with a proxy that captures all of K (k >= |K|) equals the dense-proxy
   lpreg_token_stats (values and gradients), on every backend that serves it; ignored rows give
   zeros and an exactly zero gradient, NaN rows give NaN in that row only;
@@ -20,6 +22,7 @@ from hypothesis import strategies as st
 import lpreg
 from tests.backends import ALL, runnable
 from tests.fuzz_profiles import fuzz
+from tests.spec_oracle import spec_transform
 
 SPARSE_BACKENDS = runnable(*ALL)
 MAX_V = {"torch": 5000, "cpu": 5000, "triton": 128}  # the interpreter runs numpy per block
@@ -55,11 +58,13 @@ def proxy_cases(draw, backend):
     mode = draw(st.sampled_from(["min_p", "fixed"]))
     threshold = draw(st.floats(0.0, 1.0, exclude_min=True, exclude_max=mode == "fixed"))
     T = draw(st.floats(0.1, 3.0))
-    return x, old, labels, kinds, mode, threshold, T, draw(st.integers(1, 8))
+    tf = dict(logit_scale=draw(st.sampled_from([1.0, 1.0, 0.125, 2.5])),
+              logit_softcap=draw(st.sampled_from([None, None, 2.0, 30.0])))
+    return x, old, labels, kinds, mode, threshold, T, draw(st.integers(1, 8)), tf
 
 
-def _kept64(old, T, mode, threshold):
-    y = old.double() / T
+def _kept64(old, T, mode, threshold, tf):
+    y = spec_transform(old, **tf)[0] / T
     if mode == "min_p":
         return y >= y.amax(-1, keepdim=True) + math.log(threshold), y
     kept = y >= torch.logsumexp(y, -1, keepdim=True) + math.log(threshold)
@@ -67,9 +72,9 @@ def _kept64(old, T, mode, threshold):
     return torch.where(kept.any(-1, keepdim=True), kept, first), y
 
 
-def _near_cut(old, T, mode, threshold):
+def _near_cut(old, T, mode, threshold, tf):
     """fp32 rounding of y = z/T could move a token across the cutoff (margin ~80 ulps of |y|max)."""
-    y = old.double() / T
+    y = spec_transform(old, **tf)[0] / T
     y = torch.where(torch.isfinite(y), y, torch.full_like(y, -math.inf))
     ymax = y.amax(-1, keepdim=True)
     margin = 1e-5 * (1 + ymax.abs())
@@ -84,13 +89,13 @@ def _near_cut(old, T, mode, threshold):
 @fuzz(40)
 @given(case=proxy_cases("torch"))
 def test_build_proxy_matches_definition(case):
-    _, old, labels, kinds, mode, threshold, T, k = case
+    _, old, labels, kinds, mode, threshold, T, k, tf = case
     ok = [r for r, kind in enumerate(kinds) if kind == "ok"]
     old = old[ok]
     labels = labels[ok]
-    assume(not (len(ok) and _near_cut(old, T, mode, threshold)))
-    p = lpreg.build_proxy(old, labels, temperature=T, mode=mode, threshold=threshold, k=k)
-    kept, y = _kept64(old, T, mode, threshold)
+    assume(not (len(ok) and _near_cut(old, T, mode, threshold, tf)))
+    p = lpreg.build_proxy(old, labels, temperature=T, mode=mode, threshold=threshold, k=k, **tf)
+    kept, y = _kept64(old, T, mode, threshold, tf)
     for r in range(len(ok)):
         K = torch.nonzero(kept[r])[:, 0]
         finite = torch.isfinite(p.logq[r])
@@ -101,8 +106,10 @@ def test_build_proxy_matches_definition(case):
         rest = torch.tensor(sorted(set(K.tolist()) - top), dtype=torch.long)
         if len(rest):
             assert float(y[r, rest].max()) <= float(y[r, captured].min())
-        # fp32 log-softmax over <= 8 captured entries: 1e-5 relative to the log-domain scale
-        tol = 1e-5 * (1 + float(y[r, captured].abs().max()))
+        # fp32 log-softmax over <= 8 captured entries: 1e-5 relative to the log-domain scale (and to a
+        # soft-cap's c / T, which bounds the rounding of its tanh)
+        cap = 0.0 if tf["logit_softcap"] is None else tf["logit_softcap"] / T
+        tol = 1e-5 * (1 + float(y[r, captured].abs().max()) + cap)
         want = y[r, captured] - torch.logsumexp(y[r, captured], 0)
         got = torch.tensor([float(p.logq[r][p.indices[r] == i][0]) for i in captured.tolist()], dtype=torch.float64)
         assert float((got - want).abs().max()) <= tol, (got, want)
@@ -116,21 +123,21 @@ def test_build_proxy_matches_definition(case):
 @fuzz(30)
 @given(backend=st.sampled_from(SPARSE_BACKENDS), data=st.data())
 def test_sparse_proxy_equals_dense_when_it_holds_all_of_K(backend, data):
-    x, old, labels, kinds, mode, threshold, T, _ = data.draw(proxy_cases(backend))
+    x, old, labels, kinds, mode, threshold, T, _, tf = data.draw(proxy_cases(backend))
     N, V = x.shape
     ok = [r for r, kind in enumerate(kinds) if kind == "ok"]
-    assume(not (len(ok) and _near_cut(old[ok], T, mode, threshold)))
-    proxy = lpreg.build_proxy(old, labels, temperature=T, mode=mode, threshold=threshold, k=V)
+    assume(not (len(ok) and _near_cut(old[ok], T, mode, threshold, tf)))
+    proxy = lpreg.build_proxy(old, labels, temperature=T, mode=mode, threshold=threshold, k=V, **tf)
     # the dense path applies the same filter to the same proxy logits
     g = torch.randn(3, N, generator=torch.Generator().manual_seed(N + V))
     res = []
     for which in ("sparse", "dense"):
         xx = x.clone().requires_grad_()
         if which == "sparse":
-            s = lpreg.sparse_proxy_stats(xx, labels, proxy, temperature=T, backend=backend)
+            s = lpreg.sparse_proxy_stats(xx, labels, proxy, temperature=T, backend=backend, **tf)
         else:
             s = lpreg.lpreg_token_stats(xx, labels, temperature=T, mode=mode, threshold=threshold,
-                                        proxy_logits=old, backend="torch")
+                                        proxy_logits=old, backend="torch", **tf)
         (grad,) = torch.autograd.grad((g[0] * s.logp + g[1] * s.kl + g[2] * s.entropy).sum(), xx)
         res.append((torch.stack(list(s)), grad))
     (so, sg), (do, dg) = res
@@ -144,7 +151,10 @@ def test_sparse_proxy_equals_dense_when_it_holds_all_of_K(backend, data):
     sel = torch.tensor(ok)
     # Both paths compute in fp32 from the same inputs but in a different order (k gathered
     # entries vs a full-row filter): 1e-5 relative plus 16 ulps of the largest scaled logit.
-    X = float(torch.where(torch.isfinite(x[sel].float()), x[sel].float().abs(), 0).max()) / T
+    z = spec_transform(x[sel], **tf)[0]
+    X = float(torch.where(torch.isfinite(z), z.abs(), 0).max()) / T
+    if tf["logit_softcap"] is not None:
+        X += tf["logit_softcap"] / T
     atol = 1e-5 + 16 * torch.finfo(torch.float32).eps * X
     torch.testing.assert_close(so[:, sel], do[:, sel], rtol=1e-5, atol=atol)
     # gradients in the input dtype: both are fp32 values rounded once to it (1 ulp apart at most)

@@ -4,7 +4,10 @@ Each example draws a batch (N 0..9 rows, V log-uniform in 1..70,000; the interpr
 backend gets N <= 5 and V <= 256), a dtype, a logit scale from 1e-3 to 100, -inf masks over
 1%..99% of a row, special rows (ignore_index, NaN, +inf, all -inf), a memory layout (3-D,
 transposed, column-strided, row-strided, expanded), T in [0.1, 3], either mode with its
-threshold anywhere in its legal range, an optional dense proxy and random upstream gradients.
+threshold anywhere in its legal range, an optional dense proxy, random upstream gradients, and a
+logit transform (issue 30: a logit_scale in [0.05, 4] and / or a tanh soft-cap in [1, 50], identity
+half of the time). Under a soft-cap, +inf and -inf are finite logits (+-c): a row holding them is an
+ordinary row; a NaN stays NaN.
 
 Checked on every example:
   - outputs and gradients of ordinary rows against the float64 oracle (tests/spec_oracle.py);
@@ -29,7 +32,7 @@ from hypothesis import strategies as st
 import lpreg
 from tests.backends import ALL, runnable
 from tests.fuzz_profiles import fuzz
-from tests.spec_oracle import spec_grad, spec_token_stats
+from tests.spec_oracle import spec_grad, spec_token_stats, spec_transform
 
 BACKENDS = runnable(*ALL)
 MAX_V = {"torch": 70_000, "cpu": 70_000, "triton": 256}  # the interpreter runs numpy per block
@@ -58,6 +61,8 @@ class Case(NamedTuple):
     threshold: float
     ignore_index: int
     upstream: tuple  # (g_logp, g_kl, g_entropy), each (N,) fp32 or None
+    logit_scale: float = 1.0
+    logit_softcap: Optional[float] = None
 
 
 def _log_uniform_int(draw, lo, hi):
@@ -73,6 +78,11 @@ def cases(draw, backend, with_labels=True):
     seed = draw(st.integers(0, 2**31 - 1))
     g = torch.Generator().manual_seed(seed)
     temperature = draw(st.floats(0.1, 3.0))
+    logit_softcap = draw(st.one_of(st.none(), st.none(), st.floats(1.0, 50.0)))
+    logit_scale = 1.0
+    if not near_max and draw(st.booleans()):  # near the dtype's max a multiplier could overflow fp32
+        logit_scale = math.exp(draw(st.floats(math.log(0.05), math.log(4.0))))
+    capped = logit_softcap is not None
     if near_max:
         # values near the dtype's maximum (their spread overflows fp32: x - max is -inf), with
         # |z|/T inside the fp32 range, the documented domain (docs/spec.md §4; its edge is pinned
@@ -100,7 +110,8 @@ def cases(draw, backend, with_labels=True):
     kinds = ["ok"] * N
     if layout != "expanded":  # an expanded view repeats one row: no per-row special values
         for r in range(N):
-            specials = ["ignore", "nan", "posinf", "allneg"] if with_labels else ["nan", "posinf", "allneg"]
+            specials = ["nan"] if capped else ["nan", "posinf", "allneg"]  # a soft-cap makes +-inf finite
+            specials = (["ignore"] if with_labels else []) + specials
             kinds[r] = draw(st.sampled_from(["ok"] * 6 + specials))
     ignore_index = draw(st.sampled_from([-100, -1, 0]))
     labels = torch.randint(0, V, (N,), generator=g)
@@ -133,13 +144,15 @@ def cases(draw, backend, with_labels=True):
             pm[:, 0] = False
             proxy = proxy.masked_fill(pm, -math.inf)
         proxy = proxy.to(draw(st.sampled_from(DTYPES)))
-        for r in range(N):  # a cast to fp16 can overflow a proxy row to +inf, or all of it to -inf (a
-            overflowed = bool((proxy[r] == math.inf).any() or (proxy[r] == -math.inf).all())  # proxy that
-            if kinds[r] == "ok" and overflowed:  # keeps nothing): either poisons its row (docs/spec.md §4)
+        # a cast to fp16 can overflow a proxy row to +inf, or all of it to -inf (a proxy that keeps
+        # nothing): either poisons its row (docs/spec.md §4), unless a soft-cap makes them finite
+        for r in range(N):
+            overflowed = bool((proxy[r] == math.inf).any() or (proxy[r] == -math.inf).all())
+            if kinds[r] == "ok" and overflowed and not capped:
                 kinds[r] = "nan"
         if N and draw(st.integers(0, 4)) == 0:  # a NaN or +inf in the proxy poisons only its row
             r = draw(st.integers(0, N - 1))
-            proxy[r, 0] = draw(st.sampled_from([math.nan, math.inf]))
+            proxy[r, 0] = draw(st.sampled_from([math.nan] if capped else [math.nan, math.inf]))
             if kinds[r] == "ok":
                 kinds[r] = "nan"
     mode = draw(st.sampled_from(["min_p", "fixed"]))
@@ -154,7 +167,7 @@ def cases(draw, backend, with_labels=True):
         ups = [None, torch.randn(N, generator=g), None]
     lead = (1, N) if layout == "3d" else (N,)
     return Case(N, V, base, layout, lead, labels if with_labels else None, kinds, proxy, temperature, mode, threshold,
-                ignore_index, tuple(ups))
+                ignore_index, tuple(ups), logit_scale, logit_softcap)
 
 
 def _make_base(z, layout):
@@ -200,7 +213,8 @@ def _run(backend, case, rows=None, kl_only=False):
     x = z2[idx] if rows is not None else z
     lab = None if case.labels is None else case.labels[idx]
     proxy = None if case.proxy is None else case.proxy[idx]
-    kw = dict(temperature=case.temperature, mode=case.mode, threshold=case.threshold, backend=backend)
+    kw = dict(temperature=case.temperature, mode=case.mode, threshold=case.threshold, backend=backend,
+              logit_scale=case.logit_scale, logit_softcap=case.logit_softcap)
     if rows is None and case.layout == "3d":
         lab = None if lab is None else lab.reshape(case.shape)
         proxy = None if proxy is None else proxy.reshape(*case.shape, V)
@@ -223,7 +237,7 @@ def _ambiguous(x, proxy, case):
     the first argmax under the 'fixed' fallback): the kept set is then not determined by the
     float64 oracle alone. Margin: 1e-5 (1 + |y|max), about 80 fp32 ulps of the largest scaled
     logit, covering the rounding of 1/T, of z/T and of the logsumexp that sets the cutoff."""
-    y = (x if proxy is None else proxy).double() / case.temperature
+    y = spec_transform(x if proxy is None else proxy, case.logit_scale, case.logit_softcap)[0] / case.temperature
     y = torch.where(torch.isfinite(y), y, torch.full_like(y, -math.inf))
     ymax = y.amax(-1, keepdim=True)
     margin = 1e-5 * (1 + ymax.abs().clamp(max=1e300))
@@ -263,13 +277,18 @@ def _check(backend, case, kl_only=False):
         pp = None if case.proxy is None else case.proxy[sel]
         lab = None if case.labels is None else case.labels[sel]
         assume(not _ambiguous(xp, pp, case))
+        tf = dict(logit_scale=case.logit_scale, logit_softcap=case.logit_softcap)
         ref = spec_token_stats(xp, lab, temperature=case.temperature, mode=case.mode, threshold=case.threshold,
-                               proxy_logits=pp, ignore_index=case.ignore_index)
+                               proxy_logits=pp, ignore_index=case.ignore_index, **tf)
         # fp32 budget: z/T is formed in fp32 (2 roundings, relative), so every log-domain
         # output carries about eps32 * |x|max; x16 for the exp/log/lse roundings, plus 1e-5
         # (as tests/test_token_stats.py) for fp32 sums over up to 70,000 terms.
-        scaled = torch.cat([xp.double().abs()] + ([] if pp is None else [pp.double().abs()]), -1) / case.temperature
+        # (with a transform: of z = transform(x), and a soft-cap's c, which bounds the error of its tanh)
+        zs = [spec_transform(t, **tf)[0].abs() for t in ([xp] if pp is None else [xp, pp])]
+        scaled = torch.cat(zs, -1) / case.temperature
         X = torch.where(torch.isfinite(scaled), scaled, torch.zeros_like(scaled)).amax(-1)
+        if case.logit_softcap is not None:
+            X = X + case.logit_softcap / case.temperature
         budget = 1e-5 + 16 * EPS32 * X
         names = ("logp", "proxy_logp", "kl", "entropy") if case.labels is not None else ("kl", "entropy")
         for name in names:
@@ -293,7 +312,10 @@ def _check(backend, case, kl_only=False):
         G = sum(u.abs().double() * (1 if j < 2 else (2 + ref["entropy"].abs()))
                 for j, u in enumerate((g_logp, g_kl, g_h)) if u is not None)
         fin = torch.finfo(dtype)
-        tol = fin.eps * want.abs() + fin.smallest_normal * fin.eps + (G * budget / case.temperature)[:, None]
+        # through the transform: dz/dx <= s multiplies the budget; a soft-cap's 1 - tanh^2 formed in fp32
+        # adds a few eps32 of G s / T
+        slope = case.logit_scale * (budget + (8 * EPS32 if case.logit_softcap is not None else 0.0))
+        tol = fin.eps * want.abs() + fin.smallest_normal * fin.eps + (G * slope / case.temperature)[:, None]
         bad = (got - want).abs() > tol
         assert not bool(bad.any()), ("gradient", (got - want).abs().max().item(), tol.min().item())
 
