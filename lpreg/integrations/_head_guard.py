@@ -75,9 +75,9 @@ def check_fused_head(model: Any, input_ids: Tensor, attention_mask: Tensor, tran
     if hasattr(weight, "full_tensor"):  # a sharded (FSDP2) head, read whole for this no-grad check
         weight = weight.full_tensor()
         bias = bias.full_tensor() if bias is not None and hasattr(bias, "full_tensor") else bias
-    kw = {} if transform.is_identity else dict(logit_scale=transform.scale, logit_softcap=transform.softcap)
-    got = fused_linear_token_stats(h.to(weight.dtype), weight, labels, bias=bias, temperature=temperature, **kw)
-    got = got.logp.float()
+    stats = fused_linear_token_stats(h.to(weight.dtype), weight, labels, bias=bias, temperature=temperature,
+                                     logit_scale=transform.scale, logit_softcap=transform.softcap)
+    got = stats.logp.float()
     diff = (got - want).abs().max().item()
     tol = head_tolerance(head.weight.dtype, (logits / temperature).abs().max().item())
     if not diff <= tol:  # NaN fails too

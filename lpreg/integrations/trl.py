@@ -389,7 +389,7 @@ class LpRegGRPOTrainer(GRPOTrainer):
                                  weights=pool, selection_threshold=sel, compat=a.lpreg_compat, rho=a.lpreg_rho,
                                  beta=a.lpreg_beta, kl_estimator=a.lpreg_kl_estimator)
         extra = a.lpreg_beta * terms.divergence
-        if released:
+        if surrogate is not None:  # released: a selected token's base swapped for the surrogate
             extra = extra + torch.where(terms.selected, surrogate - base, torch.zeros((), device=logp.device))
         normalizer = None
         accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0

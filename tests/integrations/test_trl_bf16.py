@@ -101,13 +101,13 @@ def test_current_proxy_on_supplied_old_logps_has_ratio_one_on_policy(tmp_path, m
     log-probs come from the same forward, under the same autocast (before: TRL's bf16 forward against
     lpreg's fp32 one, a ratio off by ~1e-2)."""
     seen = []
-    real = lpreg_trl.policy_loss_from_stats
+    real = lpreg_trl.lpreg_regularize
 
-    def loss(stats, adv, old, mask, **kw):
+    def loss(base, stats, adv, old, mask, **kw):
         seen.append((stats.logp.detach().clone(), None if old is None else old.clone(), mask > 0))
-        return real(stats, adv, old, mask, **kw)
+        return real(base, stats, adv, old, mask, **kw)
 
-    monkeypatch.setattr(lpreg_trl, "policy_loss_from_stats", loss)
+    monkeypatch.setattr(lpreg_trl, "lpreg_regularize", loss)
     case = dict(loss_type="bnpo", epsilon=0.2, bf16=True, lpreg_fused=fused, lpreg_proxy="current", lpreg_rho=0.5,
                 lpreg_threshold=0.2)
     if setting == "vllm_is":

@@ -12,6 +12,7 @@
 
 import os
 import sys
+import types
 
 import pytest
 
@@ -27,6 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import released_oracle as oracle  # noqa: E402
 import trl_runs  # noqa: E402
 from test_trl import GRAD_RTOL, LOSS_ATOL, Capture, compare, float64_logits, train  # noqa: E402
+from test_trl_bf16 import VllmStyle, rollout_with_logprobs  # noqa: E402
 from tiny_lm import tiny_model, tiny_tokenizer  # noqa: E402
 
 # each loss type once (on- or off-policy, fused or not, both forms), then each option once
@@ -67,6 +69,31 @@ def test_beta0_every_loss_type_and_option_is_trl(tmp_path, case):
     assert loss <= LOSS_ATOL and grad <= GRAD_RTOL and excess <= 0
     assert all(v <= LOSS_ATOL for v in extra.values()), extra  # TRL's own metrics, from lpreg's log-probs
     assert all(h["lpreg/selected"] == 0 for h in ours["logs"])  # beta = 0: Lp-Reg off
+
+
+class TrlVllmStyle(GRPOTrainer):
+    """TRL's own trainer on test_trl_bf16's vLLM stand-in (the rollout supplies the sampler's log-probs; TRL
+    computes old_per_token_logps and its importance-sampling ratio from them)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs["rollout_func"] = rollout_with_logprobs
+        super().__init__(*args, **kwargs)
+        self.use_vllm, self.vllm_importance_sampling_correction = True, True
+        self.vllm_importance_sampling_mode = "token_truncate"
+        self.vllm_generation = types.SimpleNamespace(sync_weights=lambda: None)
+        self._last_loaded_step = -1
+
+
+@pytest.mark.parametrize("loss_type,compat", [("bnpo", "released"), ("vespo", "paper")])
+def test_beta0_vllm_importance_sampling_is_trl(tmp_path, loss_type, compat):
+    """TRL's vLLM importance-sampling correction (stubbed on CPU) at beta = 0: TRL's own loss; vespo folds the
+    ratio into its sequence weight, the others multiply the per-token loss by it."""
+    case = dict(loss_type=loss_type, num_iterations=1, epsilon=0.02)
+    ref = train({**case, "trainer": "trl"}, tmp_path, trainer_cls=TrlVllmStyle)
+    ours = train({**case, "lpreg_beta": 0.0, "lpreg_compat": compat}, tmp_path, trainer_cls=VllmStyle)
+    loss, grad, excess, _ = compare(ref, ours, f"beta=0 vLLM IS {loss_type}")
+    assert all(h["sampling/importance_sampling_ratio/mean"] > 0 for h in ref["logs"] + ours["logs"])  # the IS path
+    assert loss <= LOSS_ATOL and grad <= GRAD_RTOL and excess <= 0
 
 
 @pytest.mark.parametrize("setting,value", [("importance_sampling_level", "sequence"), ("loss_type", "luspo"),

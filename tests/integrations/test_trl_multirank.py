@@ -3,7 +3,8 @@
 Each sharded run (`accelerate launch` of tests/integrations/trl_runs.py) trains every case below
 for 2 optimiser steps; the same cases run here in one process on the same global batch
 (trl_runs.py: deterministic generation, no per-process shuffle). The cases cover both forms,
-every loss_type the trainer accepts, on- and off-policy (num_iterations = 2: the second step
+the four PPO-clip loss types, CISPO, SAPO, LUSPO with sequence ratios, TRL's options,
+on- and off-policy (num_iterations = 2: the second step
 trains on the first step's completions against the rollout proxy), the fused path (which
 gathers the sharded LM head) and the logits path.
 
@@ -42,8 +43,21 @@ COMMON = dict(lpreg_beta=1.0, lpreg_rho=0.3, lpreg_threshold=0.2, epsilon=0.02)
 CASES = [dict(loss_type=lt, lpreg_compat=form, num_iterations=it, lpreg_fused=(form == "released") == (it == 1),
               **COMMON)
          for lt in ("dapo", "bnpo", "grpo", "dr_grpo") for form in ("released", "paper") for it in (1, 2)]
+# TRL's other objectives (issue 30), off-policy: the released swap over CISPO and SAPO, the paper form over a
+# sequence-ratio objective (GSPO's sequence ratio with luspo), and TRL's options composed (reference KL, delta;
+# the logits path, so FSDP2 only)
+CASES += [dict(COMMON, loss_type="cispo", lpreg_compat="released", num_iterations=2, lpreg_fused=True,
+               epsilon_high=1.01),
+          dict(COMMON, loss_type="sapo", lpreg_compat="released", num_iterations=2, lpreg_fused=False),
+          dict(COMMON, loss_type="luspo", importance_sampling_level="sequence", lpreg_compat="paper", num_iterations=2,
+               lpreg_fused=True),
+          dict(COMMON, loss_type="dapo", lpreg_compat="released", num_iterations=2, lpreg_fused=False, beta=0.04,
+               delta=1.05)]
 # ZeRO-3 is slower to start on CPU: the fused cases (every loss_type, both forms, on- and off-policy)
 ZERO3_CASES = [c for c in CASES if c["lpreg_fused"]]
+# the mechanism metrics, pooled exactly: 2 ranks x 2 micro-batches log what 1 rank x 4 micro-batches logs
+MECHANISM = ("lpreg/candidates", "lpreg/filtered_frac", "lpreg/selected", "lpreg/kept_mass", "lpreg/push",
+             "lpreg/p_y", "lpreg/frac", "lpreg/kl", "lpreg/threshold")
 # paper form, one step, 2 micro-batches per rank: the step-wide selection recorded per micro-batch
 SELECTION_CASE = dict(loss_type="dapo", lpreg_compat="paper", lpreg_rho=0.3, lpreg_threshold=0.2, max_steps=1,
                       record_selection=True)
@@ -137,6 +151,9 @@ def test_two_ranks_equal_one_rank(request, one_rank, backend):
         for r in ranks:  # both ranks log the same reduced values and hold the same full parameters
             loss, grad, param, excess = compare(ref, r[i], label)
             assert loss <= LOSS_ATOL and grad <= GRAD_RTOL and excess <= 0, label
+            for a, b in zip(ref["logs"], r[i]["logs"]):  # exact pools: the same global batch, split differently
+                for k in MECHANISM:
+                    assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-7), (label, k, a[k], b[k])
         assert all(h["lpreg/frac"] > 0 for h in ref["logs"]), label  # Lp-Reg selected tokens
         if case["num_iterations"] == 2:  # off-policy: the second step trains on the first step's rollout
             assert ref["logs"][1]["clip_ratio/region_mean"] > 0, label
