@@ -1,68 +1,83 @@
-"""The backend table: which module serves which op for each backend name, and how `backend=` resolves.
+"""The backend registry: one record per backend, read by dispatch (`resolve`, `implementation`), by the
+availability report (`backends()`, public as `lpreg.backends()`) and by argument validation
+(`names()`, which lpreg._validate checks `backend=` against).
 
 This layer sits above the backends and below the op glue: the glue (lpreg._token_stats_ops,
 lpreg._sparse_proxy_ops) imports it, it loads the backend modules by name, and no backend ever
-imports it (tests/test_import_graph.py reads the `importlib.import_module` strings below as imports
-and checks both rules).
+imports it (tests/test_import_graph.py reads the module strings below as imports and checks both
+rules).
 
-Every op resolves `backend=` the same way (`resolve`: "auto" picks per device; an explicit backend
-that cannot serve the tensor raises ValueError), then looks up the module that serves the resolved
-name (`implementation`):
+A record (`Backend`) says which tensors the backend serves, which module serves each op, and how to
+tell whether it can run here. An op the backend has no kernel for is served by `fallback_module`
+(the PyTorch backend), and `backends()` says so in that backend's detail, the one place that message
+lives. Today:
 
-    op                   triton                              torch / cpu / cuda
-    token_stats          lpreg.kernels.token_stats           lpreg._token_stats_torch_backend / lpreg._native (x2)
-    sparse_proxy_stats   lpreg.kernels.sparse_proxy_stats    lpreg._sparse_proxy_torch_backend (x3)
-    build_proxy          lpreg._sparse_proxy_torch_backend (every backend: a no-grad top-k, no kernel)
+    op                   triton                              torch        cpu / cuda (lpreg._C)
+    token_stats          lpreg.kernels.token_stats           PyTorch      lpreg._native
+    sparse_proxy_stats   lpreg.kernels.sparse_proxy_stats    PyTorch      no kernel: PyTorch runs it
+    build_proxy          no kernel: PyTorch runs it          PyTorch      no kernel: PyTorch runs it
 
-Token-stats modules expose `token_stats_forward` / `token_stats_backward`, sparse-proxy modules
-`sparse_proxy_forward` / `sparse_proxy_backward` and `build_proxy_rows`, with the contracts written
-in their Triton kernel files. For vocabulary-parallel logits (a shard of columns [offset, offset + V)
-on each rank) the token-stats modules also expose the two halves of the forward's row pass,
-`token_stats_shard_pass1` / `token_stats_shard_pass2` (lpreg._vocab_parallel combines them across
-ranks, for the sparse proxy and build_proxy too), and both backwards take a `vocab_offset`: labels,
-the argmax slot and proxy indices stay global vocabulary indices. The compiled extension has no
-sparse-proxy kernel: "cpu" and "cuda" are checked exactly as for token stats and then served by the
-PyTorch module. Imports are lazy (importlib), so `import lpreg` needs neither Triton nor a GPU nor
-the compiled extension, and the backend is resolved inside the custom-op bodies, which
-torch.compile never traces.
+("PyTorch" is lpreg._token_stats_torch_backend / lpreg._sparse_proxy_torch_backend.) Token-stats modules
+expose `token_stats_forward` / `token_stats_backward`, sparse-proxy modules `sparse_proxy_forward` /
+`sparse_proxy_backward` and `build_proxy_rows`, with the contracts written in their Triton kernel files.
+For vocabulary-parallel logits the token-stats modules also expose `token_stats_shard_pass1` /
+`token_stats_shard_pass2` (lpreg._vocab_parallel combines them across ranks), and both backwards take a
+`vocab_offset`.
 
-`backends()` (public, `lpreg.backends()`) reports what this installation can run, and why not.
+`backend="auto"` follows `AUTO`, written once: the first available backend in the device's preference
+list. Imports are lazy (importlib), so `import lpreg` needs neither Triton nor a GPU nor the compiled
+extension, and the backend is resolved inside the custom-op bodies, which torch.compile never traces.
 """
 
 import importlib
 import os
 import warnings
+from dataclasses import dataclass, field
 from types import ModuleType
-from typing import Callable, Dict, NamedTuple, Set
+from typing import Callable, Dict, Mapping, NamedTuple, Optional, Set, Tuple
 
 import torch
 
-_MODULES = {
-    "token_stats": {
-        "triton": "lpreg.kernels.token_stats",
-        "torch": "lpreg._token_stats_torch_backend",
-        "cpu": "lpreg._native",
-        "cuda": "lpreg._native",
-    },
-    "sparse_proxy_stats": {
-        "triton": "lpreg.kernels.sparse_proxy_stats",
-        "torch": "lpreg._sparse_proxy_torch_backend",
-        "cpu": "lpreg._sparse_proxy_torch_backend",
-        "cuda": "lpreg._sparse_proxy_torch_backend",
-    },
-    "build_proxy": {name: "lpreg._sparse_proxy_torch_backend" for name in ("triton", "torch", "cpu", "cuda")},
+OPS = ("token_stats", "sparse_proxy_stats", "build_proxy")
+# the PyTorch module of each op: every backend's fallback for an op it has no kernel for
+_TORCH_MODULES = {
+    "token_stats": "lpreg._token_stats_torch_backend",
+    "sparse_proxy_stats": "lpreg._sparse_proxy_torch_backend",
+    "build_proxy": "lpreg._sparse_proxy_torch_backend",
 }
-_warned: Set[str] = set()
 
 
-def implementation(backend: str, op: str = "token_stats") -> ModuleType:
-    """The module that serves `op` for a resolved backend name."""
-    return importlib.import_module(_MODULES[op][backend])
+class BackendStatus(NamedTuple):
+    """One backend of `lpreg.backends()`: whether it can run here, and what it is or why not."""
+
+    available: bool
+    detail: str
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One backend: its name (the `backend=` value), the tensor device types it serves (None: any),
+    the module of each op it has a kernel for, and `status()`, whether it can run here and why not."""
+
+    name: str
+    devices: Optional[Tuple[str, ...]]
+    modules: Mapping[str, str]
+    status: Callable[[], BackendStatus]
+    describe: str = ""
+    # the reason a device it serves still needs more (e.g. Triton on CPU tensors needs the interpreter)
+    device_check: Callable[[torch.device], str] = field(default=lambda device: "")
+
+    def module(self, op: str) -> str:
+        return self.modules.get(op, _TORCH_MODULES[op])
+
+    def missing_ops(self) -> Tuple[str, ...]:
+        return tuple(op for op in OPS if op not in self.modules)
 
 
 # Availability is a fact of the installation: probed once (resolve() runs inside the custom ops,
 # never under torch.compile's tracing).
 _available: Dict[str, bool] = {}
+_warned: Set[str] = set()
 
 
 def _probe(key: str, check: Callable[[], object]) -> bool:
@@ -93,52 +108,99 @@ def native_unavailable_reason(device_type: str = "cpu") -> str:
     return importlib.import_module("lpreg._native").unavailable_reason(device_type)
 
 
+def _torch_status() -> BackendStatus:
+    return BackendStatus(True, f"chunked PyTorch ops (torch {torch.__version__}), any device")
+
+
+def _native_status(device_type: str) -> Callable[[], BackendStatus]:
+    def status() -> BackendStatus:
+        if native_available(device_type):
+            return BackendStatus(True, f"lpreg._C compiled kernels for {device_type} tensors")
+        return BackendStatus(False, native_unavailable_reason(device_type))
+    return status
+
+
+def _triton_status() -> BackendStatus:
+    if not triton_available():
+        return BackendStatus(False, "the triton package is not importable")
+    version = getattr(importlib.import_module("triton"), "__version__", "?")
+    where = "CUDA tensors" if torch.cuda.is_available() else "no CUDA device here"
+    where += "; CPU tensors under TRITON_INTERPRET=1" if triton_interpreted() else ""
+    return BackendStatus(True, f"triton {version}: {where}")
+
+
+def _triton_device_check(device: torch.device) -> str:
+    if device.type != "cuda" and not triton_interpreted():
+        return (f"backend='triton' on a {device.type} tensor needs TRITON_INTERPRET=1 set before "
+                "lpreg.kernels is imported")
+    return ""
+
+
+# The registry. A new backend is one record here and one module (docs/add_backend.md).
+REGISTRY: Dict[str, Backend] = {b.name: b for b in (
+    Backend("torch", None, dict(_TORCH_MODULES), _torch_status, "PyTorch, any device"),
+    Backend("cpu", ("cpu",), {"token_stats": "lpreg._native"}, _native_status("cpu"),
+            "the compiled extension lpreg._C, CPU tensors"),
+    Backend("cuda", ("cuda",), {"token_stats": "lpreg._native"}, _native_status("cuda"),
+            "the compiled extension lpreg._C, CUDA tensors"),
+    Backend("triton", ("cuda", "cpu"), {"token_stats": "lpreg.kernels.token_stats",
+                                        "sparse_proxy_stats": "lpreg.kernels.sparse_proxy_stats"},
+            _triton_status, "Triton kernels (CPU tensors only under TRITON_INTERPRET=1)",
+            device_check=_triton_device_check),
+)}
+# backend="auto": the first available backend of the tensor's device type (Triton first on CUDA, on design
+# grounds until a GPU run measures both); any other device type runs "torch"
+AUTO: Dict[str, Tuple[str, ...]] = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpu", "torch")}
+
+
+def names() -> Tuple[str, ...]:
+    """Every valid `backend=` value: "auto", then the registered backends."""
+    return ("auto", *REGISTRY)
+
+
 def _warn_once(key: str, message: str) -> None:
     if key not in _warned:
         _warned.add(key)
         warnings.warn(message, RuntimeWarning, stacklevel=4)
 
 
+def auto_pick(device_type: str) -> Tuple[str, str]:
+    """What backend="auto" runs on `device_type` tensors, and why the backends before it were passed
+    over ("" when the first choice runs)."""
+    skipped = []
+    for name in AUTO.get(device_type, ("torch",)):
+        status = REGISTRY[name].status()
+        if status.available:
+            return name, "; ".join(skipped)
+        skipped.append(f"{name}: {status.detail}")
+    raise AssertionError("the torch backend is always available")
+
+
 def resolve(backend: str, device: torch.device) -> str:
-    """Turn backend="auto" into a concrete backend for `device`, and check explicit ones."""
-    kind = device.type
+    """Turn backend="auto" into a concrete backend for `device`, and check explicit ones (ValueError
+    naming the backend and the reason when it cannot serve this tensor here)."""
     if backend == "auto":
-        if kind == "cuda":
-            # Triton first on CUDA (design grounds until a GPU run measures both); CUDA C++ the fallback
-            if triton_available():
-                return "triton"
-            if native_available("cuda"):
-                return "cuda"
-            _warn_once("cuda", "lpreg: neither Triton nor lpreg._C (CUDA) is available; using backend='torch'")
-            return "torch"
-        if kind == "cpu":
-            if native_available("cpu"):
-                return "cpu"
-            _warn_once("cpu", "lpreg: the compiled extension lpreg._C is not available "
-                              f"({native_unavailable_reason('cpu')}); using backend='torch'")
-            return "torch"
-        return "torch"
-    if backend == "triton":
-        if not triton_available():
-            raise ValueError("backend='triton' needs the triton package, which is not importable")
-        if kind != "cuda" and not triton_interpreted():
-            raise ValueError(
-                f"backend='triton' on a {kind} tensor needs TRITON_INTERPRET=1 set before lpreg.kernels is imported"
-            )
-    elif backend in ("cpu", "cuda"):
-        if kind != backend:
-            raise ValueError(f"backend={backend!r} needs {backend} tensors, got a tensor on {device}")
-        if not native_available(backend):
-            raise ValueError(f"backend={backend!r} needs the compiled extension lpreg._C built with {backend} "
-                             f"support: {native_unavailable_reason(backend)}")
+        name, skipped = auto_pick(device.type)
+        if skipped:  # the device's first choice cannot run: say once what runs instead, and why
+            _warn_once(device.type, f"lpreg: backend='auto' on {device.type} tensors runs backend={name!r} "
+                                    f"({skipped})")
+        return name
+    record = REGISTRY[backend]
+    if record.devices is not None and device.type not in record.devices:
+        raise ValueError(f"backend={backend!r} needs {' or '.join(record.devices)} tensors, "
+                         f"got a tensor on {device}")
+    status = record.status()
+    if not status.available:
+        raise ValueError(f"backend={backend!r} cannot run here: {status.detail}")
+    reason = record.device_check(device)
+    if reason:
+        raise ValueError(reason)
     return backend
 
 
-class BackendStatus(NamedTuple):
-    """One backend of `lpreg.backends()`: whether it can run here, and what it is or why not."""
-
-    available: bool
-    detail: str
+def implementation(backend: str, op: str = "token_stats") -> ModuleType:
+    """The module that serves `op` for a resolved backend name (its own kernel, or the PyTorch one)."""
+    return importlib.import_module(REGISTRY[backend].module(op))
 
 
 def backends() -> Dict[str, BackendStatus]:
@@ -148,27 +210,22 @@ def backends() -> Dict[str, BackendStatus]:
         >>> lpreg.backends()["torch"].available
         True
 
-    Keys: "torch" (always), "cpu" and "cuda" (the compiled extension lpreg._C), "triton", and
-    "auto" (its `detail` names the backend "auto" resolves to on CPU tensors and, where a CUDA
-    device is present, on CUDA tensors). A backend that cannot run says why in `detail`, for
-    example the compiler error that stopped the extension's build and how to retry it.
+    Keys: every registered backend ("torch" always available; "cpu" and "cuda", the compiled extension
+    lpreg._C; "triton"), and "auto" (its `detail` names the backend "auto" resolves to on CPU tensors
+    and, where a CUDA device is present, on CUDA tensors). A backend that cannot run says why in
+    `detail` (for example the compiler error that stopped the extension's build and how to retry it);
+    one that runs says which ops it has no kernel for, and that the PyTorch backend runs those.
     """
-    out = {"torch": BackendStatus(True, f"chunked PyTorch ops (torch {torch.__version__}), any device")}
-    for device in ("cpu", "cuda"):
-        if native_available(device):
-            out[device] = BackendStatus(True, f"lpreg._C compiled kernels for {device} tensors")
-        else:
-            out[device] = BackendStatus(False, native_unavailable_reason(device))
-    if triton_available():
-        version = getattr(importlib.import_module("triton"), "__version__", "?")
-        where = ("CUDA tensors" if torch.cuda.is_available() else "no CUDA device here")
-        where += "; CPU tensors under TRITON_INTERPRET=1" if triton_interpreted() else ""
-        out["triton"] = BackendStatus(True, f"triton {version}: {where}")
-    else:
-        out["triton"] = BackendStatus(False, "the triton package is not importable")
-    picks = ["cpu tensors -> " + ("cpu" if native_available("cpu") else "torch")]
+    out: Dict[str, BackendStatus] = {}
+    for name, record in REGISTRY.items():
+        status = record.status()
+        missing = record.missing_ops()
+        if status.available and missing:
+            status = BackendStatus(True, f"{status.detail}; no kernel for {', '.join(missing)}: "
+                                         "the PyTorch backend runs them")
+        out[name] = status
+    picks = [f"cpu tensors -> {auto_pick('cpu')[0]}"]
     if torch.cuda.is_available():
-        cuda_pick = "triton" if triton_available() else ("cuda" if native_available("cuda") else "torch")
-        picks.append(f"cuda tensors -> {cuda_pick}")
+        picks.append(f"cuda tensors -> {auto_pick('cuda')[0]}")
     out["auto"] = BackendStatus(True, "; ".join(picks))
     return out

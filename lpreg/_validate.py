@@ -4,8 +4,9 @@ import math
 
 import torch
 
+from . import _backends
+
 MODES = ("min_p", "fixed")
-BACKENDS = ("auto", "triton", "torch", "cpu", "cuda")
 REDUCTIONS = ("none", "mean", "sum")
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
@@ -41,8 +42,9 @@ def check_mode_threshold(mode, threshold):
 
 
 def check_backend(backend):
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    names = _backends.names()  # the registry, read live: a registered backend is valid at once
+    if backend not in names:
+        raise ValueError(f"backend must be one of {names}, got {backend!r}")
 
 
 def check_reduction(reduction):
