@@ -37,9 +37,9 @@ class LpRegPolicyLossConfig(PolicyLossConfig):
     # when a rollout is trained on by more than one optimiser step (several mini-batches or epochs)
     lpreg_proxy: Optional[str] = None
     lpreg_proxy_topk: int = 64  # entries of the sparse rollout proxy (full KL only)
-    # the released form's swapped tokens keep verl's dual clip (actor.clip_ratio_c) as the vanilla /
-    # bypass_mode base does; False: they train on the raw -A r, as in the released code (the other
-    # tokens are always the base loss as verl computes it)
+    # verl's dual clip (actor.clip_ratio_c) as the vanilla / bypass_mode base applies it, kept by the
+    # released form's swapped tokens; False: none (in the base or the swap), as in the Lp-Reg
+    # objective and the released code. Only these two bases have it.
     lpreg_dual_clip: bool = True
     # the policy loss Lp-Reg sits on: any loss in verl's registry (verl computes and aggregates it)
     lpreg_base_loss_mode: str = "vanilla"
@@ -67,6 +67,10 @@ def check_options(o: Dict[str, Any], policy_loss: Any = None) -> None:
     _proxy.check_topk(o["lpreg_proxy_topk"], "lpreg_proxy_topk")
     if not isinstance(o["lpreg_dual_clip"], bool):
         raise ValueError(f"lpreg_dual_clip must be True or False, got {o['lpreg_dual_clip']!r}")
+    if not o["lpreg_dual_clip"] and o["lpreg_base_loss_mode"] not in ("vanilla", "bypass_mode"):
+        raise ValueError(f"lpreg_dual_clip=False turns off verl's dual clip (clip_ratio_c), which only the vanilla "
+                         f"and bypass_mode bases have; lpreg_base_loss_mode={o['lpreg_base_loss_mode']!r} has none "
+                         f"(drop lpreg_dual_clip)")
 
 
 def check_base_loss_mode(base: Any, compat: str, policy_loss: Any = None) -> None:

@@ -23,6 +23,7 @@ turns into exact pooled ratios over every micro-batch and data-parallel rank.
 """
 
 import contextlib
+import copy
 import inspect
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
@@ -46,6 +47,7 @@ SUM_PREFIX = "actor/lpreg_sum/"  # per-micro-batch sums, pooled by `pool_mechani
 POOLED_SUMS = ("candidates", "filtered", "selected", "kept_mass", "push", "p_y", "kl", "valid")
 _LOG_RATIO_CLAMP = 20.0  # verl's clamp of log r before exp (compute_policy_loss_vanilla)
 _AGG_SIGNATURE = inspect.signature(agg_loss)
+DUAL_CLIP_BASES = ("vanilla", "bypass_mode")  # the bases with verl's dual clip (clip_ratio_c), lpreg_dual_clip
 
 
 def global_scale(loss_agg_mode: str, mask: Tensor, info: Dict[str, Any]):
@@ -103,7 +105,8 @@ def released_surrogate(base: str, config: Any, dual_clip: bool, logp: Tensor, ol
     objective").
 
     vanilla, bypass_mode (ppo_clip): -A r, with verl's dual clip min(., -A clip_ratio_c) when
-        lpreg_dual_clip; x the rollout-correction weight (vanilla; bypass_mode applies none);
+        lpreg_dual_clip (False: no dual clip in the base either, `without_dual_clip`); x the
+        rollout-correction weight (vanilla; bypass_mode applies none);
     dppo_tv, dppo_kl: their own -A sg(min(r, clip_ratio_c)) log p without the trust-region mask
         (the truncation at clip_ratio_c is their upper cap);
     sapo, clip_cov, kl_cov: -A r (no soft gate, no covariance clip or penalty; none caps it);
@@ -119,14 +122,24 @@ def released_surrogate(base: str, config: Any, dual_clip: bool, logp: Tensor, ol
         weights = None  # bypass mode's PPO-clip applies no importance weight (its ratio is the correction)
     ratio = torch.exp((logp - old_logp).clamp(-_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP))
     if base in ("dppo_tv", "dppo_kl"):
-        cap = float(config.get("clip_ratio_c", 20.0))
-        surrogate = -adv * ratio.clamp(max=cap).detach() * logp
+        truncation = float(config.get("clip_ratio_c", 20.0))
+        surrogate = -adv * ratio.clamp(max=truncation).detach() * logp
     else:
         surrogate = -adv * ratio
         if base in ("vanilla", "bypass_mode") and dual_clip:
-            cap = -adv * float(config.get("clip_ratio_c", 3.0))
-            surrogate = torch.where(adv < 0, torch.minimum(surrogate, cap), surrogate)
+            dual = -adv * float(config.get("clip_ratio_c", 3.0))
+            surrogate = torch.where(adv < 0, torch.minimum(surrogate, dual), surrogate)
     return surrogate if weights is None else surrogate * weights
+
+
+def without_dual_clip(config: Any) -> Any:
+    """A shallow copy of the actor config whose clip_ratio_c is +inf: verl's vanilla loss (and
+    bypass_mode's PPO-clip) then caps nothing, min(-A r_clipped, -A inf) = -A r_clipped for A < 0
+    (lpreg_dual_clip=False: the Lp-Reg objective and the released code have no dual clip). The copy
+    shares global_batch_info with the original, which verl's loss reads."""
+    view = copy.copy(config)
+    object.__setattr__(view, "clip_ratio_c", float("inf"))  # verl's configs refuse setattr once built
+    return view
 
 
 def _geo_mean_aggregate(loss_mat: Tensor, loss_mask: Tensor) -> Tensor:
@@ -141,6 +154,8 @@ def base_and_correction(config: Any, o: Dict[str, Any], stats: TokenStats, old_l
                         selection: Optional[SelectionThreshold]) -> Tuple[Tensor, Dict[str, Any], Tensor, LossTerms]:
     """(verl's base loss, its metrics, the aggregated Lp-Reg correction, the per-token terms)."""
     base = o["lpreg_base_loss_mode"]
+    if not o["lpreg_dual_clip"] and base in DUAL_CLIP_BASES:
+        config = without_dual_clip(config)
     with captured_aggregation() as calls:
         pg_base, base_metrics = core_algos.get_policy_loss_fn(base)(
             old_log_prob=old_logp, log_prob=stats.logp, advantages=adv, response_mask=mask,

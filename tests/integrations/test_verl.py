@@ -104,8 +104,8 @@ def test_beta0_reproduces_verl_vanilla_with_its_defaults(model_path, agg, compat
 def test_dual_clip_acts_and_is_verls(model_path):
     """Old log-probs lowered by U(0, 1) per token (ratios from 1 to e = 2.7, across clip_ratio_c =
     1.5): verl's dual clip caps the A < 0 tokens above it; lpreg's pg_clipfrac_lower (verl's own
-    metric of its base loss) equals verl's and is > 0, the losses agree; lpreg_dual_clip=False only
-    shapes the released form's swapped tokens, so at beta = 0 the loss is verl's still."""
+    metric of its base loss) equals verl's and is > 0, the losses agree; with lpreg_dual_clip=False
+    the loss is another (the Lp-Reg objective and the released code have no dual clip)."""
     case = dict(mini=4, clip_ratio_c=1.5, old_logp_shift=1.0)
     ref = V.run(model_path, {**case, "loss_mode": "vanilla"})
     ours = V.run(model_path, {**case, "lpreg_beta": 0.0})
@@ -114,7 +114,8 @@ def test_dual_clip_acts_and_is_verls(model_path):
     loss, grad, excess = compare(ref, ours, "dual clip: beta=0 vs vanilla")
     assert loss <= LOSS_ATOL and grad <= GRAD_RTOL and excess <= 0
     off = V.run(model_path, {**case, "lpreg_beta": 0.0, "lpreg_dual_clip": False})
-    assert [s["loss"] for s in off["steps"]] == [s["loss"] for s in ours["steps"]]
+    assert off["steps"][0]["metrics"]["actor/pg_clipfrac_lower"] == 0
+    assert abs(off["steps"][0]["loss"] - ours["steps"][0]["loss"]) > 1e-3  # without it the loss is another
 
 
 @pytest.mark.parametrize("compat", ["released", "paper"])
@@ -280,14 +281,20 @@ def test_bases_are_every_policy_loss_verl_registers():
     assert sorted(k for k in POLICY_LOSS_REGISTRY if k != "lpreg") == list(BASES)
 
 
-@pytest.mark.parametrize("base", BASES)
-def test_beta0_equals_verls_own_loss_for_each_base(model_path, base):
+# bypass mode's other loss type, with its token-level importance weights and rejection sampling acting
+BYPASS_REINFORCE = dict(rollout_correction=dict(loss_type="reinforce", rollout_is="token", rollout_is_threshold=1.3,
+                                                rollout_rs="token_k1", rollout_rs_threshold=0.25))
+
+
+@pytest.mark.parametrize("base,policy", [(b, BASE_POLICY.get(b, {})) for b in BASES]
+                         + [("bypass_mode", BYPASS_REINFORCE)], ids=list(BASES) + ["bypass_mode-reinforce"])
+def test_beta0_equals_verls_own_loss_for_each_base(model_path, base, policy):
     """lpreg_base_loss_mode=<base> at beta = 0 against verl's own loss_mode=<base>: two mini-batches,
     the second off-policy with ratios spread by old_logp_shift so the clips, gates and masks act; the
     loss, gradient norm and parameters after both AdamW steps agree, and so do verl's own metrics."""
     from lpreg.integrations._verl_config import SEQUENCE_RATIO
 
-    case = dict(mini=4, old_logp_shift=0.5, policy=BASE_POLICY.get(base, {}))
+    case = dict(mini=4, old_logp_shift=0.5, policy=policy)
     ref = V.run(model_path, {**case, "loss_mode": base})
     compat = "paper" if base in SEQUENCE_RATIO else "released"
     ours = V.run(model_path, {**case, "lpreg_base_loss_mode": base, "lpreg_beta": 0.0, "lpreg_compat": compat,
@@ -307,7 +314,8 @@ def test_beta0_equals_verls_own_loss_for_each_base(model_path, base):
     (dict(lpreg_base_loss_mode="lpreg"), r"lpreg_base_loss_mode must be one of verl's registered policy losses"),
     (dict(lpreg_base_loss_mode="ppo"), r"lpreg_base_loss_mode must be one of .*'vanilla'.*got 'ppo'"),
     (dict(lpreg_base_loss_mode="dro", lpreg_compat="paper"), r"policy_loss.dro_beta > 0"),
-    (dict(lpreg_base_loss_mode="kl_cov", kl_cov_ratio=0.0), r"policy_loss.kl_cov_ratio > 0")])
+    (dict(lpreg_base_loss_mode="kl_cov", kl_cov_ratio=0.0), r"policy_loss.kl_cov_ratio > 0"),
+    (dict(lpreg_base_loss_mode="sapo", lpreg_dual_clip=False), r"lpreg_dual_clip=False .*'sapo' has none")])
 def test_base_loss_mode_refusals_at_construction(policy, match):
     """A base that cannot compose raises when the policy-loss config is built, naming the option."""
     with pytest.raises(ValueError, match=match):
