@@ -320,7 +320,8 @@ class EmulatedKernels:
         class Rows(ctypes.Structure):  # csrc/token_stats_args.h, field for field: RowInputs, the base
             _fields_ = [("logits", p), ("proxy", p), ("labels", p), ("logits_dtype", ctypes.c_int),
                         ("proxy_dtype", ctypes.c_int), ("N", i64), ("V", i64), ("logits_row_stride", i64),
-                        ("proxy_row_stride", i64), ("inv_temperature", f32), ("ignore_index", i64)]
+                        ("proxy_row_stride", i64), ("inv_temperature", f32), ("ignore_index", i64),
+                        ("softcap", f32)]
 
         class Fwd(ctypes.Structure):  # TokenStatsFwdArgs: the base's fields, then its own
             _fields_ = [("rows", Rows), ("logp", p), ("proxy_logp", p), ("kl", p), ("entropy", p), ("row_stats", p),
@@ -337,29 +338,31 @@ class EmulatedKernels:
     def _ptr(t):
         return None if t is None else t.data_ptr()
 
-    def rows(self, x, labels, proxy, inv_t, ignore_index):
-        """The RowInputs of (N, V) logits x, (N,) int64 labels or None and a proxy or None."""
+    def rows(self, x, labels, proxy, inv_t, ignore_index, softcap=0.0):
+        """The RowInputs of (N, V) logits x, (N,) int64 labels or None and a proxy or None; inv_t and
+        softcap: the folded logit transform (csrc/logit_transform.h; softcap 0: none)."""
         ptr = self._ptr
         pdt = self.dtypes[(proxy if proxy is not None else x).dtype]
         return self.Rows(ptr(x), ptr(proxy), ptr(labels), self.dtypes[x.dtype], pdt, x.shape[0], x.shape[1],
-                         x.stride(0), proxy.stride(0) if proxy is not None else 0, inv_t, ignore_index)
+                         x.stride(0), proxy.stride(0) if proxy is not None else 0, inv_t, ignore_index, softcap)
 
-    def forward(self, x, labels, proxy, inv_t, fixed, log_threshold, ignore_index=-100):
+    def forward(self, x, labels, proxy, inv_t, fixed, log_threshold, ignore_index=-100, softcap=0.0):
         torch, ptr = self.torch, self._ptr
         N, V = x.shape
         outs = [torch.empty(N) for _ in range(4)]
         stats = torch.empty(N, 5)
-        a = self.Fwd(self.rows(x, labels, proxy, inv_t, ignore_index), *map(ptr, outs), ptr(stats), log_threshold,
-                     fixed)
+        a = self.Fwd(self.rows(x, labels, proxy, inv_t, ignore_index, softcap), *map(ptr, outs), ptr(stats),
+                     log_threshold, fixed)
         assert self.lib.emu_fwd(self.ctypes.byref(a)) == 0
         return (*outs, stats)
 
-    def backward(self, x, labels, proxy, stats, g_logp, g_kl, g_h, inv_t, ignore_index=-100, vocab_offset=0):
+    def backward(self, x, labels, proxy, stats, g_logp, g_kl, g_h, inv_t, ignore_index=-100, vocab_offset=0,
+                 softcap=0.0):
         ptr = self._ptr
         N, V = x.shape
         grad = self.torch.empty(N, V, dtype=x.dtype)
-        a = self.Bwd(self.rows(x, labels, proxy, inv_t, ignore_index), ptr(grad), ptr(stats), ptr(g_logp), ptr(g_kl),
-                     ptr(g_h), grad.stride(0), vocab_offset)
+        a = self.Bwd(self.rows(x, labels, proxy, inv_t, ignore_index, softcap), ptr(grad), ptr(stats), ptr(g_logp),
+                     ptr(g_kl), ptr(g_h), grad.stride(0), vocab_offset)
         assert self.lib.emu_bwd(self.ctypes.byref(a)) == 0
         return grad
 
@@ -494,3 +497,44 @@ def test_emulated_cuda_matches_the_cpu_kernel(emulated):
             assert all(torch.isnan(o[1:4]).all() for o in got[:4]), msg
             assert not torch.isfinite(got_grad[1:4].float()).any(), msg
     assert special_rows == 5
+
+
+@needs_emulation
+def test_emulated_cuda_soft_cap_matches_the_cpu_kernel(emulated):
+    # the logit transform (issue 30): a multiplier and a tanh soft-cap folded into inv_temperature and
+    # softcap (csrc/logit_transform.h), forward and backward (the chain rule through tanh), with
+    # saturated logits, -inf entries (finite -c under the cap), +inf and NaN rows, a proxy and unaligned rows
+    import torch
+
+    from lpreg import _native
+    from lpreg._contract import transform_constants
+
+    if not _native.available("cpu"):
+        pytest.skip("lpreg._C is not built")
+    V, T, s, c = 700, 0.8, 1.5, 10.0
+    mult, cap = transform_constants(1 / T, s, c)
+    log_t = float(torch.tensor(math.log(0.05), dtype=torch.float32))
+    labels = torch.tensor([1, 9, 11, 13, -100])
+    for dtype, off in ((torch.float32, 0), (torch.bfloat16, 3)):
+        base = _peaked(torch, 5, V + 3, seed=4) * 3
+        base[0, off::5] = -math.inf
+        base[1, off + 9] = 1e6  # tanh saturates: dz/dx = 0
+        base[2, off + 11] = math.inf  # +-c under the cap: an ordinary row
+        base[3, off + 13] = math.nan  # NaN stays NaN
+        x = base.to(dtype)[:, off:off + V]
+        for proxy in (None, (x.float() + 0.3).to(dtype)):
+            g = [torch.linspace(-1.5, 2.0, 5) + k for k in range(3)]
+            got = emulated.forward(x, labels, proxy, mult, False, log_t, -100, cap)
+            want = _native.token_stats_forward(x, labels, proxy, 1 / T, False, log_t, -100, logit_scale=s,
+                                               logit_softcap=c)
+            for a, b in zip(got[:4], want[:4]):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, equal_nan=True)
+            assert torch.isnan(got[0][3]) and torch.isfinite(got[0][:3]).all()
+            got_grad = emulated.backward(x, labels, proxy, got[4], *g, mult, -100, 0, cap)
+            want_grad = _native.token_stats_backward(x, labels, proxy, want[4], *g, 1 / T, -100, 0, logit_scale=s,
+                                                     logit_softcap=c)
+            scale = want_grad.float().nan_to_num().abs().max().item()
+            tol = 1e-5 if dtype == torch.float32 else 2**-7
+            torch.testing.assert_close(got_grad.float(), want_grad.float(), rtol=0, atol=tol * scale + 1e-7,
+                                       equal_nan=True)
+            assert got_grad[1, 9] == 0 and got_grad[2, 11] == 0 and torch.isnan(got_grad[3].float()).all()

@@ -445,3 +445,51 @@ def test_empty_batch():
     assert h.grad.shape == h.shape and torch.equal(w.grad, torch.zeros_like(w))
     st = fused_linear_token_stats(h, w, lab)
     assert all(t.shape == (2, 0) for t in st)
+
+
+@pytest.mark.parametrize("logit_scale,logit_softcap", [(0.125, None), (1.0, 2.0), (1.5, 3.0)])
+@pytest.mark.parametrize("proxy_kind", [None, "dense", "sparse"])
+def test_logit_transform_equals_materialised(logit_scale, logit_softcap, proxy_kind):
+    """Issue 30: the fused statistics of a scaled / soft-capped head (the chunk matmul gives x, the
+    per-chunk op applies z = c tanh(s x / c) or s x) equal the op on the materialised raw logits with
+    the same transform, values and gradients w.r.t. hidden, weight and bias, with chunks that do not
+    divide N."""
+    hidden, weight, bias, labels, *_ = make_linear(seed=3)
+    weight = weight * 4  # logits large enough that the soft-cap bends them
+    kw = dict(temperature=0.9, logit_scale=logit_scale, logit_softcap=logit_softcap, backend="torch")
+    V = weight.shape[0]
+    proxy = None
+    if proxy_kind is not None:
+        dense = torch.randn(*labels.shape, V, generator=torch.Generator().manual_seed(5)) * 3
+        proxy = dense if proxy_kind == "dense" else lpreg.build_proxy(dense, labels, k=8, **kw)
+    g = [torch.randn(labels.shape, generator=torch.Generator().manual_seed(6 + i)) for i in range(3)]
+    results = []
+    for path in ("fused", "materialised"):
+        h, w, b = (t.detach().clone().requires_grad_(True) for t in (hidden, weight, bias))
+        if path == "fused":
+            st = fused_linear_token_stats(h, w, labels, bias=b, proxy=proxy, chunk_size=5, **kw)
+        elif proxy_kind == "sparse":
+            st = lpreg.sparse_proxy_stats(h @ w.T + b, labels, proxy, **kw)
+        else:
+            st = lpreg.lpreg_token_stats(h @ w.T + b, labels, proxy_logits=proxy, **kw)
+        grads = torch.autograd.grad((st.logp * g[0] + st.kl * g[1] + st.entropy * g[2]).sum(), [h, w, b])
+        results.append((st, grads))
+    (fs, fg), (ms, mg) = results
+    for a, b_ in zip(fs, ms):
+        torch.testing.assert_close(a, b_, rtol=1e-5, atol=1e-5)
+    for a, b_ in zip(fg, mg):
+        torch.testing.assert_close(a, b_, rtol=1e-4, atol=1e-5)
+    # the transform matters here: without it the statistics differ
+    plain = fused_linear_token_stats(hidden, weight, labels, bias=bias, proxy=proxy, chunk_size=5, temperature=0.9,
+                                     backend="torch")
+    assert not torch.allclose(plain.logp, fs.logp, atol=1e-3)
+
+
+def test_fused_build_proxy_with_logit_transform():
+    hidden, weight, bias, labels, *_ = make_linear(seed=4)
+    kw = dict(temperature=0.8, k=6, logit_scale=2.0, logit_softcap=5.0)
+    got = lpreg.fused_linear_build_proxy(hidden, weight * 4, labels, bias=bias, chunk_size=7, **kw)
+    want = lpreg.build_proxy(hidden @ (weight * 4).T + bias, labels, **kw)
+    assert torch.equal(got.indices, want.indices)
+    for a, b in zip(got[1:], want[1:]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

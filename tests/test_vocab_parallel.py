@@ -232,6 +232,38 @@ def case_sparse_proxy_stats(env):
                 torch.testing.assert_close(xs.grad, shard(xf.grad, r, ranks), rtol=1e-5, atol=1e-6)
 
 
+def case_logit_transform(env):
+    """The logit transform (issue 30: a multiplier, a tanh soft-cap) on shards: token stats on- and
+    off-policy against the unsharded op and the float64 oracle, build_proxy and sparse_proxy_stats
+    against the unsharded ones (values and gradients)."""
+    x, labels, proxy = make_logits(N, V, seed=13) * 6, torch.tensor(LABELS), make_logits(N, V, seed=14) * 6
+    capped = dict(logit_scale=1.5, logit_softcap=4.0)
+    g = upstream(N, seed=5)
+    for ranks in (2, 4):
+        group, r, _ = env.tp[ranks]
+        for backend in backends(ranks):
+            for tf in (dict(logit_scale=0.5), capped):
+                for p in (None, proxy):
+                    check_stats_and_grads(env, ranks, backend, x, labels, proxy=p, temperature=0.9, mode="min_p",
+                                          threshold=0.05, **tf)
+        got = lpreg.build_proxy(shard(proxy, r, ranks), labels, k=4, temperature=0.9, process_group=group, **capped)
+        want = lpreg.build_proxy(proxy, labels, k=4, temperature=0.9, **capped)
+        torch.testing.assert_close(got.logq.sort(-1).values, want.logq.sort(-1).values)
+        torch.testing.assert_close(got.coverage, want.coverage)
+        torch.testing.assert_close(got.label_logq, want.label_logq)
+        for backend in backends(ranks):
+            xs = shard(x, r, ranks).clone().requires_grad_()
+            st = lpreg.sparse_proxy_stats(xs, labels, want, temperature=0.9, backend=backend, process_group=group,
+                                          **capped)
+            xf = x.clone().requires_grad_()
+            ref = lpreg.sparse_proxy_stats(xf, labels, want, temperature=0.9, backend=backend, **capped)
+            for a, b in zip(st, ref):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+            (st.logp * g[0] + st.kl * g[1] + st.entropy * g[2]).sum().backward()
+            (ref.logp * g[0] + ref.kl * g[1] + ref.entropy * g[2]).sum().backward()
+            torch.testing.assert_close(xs.grad, shard(xf.grad, r, ranks), rtol=1e-5, atol=1e-6)
+
+
 def _batch(seed, B=2, L=6):
     from tests.test_policy_loss import make_batch
 

@@ -124,7 +124,7 @@ def emulated_shard(tmp_path_factory):
     class Rows(ctypes.Structure):  # csrc/token_stats_args.h: RowInputs
         _fields_ = [("logits", p), ("proxy", p), ("labels", p), ("logits_dtype", ctypes.c_int),
                     ("proxy_dtype", ctypes.c_int), ("N", i64), ("V", i64), ("logits_row_stride", i64),
-                    ("proxy_row_stride", i64), ("inv_temperature", f32), ("ignore_index", i64)]
+                    ("proxy_row_stride", i64), ("inv_temperature", f32), ("ignore_index", i64), ("softcap", f32)]
 
     class Pass1(ctypes.Structure):  # ShardPass1Args
         _fields_ = [("rows", Rows), ("partials", p), ("fixed", ctypes.c_bool)]
@@ -138,7 +138,7 @@ def emulated_shard(tmp_path_factory):
     def rows(x, labels, proxy, inv_t):
         y = proxy if proxy is not None else x
         return Rows(x.data_ptr(), None if proxy is None else proxy.data_ptr(), labels.data_ptr(), dtypes[x.dtype],
-                    dtypes[y.dtype], x.shape[0], x.shape[1], x.stride(0), y.stride(0), inv_t, -100)
+                    dtypes[y.dtype], x.shape[0], x.shape[1], x.stride(0), y.stride(0), inv_t, -100, 0.0)
 
     def pass1(x, labels, proxy, inv_t, fixed, ignore_index):
         part = torch.empty(x.shape[0], _contract.PASS1_WIDTH)
