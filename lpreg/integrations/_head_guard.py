@@ -68,7 +68,8 @@ def check_fused_head(model: Any, input_ids: Tensor, attention_mask: Tensor, tran
     n = min(n_tokens, ids.shape[1] - 1)
     labels = ids[:, -n:]
     # the model's own logits at the n positions predicting the last n tokens
-    logits = base(input_ids=ids, attention_mask=ones, use_cache=False).logits[:, -n - 1:-1].float()
+    raw = base(input_ids=ids, attention_mask=ones, use_cache=False).logits[:, -n - 1:-1]
+    logits = raw.float()
     want = torch.log_softmax(logits / temperature, -1).gather(-1, labels[..., None])[..., 0]
     h = base.base_model(input_ids=ids, attention_mask=ones, use_cache=False).last_hidden_state[:, -n - 1:-1]
     weight, bias = head.weight, head.bias
@@ -79,11 +80,13 @@ def check_fused_head(model: Any, input_ids: Tensor, attention_mask: Tensor, tran
                                      logit_scale=transform.scale, logit_softcap=transform.softcap)
     got = stats.logp.float()
     diff = (got - want).abs().max().item()
-    tol = head_tolerance(head.weight.dtype, (logits / temperature).abs().max().item())
+    # the coarser of the head's dtype and the logits' (bf16 under autocast with an fp32 head)
+    dtype = max((head.weight.dtype, raw.dtype), key=lambda d: torch.finfo(d).eps if d.is_floating_point else 0.0)
+    tol = head_tolerance(dtype, (logits / temperature).abs().max().item())
     if not diff <= tol:  # NaN fails too
         raise RuntimeError(
             f"lpreg's fused head does not reproduce {type(base).__name__}'s logits: the fused log-probs of {n} tokens "
             f"differ from log_softmax(forward().logits / T) by up to {diff:.3g} (tolerance {tol:.3g} for "
-            f"{head.weight.dtype}) with the logit transform {transform} read from the config. The model computes its "
+            f"{dtype}) with the logit transform {transform} read from the config. The model computes its "
             f"logits in a way its config does not describe (remote code, a subclass editing the logits); use the "
             f"logits path (TRL: lpreg_fused=False; verl: use_fused_kernels=False)")

@@ -77,6 +77,7 @@ from packaging.version import Version
 from torch import Tensor
 from trl import GRPOConfig, GRPOTrainer
 from trl.models.utils import _ForwardRedirection
+from trl.trainer.utils import maybe_gather_lm_head_ctx
 
 from .. import LossConfig, needs_step_selection
 from ..logit_transform import LogitTransform, logit_transform_from_config
@@ -258,8 +259,12 @@ class LpRegGRPOTrainer(GRPOTrainer):
         _trl_forward.check_head_unit(model, self.args.lpreg_fused)
         if self.args.lpreg_fused:
             input_ids, attention_mask, _, _ = self._lpreg_inputs(batch)
-            self._lpreg_forward(self.model, _head_guard.check_fused_head, input_ids[:1], attention_mask[:1],
-                                self.lpreg_transform, temperature=self.temperature)
+            args = (input_ids[:1], attention_mask[:1], self.lpreg_transform)
+            if _trl_forward._zero3():  # DeepSpeed's hooks gather each module; the head's read is gathered here
+                with maybe_gather_lm_head_ctx(*_trl_forward._head(model)), self.accelerator.autocast():
+                    _head_guard.check_fused_head(model, *args, temperature=self.temperature)
+            else:  # inside the root's forward (FSDP2 unshards the root unit's parameters: embedding, head)
+                self._lpreg_forward(self.model, _head_guard.check_fused_head, *args, temperature=self.temperature)
         self._lpreg_checked = True
 
     def _generate_and_score_completions(self, inputs):

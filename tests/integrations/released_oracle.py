@@ -64,6 +64,7 @@ def regularized_token_losses(base: Tensor, surrogate: Tensor, logp: Tensor, tgt:
 
     released: the selection above (k smallest current log-probs among the A < 0 tokens, none when k <= 1,
               then logp < tgt); a selected token trains on `surrogate` instead of `base`, plus beta k3.
+    Ties (equal log-probs: completions of one prompt share their first tokens) by position, as lpreg breaks them.
     paper:    k = max(1, floor(rho n)) smallest `old_logp` (the step-wide selection reads the old
               log-probs; the current ones when None) of the n valid tokens, then A < 0 and y kept by the
               proxy (tgt > -1e3: the released filter's -1e4 logit); base + beta k3.
@@ -76,13 +77,13 @@ def regularized_token_losses(base: Tensor, surrogate: Tensor, logp: Tensor, tgt:
         pool = (flat_valid & (adv.reshape(-1) < 0)).nonzero()[:, 0]
         k = max(1, int(pool.numel() * rho))
         if pool.numel() > 0 and k > 1:
-            lowest = pool[torch.topk(logp.reshape(-1)[pool], k, largest=False).indices]
+            lowest = pool[torch.sort(logp.reshape(-1)[pool], stable=True).indices[:k]]
             selected[lowest] = logp.reshape(-1)[lowest] < tgt.reshape(-1)[lowest]
     else:
         ref = (logp if old_logp is None else old_logp.double()).reshape(-1)
         pool = flat_valid.nonzero()[:, 0]
         k = max(1, int(pool.numel() * rho))
-        lowest = pool[torch.topk(ref[pool], k, largest=False).indices]
+        lowest = pool[torch.sort(ref[pool], stable=True).indices[:k]]
         selected[lowest] = (adv.reshape(-1)[lowest] < 0) & (tgt.reshape(-1)[lowest] > -1e3)
     selected = selected.reshape(valid.shape)
     d = tgt - logp

@@ -26,7 +26,7 @@ import torch
 # and the repository root on sys.path would shadow the installed lpreg
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from tiny_lm import tiny_model, tiny_tokenizer  # noqa: E402
+from tiny_lm import save_tiny, tiny_model, tiny_tokenizer  # noqa: E402
 
 PROMPTS = ["ab", "cd", "ef", "gh", "ij", "kl", "mn", "op"]
 
@@ -180,6 +180,8 @@ def train(case, out_dir, world: int = 1, model=None, callbacks=(), trainer_cls=N
     rec = GradRecorder()
     torch.manual_seed(0)
     kwargs = {"rollout_func": deterministic_rollout} if deterministic else {}
+    if model is None and case.get("beta"):  # TRL builds the reference model from the policy's path: save it
+        model = save_tiny(os.path.join(str(out_dir), "model"))
     trainer = trainer_cls(model=model if model is not None else tiny_model(), reward_funcs=reward_len_a, args=args,
                           train_dataset=dataset(), processing_class=tiny_tokenizer(),
                           callbacks=[rec.callback, *callbacks], **kwargs)
