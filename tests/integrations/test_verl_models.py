@@ -83,7 +83,7 @@ def test_scaled_logits_fused_equal_the_logits_path(tmp_path, name):
     with the model's logit transform) and with the model's own logits: the same losses and gradient
     norms over two mini-batches at beta = 1 (test_verl.py's fused-vs-logits tolerances)."""
     save_scaled(name, str(tmp_path))
-    V.init(29549)
+    V.init(29587)
     case = dict(mini=4, lpreg_beta=1.0, lpreg_rho=0.5, lpreg_threshold=0.2)
     logits = V.run(str(tmp_path), case)
     fused = V.run(str(tmp_path), {**case, "fused": True})
