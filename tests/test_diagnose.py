@@ -74,7 +74,7 @@ def test_known_tail_gives_the_hand_computed_kept_mass_and_filtered_share():
     cell, _, _ = _measure(model, samples, 1000, 0.5, 0.3)
     assert (cell.candidates, cell.filtered, cell.selected, cell.kept_mass) == (3, 3, 0, None)
     line = verdict(cell, [cell], Settings(threshold=0.5, rho=0.3), frac_equal_groups=0.0)
-    assert line.startswith("nothing selected: the lowest 0.3 (3 candidates) are all filtered as noise")
+    assert line.startswith("nothing selected: the lowest 30% (3 candidates) are all filtered as noise")
 
 
 def test_known_tail_paper_form_and_the_k_rule_per_call():

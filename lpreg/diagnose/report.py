@@ -66,7 +66,9 @@ class Diagnosis:
             lines.append(f"  selected tokens (rarest first, {len(self.examples)} of {c.selected}):")
             for e in self.examples:
                 context = e["context"].replace("\n", "\\n")
-                lines.append(f"    p_y {e['p_y']:.2e}  m {e['kept_mass']:.3f}  A {e['advantage']:+.2f}  {context!r}")
+                question = e["question"] if len(e["question"]) <= 40 else "..." + e["question"][-37:]
+                lines.append(f"    p_y {e['p_y']:.2e}  m {e['kept_mass']:.3f}  A {e['advantage']:+.2f}  "
+                             f"{context!r}  (after {question!r})")
         lines.append(f"  grid (selected per 1,000 tokens / filtered share / kept mass), compat = {s.compat}:")
         lines += ["    " + row for row in grid_table(self.grid)]
         lines.append(f"verdict: {self.verdict}")
@@ -120,11 +122,13 @@ def save_heatmap(grid: List[Cell], path: str, *, title: str = "") -> None:
     for ax, (name, value, fmt) in zip(axes[0], panels):
         data = [[value(at[(k, r)]) for r in rhos] for k in kappas]
         image = ax.imshow(data, cmap="viridis", aspect="auto", origin="lower")
+        finite = [v for row in data for v in row if not math.isnan(v)]
+        middle = (min(finite) + max(finite)) / 2 if finite else 0.0
         for i in range(len(kappas)):
             for j in range(len(rhos)):
-                v = data[i][j]
-                ax.text(j, i, "-" if math.isnan(v) else format(v, fmt), ha="center", va="center", color="w",
-                        fontsize=8)
+                v = data[i][j]  # dark text on the bright half of the colour map
+                ax.text(j, i, "-" if math.isnan(v) else format(v, fmt), ha="center", va="center",
+                        color="k" if not math.isnan(v) and v > middle else "w", fontsize=8)
         ax.set_xticks(range(len(rhos)), [f"{r:g}" for r in rhos])
         ax.set_yticks(range(len(kappas)), [f"{k:g}" for k in kappas])
         ax.set_xlabel("rho")

@@ -50,8 +50,8 @@ def verdict(cell: Cell, grid: List[Cell], settings: Settings, *, frac_equal_grou
                     + _nearest(cell, grid))
         share = cell.filtered_share or 0.0
         if share >= 1.0:
-            return (f"nothing selected: the lowest {settings.rho:.3g} ({cell.candidates} candidates) are all filtered "
-                    f"as noise (p_y < kappa max p); raise rho or lower kappa{note}" + _nearest(cell, grid))
+            return (f"nothing selected: the lowest {100 * settings.rho:.3g}% ({cell.candidates} candidates) are all "
+                    f"filtered as noise (p_y < kappa max p); raise rho or lower kappa{note}" + _nearest(cell, grid))
         return (f"nothing selected: {share:.0%} of the {cell.candidates} candidates are filtered and at the rest "
                 f"the proxy keeps the whole distribution (m = 1: no push); raise kappa{note}" + _nearest(cell, grid))
     assert cell.kept_mass is not None and cell.push is not None and cell.push_ratio is not None
