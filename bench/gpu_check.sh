@@ -19,7 +19,9 @@
 #   copy                device-to-device copy bandwidth (bench/gpu_results.py copy)
 #   matmul              bf16 matmul rate on the fused-linear GPU shape (gpu_results.py matmul)
 #   tests               the GPU-marked tests: pytest -m gpu tests
-#   bench-token-stats   pytest -m gpu bench/test_bench_token_stats.py  -> bench-token-stats.json
+#   bench-token-stats   pytest -m gpu bench/test_bench_token_stats.py  -> bench-token-stats.json; with a
+#                       Gemma-style head (issue 30): V = 262,144, bf16, logit_softcap = 30, and the
+#                       same shape without the soft-cap (the ratio of the two is the soft-cap's cost)
 #   bench-fused-linear  pytest -m gpu bench/test_bench_fused_linear.py -> bench-fused-linear.json
 #   bench-trl-step      pytest -m gpu bench/test_bench_trl_step.py -> bench-trl-step.json: one GRPO
 #                       step in TRL (generation included), TRL's own loss against LpRegGRPOTrainer
@@ -253,7 +255,7 @@ selected copy && run_step copy 60 "$PY" bench/gpu_results.py copy --out "$STATE/
 selected matmul && run_step matmul 60 "$PY" bench/gpu_results.py matmul --out "$STATE/matmul.json" ${CPU_FLAG[@]+"${CPU_FLAG[@]}"}
 selected tests && run_step tests 120 step_tests
 selected bench-token-stats && run_step bench-token-stats 150 \
-  step_bench bench/test_bench_token_stats.py bench-token-stats.json "N1024-V32000-float32-cpu"
+  step_bench bench/test_bench_token_stats.py bench-token-stats.json "N1024-V32000-float32-cpu or softcap_cpu"
 selected bench-fused-linear && run_step bench-fused-linear 90 \
   step_bench bench/test_bench_fused_linear.py bench-fused-linear.json "N1024-H256-fused and not paper and not threshold"
 selected bench-trl-step && run_step bench-trl-step 240 step_bench_trl

@@ -217,7 +217,8 @@ def _fmt(v, spec):
 
 def _shape(r):
     dims = [f"{r[k]:,}" for k in ("N", "H", "V") if isinstance(r.get(k), int)]
-    return " × ".join(dims) + (f" {r['dtype']}" if r.get("dtype") else "")
+    softcap = f" softcap {r['logit_softcap']:g}" if r.get("logit_softcap") else ""  # issue 30's Gemma-style rows
+    return " × ".join(dims) + (f" {r['dtype']}" if r.get("dtype") else "") + softcap
 
 
 def trl_step_lines(rows: list) -> list:

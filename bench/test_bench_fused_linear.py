@@ -30,6 +30,11 @@ that call and 2 more (the one call alone at N = 16k); `load1` is the 1-minute lo
 at the end.
 The fused paths must stay flat in N; materialised grows as N V 4 bytes.
 
+`test_cpu_logit_transform_interleaved` (issue 30) times the logit transform's cost at that target
+shape: the default call without a transform, with a Gemma-style soft-cap (logit_softcap=30) and with
+a Cohere-style multiplier (logit_scale=0.0625), interleaved as below; the ratios to the call without
+one are the cost (target: soft-cap <= 1.05x).
+
 `test_cpu_target_interleaved` times issue 11's target shape (N = 4096, H = 256) differently:
 every provider in one fresh process, 9 rounds round-robin (the order rotates each round), the
 median per provider and the ratios of the default call to each. On a shared VM whose speed
@@ -63,6 +68,8 @@ CPU_GRID = [(4096, 256), (1024, 256), (16384, 256), (1024, 512), (4096, 512), (1
 SMOKE_SHAPE = (64, 32, 1000)  # N, H, V
 N_GPU, H_GPU, V_GPU = 8192, 4096, 151_936
 CPU_PROVIDERS = ["fused", "fused_paper", "fused_threshold", "materialised", "compile", "liger", "liger_compile"]
+# the default call with a logit transform (issue 30): a Gemma-style soft-cap, a Cohere-style multiplier
+TRANSFORM_PROVIDERS = {"fused_softcap": dict(logit_softcap=30.0), "fused_scale": dict(logit_scale=0.0625)}
 COMPILED = ("compile", "liger_compile")
 B = 8  # sequences; L = N / B
 CLIP_LOW, CLIP_HIGH = 1.0, 9.0  # lpreg's defaults, given to Liger as epsilon_low / epsilon_high
@@ -108,6 +115,9 @@ def make_provider(name, labels, adv, old, mask):
     """loss_fn(hidden, weight) -> 0-d loss for the provider (built once: compilation is cached)."""
     if name == "fused":
         return lambda h, w: lpreg.fused_linear_policy_loss(h, w, labels, adv, old, mask, return_tensors=True)[0]
+    if name in TRANSFORM_PROVIDERS:
+        kw = TRANSFORM_PROVIDERS[name]
+        return lambda h, w: lpreg.fused_linear_policy_loss(h, w, labels, adv, old, mask, return_tensors=True, **kw)[0]
     if name == "fused_paper":
         return lambda h, w: lpreg.fused_linear_policy_loss(h, w, labels, adv, old, mask, compat="paper",
                                                            return_tensors=True)[0]
@@ -262,6 +272,41 @@ def test_cpu_target_interleaved(benchmark):
     print(json.dumps({"N": N, "H": H, "V": V, **result, "ratios": ratios}), flush=True)  # seen with -s
     benchmark.extra_info.update(N=N, H=H, V=V, device="cpu", dtype="float32", ms=ms, ratios=ratios,
                                 load1=result["load1"])
+
+
+def test_cpu_logit_transform_interleaved(benchmark):
+    """Issue 30's target: at issue 11's shape (N = 4096, H = 256, V = 32,000, fp32, the compiled CPU
+    backend), the default fused call with a soft-cap (and with a multiplier) against the same call
+    without a transform, 9 interleaved rounds in one fresh process. Records the ratios (target: the
+    soft-cap's <= 1.05); a timing, not a test. The smoke run: one round at the tiny shape, and the
+    transformed losses against the materialised logits with the same transform."""
+    enabled = not benchmark.disabled
+    N, H, V = (4096, 256, V_CPU) if enabled else SMOKE_SHAPE
+    providers = ["fused", *TRANSFORM_PROVIDERS]
+    result = {}
+
+    def run():
+        out = subprocess.run([sys.executable, "-W", "ignore", os.path.abspath(__file__), "interleaved", str(N), str(H),
+                              str(V), str(9 if enabled else 1), *providers], capture_output=True, text=True)
+        if out.returncode != 0:
+            raise RuntimeError(f"interleaved run failed:\n{out.stderr[-4000:]}")
+        result.update(json.loads(out.stdout.strip().splitlines()[-1]))
+
+    benchmark.pedantic(run, rounds=1, iterations=1)
+    ms = result["ms"]
+    assert set(ms) == set(providers) and all(v > 0 for v in ms.values())
+    ratios = {f"{p}/fused": ms[p] / ms["fused"] for p in TRANSFORM_PROVIDERS}
+    print(json.dumps({"N": N, "H": H, "V": V, **result, "ratios": ratios}), flush=True)  # seen with -s
+    benchmark.extra_info.update(N=N, H=H, V=V, device="cpu", dtype="float32", ms=ms, ratios=ratios,
+                                load1=result["load1"], target="fused_softcap/fused <= 1.05")
+    if not enabled:  # the transformed losses are the materialised ones with the transform
+        hidden, weight, labels, adv, old, mask = inputs(N, H, V)
+        for p, kw in TRANSFORM_PROVIDERS.items():
+            with torch.no_grad():
+                got = make_provider(p, labels, adv, old, mask)(hidden, weight)
+                want = lpreg.lpreg_policy_loss(hidden @ weight.T, labels, adv, old, mask, return_tensors=True,
+                                               **kw)[0]
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.gpu

@@ -63,34 +63,46 @@ SCRIPT = textwrap.dedent(
     report = {}
     fwd_types = dict(logp_ptr=f32, proxy_logp_ptr=f32, kl_ptr=f32, entropy_ptr=f32, row_stats_ptr=f32,
                      logits_ptr="*" + dt, proxy_ptr="*" + dt, labels_ptr="*i64", V="i32",
-                     logits_row_stride="i64", proxy_row_stride="i64", inv_temperature="fp32",
+                     logits_row_stride="i64", proxy_row_stride="i64", inv_temperature="fp32", softcap="fp32",
                      log_threshold="fp32", ignore_index="i32")
     for proxy, labels, fixed in itertools.product([False, True], repeat=3):
         c = compile_kernel(token_stats._token_stats_fwd_kernel, fwd_types,
-                           dict(HAS_PROXY=proxy, HAS_LABELS=labels, FIXED=fixed, BLOCK_V=4096, MAX_BLOCKS=64), arch)
+                           dict(HAS_PROXY=proxy, HAS_LABELS=labels, FIXED=fixed, SOFTCAP=False, BLOCK_V=4096,
+                                MAX_BLOCKS=64), arch)
         report[f"token_stats_fwd proxy={proxy} labels={labels} fixed={fixed}"] = vector_ops(c)
+    for proxy in (False, True):  # the logit transform's soft-cap (issue 30)
+        c = compile_kernel(token_stats._token_stats_fwd_kernel, fwd_types,
+                           dict(HAS_PROXY=proxy, HAS_LABELS=True, FIXED=True, SOFTCAP=True, BLOCK_V=4096,
+                                MAX_BLOCKS=64), arch)
+        report[f"token_stats_fwd proxy={proxy} softcap"] = vector_ops(c)
     bwd_types = dict(grad_ptr="*" + dt, logits_ptr="*" + dt, proxy_ptr="*" + dt, labels_ptr="*i64",
                      row_stats_ptr=f32, g_logp_ptr=f32, g_kl_ptr=f32, g_entropy_ptr=f32, V="i32",
                      logits_row_stride="i64", proxy_row_stride="i64", grad_row_stride="i64",
-                     inv_temperature="fp32", ignore_index="i32", vocab_offset="i64")
+                     inv_temperature="fp32", softcap="fp32", ignore_index="i32", vocab_offset="i64")
     for proxy, gl, gk, gh in itertools.product([False, True], repeat=4):
         c = compile_kernel(token_stats._token_stats_bwd_kernel, bwd_types,
                            dict(HAS_PROXY=proxy, HAS_LABELS=True, HAS_G_LOGP=gl, HAS_G_KL=gk, HAS_G_ENTROPY=gh,
-                                BLOCK_V=4096), arch)
+                                SOFTCAP=False, BLOCK_V=4096), arch)
         report[f"token_stats_bwd proxy={proxy} g={gl}{gk}{gh}"] = vector_ops(c)
+    for proxy in (False, True):
+        c = compile_kernel(token_stats._token_stats_bwd_kernel, bwd_types,
+                           dict(HAS_PROXY=proxy, HAS_LABELS=True, HAS_G_LOGP=True, HAS_G_KL=True, HAS_G_ENTROPY=True,
+                                SOFTCAP=True, BLOCK_V=4096), arch)
+        report[f"token_stats_bwd proxy={proxy} softcap"] = vector_ops(c)
     sp_types = dict(logp_ptr=f32, proxy_logp_ptr=f32, kl_ptr=f32, entropy_ptr=f32, row_stats_ptr=f32,
                     grad_ptr="*" + dt, logits_ptr="*" + dt, labels_ptr="*i64", idx_ptr="*i64", logq_ptr=f32,
                     label_logq_ptr=f32,
                     g_logp_ptr=f32, g_kl_ptr=f32, g_entropy_ptr=f32, V="i32", K="i32",
                     logits_row_stride="i64", idx_row_stride="i64", logq_row_stride="i64", grad_row_stride="i64",
-                    inv_temperature="fp32", ignore_index="i32", vocab_offset="i64")
-    c = compile_kernel(sparse_proxy_stats._sparse_proxy_fwd_kernel, sp_types,
-                       dict(HAS_LABELS=True, HAS_LABEL_LOGQ=True, BLOCK_V=4096, BLOCK_K=64), arch)
-    report["sparse_proxy_fwd"] = vector_ops(c)
-    c = compile_kernel(sparse_proxy_stats._sparse_proxy_bwd_kernel, sp_types,
-                       dict(HAS_LABELS=True, HAS_G_LOGP=True, HAS_G_KL=True, HAS_G_ENTROPY=True,
-                            BLOCK_V=4096, BLOCK_K=64), arch)
-    report["sparse_proxy_bwd"] = vector_ops(c)
+                    inv_temperature="fp32", softcap="fp32", ignore_index="i32", vocab_offset="i64")
+    for cap in (False, True):
+        c = compile_kernel(sparse_proxy_stats._sparse_proxy_fwd_kernel, sp_types,
+                           dict(HAS_LABELS=True, HAS_LABEL_LOGQ=True, SOFTCAP=cap, BLOCK_V=4096, BLOCK_K=64), arch)
+        report["sparse_proxy_fwd" + (" softcap" if cap else "")] = vector_ops(c)
+        c = compile_kernel(sparse_proxy_stats._sparse_proxy_bwd_kernel, sp_types,
+                           dict(HAS_LABELS=True, SOFTCAP=cap, HAS_G_LOGP=True, HAS_G_KL=True, HAS_G_ENTROPY=True,
+                                BLOCK_V=4096, BLOCK_K=64), arch)
+        report["sparse_proxy_bwd" + (" softcap" if cap else "")] = vector_ops(c)
     print(json.dumps(report))
     """
 )
@@ -104,7 +116,7 @@ def test_triton_kernels_compile_for_gpus_with_vector_memory_ops(arch, tmp_path):
                        timeout=600, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     report = json.loads(r.stdout.strip().splitlines()[-1])
-    assert len(report) == 8 + 16 + 2
+    assert len(report) == 8 + 2 + 16 + 2 + 2 + 2  # the last of each: the soft-cap (issue 30)
     for name, ops in report.items():
         if name.endswith("g=FalseFalseFalse"):  # no upstream gradient: zeros, nothing to read
             assert ops == ["st.global.v4.b32"], (name, ops)

@@ -192,14 +192,17 @@ def test_triton_shard_passes_compile_with_vector_loads(tmp_path):
         r"""
         arch, dt, f32 = 90, "bf16", "*fp32"
         common = dict(part_ptr=f32, logits_ptr="*" + dt, proxy_ptr="*" + dt, labels_ptr="*i64", V="i32",
-                      logits_row_stride="i64", proxy_row_stride="i64", inv_temperature="fp32", ignore_index="i32")
+                      logits_row_stride="i64", proxy_row_stride="i64", inv_temperature="fp32", softcap="fp32",
+                      ignore_index="i32")
         report = {}
-        for proxy in (False, True):
+        for proxy in (False, True):  # proxy=True with the soft-cap of the logit transform (issue 30)
             c = compile_kernel(token_stats._shard_pass1_kernel, common,
-                               dict(HAS_PROXY=proxy, HAS_LABELS=True, FIXED=True, BLOCK_V=4096, MAX_BLOCKS=64), arch)
+                               dict(HAS_PROXY=proxy, HAS_LABELS=True, FIXED=True, SOFTCAP=proxy, BLOCK_V=4096,
+                                    MAX_BLOCKS=64), arch)
             report[f"pass1 proxy={proxy}"] = vector_ops(c)
             c = compile_kernel(token_stats._shard_pass2_kernel, dict(common, cutoff_ptr=f32, my_ptr=f32,
-                               argmax_ptr="*i64"), dict(HAS_PROXY=proxy, HAS_LABELS=True, BLOCK_V=4096), arch)
+                               argmax_ptr="*i64"), dict(HAS_PROXY=proxy, HAS_LABELS=True, SOFTCAP=proxy,
+                                                        BLOCK_V=4096), arch)
             report[f"pass2 proxy={proxy}"] = vector_ops(c)
         print(json.dumps(report))
         """)
