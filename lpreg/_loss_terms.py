@@ -20,7 +20,7 @@ weights:  per-token importance-sampling weights w >= 0 (docs/spec.md §3, "Per-t
 """
 
 import math
-from typing import Any, Dict, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Dict, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -184,16 +184,15 @@ def compute_token_stats(logits2d: Tensor, labels: Tensor, proxy: Union[None, Ten
                         cfg: LossConfig, process_group=None) -> TokenStats:
     """(logp, proxy_logp, kl, entropy), each (n,) fp32, for (n, V) logits and a proxy slice; with a
     process_group, (n, V_r) vocabulary shards combined across it (the same statistics on every rank)."""
-    transform: Dict[str, Any] = {}  # the LM head's logit transform (docs/spec.md); identity by default
-    if cfg.logit_scale != 1.0 or cfg.logit_softcap is not None:
-        transform = dict(logit_scale=cfg.logit_scale, logit_softcap=cfg.logit_softcap)
+    # the LM head's logit transform (docs/spec.md) is applied by the op, to the raw logits, before T
     if isinstance(proxy, SparseProxy):
         return sparse_proxy_stats(logits2d, labels, proxy, temperature=cfg.temperature,
                                   ignore_index=cfg.ignore_index, backend=cfg.backend, process_group=process_group,
-                                  **transform)
+                                  logit_scale=cfg.logit_scale, logit_softcap=cfg.logit_softcap)
     return lpreg_token_stats(logits2d, labels, temperature=cfg.temperature, mode=cfg.mode,
                              threshold=cfg.threshold, proxy_logits=proxy, ignore_index=cfg.ignore_index,
-                             backend=cfg.backend, process_group=process_group, **transform)
+                             backend=cfg.backend, process_group=process_group,
+                             logit_scale=cfg.logit_scale, logit_softcap=cfg.logit_softcap)
 
 
 def flat_stats(stats: Sequence[Tensor], batch: Batch) -> TokenStats:

@@ -160,13 +160,6 @@ def _check_linear(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Non
         raise ValueError(f"bias must be None or a tensor of shape ({V},), got {getattr(bias, 'shape', bias)}")
 
 
-def _transform(logit_scale: float, logit_softcap: Optional[float]) -> Dict[str, Any]:
-    """The logit-transform keywords for the statistics' ops: none for the identity (the ops' default)."""
-    if logit_scale != 1.0 or logit_softcap is not None:
-        return dict(logit_scale=logit_scale, logit_softcap=logit_softcap)
-    return {}
-
-
 def fused_linear_policy_loss(
     hidden: Tensor,
     weight: Tensor,
@@ -329,7 +322,7 @@ def fused_linear_token_stats(
     return _stats.fused_linear_token_stats(
         hidden, weight, labels, bias=bias, temperature=temperature, mode=mode, threshold=threshold, proxy=proxy,
         ignore_index=ignore_index, chunk_size=chunk_size, backend=backend, process_group=process_group,
-        **_transform(logit_scale, logit_softcap))
+        logit_scale=logit_scale, logit_softcap=logit_softcap)
 
 
 def fused_linear_build_proxy(
@@ -383,4 +376,4 @@ def fused_linear_build_proxy(
     return _stats.fused_linear_build_proxy(
         hidden, weight, labels, bias=bias, temperature=temperature, mode=mode, threshold=threshold, k=k,
         ignore_index=ignore_index, chunk_size=chunk_size, backend=backend, process_group=process_group,
-        **_transform(logit_scale, logit_softcap))
+        logit_scale=logit_scale, logit_softcap=logit_softcap)

@@ -432,7 +432,7 @@ def test_from_stats_equals_the_logits_path(compat, agg, with_proxy):
 def test_from_stats_never_reads_masked_entries():
     from lpreg.policy_loss import policy_loss_from_stats
 
-    logits, labels, adv, old, mask = make_batch(seed=21)
+    logits, labels, adv, old, mask = make_batch(seed=23)
     x = logits.clone().requires_grad_(True)
     stats = lpreg.lpreg_token_stats(x, labels, backend="torch")
     loss, m = policy_loss_from_stats(stats, adv, old, mask, rho=0.5)
@@ -542,3 +542,44 @@ def test_dual_clip_same_in_the_fused_path():
     torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6)
     assert got[2]["actor/pg_clipfrac_lower"] == pytest.approx(want[2]["actor/pg_clipfrac_lower"])
     assert want[2]["actor/pg_clipfrac_lower"] > 0
+
+
+@pytest.mark.parametrize("scale,softcap", [(0.5, None), (1.3, 4.0), (1.0, 2.5)])
+@pytest.mark.parametrize("compat", ["released", "paper"])
+def test_logit_transform_is_the_loss_of_the_transformed_logits(scale, softcap, compat):
+    """logit_scale / logit_softcap (a scaled or soft-capped LM head): the loss, its gradient w.r.t. the raw
+    logits and the metrics are those of z = c tanh(s x / c) (or s x), in every entry point."""
+    logits, labels, adv, old, mask = make_batch(seed=23)
+    kw = dict(compat=compat, rho=1.0, beta=0.8, backend="torch")
+
+    def transformed(x):
+        return softcap * torch.tanh(scale * x / softcap) if softcap is not None else scale * x
+
+    x = logits.clone().requires_grad_(True)
+    want, wm = lpreg.lpreg_policy_loss(transformed(x), labels, adv, old, mask, **kw)
+    (want_grad,) = torch.autograd.grad(want, x)
+    y = logits.clone().requires_grad_(True)
+    got, gm = lpreg.lpreg_policy_loss(y, labels, adv, old, mask, logit_scale=scale, logit_softcap=softcap, **kw)
+    (got_grad,) = torch.autograd.grad(got, y)
+    assert wm["actor/lpreg_selected"] > 0
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got_grad, want_grad, rtol=1e-4, atol=1e-6)
+    assert gm == pytest.approx(wm, rel=1e-4, abs=1e-6)
+    # the fused path against the materialised one on the same transformed head
+    B, L, V = logits.shape
+    h = torch.randn(B, L, 16, generator=torch.Generator().manual_seed(5))
+    w = torch.randn(V, 16, generator=torch.Generator().manual_seed(6))
+    ref, rm = lpreg.lpreg_policy_loss(transformed(h @ w.T), labels, adv, old, mask, **kw)
+    fused, fm = lpreg.fused_linear_policy_loss(h, w, labels, adv, old, mask, chunk_size=7, logit_scale=scale,
+                                               logit_softcap=softcap, **kw)
+    torch.testing.assert_close(fused, ref, rtol=1e-5, atol=1e-6)
+    assert fm == pytest.approx(rm, rel=1e-4, abs=1e-6)
+
+
+def test_logit_transform_options_are_checked_in_the_loss():
+    logits, labels, adv, old, mask = make_batch(B=2, L=3, V=16, seed=22)
+    with pytest.raises(lpreg.LossConfigError, match="logit_softcap"):
+        lpreg.lpreg_policy_loss(logits, labels, adv, old, mask, logit_softcap=-1.0)
+    with pytest.raises(lpreg.LossConfigError, match="logit_scale"):
+        lpreg.fused_linear_policy_loss(torch.randn(2, 3, 4), torch.randn(16, 4), labels, adv, old, mask,
+                                       logit_scale=0.0)
