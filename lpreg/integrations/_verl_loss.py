@@ -225,8 +225,11 @@ def lpreg_ppo_loss(config, model_output, data, dp_group=None,
     sums = mechanism_sums(terms, mask)
     sums["kl"] = terms.divergence.detach().float().sum()
     sums["valid"] = mask.float().sum()
-    kth = (selection.logp.exp() if selection is not None
-           else torch.where(terms.candidate, terms.p_y, torch.zeros((), device=mask.device)).max())
+    # the selection's probability threshold: the step-wide one (paper; exp(-inf) = 0 when nothing is
+    # valid), else the largest candidate p_y (the k-th lowest), 0 without a candidate
+    zero = torch.zeros((), device=mask.device)
+    kth = (selection.logp.to(zero.device).exp() if selection is not None
+           else torch.where(terms.candidate, terms.p_y, zero).max())
     values = torch.stack([sums[k].reshape(()).float() for k in POOLED_SUMS] + [kth.reshape(()).float()]).tolist()
     metrics.update({SUM_PREFIX + k: Metric(AggregationType.SUM, v) for k, v in zip(POOLED_SUMS, values)})
     metrics["actor/lpreg_threshold"] = Metric(AggregationType.MEAN, values[-1])
