@@ -290,10 +290,15 @@ def _coerce(cfg_fields, values, source):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    lazy = sorted(f"--{name.replace('_', '-')}" for kind, name in registry.LAZY if kind == "option"
+                  and name not in OPTIONS)
+    lazy_presets = sorted(name for kind, name in registry.LAZY if kind == "preset" and name not in PRESETS)
     parser = argparse.ArgumentParser(
         prog="lpreg-train",
         description="RLVR (GRPO + Lp-Reg and entropy-control baselines). "
         "Precedence: preset < --config YAML < flags.",
+        epilog=(f"Study options, loaded when named: {', '.join(lazy)}. " if lazy else "")
+        + (f"Study presets, loaded when named: {', '.join(lazy_presets)}." if lazy_presets else "") or None,
     )
     parser.add_argument("--config", default=None, help="YAML file of config fields")
     for f in fields(TrainConfig):
