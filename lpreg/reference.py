@@ -14,6 +14,7 @@ from torch.utils.checkpoint import checkpoint
 
 from . import _validate
 from ._rows import row_chunks
+from .logit_transform import LogitTransform
 from .token_stats import TokenStats
 
 
@@ -29,11 +30,12 @@ def kept_set(y: Tensor, mode: str, threshold: float) -> Tensor:
 
 
 def _chunk_stats(x_raw: Tensor, y_raw: Optional[Tensor], labels: Optional[Tensor], temperature: float, mode: str,
-                 threshold: float, ignore_index: int) -> Tuple[Tensor, ...]:
-    # fp32 accumulation for low-precision inputs; float64 stays float64 (for gradcheck)
+                 threshold: float, ignore_index: int, transform: LogitTransform) -> Tuple[Tensor, ...]:
+    # fp32 accumulation for low-precision inputs; float64 stays float64 (for gradcheck). The logit
+    # transform (docs/spec.md "The logit transform") comes first, with autograd through it.
     acc = torch.promote_types(x_raw.dtype, torch.float32)
-    x = x_raw.to(acc) / temperature
-    y = x.detach() if y_raw is None else y_raw.to(acc) / temperature
+    x = transform.apply(x_raw.to(acc)) / temperature
+    y = x.detach() if y_raw is None else transform.apply(y_raw.to(acc)) / temperature
     logp_all = torch.log_softmax(x, -1)
     p = logp_all.exp()
     # p log p with the 0 log 0 = 0 convention for -inf logits (masking log p, not the
@@ -61,7 +63,7 @@ def _chunk_stats(x_raw: Tensor, y_raw: Optional[Tensor], labels: Optional[Tensor
 
 
 def _stats(logits: Tensor, labels: Optional[Tensor], temperature: float, mode: str, threshold: float,
-           proxy_logits: Optional[Tensor], ignore_index: int) -> Tuple[Tensor, ...]:
+           proxy_logits: Optional[Tensor], ignore_index: int, transform: LogitTransform) -> Tuple[Tensor, ...]:
     _validate.check_logits(logits)
     temperature = _validate.check_temperature(temperature)
     threshold = _validate.check_mode_threshold(mode, threshold)
@@ -77,7 +79,7 @@ def _stats(logits: Tensor, labels: Optional[Tensor], temperature: float, mode: s
     parts = []
     for a, b in row_chunks(x.shape[0], V):
         args = (x[a:b], None if y is None else y[a:b], None if lab is None else lab[a:b],
-                temperature, mode, threshold, ignore_index)
+                temperature, mode, threshold, ignore_index, transform)
         if torch.is_grad_enabled() and logits.requires_grad:
             parts.append(checkpoint(_chunk_stats, *args, use_reentrant=False))
         else:
@@ -91,16 +93,20 @@ def _stats(logits: Tensor, labels: Optional[Tensor], temperature: float, mode: s
 
 def lpreg_token_stats(logits: Tensor, labels: Tensor, *, temperature: float = 1.0, mode: str = "min_p",
                       threshold: float = 0.02, proxy_logits: Optional[Tensor] = None, ignore_index: int = -100,
-                      backend: str = "auto") -> TokenStats:
+                      backend: str = "auto", logit_scale: float = 1.0,
+                      logit_softcap: Optional[float] = None) -> TokenStats:
     """Reference for `lpreg.lpreg_token_stats` (backend is accepted and ignored)."""
     _validate.check_backend(backend)
-    return TokenStats(*_stats(logits, labels, temperature, mode, threshold, proxy_logits, ignore_index))
+    transform = LogitTransform(scale=logit_scale, softcap=logit_softcap)
+    return TokenStats(*_stats(logits, labels, temperature, mode, threshold, proxy_logits, ignore_index, transform))
 
 
 def lpreg_kl(logits: Tensor, *, temperature: float = 1.0, mode: str = "min_p", threshold: float = 0.02,
-             proxy_logits: Optional[Tensor] = None, reduction: str = "none", backend: str = "auto") -> Tensor:
+             proxy_logits: Optional[Tensor] = None, reduction: str = "none", backend: str = "auto",
+             logit_scale: float = 1.0, logit_softcap: Optional[float] = None) -> Tensor:
     """Reference for `lpreg.lpreg_kl` (backend is accepted and ignored)."""
     _validate.check_backend(backend)
     _validate.check_reduction(reduction)
-    kl = _stats(logits, None, temperature, mode, threshold, proxy_logits, -100)[2]
+    transform = LogitTransform(scale=logit_scale, softcap=logit_softcap)
+    kl = _stats(logits, None, temperature, mode, threshold, proxy_logits, -100, transform)[2]
     return kl.mean() if reduction == "mean" else kl.sum() if reduction == "sum" else kl

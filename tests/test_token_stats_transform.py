@@ -176,3 +176,22 @@ def test_backends_agree_on_a_gemma_style_head():
     for out in outs:
         for name in OUTPUTS:
             torch.testing.assert_close(getattr(out, name).double(), ref[name], rtol=1e-5, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("logit_scale,logit_softcap", [(0.5, None), (1.2, 4.0)])
+def test_reference_module_takes_the_transform(logit_scale, logit_softcap):
+    """lpreg.reference (the readable oracle) with the transform equals the float64 spec, values and grads."""
+    x = _logits(4, 90, seed=51)
+    labels = torch.tensor([3, 4, -100, 6])
+    xg = x.double().requires_grad_()
+    st = lpreg.reference.lpreg_token_stats(xg, labels, temperature=0.9, logit_scale=logit_scale,
+                                           logit_softcap=logit_softcap)
+    ref = spec_token_stats(x, labels, temperature=0.9, logit_scale=logit_scale, logit_softcap=logit_softcap)
+    for name in OUTPUTS:
+        torch.testing.assert_close(getattr(st, name), ref[name], rtol=1e-10, atol=1e-10, msg=name)
+    g = _upstream((4,), 52)
+    (grad,) = torch.autograd.grad((st.logp * g[0] + st.kl * g[1] + st.entropy * g[2]).sum(), xg)
+    torch.testing.assert_close(grad, spec_grad(ref, *g, temperature=0.9), rtol=1e-9, atol=1e-10)
+    kl = lpreg.reference.lpreg_kl(x.double(), temperature=0.9, logit_scale=logit_scale, logit_softcap=logit_softcap)
+    torch.testing.assert_close(kl, spec_token_stats(x, None, temperature=0.9, logit_scale=logit_scale,
+                                                    logit_softcap=logit_softcap)["kl"])
