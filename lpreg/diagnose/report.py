@@ -2,6 +2,7 @@
 heatmap of the kappa x rho grid (matplotlib, imported when a heatmap is asked for)."""
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
@@ -76,7 +77,8 @@ class Diagnosis:
 
     def save_heatmap(self, path: str) -> None:
         """Two panels over kappa x rho: selected tokens per 1,000, and the push 1/m - 1 (blank: none selected)."""
-        save_heatmap(self.grid, path, title=f"{self.model} ({self.settings.compat}, {self.settings.mode})")
+        name = os.path.basename(os.path.normpath(self.model))
+        save_heatmap(self.grid, path, title=f"{name} ({self.settings.compat}, {self.settings.mode})")
 
 
 def _pct(x: Optional[float]) -> str:
