@@ -16,7 +16,7 @@ Run:
     lpreg-train --preset cpu-tiny                       # the negative control (and the test fixture)
     lpreg-train --preset cpu-tiny --loss grpo --output-dir runs/grpo
     lpreg-train --preset cpu-sparks                     # a study preset: a subword noise tail + a rare "check" token
-    python -m lpreg.experiments.compare --preset cpu-sweep ...   # the paired sweep (docs/cpu_sweep.md)
+    python -m lpreg.experiments.compare --preset cpu-sweep ...   # the paired sweep (docs/research/cpu_sweep.md)
     lpreg-train --preset qwen2.5-math-1.5b --model /models/Qwen2.5-Math-1.5B --data train.parquet
     accelerate launch --num_processes 8 -m lpreg.train --preset ...   # GPUs: DDP (or FSDP via config)
     torchrun --nproc_per_node 2 -m lpreg.train --preset test-micro     # CPU processes (gloo)

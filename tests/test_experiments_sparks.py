@@ -191,7 +191,7 @@ def test_lpreg_released_selects_dozens_of_tokens_in_a_step(two_steps):
     assert abs(selected - want) <= 1, (selected, want)
     # at rho = 0.25 over 8 prompts x 8 samples (n_neg ~ 100, k ~ 25) some are selected even from
     # this near-uniform policy, whose lowest-p samples are mostly filtered tail tokens; the
-    # preset's 16 prompts from its 800-step warm start select dozens (docs/cpu_sparks_design.md)
+    # preset's 16 prompts from its 800-step warm start select dozens (docs/research/cpu_sparks_design.md)
     assert selected >= 3, (selected, want)
 
 
@@ -224,7 +224,7 @@ def test_sweep_summary_means_and_spreads_over_seeds():
 
 
 def test_spark_value_probe_forces_the_spark_and_measures_both_paths():
-    """`python -m lpreg.experiments.spark_value` (the design check of docs/cpu_sparks_design.md), on a
+    """`python -m lpreg.experiments.spark_value` (the design check of docs/research/cpu_sparks_design.md), on a
     5-step warm start: the forced path always starts with check; the numbers are probabilities."""
     from lpreg.experiments.spark_value import measure
 

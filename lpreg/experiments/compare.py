@@ -1,12 +1,12 @@
 """The sweep: several arms (a loss and its flags) x several seeds on one preset, figures, one JSON.
 
     python -m lpreg.experiments.compare --preset cpu-sweep --arms lpreg_released grpo 80_20 entropy_bonus \\
-        --seeds 0 1 2 3 4 5 6 7 --mechanism-every 20 --figure docs/cpu_sweep.png   # the paired sweep
+        --seeds 0 1 2 3 4 5 6 7 --mechanism-every 20 --figure docs/research/data/cpu_sweep.png   # the paired sweep
     python -m lpreg.experiments.compare                      # cpu-sparks: 6 arms x 3 seeds, 2 jobs,
-                                                         # docs/cpu_sparks_sweep.png and .json
+                                                         # docs/research/data/cpu_sparks_sweep.png and .json
     python -m lpreg.experiments.compare --arms grpo lpreg_released --seeds 0 -- --steps 20   # a pilot
     python -m lpreg.experiments.compare --preset cpu-tiny --arms grpo lpreg_released --seeds 0 1 2 \\
-        --figure docs/cpu_tiny_lpreg_vs_grpo.png         # the negative control
+        --figure docs/research/data/cpu_tiny_lpreg_vs_grpo.png         # the negative control
 
 Arms (`ARMS`, read from the loss table `lpreg.trainer.losses.LOSSES`; a bare loss name is also an
 arm, with that loss's defaults): GRPO, Lp-Reg in the released code's form and in the paper's Eq. 6
@@ -209,7 +209,7 @@ def _parse(argv) -> tuple:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time (each one torch thread)")
     parser.add_argument("--runs-dir", default=None, help="default runs/<preset>")
-    parser.add_argument("--figure", default=None, help="default docs/<preset>_sweep.png (and .json)")
+    parser.add_argument("--figure", default=None, help="default docs/research/data/<preset>_sweep.png (and .json)")
     parser.add_argument("--window", type=int, default=10, help="steps averaged for the end-of-run values")
     parser.add_argument("--reuse", action=argparse.BooleanOptionalAction, default=True,
                         help="reuse runs whose metrics.jsonl is complete (default: yes)")
@@ -222,7 +222,7 @@ def _parse(argv) -> tuple:
     if args.mechanism_every < 0:
         parser.error(f"--mechanism-every must be >= 0, got {args.mechanism_every}")
     args.runs_dir = args.runs_dir or os.path.join("runs", args.preset)
-    args.figure = args.figure or os.path.join("docs", f"{args.preset.replace('-', '_')}_sweep.png")
+    args.figure = args.figure or os.path.join("docs", "research", "data", f"{args.preset.replace('-', '_')}_sweep.png")
     return args, [x for x in extra if x != "--"]
 
 

@@ -19,7 +19,7 @@ renormalised proxy lifts the rare tokens that survive. This task builds that pre
   ~1e-4 per token, far below min-p's cut (kappa = 0.02 times the largest probability). So the min-p
   proxy keeps about 0.74 of the mass wherever Lp-Reg selects (1/m - 1 ~ 0.35), for the whole run. A
   floor the policy learns instead (random tokens in the warm start alone) is trained away within 10 to
-  20 RL steps at the learning rates a short CPU run needs (docs/cpu_regime_pilots.md): AdamW moves every
+  20 RL steps at the learning rates a short CPU run needs (docs/research/cpu_regime_pilots.md): AdamW moves every
   noise token's embedding row by about the learning rate per step. The paper's 1.5B model at lr 1e-6
   keeps its tail over a run; a fixed floor is this task's stand-in for that;
 - a policy that goes on after a random token: in the warm start, before each answer token except the
