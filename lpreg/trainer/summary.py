@@ -162,8 +162,8 @@ def format_summary(rows: List[dict], output_dir: str, *, cfg: Any = None, held_o
         found = departures(cfg)
         lines.append(f"  departures from the paper's recipe ({len(found)}):")
         lines += [f"    - {d}" for d in found]
-        lines.append("  what this run shows: what RL did with this loss. It does not separate Lp-Reg's part from "
-                     "GRPO's: that")
+        other = "Lp-Reg's part from GRPO's" if cfg.loss == "lpreg" else f"{cfg.loss}'s part from another loss's"
+        lines.append(f"  what this run shows: what RL did with this loss. It does not separate {other}: that")
         lines.append("    needs the same job with --loss grpo on the same seeds, compared pair by pair (the sweep, "
                      "docs/trainer.md).")
     files = [os.path.join(output_dir, name)
