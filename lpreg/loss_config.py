@@ -2,9 +2,10 @@
 
 Every loss entry point (`lpreg_policy_loss`, `policy_loss_from_stats`, `fused_linear_policy_loss`,
 `lpreg_regularize`) takes these options as explicit keywords (the same names and defaults; a test keeps
-them equal), validates them once by building a `LossConfig`, and passes that object down; nothing below the entry point checks them again. Adapters validate their own
-`lpreg_*` settings the same way: `LossConfig(compat=..., rho=...)` raises `LossConfigError`, a
-ValueError whose `field` attribute is the offending field's name and whose message starts with it
+them equal; `lpreg_regularize` takes those of the selection and the penalty), validates them once by
+building a `LossConfig`, and passes that object down; nothing below the entry point checks them again.
+Adapters validate their own `lpreg_*` settings the same way: `LossConfig(compat=..., rho=...)` raises
+`LossConfigError`, a ValueError whose `field` attribute is the offending field's name and whose message starts with it
 (so an adapter maps it to its own option name without parsing the text).
 """
 
