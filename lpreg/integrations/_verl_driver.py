@@ -28,10 +28,11 @@ for a synchronous one whose update takes more than one optimiser step per rollou
 
 The start-up check (`check_run`) runs in verl's `validate_config` (main_ppo and the one-step-off
 recipe call it before any rollout; main_ppo's with the class its own selection builds) and when the
-trainer starts (`PPOTrainer.init`, `RayPPOTrainer.init_workers`, `SeparateRayPPOTrainer.init_workers`:
-the class that actually runs, before its workers exist; the fully-async recipe never calls
-validate_config). It raises, naming the trainer and the setting, for distillation (verl routes the
-loss to distillation_ppo_loss), for a rollout proxy when algorithm.rollout_correction.bypass_mode=True
+trainer starts (`PPOTrainer.init`, `RayPPOTrainer.init_workers`, `SeparateRayPPOTrainer.init_workers`,
+and the async `FullyAsyncTrainer.init_workers`, which overrides it without super(): the class that
+actually runs, before its workers exist; the fully-async recipe never calls validate_config). It
+raises, naming the trainer and the setting, for distillation (verl routes the loss to
+distillation_ppo_loss), for a rollout proxy when algorithm.rollout_correction.bypass_mode=True
 skips the old-log-prob pass, and when the trainer does not call lpreg's wrapped
 `_compute_old_log_prob` (naming verl's version).
 """
@@ -52,6 +53,7 @@ from ._verl_engine import RECORD_KEY, record_spec
 
 LEGACY = "verl.trainer.ppo.ray_trainer"  # RayPPOTrainer
 SEPARATE = "verl.experimental.separation.ray_trainer"  # SeparateRayPPOTrainer: one-step-off, fully async
+FULLY_ASYNC = "verl.experimental.fully_async_policy.fully_async_trainer"  # FullyAsyncTrainer (a Ray actor)
 V1 = "verl.trainer.ppo.v1.trainer_base"  # PPOTrainer, the base of main_ppo's default trainers
 CONFIG = "verl.utils.config"  # validate_config
 MAIN = "verl.trainer.main_ppo"  # main_ppo's own binding of validate_config
@@ -111,6 +113,7 @@ def _verl_version() -> str:
 
 
 def _name(cls) -> str:
+    cls = getattr(cls, "__ray_actor_class__", cls)  # a Ray actor's class: the class it was made from
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
@@ -315,12 +318,33 @@ def _wrap(cls, name, make):
 
 
 def _make_start(f):
-    def start_and_check(self, *args, **kwargs):
+    def check(self):
         # the class that runs, before its workers, rollout servers and any rollout; the decision is
         # written into the config the workers are built from
         check_run(self.config, type(self), write=True)
+
+    if inspect.iscoroutinefunction(_unwrap(f)):  # FullyAsyncTrainer.init_workers (a Ray actor's async method)
+        async def start_and_check_async(self, *args, **kwargs):
+            check(self)
+            out = f(self, *args, **kwargs)
+            return await out if inspect.isawaitable(out) else out
+        return start_and_check_async
+
+    def start_and_check(self, *args, **kwargs):
+        check(self)
         return f(self, *args, **kwargs)
     return start_and_check
+
+
+def _patch_fully_async(module) -> None:
+    """FullyAsyncTrainer overrides init_workers (async, no super()) and is a Ray actor class: the
+    start-up check wraps the method on the class Ray instantiates (its tracing wrappers included)
+    and on the class it was made from."""
+    actor = module.FullyAsyncTrainer
+    modified = getattr(getattr(actor, "__ray_metadata__", None), "modified_class", None)
+    for cls in (modified, getattr(modified, "__ray_actor_class__", None), actor):
+        if isinstance(cls, type) and "init_workers" in cls.__dict__:
+            _wrap(cls, "init_workers", _make_start)
 
 
 def _patch_trainer(module) -> None:
@@ -356,9 +380,10 @@ def _patch_validate(module, with_class: bool) -> None:
     module.validate_config = wrapper
 
 
-_PATCHES: Dict[str, Callable[[Any], None]] = {LEGACY: _patch_trainer, SEPARATE: _patch_trainer, V1: _patch_trainer,
-            CONFIG: functools.partial(_patch_validate, with_class=False),
-            MAIN: functools.partial(_patch_validate, with_class=True)}
+_PATCHES: Dict[str, Callable[[Any], None]] = {
+    LEGACY: _patch_trainer, SEPARATE: _patch_trainer, V1: _patch_trainer, FULLY_ASYNC: _patch_fully_async,
+    CONFIG: functools.partial(_patch_validate, with_class=False),
+    MAIN: functools.partial(_patch_validate, with_class=True)}
 
 
 class _PatchOnImport(importlib.abc.MetaPathFinder):

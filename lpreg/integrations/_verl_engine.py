@@ -14,12 +14,12 @@ log-probs):
   Gemma's soft cap, Cohere / Granite / MiniCPM scales; CONTRACT A) passed as logit_scale /
   logit_softcap. The head's matmul runs in the compute dtype of verl's mixed-precision policy
   (mixed_precision.param_dtype, bf16 by default; fp32 accumulation), or in fp32 when the policy
-  loss sets lpreg_fp32_head=True. verl wraps an untied LM head as its own FSDP2 unit, whose
-  forward (and so its reduce-scatter) never runs here: `gathered_param` all-gathers the head's
-  DTensor shard cast to the compute dtype (the bytes FSDP2's own unshard would move) and its
-  backward reduce-scatters the gradient in the policy's reduce dtype, averaged over the
-  data-parallel mesh as FSDP2 does, so every rank updates its shard from the whole batch. A LoRA
-  model (peft) runs its adapted backbone;
+  loss sets lpreg_fp32_head=True (an fp32 matmul over the policy's head weights). verl wraps an
+  untied LM head as its own FSDP2 unit, whose forward never runs here: `head_weights` has FSDP2
+  unshard it (its own all-gather, in the policy's param dtype) and FSDP2's root post-backward
+  reduce-scatters its gradient (the policy's reduce dtype, averaged over the data-parallel mesh)
+  and reshards it, so every rank updates its shard from the whole batch. A LoRA model (peft) runs
+  its adapted backbone;
 - the old-log-prob pass with a rollout-proxy request (`lpreg_record`, set by the driver): the
   old log-probs and entropies of every row (verl's layout), and the proxy record
   (lpreg.integrations._proxy) of the response tokens only, as jagged tensors of the responses'
@@ -49,7 +49,7 @@ from ..token_stats import TokenStats, lpreg_token_stats
 from . import _proxy
 from ._core import loss_config
 from ._verl_config import is_lpreg, lpreg_options
-from ._verl_loss import STAT_KEYS, lpreg_ppo_loss
+from ._verl_loss import STAT_KEYS, lpreg_ppo_loss, pool_mechanism_metrics
 
 RECORD_KEY = "lpreg_record"  # non-tensor batch entry: JSON of the record the old-log-prob pass makes
 _UNSUPPORTED = ("distillation_use_topk", "calculate_sum_pi_squared")
@@ -118,6 +118,28 @@ def gathered_param(t: Optional[Tensor], dtype: Optional[torch.dtype] = None,
     full = shard.redistribute(shard.device_mesh, [Replicate()] * ndim, forward_dtype=dtype or shard.dtype,
                               backward_dtype=reduce_dtype)
     return full.to_local(grad_placements=[Partial("avg")] * ndim)
+
+
+def head_weights(head, dtype: torch.dtype, reduce_dtype: torch.dtype):
+    """(weight, bias, own_unit) of the LM head for the fused matmul, in `dtype`.
+
+    An untied head that verl wrapped as its own FSDP2 unit (an FSDPModule whose forward the fused
+    path does not run) is unsharded by FSDP2 itself (`head.unshard()`): one all-gather in the
+    mixed-precision policy's param dtype, exactly FSDP2's own; its parameters are then the unsharded
+    ones, whose gradients the root's post-backward callback reduce-scatters (in the policy's reduce
+    dtype, averaged over the data-parallel ranks) and reshards, as for a unit whose forward ran
+    (and its gradient-accumulation state stays FSDP2's: micro-batches without gradient sync keep the
+    unsharded gradient). A head with DTensor parameters outside an FSDP unit is gathered by
+    `gathered_param`; a plain one (a tied head, inside the root's unshard) is used as is. `dtype`
+    other than the parameters' (lpreg_fp32_head=True: fp32) casts for the matmul only."""
+    own_unit = hasattr(head, "unshard") and hasattr(head, "reshard")
+    if own_unit:
+        head.unshard()
+    weight = head.weight if own_unit else gathered_param(head.weight, dtype, reduce_dtype)
+    bias = getattr(head, "bias", None)
+    bias = bias if own_unit or bias is None else gathered_param(bias, dtype, reduce_dtype)
+    cast = (lambda t: t if t is None or t.dtype == dtype else t.to(dtype))  # noqa: E731
+    return cast(weight), cast(bias), own_unit
 
 
 def lm_parts(inner):
@@ -225,10 +247,13 @@ class LpRegFSDPEngineWithLMHead(FSDPEngineWithLMHead):
                 [p["old_log_probs"] for p in padded], pools, rho=o["lpreg_rho"],
                 group=self.get_data_parallel_group()))
         try:
-            return super().forward_backward_batch(data, functools.partial(lpreg_ppo_loss, config=config),
-                                                  forward_only)
+            out = super().forward_backward_batch(data, functools.partial(lpreg_ppo_loss, config=config),
+                                                 forward_only)
         finally:
             self._lpreg_selections = None
+        # the mechanism metrics, exact over the micro-batches and data-parallel ranks (a collective)
+        pool_mechanism_metrics(out["metrics"], group=self.get_data_parallel_group())
+        return out
 
     # ---- one micro-batch
 
@@ -268,14 +293,13 @@ class LpRegFSDPEngineWithLMHead(FSDPEngineWithLMHead):
             else:  # padded rows -> packed rows; labels: each sequence's next tokens (verl's roll)
                 hidden = packed(hidden, micro_batch.to(hidden.device))
                 labels = torch.roll(micro_batch["input_ids"].values().to(hidden.device), shifts=-1, dims=0)
-            # the head in the compute dtype (bf16 under verl's default policy: fp32 accumulation), gathered
-            # and its gradient reduced as FSDP2's own unshard / reduce-scatter would
-            weight = gathered_param(head.weight, dtype, reduce_dtype)
-            bias = gathered_param(getattr(head, "bias", None), dtype, reduce_dtype)
+            weight, bias, own_unit = head_weights(head, dtype, reduce_dtype)
+            rows = self._lpreg_rows(hidden, weight, bias, labels, float(temperature), opts, micro_batch, record)
+            if own_unit and not torch.is_grad_enabled():
+                head.reshard()  # no backward will (the old-log-prob pass)
             # a dict: FSDP2 finds the output tensors (a pytree) and unshards the root again before
             # their backward, which re-reads the LM head
-            return {"lpreg": self._lpreg_rows(hidden, weight, bias, labels, float(temperature), opts, micro_batch,
-                                              record)}
+            return {"lpreg": rows}
 
         inner.forward = forward
         try:

@@ -142,3 +142,72 @@ def test_legacy_based_async_trainer_records_and_trains_as_ray_ppo(model_path, mo
     assert torch.equal(ref.batch.batch[LOGQ], record)
     for key in ("actor/pg_loss", "actor/grad_norm", "actor/lpreg_kl", "actor/lpreg_frac"):
         assert abs(ref.metrics[key] - ours.metrics[key]) <= SAME * max(1.0, abs(ours.metrics[key])), key
+
+
+def _v1_run(trainer, path, monkeypatch, tq):
+    from verl.utils.config import omega_conf_to_dataclass
+
+    VT.patch_worker_device(monkeypatch)
+    actor = omega_conf_to_dataclass(trainer.config.actor_rollout_ref.actor)
+    torch.manual_seed(0)
+    return VT.run_v1(trainer, V.make_engine(path, lr=actor.optim.lr), actor, V.rollout_batch(path), tq)
+
+
+def _response_layout(rows):
+    """The record sits in TransferQueue in old_log_probs' layout: one entry per response token."""
+    assert rows[LOGQ].offsets().diff().tolist() == rows["old_log_probs"].offsets().diff().tolist()
+    assert rows[LOGQ].offsets().diff().tolist() == rows["response_mask"].offsets().diff().tolist()
+    assert rows[LOGQ].dtype == torch.float32 and torch.isfinite(rows[LOGQ].values()).any()
+
+
+@pytest.mark.parametrize("name", ["colocate_async", "separate_async"])
+def test_v1_async_trainer_records_and_trains_as_v1_sync(model_path, monkeypatch, name):
+    """v1 colocate_async / separate_async with one optimiser step per rollout: started, they record
+    (lpreg_proxy='rollout' written), their own _compute_old_log_prob (separate_async's restores the
+    last synchronised parameters around it) puts the record in TransferQueue (in memory here) in
+    old_log_probs' layout, and their update equals the sync trainer's with lpreg_proxy='rollout'."""
+    trainer = VT.started(trainer_class(name), config(model_path, ON), monkeypatch)
+    if name == "separate_async":
+        trainer.local_trigger_step = 0
+    tq = VT.FakeTQ()
+    tq.install(monkeypatch)
+    ours = _v1_run(trainer, model_path, monkeypatch, tq)
+    _response_layout(ours.rows)
+    if name == "separate_async":
+        assert getattr(trainer.actor_rollout_wg, "calls", []) == [("save", 0)]
+    sync = VT.started(trainer_class("v1_sync"), config(model_path, ON, f"+{PL}.lpreg_proxy=rollout"), monkeypatch)
+    tq = VT.FakeTQ()
+    tq.install(monkeypatch)
+    ref = _v1_run(sync, model_path, monkeypatch, tq)
+    assert torch.equal(ref.rows[LOGQ].values(), ours.rows[LOGQ].values())
+    for key in ("actor/pg_loss", "actor/grad_norm", "actor/lpreg_kl", "actor/lpreg_frac"):
+        assert abs(ref.metrics[key] - ours.metrics[key]) <= SAME * max(1.0, abs(ours.metrics[key])), key
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("compat", ["released", "paper"])
+def test_v1_records_through_transfer_queue_controller(model_path, monkeypatch, compat):
+    """The default v1 trainer, off-policy, with TransferQueue's own controller and storage (Ray
+    actors, local Ray): the worker's record goes through TransferQueue's put / get, its dtype and
+    shape checks included, in old_log_probs' response layout (paper: the sparse top-k record too),
+    and the update trains against it."""
+    import ray
+    import transfer_queue as tq
+
+    cfg = config(model_path, OFF, f"{PL}.lpreg_compat={compat}",
+                 f"{PL}.lpreg_threshold={0.2 if compat == 'released' else 0.02}")
+    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
+    try:
+        tq.init(cfg.transfer_queue)
+        trainer = VT.started(trainer_class("v1_sync"), cfg, monkeypatch)
+        assert trainer.config.actor_rollout_ref.actor.policy_loss.lpreg_proxy == "rollout"
+        ours = _v1_run(trainer, model_path, monkeypatch, tq)
+        _response_layout(ours.rows)
+        if compat == "paper":
+            idx = ours.rows["lpreg_proxy_indices"]
+            assert idx.dtype == torch.int32
+            assert idx.offsets().diff().tolist() == ours.rows[LOGQ].offsets().diff().tolist()
+        assert ours.metrics["actor/lpreg_frac"] > 0
+    finally:
+        tq.close()
+        ray.shutdown()

@@ -61,13 +61,14 @@ def init(port: int = 29541) -> None:
             dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
 
 
-def make_engine(path, remove_padding=True, fused=False, lr=LR, **model):
-    """verl's FSDP2 engine (fp32) on the model at `path`; `model`: more HFModelConfig fields (LoRA)."""
+def make_engine(path, remove_padding=True, fused=False, lr=LR, param_dtype="fp32", **model):
+    """verl's FSDP2 engine (fp32) on the model at `path`; `model`: more HFModelConfig fields (LoRA);
+    param_dtype: the mixed-precision policy's compute dtype ("bf16": verl's default)."""
     model_config = HFModelConfig(path=path, use_remove_padding=remove_padding, use_fused_kernels=fused,
                                  override_config={"attn_implementation": "sdpa"}, **model)
     # fp32 end to end (verl's default autocasts to bf16, where its log-probs are bf16-rounded)
     engine_config = FSDPEngineConfig(forward_only=False, strategy="fsdp2", model_dtype="fp32", use_torch_compile=False,
-                                     mixed_precision={"param_dtype": "fp32", "reduce_dtype": "fp32",
+                                     mixed_precision={"param_dtype": param_dtype, "reduce_dtype": "fp32",
                                                       "buffer_dtype": "fp32"})
     engine = EngineRegistry.new(model_type="language_model", backend="fsdp2", model_config=model_config,
                                 engine_config=engine_config, optimizer_config=FSDPOptimizerConfig(lr=lr),
@@ -191,9 +192,10 @@ def run(path, case, world=1, rank=0):
     keep_states = case.pop("keep_states", False)
     lr, shift = case.pop("lr", LR), case.pop("old_logp_shift", 0.0)
     model = case.pop("model", {})  # more HFModelConfig fields (LoRA)
+    param_dtype = case.pop("param_dtype", "fp32")
     config = actor_config(loss_mode, **case)
     torch.manual_seed(0)
-    engine = make_engine(path, rmpad, fused, lr, **model)
+    engine = make_engine(path, rmpad, fused, lr, param_dtype=param_dtype, **model)
     return train_rollouts(path, engine, config, world=world, rank=rank, rmpad=rmpad, fused=fused, seed=seed,
                           keep_states=keep_states, shift=shift)
 

@@ -17,8 +17,10 @@
   the fields, hand extra_info as batch-level entries, put a batch-sized output back.
 """
 
+import asyncio
 import contextlib
 import functools
+import inspect
 import io
 from types import SimpleNamespace
 
@@ -307,7 +309,7 @@ def run_separate(trainer, engine, actor, batch):
     from verl.utils.metric import reduce_metrics
 
     return SimpleNamespace(metrics=reduce_metrics(out.meta_info["metrics"]), batch=batch,
-                           calls=trainer.actor_rollout_wg.calls)
+                           calls=getattr(trainer.actor_rollout_wg, "calls", []))
 
 
 class Stop(Exception):
@@ -317,18 +319,25 @@ class Stop(Exception):
 def started(cls, config, monkeypatch):
     """An object of the trainer class `cls` on `config`, through the class's own start-up method
     (RayPPOTrainer / SeparateRayPPOTrainer.init_workers, v1 PPOTrainer.init: lpreg's check, then
-    verl's body), stopped at the body's first call (resource pools / _setup: Ray workers)."""
-    first = "_setup" if hasattr(cls, "_step_once") else "_init_resource_pools"
+    verl's body; FullyAsyncTrainer's own async init_workers), stopped at the body's first call
+    (resource pools / _setup: Ray workers)."""
+    v1, separate = hasattr(cls, "_step_once"), hasattr(cls, "_init_resource_pools")
+    first = "_setup" if v1 else "_init_resource_pools" if separate else "resource_pool_manager.create_resource_pool"
 
-    def stop(self, *args, **kwargs):
-        raise Stop(self)
+    def stop(*args, **kwargs):
+        raise Stop()
 
-    monkeypatch.setattr(cls, first, stop)
     trainer = cls.__new__(cls)
+    if v1 or separate:
+        monkeypatch.setattr(cls, first, stop)
+    else:  # RayPPOTrainer.init_workers starts with its resource pool manager
+        trainer.resource_pool_manager = SimpleNamespace(create_resource_pool=stop)
     trainer.config = config
-    start = trainer.init if hasattr(cls, "_step_once") else trainer.init_workers
+    start = trainer.init if v1 else trainer.init_workers
     try:
-        start()
+        out = start()
+        if inspect.isawaitable(out):  # FullyAsyncTrainer.init_workers: a Ray actor's async method
+            asyncio.run(out)
     except Stop:
         return trainer
     raise AssertionError(f"{cls.__qualname__}'s start-up method did not reach {first}")
