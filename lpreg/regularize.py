@@ -20,7 +20,7 @@ from typing import Dict, Optional, Sequence
 import torch
 from torch import Tensor
 
-from . import _loss_terms as terms
+from . import _loss_terms as core
 from ._loss_terms import LOG_RATIO_CLAMP, LossTerms
 from .loss_config import LossConfig
 from .selection import SelectionThreshold
@@ -97,14 +97,14 @@ def lpreg_regularize(
         ValueError: An input has the wrong type, shape, dtype or device.
     """
     cfg = LossConfig(compat=compat, rho=rho, beta=beta, kl_estimator=kl_estimator)
-    B, L = terms.check_stats(stats)
+    B, L = core.check_stats(stats)
     device = stats[0].device
-    terms.check_selection_threshold(selection_threshold, cfg)
+    core.check_selection_threshold(selection_threshold, cfg)
     _check_per_token("base_loss", base_loss, B, L, device)
     _check_per_token("released_surrogate", released_surrogate, B, L, device)
-    batch = terms.prepare((B, L), device, None, advantages, old_logp, response_mask, cfg, weights=weights)
-    flat = terms.flat_stats(stats, batch)
-    bottom, _ = terms.global_selection(batch, flat.logp.detach(), cfg, selection_threshold)
+    batch = core.prepare((B, L), device, None, advantages, old_logp, response_mask, cfg, weights=weights)
+    flat = core.flat_stats(stats, batch)
+    bottom, _ = core.global_selection(batch, flat.logp.detach(), cfg, selection_threshold)
     keep = lambda t: torch.where(batch.valid, t.reshape(-1).float(), 0.0)  # noqa: E731
     if released_surrogate is not None:
         surrogate = keep(released_surrogate)
@@ -113,16 +113,16 @@ def lpreg_regularize(
         surrogate = -batch.adv * torch.exp((flat.logp - old).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
         if batch.is_weight is not None:
             surrogate = surrogate * batch.is_weight
-    out = terms.regularize_terms(keep(base_loss), surrogate, flat.logp, flat.proxy_logp, flat.kl, batch.adv,
+    out = core.regularize_terms(keep(base_loss), surrogate, flat.logp, flat.proxy_logp, flat.kl, batch.adv,
                                  batch.valid, bottom, cfg)
     return LossTerms(*(t.reshape(B, L) for t in out))
 
 
-def mechanism_sums(terms_: LossTerms, valid: Tensor) -> Dict[str, Tensor]:
+def mechanism_sums(terms: LossTerms, valid: Tensor) -> Dict[str, Tensor]:
     """The mechanism's sums and counts over the `valid` tokens, additive across micro-batches and ranks.
 
     Args:
-        terms_: A `LossTerms` (from `lpreg_regularize`, or a loss core of the same fields).
+        terms: A `LossTerms` (from `lpreg_regularize`, or a loss core of the same fields).
         valid: A mask of the fields' shape, bool or > 0 where a token counts.
 
     Returns:
@@ -134,13 +134,13 @@ def mechanism_sums(terms_: LossTerms, valid: Tensor) -> Dict[str, Tensor]:
     Raises:
         ValueError: `valid` is not a tensor of the fields' shape.
     """
-    if not isinstance(terms_, LossTerms):
-        raise ValueError(f"terms_ must be a LossTerms, got {type(terms_).__name__}")
-    if not isinstance(valid, Tensor) or tuple(valid.shape) != tuple(terms_.loss.shape):
-        raise ValueError(f"valid must be a tensor of shape {tuple(terms_.loss.shape)}, "
+    if not isinstance(terms, LossTerms):
+        raise ValueError(f"terms must be a LossTerms, got {type(terms).__name__}")
+    if not isinstance(valid, Tensor) or tuple(valid.shape) != tuple(terms.loss.shape):
+        raise ValueError(f"valid must be a tensor of shape {tuple(terms.loss.shape)}, "
                          f"got {tuple(getattr(valid, 'shape', ())) or type(valid).__name__}")
     mask = valid if valid.dtype == torch.bool else valid > 0
-    return terms.mechanism_sums(terms_, mask.to(terms_.loss.device))
+    return core.mechanism_sums(terms, mask.to(terms.loss.device))
 
 
 def mechanism_metrics(sums: Dict[str, Tensor]) -> Dict[str, Tensor]:
@@ -157,7 +157,7 @@ def mechanism_metrics(sums: Dict[str, Tensor]) -> Dict[str, Tensor]:
     Raises:
         ValueError: A key of `mechanism_sums` is missing.
     """
-    missing = [key for key in terms.MECHANISM_KEYS if key not in sums]
+    missing = [key for key in core.MECHANISM_KEYS if key not in sums]
     if missing:
-        raise ValueError(f"sums must hold the keys of mechanism_sums {terms.MECHANISM_KEYS}, missing {missing}")
-    return terms.mechanism_metrics(sums)
+        raise ValueError(f"sums must hold the keys of mechanism_sums {core.MECHANISM_KEYS}, missing {missing}")
+    return core.mechanism_metrics(sums)
