@@ -147,8 +147,28 @@ def spec_loss(logits, labels, adv, old, mask, proxy, *, compat, temperature, mod
     # surrogate, beta * 12 from the divergence (|dk3/dd| = |e^d - 1| < 12 where k3 is not clamped)
     term = float(torch.where(valid, a.abs() * ratio.detach() + beta * 12, 0).max()) if valid.any() else 0.0
     log_ratio = float(torch.where(valid, (logp - o).detach().abs(), 0).max()) if valid.any() else 0.0
+    # the mechanism (docs/spec.md "Lp-Reg over any base objective"): the candidates are the lowest-rho set
+    # (none at beta = 0 or, released, when k <= 1), their filtered share, and m, 1/m - 1, p_y at S
+    cand = bottom & (beta > 0) & ((k > 1) | (compat == "paper"))
+    m_sel = torch.exp(lpd - proxy_logp)[selected]
+    mech = dict(n_cand=int(cand.sum()), n_filt=int((cand & (proxy_logp == -math.inf)).sum()),
+                kept_mass=m_sel.tolist(), p_y=lpd.exp()[selected].tolist())
     return dict(loss=loss.detach(), n_sel=int(selected.sum()), grad=grad.reshape(B, L, V), ambiguous=ambiguous,
-                term=term, w_max=float(w.max()) if w.numel() else 0.0, log_ratio=log_ratio)
+                term=term, w_max=float(w.max()) if w.numel() else 0.0, log_ratio=log_ratio, **mech)
+
+
+def assert_mechanism(m, ref, eps):
+    """The loss's mechanism metrics against the spec's: counts exactly, means within the log-domain
+    budget `eps` (m = e^(logp - log q) and p_y = e^logp carry its relative error)."""
+    assert m["actor/lpreg_candidates"] == ref["n_cand"] and m["actor/lpreg_selected"] == ref["n_sel"]
+    assert round(float(m["actor/lpreg_filtered_frac"]) * max(ref["n_cand"], 1)) == ref["n_filt"]
+    n = max(ref["n_sel"], 1)
+    for key, values in (("kept_mass", ref["kept_mass"]), ("p_y", ref["p_y"])):
+        want = sum(values) / n
+        assert abs(float(m[f"actor/lpreg_{key}"]) - want) <= 4 * eps * abs(want) + 1e-6, (key, m, want)
+    push = sum(1 / v - 1 for v in ref["kept_mass"]) / n
+    inv = sum(1 / v for v in ref["kept_mass"]) / n
+    assert abs(float(m["actor/lpreg_push"]) - push) <= 4 * eps * inv + 1e-6, (m, push)
 
 
 def _budget(logits, proxy, temperature):
@@ -176,9 +196,10 @@ def test_policy_loss_matches_spec(case, backend):
     (grad,) = torch.autograd.grad(loss, x)
     n_valid = int(((mask > 0) & (labels != -100)).sum())
     assert round(float(m["actor/lpreg_frac"]) * max(n_valid, 1)) == ref["n_sel"]
+    eps = _budget(logits, proxy, kw["temperature"])
+    assert_mechanism(m, ref, eps)
     # a token's term carries (|A| r + 12 beta) x the log-domain budget (r = e^(logp - old) has
     # the relative error of logp); the weighted mean keeps that bound
-    eps = _budget(logits, proxy, kw["temperature"])
     want = float(ref["loss"])
     if abs(want) > F32_MAX:  # the true loss is beyond fp32: its rounding is the infinity of its sign
         assert float(loss) == math.copysign(math.inf, want), (float(loss), want)
@@ -249,6 +270,10 @@ def test_fused_linear_equals_materialised(data):
                                              return_tensors=True, **kw)
     got_g = torch.autograd.grad(got, leaves2) if got.requires_grad else [torch.zeros_like(t) for t in leaves2]
     assert torch.equal(gm["actor/lpreg_frac"], wm["actor/lpreg_frac"])
+    for key in ("candidates", "filtered_frac", "selected"):  # the mechanism, summed over the chunks
+        assert torch.equal(gm[f"actor/lpreg_{key}"], wm[f"actor/lpreg_{key}"]), key
+    for key in ("kept_mass", "push", "p_y"):
+        torch.testing.assert_close(gm[f"actor/lpreg_{key}"], wm[f"actor/lpreg_{key}"], rtol=1e-4, atol=1e-5)
     # the same fp32 math on logits from a chunked matmul: a few ulps of the logit scale
     X = float(logits.detach().abs().max()) / kw["temperature"]
     tol = 1e-5 + 64 * EPS32 * X
