@@ -288,4 +288,6 @@ def pool_mechanism_metrics(metrics: Dict[str, Any], group: Any = None) -> None:
     out["actor/lpreg_kl"] = sums["kl"] / sums["selected"].clamp(min=1)
     out["actor/lpreg_frac"] = sums["selected"] / sums["valid"].clamp(min=1)
     for key, value in out.items():
-        metrics[key] = Metric(AggregationType.MEAN, [float(value)] * n_micro)
+        metric = Metric(AggregationType.MEAN)
+        metric.extend([float(value)] * n_micro)
+        metrics[key] = metric
