@@ -251,3 +251,27 @@ def test_json_holds_no_nan(tiny_dir, capsys):
     text = json.dumps(out)
     assert "NaN" not in text and all(c["filtered_share"] is None or not math.isnan(c["filtered_share"])
                                      for c in out["grid"])
+
+
+def test_a_checkpoints_output_transform_is_measured(tiny_dir, capsys, monkeypatch, tmp_path):
+    """An lpreg-train checkpoint records its output transform (here a floor of 80% of the mass spread over the
+    vocabulary) and the diagnosis loads it the trainer's way: the kept mass shows the floor."""
+    import lpreg.experiments  # noqa: F401  (registers the study's output_floor transform)
+    from lpreg.trainer.checkpoint import save_checkpoint
+    from lpreg.trainer.model import load_policy
+    from lpreg.trainer.output_transform import apply_output_transform
+
+    monkeypatch.setattr(sample_module, "score", lambda texts, _answers, _reward: [float(i % 2)
+                                                                                   for i in range(len(texts))])
+    model, tok = load_policy(str(tiny_dir / "model"))
+    apply_output_transform(model, "output_floor:floor=0.8")
+    save_checkpoint(str(tmp_path / "run"), 1, model=model, tokenizer=tok, optimizer=torch.optim.AdamW(
+        model.parameters()), scheduler=None, data_position=0, config={"seed": 0})
+    # kappa = 1 keeps the argmax alone, so m = max p, which the floor caps at (1 - 0.8) + 0.8 / V; rho = 1 makes
+    # every negative-advantage token a candidate
+    argv = ["--data", str(tiny_dir / "data.jsonl"), *SMALL, "--examples", "1000", "--kappa", "1.0", "--rho", "1.0"]
+    floored = _run_json(capsys, str(tmp_path / "run"), *argv)
+    plain = _run_json(capsys, str(tiny_dir / "model"), *argv)
+    cap = 0.2 + 0.8 / len(tok)
+    assert floored["selected"] > 0 and max(e["kept_mass"] for e in floored["examples"]) <= cap + 1e-5
+    assert max(e["kept_mass"] for e in plain["examples"]) > cap  # the same weights without the floor
