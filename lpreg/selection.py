@@ -156,22 +156,30 @@ def selection_threshold(
 ) -> Union[SelectionThreshold, List[SelectionThreshold]]:
     """The paper's step-wide lowest-rho set, exact across micro-batches and ranks.
 
-    old_logp: (B, L) log-probs of the labels under the rollout policy, or a list of them (the
-        micro-batches this rank will train on, in order); masks: the same shapes, > 0 where a
-        token counts; advantages: (B, L) or (B,) per micro-batch, read only when
-        `negative_only` (the percentile among A < 0 tokens, the released code's population).
-    group: the torch.distributed process group (default: the world) when it is initialised;
-        every rank must call this with its own micro-batches.
+    The set is chosen on the old policy's p_y: it is fixed for the whole step, so it cannot depend
+    on how the step is split, and on-policy (one update per rollout) old and current p_y are equal.
+    Pass each result to `lpreg_policy_loss(..., compat="paper", selection_threshold=...)` (the
+    released form selects per call, as the released code does). Cost: one local stable sort of this
+    rank's tokens; two all_gathers (2 int64 per rank, then k (value, position) pairs per rank, 16
+    bytes each, with k = floor(rho * n_valid) of the whole step); a sort of W * k pairs; one host
+    sync (k).
 
-    Returns one SelectionThreshold per micro-batch (a single one for a tensor input); pass
-    it to `lpreg_policy_loss(..., compat="paper", selection_threshold=...)` (the released
-    form selects per call, as the released code does). The set is chosen on the old
-    policy's p_y: it is fixed for the whole step, so it cannot depend on how the step is
-    split, and on-policy (one update per rollout) old and current p_y are equal.
+    Args:
+        old_logp: (B, L) log-probs of the labels under the rollout policy, or a list of them (the
+            micro-batches this rank will train on, in order).
+        masks: The same shapes, > 0 where a token counts (one tensor, or one per micro-batch).
+        advantages: (B, L) or (B,) per micro-batch, read only when `negative_only`.
+        rho: The fraction of the step's valid tokens in the set, in (0, 1].
+        negative_only: Whether the percentile is among the A < 0 tokens (the released code's
+            population) rather than among all valid tokens.
+        group: The torch.distributed process group (default: the world) when it is initialised;
+            every rank must call this with its own micro-batches.
 
-    Cost: one local stable sort of this rank's tokens; two all_gathers (2 int64 per rank,
-    then k (value, position) pairs per rank, 16 bytes each, with k = floor(rho * n_valid) of
-    the whole step, e.g. 1% of the tokens); a sort of W * k pairs; one host sync (k).
+    Returns:
+        One SelectionThreshold per micro-batch (a list), or a single one for a tensor old_logp.
+
+    Raises:
+        ValueError: A shape, a count of micro-batches or rho is invalid (the message names it).
     """
     olds = _as_list(old_logp, "old_logp")
     ms = _as_list(masks, "masks")

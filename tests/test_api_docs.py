@@ -103,3 +103,12 @@ def test_api_page_names_the_options(api_page, name):
 def test_from_stats_page_says_why_threshold_is_not_its_option(api_page):
     text = re.sub(r"<[^>]+>", "", section(api_page, "policy_loss_from_stats"))
     assert "threshold" in text and "do not apply" in text
+
+
+def test_selection_threshold_page_shows_one_signature(api_page):
+    """selection_threshold keeps its typing overloads (a list in, a list out) for mypy; the page shows the
+    implementation's signature alone, with its parameter table."""
+    body = section(api_page, "selection_threshold")
+    assert body.count('<div class="doc-signature highlight">') == 1
+    rows = re.findall(r'<tr class="doc-section-item">\s*<td>\s*<code>(\w+)</code>', body)
+    assert {"old_logp", "masks", "rho", "group"} <= set(rows)
