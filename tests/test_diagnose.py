@@ -275,3 +275,11 @@ def test_a_checkpoints_output_transform_is_measured(tiny_dir, capsys, monkeypatc
     cap = 0.2 + 0.8 / len(tok)
     assert floored["selected"] > 0 and max(e["kept_mass"] for e in floored["examples"]) <= cap + 1e-5
     assert max(e["kept_mass"] for e in plain["examples"]) > cap  # the same weights without the floor
+
+
+def test_verdict_of_the_paper_form_names_the_full_kls_push():
+    model, tok, _p = _known_head_model()
+    cell, _, _ = _measure(model, _samples(RESPONSES, ADVANTAGES, tok.pad_token_id), 1000, 0.02, 0.2, compat="paper")
+    line = verdict(cell, [cell], Settings(threshold=0.02, rho=0.2, compat="paper"), frac_equal_groups=0.0)
+    assert line.startswith("m = 0.950: the full KL's push p_y (1/m - 1) (1/m - 1 = 0.0526) is ~")
+    assert "Lp-Reg will barely act on this model" in line  # 0.15 * 0.0526 / 0.85 = 0.9% of the update

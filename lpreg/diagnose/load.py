@@ -72,10 +72,8 @@ def load_model(model: str, *, device: torch.device, dtype: torch.dtype):
 
 
 def _skipped_lines(skipped) -> str:
-    """The trainer reader's skipped rows as text: a list of rows with a line and a reason, or a count."""
-    if isinstance(skipped, int):
-        return f"{skipped} row(s) without a usable question or answer"
-    return "; ".join(f"line {getattr(s, 'line', '?')}: {getattr(s, 'reason', s)}" for s in skipped)
+    """The trainer reader's skipped rows (`lpreg.trainer.data.SkippedRow`: "line 2: no answer") as text."""
+    return "; ".join(str(row) for row in skipped)
 
 
 def load_prompts(data: Optional[str], problems: Optional[Sequence[Union[Problem, Tuple[str, str]]]],

@@ -60,6 +60,8 @@ def verdict(cell: Cell, grid: List[Cell], settings: Settings, *, frac_equal_grou
                 "Lp-Reg acts, weakly" if ratio < STRONG else "Lp-Reg acts strongly")
     filtered = (f"; {cell.filtered_share:.0%} of the candidates are filtered as noise"
                 if cell.filtered_share else "")
-    return (f"m = {cell.kept_mass:.3f}: the push 1/m - 1 = {cell.push:.3g} is ~{ratio:.1%} of the negative-"
-            f"advantage gradient at the {cell.selected_per_1000:.3g} selected tokens per 1,000 ({strength})"
-            f"{filtered}{note}")
+    # the paper form's full KL pushes the selected logit by only p_y (1/m - 1) (docs/spec.md §3a)
+    push = (f"the push 1/m - 1 = {cell.push:.3g}" if settings.compat == "released" else
+            f"the full KL's push p_y (1/m - 1) (1/m - 1 = {cell.push:.3g})")
+    return (f"m = {cell.kept_mass:.3f}: {push} is ~{ratio:.1%} of the negative-advantage gradient at the "
+            f"{cell.selected_per_1000:.3g} selected tokens per 1,000 ({strength}){filtered}{note}")
