@@ -219,6 +219,24 @@ def packed(t: Tensor, micro_batch) -> Tensor:
     return torch.cat([t[b, :n] for b, n in enumerate(lengths)])
 
 
+class _Unhooked:
+    """A causal LM that is the FSDP root, called through its class's forward (no FSDP2 root hooks):
+    what `check_fused_head` reads of a model (call, get_output_embeddings, base_model)."""
+
+    def __init__(self, model):
+        self._model = model
+
+    def __call__(self, **kwargs):
+        return type(self._model).forward(self._model, **kwargs)
+
+    def get_output_embeddings(self):
+        return self._model.get_output_embeddings()
+
+    @property
+    def base_model(self):
+        return self._model.base_model
+
+
 class LpRegFSDPEngineWithLMHead(FSDPEngineWithLMHead):
     """verl's FSDP LM engine; with loss_mode=lpreg its outputs and loss are lpreg's."""
 
@@ -285,7 +303,7 @@ class LpRegFSDPEngineWithLMHead(FSDPEngineWithLMHead):
                 raise NotImplementedError(f"use_fused_kernels with loss_mode=lpreg takes text inputs only, got "
                                           f"{sorted(k for k, v in extra.items() if v is not None)}")
             if not self._lpreg_head_checked:
-                self._lpreg_guard(inner, forward, input_ids, opts["transform"], float(temperature))
+                self._lpreg_guard(inner, input_ids, opts["transform"], float(temperature))
             hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                               use_cache=False).last_hidden_state
             if rmpad:
@@ -307,12 +325,14 @@ class LpRegFSDPEngineWithLMHead(FSDPEngineWithLMHead):
         finally:
             del inner.forward
 
-    def _lpreg_guard(self, inner, redirected, input_ids, transform, temperature) -> None:
+    def _lpreg_guard(self, inner, input_ids, transform, temperature) -> None:
         """Once per engine, before the first fused step: the head guard (`_head_guard.check_fused_head`,
-        CONTRACT B) on the first 64 tokens of this micro-batch, with the model's own forward (the
-        class's, the redirect lifted for the call; inside the FSDP root's forward, so unsharded).
-        Under a half-precision mixed-precision policy the model's logits are rounded to that dtype
-        while the guard's tolerance follows the fp32 master weight's: there it is not run."""
+        CONTRACT B) on the first 64 tokens of this micro-batch, with the model's own forward. It runs
+        inside the FSDP root's forward (parameters unsharded); the root's forward is called through
+        its class (`_Unhooked`), so FSDP2's hooks on the root do not reshard it mid-forward (its
+        other units unshard and reshard themselves as usual). Under a half-precision mixed-precision
+        policy the model's logits are rounded to that dtype while the guard's tolerance follows the
+        fp32 master weight's: there it is not run."""
         self._lpreg_head_checked = True
         compute, _ = self._lpreg_head_dtypes(False)
         if compute != torch.float32:
@@ -320,11 +340,8 @@ class LpRegFSDPEngineWithLMHead(FSDPEngineWithLMHead):
         from ._head_guard import check_fused_head
 
         ids = input_ids[:1, :64]
-        del inner.forward
-        try:
-            check_fused_head(inner, ids, torch.ones_like(ids), transform, temperature=temperature)
-        finally:
-            inner.forward = redirected
+        model = inner if hasattr(inner, "get_base_model") else _Unhooked(inner)  # peft: its LM is not the root
+        check_fused_head(model, ids, torch.ones_like(ids), transform, temperature=temperature)
 
     def _lpreg_opts(self, config, record) -> Dict[str, Any]:
         if record is not None:
