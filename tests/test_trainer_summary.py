@@ -41,7 +41,7 @@ def test_paired_interval():
 
 
 def test_departures_come_from_the_config():
-    paper = preset_config("qwen2.5-math-1.5b", model="/models/q", data="train.jsonl")
+    paper = preset_config("qwen2.5-math-1.5b", model="/models/q", data="train.jsonl", lpreg_compat="paper")
     assert departures(paper) == ["policy: /models/q (the paper: Qwen2.5-Math-1.5B / 7B)"]
     tiny = preset_config("test-micro", lpreg_rho=0.5, lpreg_threshold=0.05, output_transform="x:y=1")
     found = "\n".join(departures(tiny))
@@ -49,7 +49,7 @@ def test_departures_come_from_the_config():
                    "task: the built-in task 'arithmetic'", "output transform 'x:y=1'", "rho: 0.5 (the paper: 0.01)",
                    "kappa (min-p): 0.05 (the paper: 0.02)", "group size: 4 (the paper: 8)",
                    "prompts per step: 2 (the paper: 256)", "RL steps: 3 (the paper: 500)",
-                   "learning rate: 0.001 (the paper: 1e-06)"):
+                   "learning rate: 0.001 (the paper: 1e-06)", "Lp-Reg form: released (the authors' released code"):
         assert needle in found, needle
     assert "beta" not in found  # beta 1 is the paper's
     assert not any("rho" in d for d in departures(preset_config("test-micro", loss="grpo", lpreg_rho=0.5)))

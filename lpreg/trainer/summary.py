@@ -64,6 +64,9 @@ def departures(cfg: Any) -> List[str]:
     if cfg.output_transform:
         out.append(f"output transform {cfg.output_transform!r}: a change of the policy's output distribution "
                    f"that the paper's policy does not have (saved with the checkpoints)")
+    if cfg.loss == "lpreg" and cfg.lpreg_compat != "paper":
+        out.append(f"Lp-Reg form: {cfg.lpreg_compat} (the authors' released code; the paper's Eq. 6 is "
+                   f"--lpreg-compat paper, docs/spec.md §3)")
     lpreg_only = {k for k in PAPER_RECIPE if k.startswith("lpreg_")}
     for key, paper in PAPER_RECIPE.items():
         if key in lpreg_only and cfg.loss != "lpreg":
