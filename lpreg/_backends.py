@@ -34,7 +34,7 @@ import os
 import warnings
 from dataclasses import dataclass, field
 from types import ModuleType
-from typing import Callable, Dict, Mapping, NamedTuple, Optional, Set, Tuple
+from typing import Callable, Dict, List, Mapping, NamedTuple, Optional, Set, Tuple
 
 import torch
 
@@ -167,7 +167,7 @@ def _warn_once(key: str, message: str) -> None:
 def auto_pick(device_type: str) -> Tuple[str, str]:
     """What backend="auto" runs on `device_type` tensors, and why the backends before it were passed
     over ("" when the first choice runs)."""
-    skipped = []
+    skipped: List[str] = []
     for name in AUTO.get(device_type, ("torch",)):
         status = REGISTRY[name].status()
         if status.available:
