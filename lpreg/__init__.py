@@ -14,7 +14,7 @@ __version__ = "0.1.0"  # the one version source (pyproject.toml reads it statica
 
 from . import reference
 from ._backends import BackendStatus, backends
-from .diagnose import diagnose  # light: transformers loads when it runs (docs/diagnose.md)
+from .diagnosis import diagnose  # light: transformers loads when it runs (docs/diagnose.md)
 from .fused_linear import fused_linear_build_proxy, fused_linear_policy_loss, fused_linear_token_stats
 from .logit_transform import LogitTransform, logit_transform_from_config
 from .loss_config import LossConfig, LossConfigError, needs_step_selection

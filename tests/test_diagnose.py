@@ -10,12 +10,12 @@ import sys
 import pytest
 import torch
 
-from lpreg.diagnose import cli
-from lpreg.diagnose import sample as sample_module
-from lpreg.diagnose.measure import measure_cell, split_calls, token_statistics
-from lpreg.diagnose.options import Settings
-from lpreg.diagnose.sample import Samples
-from lpreg.diagnose.verdict import verdict
+from lpreg.diagnosis import cli
+from lpreg.diagnosis import sample as sample_module
+from lpreg.diagnosis.measure import measure_cell, split_calls, token_statistics
+from lpreg.diagnosis.options import Settings
+from lpreg.diagnosis.sample import Samples
+from lpreg.diagnosis.verdict import verdict
 from lpreg.trainer.model import build_tiny_model
 from lpreg.trainer.tokenizer import build_char_tokenizer
 
@@ -238,8 +238,9 @@ def test_import_lpreg_stays_light_and_diagnose_is_the_function():
     code = ("import sys, lpreg\n"
             "heavy = [m for m in ('transformers', 'matplotlib') if m in sys.modules]\n"
             "assert not heavy, heavy\n"
-            "import lpreg.diagnose.cli\n"
+            "import lpreg.diagnosis.cli\n"
             "assert callable(lpreg.diagnose) and lpreg.diagnose.__name__ == 'diagnose'\n"
+            "assert lpreg.diagnosis.__name__ == 'lpreg.diagnosis'  # the package: its own name\n"
             "print('ok')\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                        env={**os.environ, "PYTHONWARNINGS": "ignore"})

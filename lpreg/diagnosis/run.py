@@ -4,13 +4,13 @@ measure at every cell of the grid, pick the examples, and say what it means."""
 import contextlib
 from typing import Iterator, Optional, Sequence
 
-from lpreg.diagnose.examples import selected_examples
-from lpreg.diagnose.load import load_model, load_prompts, model_directory, resolve_device, resolve_dtype
-from lpreg.diagnose.measure import measure_cell, split_calls, token_statistics
-from lpreg.diagnose.options import Settings
-from lpreg.diagnose.report import Diagnosis
-from lpreg.diagnose.sample import sample
-from lpreg.diagnose.verdict import verdict
+from lpreg.diagnosis.examples import selected_examples
+from lpreg.diagnosis.load import load_model, load_prompts, model_directory, resolve_device, resolve_dtype
+from lpreg.diagnosis.measure import measure_cell, split_calls, token_statistics
+from lpreg.diagnosis.options import Settings
+from lpreg.diagnosis.report import Diagnosis
+from lpreg.diagnosis.sample import sample
+from lpreg.diagnosis.verdict import verdict
 
 
 class _Bar:

@@ -22,7 +22,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from lpreg.diagnose.sample import Samples
+from lpreg.diagnosis.sample import Samples
 from lpreg.regularize import LossTerms, lpreg_regularize, mechanism_sums
 from lpreg.selection import bottom_k_count
 from lpreg.token_stats import TokenStats, lpreg_token_stats

@@ -10,10 +10,12 @@ import math
 from dataclasses import dataclass, field
 from typing import Tuple
 
+from lpreg import _backends
+
 MODES = ("min_p", "fixed")
 COMPATS = ("released", "paper")
 REWARDS = ("math-verify", "exact")
-BACKENDS = ("auto", "triton", "torch", "cpu", "cuda")
+BACKENDS = _backends.names()  # the backend registry's names, "auto" first
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 # the default grid: around the paper's kappa = 0.02 and rho = 1%, out to where selection always happens
 DEFAULT_THRESHOLDS = (0.005, 0.01, 0.02, 0.05, 0.1)

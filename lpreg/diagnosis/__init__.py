@@ -15,10 +15,10 @@ matplotlib load when `diagnose` runs.
 
 from typing import TYPE_CHECKING, Optional, Sequence, Tuple, Union
 
-from lpreg.diagnose.options import DEFAULT_RHOS, DEFAULT_THRESHOLDS, Settings
+from lpreg.diagnosis.options import DEFAULT_RHOS, DEFAULT_THRESHOLDS, Settings
 
 if TYPE_CHECKING:
-    from lpreg.diagnose.report import Diagnosis
+    from lpreg.diagnosis.report import Diagnosis
     from lpreg.trainer.problem import Problem
 
 __all__ = ["diagnose", "Settings"]
@@ -94,6 +94,6 @@ def diagnose(
                         max_new_tokens=max_new_tokens, prompts=prompts, reward=reward, thresholds=tuple(thresholds),
                         rhos=tuple(rhos), examples=examples, seed=seed, backend=backend, device=device, dtype=dtype)
     # imported here: `import lpreg` must not import transformers (these modules do)
-    from lpreg.diagnose.run import run
+    from lpreg.diagnosis.run import run
 
     return run(model, settings, data=data, problems=problems, progress=progress)

@@ -12,7 +12,7 @@ import json
 import sys
 from typing import List, Optional
 
-from lpreg.diagnose.options import BACKENDS, COMPATS, DEFAULT_RHOS, DEFAULT_THRESHOLDS, DTYPES, MODES, REWARDS
+from lpreg.diagnosis.options import BACKENDS, COMPATS, DEFAULT_RHOS, DEFAULT_THRESHOLDS, DTYPES, MODES, REWARDS
 
 
 def _floats(text: str) -> List[float]:
@@ -57,7 +57,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = parser().parse_args(argv)
-    from lpreg.diagnose import diagnose  # imported here: --help needs none of it
+    from lpreg.diagnosis import diagnose  # imported here: --help needs none of it
 
     try:
         result = diagnose(

@@ -6,8 +6,8 @@ import os
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
-from lpreg.diagnose.measure import Cell
-from lpreg.diagnose.options import Settings
+from lpreg.diagnosis.measure import Cell
+from lpreg.diagnosis.options import Settings
 
 
 @dataclass

@@ -12,8 +12,8 @@ Where nothing is selected, the grid's nearest cell that does select is named.
 import math
 from typing import List, Optional
 
-from lpreg.diagnose.measure import Cell
-from lpreg.diagnose.options import Settings
+from lpreg.diagnosis.measure import Cell
+from lpreg.diagnosis.options import Settings
 
 WEAK, STRONG = 0.05, 0.5  # push ratios: below WEAK Lp-Reg barely acts, above STRONG it dominates the update
 

@@ -9,8 +9,8 @@ from typing import List
 import torch
 from torch import Tensor
 
-from lpreg.diagnose.measure import Tokens
-from lpreg.diagnose.sample import Samples
+from lpreg.diagnosis.measure import Tokens
+from lpreg.diagnosis.sample import Samples
 
 
 def selected_examples(tokens: Tokens, selected: Tensor, kept_mass: Tensor, threshold: float, samples: Samples,
