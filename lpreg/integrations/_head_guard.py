@@ -15,7 +15,8 @@ at the sampled labels y (the next input tokens); a difference beyond the dtype's
 Tolerance: both sides round the logits of the head's dtype (the model's head emits them in that
 dtype; the fused chunk keeps fp32 products of the same operands), so a log-prob moves by a few
 roundings of the largest |z / T| (the log-sum-exp and z_y): tol = 8 eps(dtype) (1 + max |z / T|),
-eps = 2^-23 (fp32), 2^-7 (bf16), 2^-10 (fp16). Framework-free: any Hugging Face causal LM (a PEFT
+eps = 2^-23 (fp32), 2^-7 (bf16), 2^-10 (fp16), for the coarsest of the head's, the logits' and autocast's
+dtype (under bf16 autocast an fp32 head multiplies in bf16). Framework-free: any Hugging Face causal LM (a PEFT
 wrapper is read through get_base_model()); TRL and verl call it inside the wrapped model's forward.
 """
 
@@ -80,8 +81,12 @@ def check_fused_head(model: Any, input_ids: Tensor, attention_mask: Tensor, tran
                                      logit_scale=transform.scale, logit_softcap=transform.softcap)
     got = stats.logp.float()
     diff = (got - want).abs().max().item()
-    # the coarser of the head's dtype and the logits' (bf16 under autocast with an fp32 head)
-    dtype = max((head.weight.dtype, raw.dtype), key=lambda d: torch.finfo(d).eps if d.is_floating_point else 0.0)
+    # the coarsest of the head's dtype, the logits' and autocast's (an fp32 head under bf16 autocast multiplies
+    # in bf16 and may return fp32 logits)
+    dtypes = [head.weight.dtype, raw.dtype]
+    if torch.is_autocast_enabled(raw.device.type):
+        dtypes.append(torch.get_autocast_dtype(raw.device.type))
+    dtype = max(dtypes, key=lambda d: torch.finfo(d).eps if d.is_floating_point else 0.0)
     tol = head_tolerance(dtype, (logits / temperature).abs().max().item())
     if not diff <= tol:  # NaN fails too
         raise RuntimeError(
