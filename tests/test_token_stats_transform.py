@@ -166,16 +166,31 @@ def test_bad_transform_values_raise_naming_argument_and_value(op, name, value):
     assert repr(value) in str(err.value)
 
 
-def test_backends_agree_on_a_gemma_style_head():
-    """Soft-cap 30 at a large vocabulary (Gemma's head) on the backends that take long rows here."""
+@pytest.mark.parametrize("mode,threshold,proxy,cap", [("min_p", 0.02, False, 30.0), ("fixed", 0.01, False, 30.0),
+                                                       ("fixed", 0.5, True, 30.0), ("min_p", 0.3, True, 0.5)])
+def test_backends_agree_on_a_gemma_style_head(mode, threshold, proxy, cap):
+    """Soft-capped rows spanning many blocks (the C++ pass 2 soft-caps only the vectors that can hold a
+    candidate), peaked and flat, "fixed" with K = {argmax} alone (threshold 0.5), on the backends that
+    take long rows here, against the float64 spec."""
     V = 32000
-    x = torch.randn(3, V, generator=torch.Generator().manual_seed(7)) * 12
-    labels = torch.tensor([5, 60, 31999])
-    outs = [lpreg.lpreg_token_stats(x, labels, backend=b, logit_softcap=30.0) for b in runnable("torch", "cpu")]
-    ref = spec_token_stats(x, labels, logit_softcap=30.0)
-    for out in outs:
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(4, V, generator=gen) * 12
+    x[1] *= 0.01  # flat: every token a candidate
+    x[2, 17] = 40.0  # peaked
+    x[3, ::3] = -math.inf
+    p = (x + torch.randn(4, V, generator=gen)) if proxy else None
+    labels = torch.tensor([5, 60, 17, 31999])
+    kw = dict(mode=mode, threshold=threshold, logit_softcap=cap, temperature=0.8)
+    ref = spec_token_stats(x, labels, proxy_logits=p, **kw)
+    g = _upstream((4,), 8)
+    for backend in runnable("torch", "cpu"):
+        xg = x.clone().requires_grad_()
+        out = lpreg.lpreg_token_stats(xg, labels, proxy_logits=p, backend=backend, **kw)
         for name in OUTPUTS:
             torch.testing.assert_close(getattr(out, name).double(), ref[name], rtol=1e-5, atol=1e-5, msg=name)
+        (grad,) = torch.autograd.grad((out.logp * g[0] + out.kl * g[1] + out.entropy * g[2]).sum(), xg)
+        want = spec_grad(ref, *g, temperature=0.8)
+        assert (grad.double() - want).abs().max().item() <= 1e-6 + 1e-5 * want.abs().max().item()
 
 
 @pytest.mark.parametrize("logit_scale,logit_softcap", [(0.5, None), (1.2, 4.0)])

@@ -86,9 +86,26 @@ inline float hmax(const Vec& v) {
   return acc;
 }
 
+// The soft-cap of logit_transform.h on a vector of u = raw s / (T c): cap tanh(u) (Sleef's tanh, 1 ulp).
+// Every soft-capped value of this file comes from here, lane for lane, so that the passes and the
+// label agree bit for bit on which tokens are kept.
+inline Vec softcap_vec(const Vec& u, float cap) { return u.tanh() * Vec(cap); }
+
+inline float softcap_one(float u, float cap) {
+  alignas(64) float b[kW];
+  softcap_vec(Vec(u), cap).store(b);
+  return b[0];
+}
+
+// x' of one raw logit (the label's): as load_block computes it.
+inline float transform_one(float raw, float inv_temperature, float cap) {
+  return cap > 0.f ? softcap_one(raw * (inv_temperature / cap), cap) : raw * inv_temperature;
+}
+
 // dst[0, n) = x' of the raw logits src[0, n): float(src) * scale, or with a soft-cap (cap > 0)
-// cap * tanh(float(src) * scale / cap) (logit_transform.h; Sleef's tanh, 1 ulp); dst[n, round_up(n))
-// = -inf (neutral for every sum below: e^(-inf) = 0, never kept, never the max).
+// cap * tanh(float(src) * scale / cap) (logit_transform.h); dst[n, round_up(n)) = -inf (neutral for
+// every sum below: e^(-inf) = 0, never kept, never the max). cap = 0 with scale = s / (T c) loads
+// u, the soft-cap's argument, untransformed (pass 2 transforms only the vectors it needs).
 template <typename T>
 void load_block(const T* src, int64_t n, float scale, float cap, float* dst) {
   const float pre = cap > 0.f ? scale / cap : scale;
@@ -105,13 +122,30 @@ void load_block(const T* src, int64_t n, float scale, float cap, float* dst) {
     }
   }
   for (; i < n; ++i) dst[i] = static_cast<float>(src[i]) * pre;
-  if (cap > 0.f) {  // the soft-cap, on the row's elements only (the padding stays -inf)
-    const Vec vcap(cap);
-    int64_t j = 0;
-    for (; j + kW <= n; j += kW) (Vec::loadu(dst + j).tanh() * vcap).store(dst + j);
-    for (; j < n; ++j) dst[j] = cap * std::tanh(dst[j]);
+  if (cap > 0.f) {  // the soft-cap, whole vectors (the tail's padding lanes are finite meanwhile)
+    for (int64_t j = n; j < round_up(n); ++j) dst[j] = 0.f;
+    for (int64_t j = 0; j < round_up(n); j += kW) softcap_vec(Vec::loadu(dst + j), cap).store(dst + j);
   }
   for (; i < round_up(n); ++i) dst[i] = -kInf;
+}
+
+// A lower bound of {u : cap tanh(u) >= thr} (soft-capped pass 2): a vector whose every lane is below it
+// holds no candidate, so it is skipped without a tanh. atanh(thr / cap), less a margin that covers the
+// rounding of the computed tanh (>= 8e-7 cap in tanh's value, against an error of about 1.2e-7 cap),
+// with thr / cap clamped below 1 - 1e-6; at or below -1 + 1e-6 (or NaN) every lane is a candidate.
+inline float raw_threshold(float thr, float cap) {
+  const double r = static_cast<double>(thr) / cap;
+  if (!(r > -1.0 + 1e-6)) return -kInf;
+  const double a = std::atanh(std::min(r, 1.0 - 1e-6));
+  return static_cast<float>(a - 0.05 * (1.0 + std::fabs(a)));
+}
+
+// v with its lanes [live, kW) set to -inf (the padding of a block's last vector).
+inline Vec pad_tail(const Vec& v, int64_t live) {
+  alignas(64) float b[kW];
+  v.store(b);
+  for (int64_t j = live; j < kW; ++j) b[j] = -kInf;
+  return Vec::loadu(b);
 }
 
 // g[0, n) *= dx'/dx / inv_temperature at x'[0, n) (logit_transform.h): the chain rule through a
@@ -238,32 +272,49 @@ void pass2_row(const RowInputs& in, const TX* xr, const TY* yr, float cutoff, fl
                const float* thr, float* xb, float* yb, float& kept_sum, float& other) {
   const Vec vcut(cutoff), vmy(my_ref), zero(0.f);
   constexpr int kNoLane = (1 << kW) - 1;  // zero_mask() of an all-false comparison
+  // With a soft-cap the blocks are loaded as u, untransformed, and only a vector with a lane
+  // u >= raw_threshold (a superset of the candidates) is soft-capped: a peaked row's pass 2 then
+  // costs a compare per vector, not a tanh per element (pass 1 and the backward transform all).
+  const float cap = in.softcap;
+  const bool capped = cap > 0.f;
+  const float load_scale = capped ? in.inv_temperature / cap : in.inv_temperature;
   for (int64_t start = 0, blk = 0; start < in.V; start += kBlock, ++blk) {
     const int64_t n = std::min(kBlock, in.V - start), nv = round_up(n);
     float* ybuf = xb;
-    load_block(xr + start, n, in.inv_temperature, in.softcap, xb);
+    load_block(xr + start, n, load_scale, 0.f, xb);
     if (yr) {
-      load_block(yr + start, n, in.inv_temperature, in.softcap, yb);
+      load_block(yr + start, n, load_scale, 0.f, yb);
       ybuf = yb;
     }
     float lone_y = 0.f, lone_x = 0.f;
-    const bool lone = argmax_y >= start && argmax_y < start + n && !(ybuf[argmax_y - start] >= cutoff);
-    if (lone) {
-      lone_y = ybuf[argmax_y - start];
-      lone_x = xb[argmax_y - start];
-      ybuf[argmax_y - start] = -kInf;
+    bool lone = false;
+    if (argmax_y >= start && argmax_y < start + n) {
+      const int64_t j = argmax_y - start;
+      lone_y = capped ? softcap_one(ybuf[j], cap) : ybuf[j];
+      lone = !(lone_y >= cutoff);
+      if (lone) {
+        lone_x = capped ? softcap_one(xb[j], cap) : xb[j];
+        ybuf[j] = capped ? kNaN : -kInf;  // out of the vector sums (a NaN u is never a candidate)
+      }
     }
-    const Vec vthr(thr ? thr[blk] : cutoff);
+    const float thr_b = thr ? thr[blk] : cutoff;
+    const Vec vthr(thr_b), vthr_u(capped ? raw_threshold(thr_b, cap) : 0.f);
     Vec acc_k(0.f), acc_o(0.f);
     for (int64_t i = 0; i < nv; i += kW) {
-      const Vec y = Vec::loadu(ybuf + i);
+      Vec y = Vec::loadu(ybuf + i);
+      if (capped) {
+        if ((y >= vthr_u).zero_mask() == kNoLane) continue;
+        y = softcap_vec(y, cap);
+        if (i + kW > n) y = pad_tail(y, n - i);  // the padding stays -inf
+      }
       const Vec cand = y >= vthr;
       if (cand.zero_mask() == kNoLane) continue;
       const Vec e = (y - vmy).exp();
       const Vec kept = y >= vcut;  // a subset of cand
       acc_k = acc_k + Vec::blendv(zero, e, kept);
       if (yr) {
-        acc_o = acc_o + Vec::blendv(zero, cross_term(e, y, Vec::loadu(xb + i)), kept);
+        const Vec x = capped ? softcap_vec(Vec::loadu(xb + i), cap) : Vec::loadu(xb + i);
+        acc_o = acc_o + Vec::blendv(zero, cross_term(e, y, x), kept);
       } else {
         acc_o = acc_o + Vec::blendv(Vec::blendv(zero, e, cand), zero, kept);
       }
@@ -326,9 +377,9 @@ void fwd_rows(const TokenStatsFwdArgs& a, int64_t begin, int64_t end) {
     float logp = 0.f, proxy_logp = 0.f;
     if (in.labels) {
       const int64_t label = in.labels[row];
-      const float x_lab = transform_logit(static_cast<float>(xr[label]), in.inv_temperature, in.softcap);
+      const float x_lab = transform_one(static_cast<float>(xr[label]), in.inv_temperature, in.softcap);
       label_logps(r, label, x_lab,
-                  yr ? transform_logit(static_cast<float>(yr[label]), in.inv_temperature, in.softcap) : x_lab, logp,
+                  yr ? transform_one(static_cast<float>(yr[label]), in.inv_temperature, in.softcap) : x_lab, logp,
                   proxy_logp);
     }
     store_row(a, row, r, logp, proxy_logp);
