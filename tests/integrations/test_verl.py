@@ -283,7 +283,7 @@ def test_bases_are_every_policy_loss_verl_registers():
 
 # bypass mode's other loss type, with its token-level importance weights and rejection sampling acting
 BYPASS_REINFORCE = dict(rollout_correction=dict(loss_type="reinforce", rollout_is="token", rollout_is_threshold=1.3,
-                                                rollout_rs="token_k1", rollout_rs_threshold=0.25))
+                                                rollout_rs="token_k1", rollout_rs_threshold=1.3))
 
 
 @pytest.mark.parametrize("base,policy", [(b, BASE_POLICY.get(b, {})) for b in BASES]
