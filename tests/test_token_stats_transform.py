@@ -210,3 +210,18 @@ def test_reference_module_takes_the_transform(logit_scale, logit_softcap):
     kl = lpreg.reference.lpreg_kl(x.double(), temperature=0.9, logit_scale=logit_scale, logit_softcap=logit_softcap)
     torch.testing.assert_close(kl, spec_token_stats(x, None, temperature=0.9, logit_scale=logit_scale,
                                                     logit_softcap=logit_softcap)["kl"])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_opcheck_with_the_transform(backend):
+    """The ops' schemas, fake kernels and autograd registrations take the transform's two arguments."""
+    from lpreg._sparse_proxy_ops import build_proxy_op, sparse_proxy_stats_op
+    from lpreg._token_stats_ops import token_stats_op
+
+    x = (torch.randn(3, 20, generator=torch.Generator().manual_seed(3)) * 5).requires_grad_()
+    lab = torch.tensor([1, -100, 5])
+    torch.library.opcheck(token_stats_op, (x, lab, None, 1 / 0.9, False, math.log(0.02), -100, backend, 1.5, 4.0))
+    torch.library.opcheck(token_stats_op, (x, lab, None, 1 / 0.9, True, math.log(0.02), -100, backend, 0.5, None))
+    idx, logq, _, _ = build_proxy_op(x.detach(), lab, 1.0, False, math.log(0.02), 4, -100, backend, 1.5, 4.0)
+    torch.library.opcheck(sparse_proxy_stats_op, (x, lab, idx.long(), logq, None, 1.0, -100, backend, 1.5, 4.0))
+    torch.library.opcheck(build_proxy_op, (x.detach(), lab, 1.0, False, math.log(0.02), 4, -100, backend, 1.5, 4.0))
