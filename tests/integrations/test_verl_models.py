@@ -44,9 +44,16 @@ def save_scaled(name, path):
     """A tiny model of the family `name` (random weights, lpreg's tiny tokenizer) saved at `path`."""
     from transformers import AutoModelForCausalLM
 
+    from lpreg.integrations._verl_config import model_logit_transform
+
     config, setting = scaled_config(name)
     torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    model = AutoModelForCausalLM.from_config(config)
+    # spread logits (a random init is near uniform, where the proxy filters nothing and Lp-Reg selects
+    # nothing): the head's raw logits x the model's scale of about 2.4 standard deviations
+    with torch.no_grad():
+        model.get_output_embeddings().weight.normal_(0.0, 0.6 / model_logit_transform(config).scale)
+    model.save_pretrained(path)
     tiny_tokenizer().save_pretrained(path)
     return setting
 
