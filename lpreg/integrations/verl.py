@@ -13,15 +13,15 @@ Loaded by `import verl` through the entry point `[project.entry-points."verl.plu
    normalisation for every loss_agg_mode, verl's dual clip `clip_ratio_c` unless
    lpreg_dual_clip=False); for lpreg_compat=paper it fixes the step-wide lowest-rho set of each
    mini-batch over every micro-batch and data-parallel rank before the first micro-batch;
-3. records the rollout proxy at the actor's old-log-prob pass and keeps it in the batch when a
-   rollout is trained on by more than one optimiser step (`_verl_driver`, lpreg_proxy), in both
-   trainers verl 0.9 ships: main_ppo's default, the v1 PPOTrainer (trainer.use_v1=True), and
-   RayPPOTrainer;
+3. records the rollout proxy at the actor's old-log-prob pass, for response tokens only, and keeps
+   it with the batch when a rollout is trained on off-policy (`_verl_driver`, lpreg_proxy): in every
+   trainer verl 0.9 ships (the v1 PPOTrainer of main_ppo's default and its sync / colocate_async /
+   separate_async modes, RayPPOTrainer, the one-step-off-policy and fully-async trainers), the
+   decision taken from the trainer class that runs and written into the actor's config;
 4. checks each actor config with loss_mode=lpreg when verl builds it (`_verl_config`): in the
    driver's validate_config and in each worker's init_model, before any rollout; and, at start-up
-   (main_ppo's validate_config, the trainer's init), that the trainer verl runs records the proxy,
-   that rollout-correction bypass mode does not skip it, and that use_fused_kernels=True is not
-   asked of a model with soft-capped or scaled logits;
+   (validate_config, the trainer's own start-up method), that the trainer records the proxy, that
+   rollout-correction bypass mode does not skip it, and that distillation is off;
 5. provides `LpRegPolicyLossConfig`, verl's `PolicyLossConfig` plus the `lpreg_*` fields.
 
 Hydra overrides (docs/integrations.md, "Use with verl"):
@@ -33,8 +33,9 @@ Hydra overrides (docs/integrations.md, "Use with verl"):
 Not supported (an error names the setting when the actor config is built): strategies other
 than fsdp / fsdp2 (Megatron's logits are vocab-parallel), calculate_sum_pi_squared, the prefix
 grouper, top-k distillation, and the sparse rollout proxy with Ulysses sequence parallelism; at
-start-up: algorithm.rollout_correction.bypass_mode=True with a rollout proxy, and
-use_fused_kernels=True on Gemma-2/3, Cohere, Granite and other models with scaled logits.
+start-up: algorithm.rollout_correction.bypass_mode=True with a rollout proxy, distillation.enabled=True,
+and a trainer whose step does not reach lpreg's old-log-prob pass. Scaled or soft-capped logits
+(Gemma-2/3, Cohere, Granite) run fused with the model's logit transform.
 
 verl loads plugins inside `try: ... except Exception: logger.debug(...)`, which would hide a
 failure; this module reports its own failure as a RuntimeWarning before re-raising it.
