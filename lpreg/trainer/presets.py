@@ -25,7 +25,7 @@ from lpreg.trainer.registry import register_preset
 # - Lp-Reg: the released form, min-p kappa 0.02 and beta 1 as in the paper; rho 0.05, 5 times the paper's
 #   0.01: the released form takes the int(rho n_neg) lowest-p_y of a step's few hundred negative-advantage
 #   tokens and selects nothing when that is <= 1, so at 0.01 it selected on about two steps in three
-#   (the pilots); the paper's 1% of ~10^6 tokens per step has no such floor.
+#   (the pilots); the paper's 1% of ~10^6 tokens per step has no such lower limit.
 register_preset(
     "cpu-demo",
     task="arithmetic", max_operand=39, n_problems=2000, hidden_size=128, num_layers=2, num_heads=4,
