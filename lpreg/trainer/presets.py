@@ -7,8 +7,8 @@ lpreg.trainer.config (that would be a cycle).
                RL; held-out accuracy before the first and after the last step, paired over problems.
                Its plan, its settings' reasons and its measured results: docs/research/cpu_demo_plan.md.
 
-The study presets (noisy-sparks-demo, cpu-regime-sweep, cpu-sparks, cpu-sparks-demo, cpu-sweep) are not
-here: they live with the study in lpreg.experiments.
+The study's presets are not here: they live with the study in lpreg.experiments (lpreg.train.STUDY_NAMES
+lists them).
 """
 
 from lpreg.trainer.registry import register_preset
