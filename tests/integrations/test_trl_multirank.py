@@ -155,7 +155,8 @@ def test_two_ranks_equal_one_rank(request, one_rank, backend):
                 for k in MECHANISM:
                     assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-7), (label, k, a[k], b[k])
         assert all(h["lpreg/frac"] > 0 for h in ref["logs"]), label  # Lp-Reg selected tokens
-        if case["num_iterations"] == 2:  # off-policy: the second step trains on the first step's rollout
+        if case["num_iterations"] == 2 and case["loss_type"] in ("dapo", "bnpo", "grpo", "dr_grpo", "luspo"):
+            # off-policy: the second step trains on the first step's rollout (TRL logs clip ratios for these)
             assert ref["logs"][1]["clip_ratio/region_mean"] > 0, label
     if backend == "zero3":  # the head was gathered (forward and backward), as TRL gathers it
         assert all(run["gathers"] > 0 for r in ranks for run in r)
