@@ -181,7 +181,11 @@ def train(case, out_dir, world: int = 1, model=None, callbacks=(), trainer_cls=N
     torch.manual_seed(0)
     kwargs = {"rollout_func": deterministic_rollout} if deterministic else {}
     if model is None and case.get("beta"):  # TRL builds the reference model from the policy's path: save it
-        model = save_tiny(os.path.join(str(out_dir), f"model{os.environ.get('RANK', '0')}"))  # a copy per rank
+        model = os.path.join(str(out_dir), "model")
+        if int(os.environ.get("RANK", "0")) == 0:  # transformers writes on the main process only
+            save_tiny(model)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.barrier()
     trainer = trainer_cls(model=model if model is not None else tiny_model(), reward_funcs=reward_len_a, args=args,
                           train_dataset=dataset(), processing_class=tiny_tokenizer(),
                           callbacks=[rec.callback, *callbacks], **kwargs)
