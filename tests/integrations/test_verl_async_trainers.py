@@ -197,7 +197,9 @@ def test_v1_records_through_transfer_queue_controller(model_path, monkeypatch, c
     cfg = config(model_path, OFF, f"{PL}.lpreg_compat={compat}",
                  f"{PL}.lpreg_threshold={0.2 if compat == 'released' else 0.02}")
     monkeypatch.setenv("RAY_raylet_start_wait_time_s", "600")  # a loaded 2-core machine starts Ray slowly
-    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
+    # logical CPUs (scheduling slots): TransferQueue's controller and each of its storage units (verl's
+    # config: 8) take one
+    ray.init(num_cpus=16, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
     try:
         tq.init(cfg.transfer_queue)
         trainer = VT.started(trainer_class("v1_sync"), cfg, monkeypatch)
