@@ -43,6 +43,9 @@ class LpRegPolicyLossConfig(PolicyLossConfig):
     lpreg_dual_clip: bool = True
     # the policy loss Lp-Reg sits on: any loss in verl's registry (verl computes and aggregates it)
     lpreg_base_loss_mode: str = "vanilla"
+    # the fused untied head's matmul in fp32 (over the policy's head weights) instead of FSDP2's compute
+    # dtype (bf16 by default), as TRL's cast_lm_head_to_fp32 does
+    lpreg_fp32_head: bool = False
 
     def __post_init__(self) -> None:
         check_options(lpreg_options(self), self)
@@ -65,6 +68,8 @@ def check_options(o: Dict[str, Any], policy_loss: Any = None) -> None:
     check_base_loss_mode(o["lpreg_base_loss_mode"], cfg.compat, policy_loss)
     _proxy.check_source(o["lpreg_proxy"], "lpreg_proxy")
     _proxy.check_topk(o["lpreg_proxy_topk"], "lpreg_proxy_topk")
+    if not isinstance(o["lpreg_fp32_head"], bool):
+        raise ValueError(f"lpreg_fp32_head must be True or False, got {o['lpreg_fp32_head']!r}")
     if not isinstance(o["lpreg_dual_clip"], bool):
         raise ValueError(f"lpreg_dual_clip must be True or False, got {o['lpreg_dual_clip']!r}")
     if not o["lpreg_dual_clip"] and o["lpreg_base_loss_mode"] not in ("vanilla", "bypass_mode"):

@@ -315,7 +315,8 @@ def test_beta0_equals_verls_own_loss_for_each_base(model_path, base, policy):
     (dict(lpreg_base_loss_mode="ppo"), r"lpreg_base_loss_mode must be one of .*'vanilla'.*got 'ppo'"),
     (dict(lpreg_base_loss_mode="dro", lpreg_compat="paper"), r"policy_loss.dro_beta > 0"),
     (dict(lpreg_base_loss_mode="kl_cov", kl_cov_ratio=0.0), r"policy_loss.kl_cov_ratio > 0"),
-    (dict(lpreg_base_loss_mode="sapo", lpreg_dual_clip=False), r"lpreg_dual_clip=False .*'sapo' has none")])
+    (dict(lpreg_base_loss_mode="sapo", lpreg_dual_clip=False), r"lpreg_dual_clip=False .*'sapo' has none"),
+    (dict(lpreg_fp32_head="yes"), r"lpreg_fp32_head must be True or False, got 'yes'")])
 def test_base_loss_mode_refusals_at_construction(policy, match):
     """A base that cannot compose raises when the policy-loss config is built, naming the option."""
     with pytest.raises(ValueError, match=match):
