@@ -20,7 +20,7 @@ dtype (under bf16 autocast an fp32 head multiplies in bf16). Framework-free: any
 wrapper is read through get_base_model()); TRL and verl call it inside the wrapped model's forward.
 """
 
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
@@ -39,7 +39,8 @@ def head_tolerance(dtype: torch.dtype, max_abs_logit: float) -> float:
 
 @torch.no_grad()
 def check_fused_head(model: Any, input_ids: Tensor, attention_mask: Tensor, transform: LogitTransform, *,
-                     temperature: float = 1.0, n_tokens: int = 8) -> None:
+                     temperature: float = 1.0, n_tokens: int = 8,
+                     compute_dtype: Optional[torch.dtype] = None) -> None:
     """Compare the fused per-token log-probs of a few tokens with the model's own forward().logits.
 
     Args:
@@ -50,6 +51,9 @@ def check_fused_head(model: Any, input_ids: Tensor, attention_mask: Tensor, tran
         transform: the logit transform the fused path applies (`lpreg.logit_transform_from_config`).
         temperature: the sampling temperature T (> 0) both sides divide by.
         n_tokens: how many of the last real positions of the row to compare (>= 1).
+        compute_dtype: the dtype the model's forward multiplies in when neither its weights nor its
+            logits show it (an FSDP2 mixed-precision policy: fp32 master weights, bf16 matmuls, fp32
+            outputs); the tolerance follows the coarsest of it, the head's, the logits' and autocast's.
 
     Raises:
         ValueError: n_tokens < 1, temperature <= 0, or a row with fewer than 2 real tokens.
@@ -83,14 +87,15 @@ def check_fused_head(model: Any, input_ids: Tensor, attention_mask: Tensor, tran
     diff = (got - want).abs().max().item()
     # the coarsest of the head's dtype, the logits' and autocast's (an fp32 head under bf16 autocast multiplies
     # in bf16 and may return fp32 logits)
-    dtypes = [head.weight.dtype, raw.dtype]
+    dtypes = [head.weight.dtype, raw.dtype] + ([compute_dtype] if compute_dtype is not None else [])
     if torch.is_autocast_enabled(raw.device.type):
         dtypes.append(torch.get_autocast_dtype(raw.device.type))
     dtype = max(dtypes, key=lambda d: torch.finfo(d).eps if d.is_floating_point else 0.0)
     tol = head_tolerance(dtype, (logits / temperature).abs().max().item())
+    name = getattr(base, "lpreg_model_name", type(base).__name__)  # a wrapper may name what it wraps
     if not diff <= tol:  # NaN fails too
         raise RuntimeError(
-            f"lpreg's fused head does not reproduce {type(base).__name__}'s logits: the fused log-probs of {n} tokens "
+            f"lpreg's fused head does not reproduce {name}'s logits: the fused log-probs of {n} tokens "
             f"differ from log_softmax(forward().logits / T) by up to {diff:.3g} (tolerance {tol:.3g} for "
             f"{dtype}) with the logit transform {transform} read from the config. The model computes its "
             f"logits in a way its config does not describe (remote code, a subclass editing the logits); use the "

@@ -236,6 +236,11 @@ class _Unhooked:
     def base_model(self):
         return self._model.base_model
 
+    @property
+    def lpreg_model_name(self) -> str:
+        """The model's own class name (FSDP2 wraps it in a subclass named FSDP<name>), for the guard's error."""
+        return next(c.__name__ for c in type(self._model).__mro__ if not c.__name__.startswith("FSDP"))
+
 
 class LpRegFSDPEngineWithLMHead(FSDPEngineWithLMHead):
     """verl's FSDP LM engine; with loss_mode=lpreg its outputs and loss are lpreg's."""
@@ -331,17 +336,15 @@ class LpRegFSDPEngineWithLMHead(FSDPEngineWithLMHead):
         inside the FSDP root's forward (parameters unsharded); the root's forward is called through
         its class (`_Unhooked`), so FSDP2's hooks on the root do not reshard it mid-forward (its
         other units unshard and reshard themselves as usual). Under a half-precision mixed-precision
-        policy the model's logits are rounded to that dtype while the guard's tolerance follows the
-        fp32 master weight's: there it is not run."""
+        policy the model multiplies in that dtype behind fp32 master weights: the guard is told
+        (compute_dtype), so its tolerance is that dtype's."""
         self._lpreg_head_checked = True
         compute, _ = self._lpreg_head_dtypes(False)
-        if compute != torch.float32:
-            return
         from ._head_guard import check_fused_head
 
         ids = input_ids[:1, :64]
         model = inner if hasattr(inner, "get_base_model") else _Unhooked(inner)  # peft: its LM is not the root
-        check_fused_head(model, ids, torch.ones_like(ids), transform, temperature=temperature)
+        check_fused_head(model, ids, torch.ones_like(ids), transform, temperature=temperature, compute_dtype=compute)
 
     def _lpreg_opts(self, config, record) -> Dict[str, Any]:
         if record is not None:

@@ -134,3 +134,24 @@ def test_lora_on_the_head_refused(tmp_path):
         check_run(V.compose(VT.docs_overrides() + SIZES + [f"actor_rollout_ref.model.path={path}", *lora]))
     check_run(V.compose(VT.docs_overrides() + SIZES + [f"actor_rollout_ref.model.path={path}", *lora[:1],
                                                        "actor_rollout_ref.model.use_fused_kernels=True"]))
+
+
+@pytest.mark.parametrize("name,param_dtype", [("gemma2", "fp32"), ("cohere", "fp32"), ("cohere", "bf16")])
+def test_head_guard_catches_a_head_its_transform_does_not_describe(tmp_path, monkeypatch, name, param_dtype):
+    """The head guard before the first fused step, in the engine verl builds: a model whose logit transform
+    the fused path is made to miss (read as the identity, as for a model that edits its logits where no
+    config says so) is refused, naming the model's class, in fp32 and under verl's default mixed-precision
+    policy (bf16 matmuls behind fp32 master weights); with its transform it trains. (Under bf16 the
+    tolerance is bf16's, 8 eps (1 + max |z / T|): it catches Cohere's 1/16 scale missed, not every small
+    edit of the logits.)"""
+    from lpreg import LogitTransform
+    from lpreg.integrations import _verl_engine
+
+    save_scaled(name, str(tmp_path))
+    V.init(29593)
+    case = dict(mini=4, lpreg_beta=1.0, lpreg_rho=0.5, lpreg_threshold=0.2, fused=True, param_dtype=param_dtype)
+    assert len(V.run(str(tmp_path), case)["steps"]) == 2
+    monkeypatch.setattr(_verl_engine, "logit_transform_from_config", lambda config: LogitTransform())
+    cls = {"gemma2": "Gemma2ForCausalLM", "cohere": "CohereForCausalLM"}[name]
+    with pytest.raises(RuntimeError, match=rf"does not reproduce {cls}'s logits"):
+        V.run(str(tmp_path), case)
