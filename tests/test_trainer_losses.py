@@ -220,3 +220,35 @@ def test_a_new_loss_is_one_function_and_one_entry(monkeypatch):
     assert preset_config("cpu-tiny", loss="my_off").mini_batches == 8
     with pytest.raises(SystemExit, match="my_other"):
         main(["--preset", "test-micro", "--loss", "my_other"])
+
+
+def test_lpreg_mechanism_metrics_pool_exactly_over_micro_batches():
+    """The trainer's step metrics carry Lp-Reg's mechanism (issue 31): over two micro-batches, the
+    counts add and the means are over all selected tokens (each call's mean weighted by its count), not
+    a mean of the calls' means."""
+    from lpreg.policy_loss import lpreg_policy_loss
+
+    cfg = preset_config("test-micro", loss="lpreg", lpreg_rho=0.5, lpreg_threshold=0.001,
+                        token_stats_backend="torch")
+    logits, labels, adv, old, mask = _inputs(seed=2)  # both calls select; one filters a candidate
+    halves = [slice(0, 2), slice(2, 3)]
+    sums, calls = {}, []
+    for sl in halves:
+        _, s = method_loss("lpreg", logits[sl], labels[sl], adv[sl], old[sl], mask[sl], cfg)
+        for k, v in s.items():
+            sums[k] = sums.get(k, 0.0) + v
+        _, m = lpreg_policy_loss(logits[sl], labels[sl], adv[sl], old[sl], mask[sl], compat="released", rho=0.5,
+                                 threshold=0.001, backend="torch")
+        calls.append(m)
+    out = summarise_loss_metrics(sums, int(mask.sum()))
+    sel = [m["actor/lpreg_selected"] for m in calls]
+    cand = [m["actor/lpreg_candidates"] for m in calls]
+    assert all(s > 0 for s in sel) and all(c > 0 for c in cand)
+    assert calls[0]["actor/lpreg_filtered_frac"] != calls[1]["actor/lpreg_filtered_frac"]
+    assert out["actor/lpreg_selected"] == pytest.approx(sum(sel))
+    assert out["actor/lpreg_candidates"] == pytest.approx(sum(cand))
+    assert out["actor/lpreg_filtered_frac"] == pytest.approx(
+        sum(m["actor/lpreg_filtered_frac"] * c for m, c in zip(calls, cand)) / sum(cand), rel=1e-6)
+    for key in ("actor/lpreg_kept_mass", "actor/lpreg_push", "actor/lpreg_p_y"):
+        assert out[key] == pytest.approx(sum(m[key] * s for m, s in zip(calls, sel)) / sum(sel), rel=1e-6), key
+    assert 0 < out["actor/lpreg_kept_mass"] <= 1 and out["actor/lpreg_push"] >= 0

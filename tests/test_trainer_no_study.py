@@ -11,8 +11,10 @@ import re
 
 TRAINER = os.path.join(os.path.dirname(__file__), "..", "lpreg", "trainer")
 # lower-case study words (a paper title such as "The Entropy Mechanism of RL" is not a study name)
-STUDY_NAMES = ("spark", "noisy", "floor", "mechanism", "warm_start_noise", "diversity", "check token",
-               "token_noise", "output_floor", "mechanism_every")
+# ("mechanism" alone is the package's: lpreg.mechanism_metrics, what Lp-Reg acts on, in every run's metrics;
+# the study's is the mechanism probe)
+STUDY_NAMES = ("spark", "noisy", "floor", "mechanism probe", "mechanism.jsonl", "warm_start_noise", "diversity",
+               "check token", "token_noise", "output_floor", "mechanism_every")
 _PATTERN = re.compile("|".join(re.escape(n) for n in STUDY_NAMES))
 
 

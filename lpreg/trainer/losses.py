@@ -53,7 +53,7 @@ from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 import torch
 from torch import Tensor
 
-from lpreg import lpreg_policy_loss, lpreg_token_stats, needs_step_selection, selection_threshold
+from lpreg import lpreg_policy_loss, lpreg_token_stats, mechanism_metrics, needs_step_selection, selection_threshold
 
 __all__ = ["Arm", "Loss", "LOSSES", "PPOTerms", "StepTokens", "top_entropy_count", "select_tokens",
            "scatter_selection", "counted_tokens", "aggregate", "loss_denominator", "method_loss",
@@ -277,8 +277,20 @@ def _lpreg_loss(spec: Loss, logits, labels, adv, old_logp, mask, cfg, choice, pr
         "actor/selected_frac": n_sel,
         "lpreg_kl_sum": m["actor/lpreg_kl"].detach() * n_sel,
         "lpreg_n_sel": n_sel,
+        **mechanism_sums_of(m),
     }
     return loss, sums
+
+
+def mechanism_sums_of(m: Dict[str, Tensor]) -> Dict[str, Tensor]:
+    """The package's mechanism metrics of one call (counts, and means over its candidates or its
+    selected tokens) back to sums, under "lpreg_mech/<key of lpreg.mechanism_sums>": additive over
+    micro-batches and ranks, pooled into exact ratios by `summarise_loss_metrics`."""
+    cand, sel = m["actor/lpreg_candidates"].detach(), m["actor/lpreg_selected"].detach()
+    return {"lpreg_mech/candidates": cand, "lpreg_mech/filtered": m["actor/lpreg_filtered_frac"].detach() * cand,
+            "lpreg_mech/selected": sel, "lpreg_mech/kept_mass": m["actor/lpreg_kept_mass"].detach() * sel,
+            "lpreg_mech/push": m["actor/lpreg_push"].detach() * sel,
+            "lpreg_mech/p_y": m["actor/lpreg_p_y"].detach() * sel}
 
 
 # --- the table ----------------------------------------------------------------------------------------
@@ -401,9 +413,14 @@ def summarise_loss_metrics(sums: Dict[str, float], n_tokens: int) -> Dict[str, f
     """Step-wide metric sums (all micro-batches, all ranks) -> means under verl's names.
 
     actor/lpreg_frac = selected / valid tokens; actor/lpreg_kl = mean penalty over the selected
-    tokens (0 when none), as the package reports them."""
+    tokens (0 when none), as the package reports them; for Lp-Reg, the mechanism's metrics
+    (actor/lpreg_candidates, _filtered_frac, _selected, _kept_mass, _push, _p_y) as exact ratios of
+    the step's pooled sums."""
     n = max(float(n_tokens), 1.0)
     out = {k: float(v) / n for k, v in sums.items() if k.startswith("actor/")}
     out["actor/lpreg_frac"] = float(sums["lpreg_n_sel"]) / n
     out["actor/lpreg_kl"] = float(sums["lpreg_kl_sum"]) / max(float(sums["lpreg_n_sel"]), 1.0)
+    mech = {k.split("/", 1)[1]: torch.as_tensor(float(v)) for k, v in sums.items() if k.startswith("lpreg_mech/")}
+    if mech:  # Lp-Reg's mechanism, pooled over the step: what it acted on (docs/diagnose.md)
+        out.update({f"actor/{k}": float(v) for k, v in mechanism_metrics(mech).items()})
     return out
