@@ -31,7 +31,10 @@ def source_copy(tmp_path_factory):
                            text=True, check=True).stdout.split("\n")
     for f in files:
         src = os.path.join(ROOT, f)
-        if f and os.path.isfile(src):
+        if f and os.path.islink(src):  # lpreg/kernels -> ../kernels: a link stays a link, as git keeps it
+            os.makedirs(os.path.join(dest, os.path.dirname(f)), exist_ok=True)
+            os.symlink(os.readlink(src), os.path.join(dest, f))
+        elif f and os.path.isfile(src):
             os.makedirs(os.path.join(dest, os.path.dirname(f)), exist_ok=True)
             with open(src, "rb") as a, open(os.path.join(dest, f), "wb") as b:
                 b.write(a.read())
