@@ -135,7 +135,8 @@ def _flat_proxy(proxy, lead, V: int, device, sharded=False):
     return proxy.detach().reshape(math.prod(lead), V)  # V = 0 (an empty vocabulary shard) is legal
 
 
-def fused_linear_token_stats(
+# the body of the public lpreg.fused_linear_token_stats (lpreg/fused_linear.py holds its documented signature)
+def token_stats_in_chunks(
     hidden: Tensor,
     weight: Tensor,
     labels: Tensor,
@@ -196,7 +197,8 @@ def fused_linear_token_stats(
 
 
 @torch.no_grad()
-def fused_linear_build_proxy(
+# the body of the public lpreg.fused_linear_build_proxy
+def build_proxy_in_chunks(
     hidden: Tensor,
     weight: Tensor,
     labels: Optional[Tensor] = None,

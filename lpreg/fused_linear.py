@@ -319,7 +319,7 @@ def fused_linear_token_stats(
     Raises:
         ValueError: An input or option is invalid (the message names it).
     """
-    return _stats.fused_linear_token_stats(
+    return _stats.token_stats_in_chunks(
         hidden, weight, labels, bias=bias, temperature=temperature, mode=mode, threshold=threshold, proxy=proxy,
         ignore_index=ignore_index, chunk_size=chunk_size, backend=backend, process_group=process_group,
         logit_scale=logit_scale, logit_softcap=logit_softcap)
@@ -373,7 +373,7 @@ def fused_linear_build_proxy(
     Raises:
         ValueError: An input or option is invalid (the message names it).
     """
-    return _stats.fused_linear_build_proxy(
+    return _stats.build_proxy_in_chunks(
         hidden, weight, labels, bias=bias, temperature=temperature, mode=mode, threshold=threshold, k=k,
         ignore_index=ignore_index, chunk_size=chunk_size, backend=backend, process_group=process_group,
         logit_scale=logit_scale, logit_softcap=logit_softcap)
