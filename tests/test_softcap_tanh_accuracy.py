@@ -5,7 +5,9 @@ so `token_stats_fwd`'s row statistics hand back c tanh(u) exactly as the kernel 
 that is the tanh itself: a dense grid of fp32 u (every 256th fp32 of [0, 9.125], and their negations)
 checks the error bound vec_tanh.h states (bench/fit_softcap_tanh.py --measure measured it over every
 fp32), the odd symmetry, the saturation to exactly +-1 and NaN in, NaN out. The statistics of whole rows
-against the float64 oracle are tests/test_token_stats_transform.py's.
+against the float64 oracle are tests/test_token_stats_transform.py's; here only rows on both sides of
+kStoredRowMax (2^16), below which the forward keeps a soft-capped row's transformed values for its
+second pass and above which that pass transforms its candidate vectors again.
 """
 
 import math
@@ -15,6 +17,7 @@ import pytest
 import torch
 
 from lpreg import _backends
+from tests.spec_oracle import assert_backend_matches_spec, make_logits
 
 pytestmark = pytest.mark.skipif(not _backends.native_available("cpu"),
                                 reason="needs the compiled CPU extension (lpreg._C)")
@@ -80,3 +83,16 @@ def test_soft_capped_logits_match_float64_within_the_bound(cap, scale):
     want = cap * np.tanh(u)
     tol = cap * (MAX_ABS + 2.0 ** -24)
     assert np.abs(got - want).max() <= tol
+
+
+@pytest.mark.parametrize("V", [1 << 16, (1 << 16) + 37])
+@pytest.mark.parametrize("mode,threshold,proxy", [("min_p", 0.02, False), ("fixed", 0.01, False),
+                                                  ("min_p", 0.02, True)])
+def test_rows_on_both_sides_of_the_stored_row_limit_match_spec(V, mode, threshold, proxy):
+    logits = make_logits(3, V, seed=21) * 8.0  # peaked, flat (many candidates) and -inf rows, some saturating
+    labels = torch.randint(0, V, (3,), generator=torch.Generator().manual_seed(22))
+    proxy_logits = make_logits(3, V, seed=23) * 8.0 if proxy else None
+    g = torch.Generator().manual_seed(24)
+    upstream = [torch.randn(3, generator=g) for _ in range(3)]
+    assert_backend_matches_spec("cpu", logits, labels, upstream, temperature=0.8, mode=mode, threshold=threshold,
+                                proxy_logits=proxy_logits, logit_softcap=30.0)

@@ -25,8 +25,11 @@
 // moment with a per-block online rescale; pass 2: the kept-set sums, which need the final
 // max and cutoff), backward reads them once and writes the gradient once. Work: one exp per
 // element in pass 1 (two with a proxy); pass 2 exponentiates only the candidates that pass 1
-// could not rule out of K (see online_block), a few percent of a peaked row. Temporaries:
-// two or three 8 KiB buffers and V / 2048 floats per thread; nothing of size N x V.
+// could not rule out of K (see online_block), a few percent of a peaked row. A soft-capped row
+// (V <= kStoredRowMax) keeps pass 1's transformed values in a per-thread row buffer that pass 2 reads,
+// so a tanh is taken once per element in the forward however many candidates the row holds (a flat
+// row's can be a quarter of it). Temporaries: two or three 8 KiB buffers, V / 2048 floats and, under a
+// soft-cap, one or two V-float row buffers per thread; nothing of size N x V.
 // Limits: any V >= 1, fp32 / bf16 / fp16 / fp64 storage (fp64 is read as fp32, as the other
 // backends do), rows of unit stride, accumulation in fp32.
 
@@ -58,6 +61,9 @@ constexpr int64_t kBlock = 2048;  // fp32 elements per block buffer (8 KiB)
 static_assert(kBlock % 64 == 0, "block must hold whole vectors of every width");
 constexpr float kInf = std::numeric_limits<float>::infinity();
 constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
+// the longest soft-capped row whose transformed values the forward keeps between its passes (256 KiB:
+// in a core's L2 cache); a longer one transforms pass 2's candidate vectors again
+constexpr int64_t kStoredRowMax = int64_t{1} << 16;
 
 inline int64_t round_up(int64_t n) { return (n + kW - 1) / kW * kW; }
 
@@ -230,15 +236,25 @@ struct Pass1 {
 
 // Pass 1 over a row (or a shard of one): online max / sum / entropy moment of x (and, on-policy,
 // the sum of surely dropped elements); max / sum of y; first argmax of y; per block the candidate
-// threshold. xb, yb: kBlock-float buffers; thr: one float per block.
+// threshold. xb, yb: kBlock-float buffers; thr: one float per block. rows: null, or RowStore's
+// buffers, which then keep the row's loaded x (and y) for pass 2.
+struct RowStore {
+  float* x;
+  float* y;
+};
+
 template <typename TX, typename TY>
 Pass1 pass1_row(const RowInputs& in, const TX* xr, const TY* yr, float log_threshold, bool fixed, float* xb,
-                float* yb, float* thr) {
+                float* yb, float* thr, const RowStore* rows = nullptr) {
   Pass1 r;
   float unused = 0.f;
   float best = -kInf;  // running max for the first-argmax search ("fixed" only)
   for (int64_t start = 0, blk = 0; start < in.V; start += kBlock, ++blk) {
     const int64_t n = std::min(kBlock, in.V - start), nv = round_up(n);
+    if (rows) {  // blocks start at multiples of kBlock, so block by block they fill [0, round_up(V))
+      xb = rows->x + start;
+      if (yr) yb = rows->y + start;
+    }
     load_block(xr + start, n, in.inv_temperature, in.softcap, xb);
     const float bx = block_max(xb, nv);
     float by = bx;
@@ -270,26 +286,29 @@ Pass1 pass1_row(const RowInputs& in, const TX* xr, const TY* yr, float log_thres
 // only (thr = nullptr: the cutoff itself), a vector without one costing a compare; with a proxy
 // other += sum_K e^(y-my)(y-x), on-policy other += the candidates below the cutoff (the dropped
 // sum). The argmax, when it is in K only as the argmax (cutoff = +inf), is taken out of the vector
-// sums and added alone.
+// sums and added alone. rows: pass 1's RowStore of this row, read (and written at the argmax)
+// instead of loading the row again, or null.
 template <typename TX, typename TY>
 void pass2_row(const RowInputs& in, const TX* xr, const TY* yr, float cutoff, float my_ref, int64_t argmax_y,
-               const float* thr, float* xb, float* yb, float& kept_sum, float& other) {
+               const float* thr, float* xb, float* yb, float& kept_sum, float& other, const RowStore* rows = nullptr) {
   const Vec vcut(cutoff), vmy(my_ref), zero(0.f);
   constexpr int kNoLane = (1 << kW) - 1;  // zero_mask() of an all-false comparison
-  // With a soft-cap the blocks are loaded as u, untransformed, and only a vector with a lane
-  // u >= raw_threshold (a superset of the candidates) is soft-capped: a peaked row's pass 2 then
-  // costs a compare per vector, not a tanh per element (pass 1 and the backward transform all).
+  // With a soft-cap and no RowStore the blocks are loaded as u, untransformed, and only a vector with
+  // a lane u >= raw_threshold (a superset of the candidates) is soft-capped: a peaked row's pass 2
+  // then costs a compare per vector, not a tanh per element. A stored row is transformed already.
   const float cap = in.softcap;
-  const bool capped = cap > 0.f;
-  const float load_scale = capped ? in.inv_temperature / cap : in.inv_temperature;
+  const bool capped = cap > 0.f && rows == nullptr;
+  const float load_scale = cap > 0.f ? in.inv_temperature / cap : in.inv_temperature;
   for (int64_t start = 0, blk = 0; start < in.V; start += kBlock, ++blk) {
     const int64_t n = std::min(kBlock, in.V - start), nv = round_up(n);
-    float* ybuf = xb;
-    load_block(xr + start, n, load_scale, 0.f, xb);
-    if (yr) {
-      load_block(yr + start, n, load_scale, 0.f, yb);
-      ybuf = yb;
+    if (rows) {
+      xb = rows->x + start;
+      if (yr) yb = rows->y + start;
+    } else {
+      load_block(xr + start, n, load_scale, 0.f, xb);
+      if (yr) load_block(yr + start, n, load_scale, 0.f, yb);
     }
+    float* ybuf = yr ? yb : xb;
     float lone_y = 0.f, lone_x = 0.f;
     bool lone = false;
     if (argmax_y >= start && argmax_y < start + n) {
@@ -351,6 +370,12 @@ void fwd_rows(const TokenStatsFwdArgs& a, int64_t begin, int64_t end) {
   alignas(64) float yb[kBlock];
   std::vector<float> thr((a.V + kBlock - 1) / kBlock);  // per block: candidate threshold of pass 2
   const RowInputs& in = a;
+  // A soft-capped row of at most kStoredRowMax elements keeps its transformed x (and y) for pass 2,
+  // which then reads them instead of taking a tanh again: round_up(V) floats each, per thread.
+  const bool store = in.softcap > 0.f && in.V <= kStoredRowMax;
+  std::vector<float> stored_x(store ? round_up(in.V) : 0), stored_y(store && in.proxy ? round_up(in.V) : 0);
+  const RowStore stored{stored_x.data(), stored_y.data()};
+  const RowStore* rows = store ? &stored : nullptr;
   for (int64_t row = begin; row < end; ++row) {
     if (ignored(in, row)) {  // ignored row: zeros, no gradient
       store_ignored_row(a, row);
@@ -358,7 +383,7 @@ void fwd_rows(const TokenStatsFwdArgs& a, int64_t begin, int64_t end) {
     }
     const TX* xr = x_row<TX, TY>(in, row);
     const TY* yr = y_row<TX, TY>(in, row);
-    const Pass1 p = pass1_row(in, xr, yr, a.log_threshold, a.fixed, xb, yb, thr.data());
+    const Pass1 p = pass1_row(in, xr, yr, a.log_threshold, a.fixed, xb, yb, thr.data(), rows);
     RowResult r{};
     // NaN anywhere propagates into m / my through the NaN-propagating max; all -inf: m = -inf;
     // a +inf: m = +inf. Each makes the row's outputs NaN.
@@ -375,7 +400,7 @@ void fwd_rows(const TokenStatsFwdArgs& a, int64_t begin, int64_t end) {
     const float my_ref = r.bad ? 0.f : p.my;
     // pass 2: kept = sum_K e^(y-my); cross (proxy) or drop = d (pass 1) + candidates below the cutoff
     float kept_sum = 0.f, other = yr ? 0.f : p.d;
-    pass2_row(in, xr, yr, r.cutoff, my_ref, p.argmax_y, thr.data(), xb, yb, kept_sum, other);
+    pass2_row(in, xr, yr, r.cutoff, my_ref, p.argmax_y, thr.data(), xb, yb, kept_sum, other, rows);
     r.lse_kept = my_ref + std::log(kept_sum);
     r.kl = yr ? other / kept_sum + r.lse - r.lse_kept : std::log1p(other / kept_sum);
     float logp = 0.f, proxy_logp = 0.f;
