@@ -1,14 +1,15 @@
 """The CPU soft-cap's tanh (csrc/cpu/vec_tanh.h): fit its coefficients, measure its error.
 
     python bench/fit_softcap_tanh.py             # fit: print the fp32 constants vec_tanh.h holds
-    python bench/fit_softcap_tanh.py --measure   # every fp32 u in [0, clamp] through the compiled op
+    python bench/fit_softcap_tanh.py --measure   # its error over every fp32 u in [0, clamp]
 
-Fit. vec_tanh.h computes tanh |u| = em / (em + 2) with em = e^(2|u|) - 1 = 2^k expm1(f) + (2^k - 1),
-2|u| = k ln2 + f, |f| <= ln2 / 2, and expm1(f) = f + f^2 (1/2 + f (c3 + f (c4 + f (c5 + f c6)))). c3..c6
-minimise the largest relative error of expm1 on [-ln2/2, ln2/2]: Lawson's iteration (a weighted least-squares
-fit whose weights grow where the error is largest, which converges to the minimax fit) on 3,000
-Chebyshev points, the targets in 40-digit mpmath. ln2 is split into ln2_hi (its top 16 bits, so that
-k ln2_hi is exact for k < 2^8) and ln2_lo.
+Fit. vec_tanh.h computes tanh |u| = em / (em + 2) with em = e^(2|u|) - 1 = 2^(k+1) (expm1(2g) / 2) + (2^k - 1),
+|u| = k ln2 / 2 + g, |g| <= ln2 / 4, and expm1(f) = f + f^2 (1/2 + f (c3 + f (c4 + f (c5 + f c6)))) at f = 2g,
+which it evaluates as expm1(2g) / 2 = g + g^2 (1 + g (d3 + g (d4 + g (d5 + g d6)))), d_n = 2^(n-1) c_n (exact
+in fp32: the same polynomial, its roundings scaled by powers of 2). c3..c6 minimise the largest relative
+error of expm1 on [-ln2/2, ln2/2]: Lawson's iteration (a weighted least-squares fit whose weights grow
+where the error is largest, which converges to the minimax fit) on 3,000 Chebyshev points, the targets in
+40-digit mpmath.
 
 Measure. Every fp32 u in [0, clamp] (about 1.1e9 values) and its negation against float64 tanh: the
 largest error in ulp of the fp32 result's own spacing and in absolute terms, where each occurs, and the
@@ -50,17 +51,15 @@ def fit_expm1(iters=300, points=3000, dps=40):
 
 
 def fit():
-    import mpmath as mp
-
     c, err = fit_expm1()
-    mp.mp.dps = 40
-    bits = np.array(np.float32(math.log(2))).view(np.uint32) & np.uint32(0xFFFFFF00)  # ln2's top 16 bits
-    ln2_hi = float(bits.view(np.float32))
-    ln2_lo = float(np.float32(float(mp.log(2) - mp.mpf(ln2_hi))))
     print(f"expm1 fit: largest relative error {err:.3e} on [-ln2/2, ln2/2]")
-    for name, v in zip(("c3", "c4", "c5", "c6"), c):
-        print(f"  {name} = {float(np.float32(v)):.17g}f")
-    print(f"  ln2_hi = {ln2_hi:.17g}f  ln2_lo = {ln2_lo:.17g}f  1/ln2 = {float(np.float32(1 / math.log(2))):.17g}f")
+    for n, v in zip(range(3, 7), c):
+        c32 = np.float32(v)
+        d32 = c32 * np.float32(2.0 ** (n - 1))  # exact: a power of 2
+        print(f"  c{n} = {float(c32):.17g}f   d{n} = 2^{n - 1} c{n} = {float(d32):.17g}f")
+    half_ln2 = np.float32(math.log(2)) / np.float32(2)
+    print(f"  ln2 / 2 = {float(half_ln2):.17g}f (error {float(half_ln2) - math.log(2) / 2:.2e})  "
+          f"2 / ln2 = {float(np.float32(2 / math.log(2))):.17g}f")
 
 
 def kernel_tanh(u):

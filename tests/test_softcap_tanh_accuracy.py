@@ -23,7 +23,7 @@ pytestmark = pytest.mark.skipif(not _backends.native_available("cpu"),
                                 reason="needs the compiled CPU extension (lpreg._C)")
 
 MAX_ULP = 2.5  # vec_tanh.h's bound (2.475 ulp measured over every fp32), in ulp of the fp32 result
-MAX_ABS = 9e-8  # and absolute (8.93e-8 measured)
+MAX_ABS = 9e-8  # and absolute (8.94e-8 measured)
 CLAMP = 9.125  # kTanhClamp: every |u| above it is computed as this
 SATURATES = 9.011  # float64 tanh rounds to fp32 1 from 13 ln 2 = 9.01091; the kernel too (measured)
 
