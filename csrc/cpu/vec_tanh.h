@@ -1,7 +1,7 @@
 // tanh of a vector of fp32 lanes for the CPU kernels' soft-cap (token_stats_cpu.cpp: softcap_vec): about
 // 0.37 ns an element on one AVX2 core, against 2.2 ns for at::vec's Sleef tanh (1 ulp), at 2.5 ulp. Plain
 // at::vec code, the same formula lane for lane in every ISA build; the figures below are the AVX2 build's
-// (the portable build's fmadd rounds each product apart; its error is not measured).
+// (the portable build's fmadd rounds each product apart: 2.46 ulp, 8.89e-8 on every 64th fp32 of the range).
 //
 // With a = min(|u|, kTanhClamp) and em = e^(2a) - 1 >= 0:
 //
