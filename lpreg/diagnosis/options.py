@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Tuple
 
 from lpreg import _backends
+from lpreg.loss_config import LossConfig
 
 MODES = ("min_p", "fixed")
 COMPATS = ("released", "paper")
@@ -65,11 +66,12 @@ class Settings:
     the released form picks k = int(rho * n_neg) per call and nothing when k <= 1. thresholds, rhos: the grid.
     """
 
-    threshold: float = 0.02
-    rho: float = 0.01
-    compat: str = "released"
-    mode: str = "min_p"
-    beta: float = 1.0
+    # the Lp-Reg settings' defaults are the losses' own (LossConfig: the paper's recipe)
+    threshold: float = LossConfig.threshold
+    rho: float = LossConfig.rho
+    compat: str = LossConfig.compat
+    mode: str = LossConfig.mode
+    beta: float = LossConfig.beta
     tokens_per_call: int = 4096
     samples: int = 8
     temperature: float = 1.0
